@@ -1,0 +1,131 @@
+"""The engine contract: what every engine (native, Torch-TensorRT, landscape, yours) offers.
+
+The names mirror ``torch_tensorrt.runtime.weight_streaming`` so that its users' habits carry
+over: ``total_device_budget`` (streamable bytes), ``device_budget`` (bytes kept resident;
+assigning reads the applied value back) and ``get_automatic_weight_streaming_budget()``.
+Generation is split into ``prefill`` (which yields the first token) and ``decode`` so that
+:mod:`autotune.measure`, the one place that reads clocks, can time both.
+
+This module holds no engine; see :mod:`autotune.engines` for the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from autotune.errors import UserInputError
+from autotune.memory import MemoryPlan
+from autotune.models import ModelSpec, check_dtype
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything a worker process needs to load an engine once (picklable)."""
+
+    model: str
+    engine: str = "native"
+    dtype: str = "float16"
+    device: str = "cuda"  # "cpu", "cuda" or "cuda:N"
+    max_batch: int = 256
+    max_seq_len: int = 384  # isl + osl of the study
+    weights: str | None = None  # local HF checkpoint dir; random weights when None
+    seed: int = 0
+    gpu_memory_limit: int | None = None  # bytes; caps the worker's allocator
+    options: tuple[tuple[str, Any], ...] = field(default=())  # engine-specific, hashable
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+        for name in ("max_batch", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserInputError(f"{name}: expected a positive integer; got {value!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise UserInputError(f"device: expected cpu, cuda or cuda:N; got {self.device!r}")
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return dict(self.options).get(key, default)
+
+
+@dataclass
+class Generation:
+    """State of one greedy generation: the tokens so far and the engine's own state."""
+
+    batch: int
+    isl: int
+    osl: int
+    tokens: Any  # [B, n] int64 on the engine's device; n grows from 1 to osl
+    state: Any = None  # engine-private (KV cache, positions, ...)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model that generates under a weight-streaming budget."""
+
+    name: ClassVar[str]
+    spec: ModelSpec
+    config: EngineConfig
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> Engine:
+        """Builds or compiles the model once per worker process."""
+        ...
+
+    @property
+    def total_device_budget(self) -> int:
+        """Bytes of streamable weights; a budget equal to it streams nothing."""
+        ...
+
+    @property
+    def device_budget(self) -> int:
+        """Bytes of streamable weights kept resident on the device, as applied."""
+        ...
+
+    @device_budget.setter
+    def device_budget(self, value: int) -> None: ...
+
+    def get_automatic_weight_streaming_budget(self) -> int:
+        """The engine's own choice of budget from the free memory now."""
+        ...
+
+    def prefill(self, prompt: Any, osl: int) -> Generation:
+        """Runs the prompt ``[B, isl]`` and produces the first new token."""
+        ...
+
+    def decode(self, gen: Generation, steps: int) -> None:
+        """Greedily generates ``steps`` more tokens (no stop at EOS)."""
+        ...
+
+    def synchronize(self) -> None:
+        """Waits for the device (a no-op on CPU)."""
+        ...
+
+    def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
+        """Predicted peak device memory of a configuration, without running it."""
+        ...
+
+    def streamed_bytes_per_step(self) -> int:
+        """Bytes copied host-to-device per forward pass at the current budget."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the loaded engine worth recording with each trial."""
+        ...
+
+    def close(self) -> None:
+        """Frees device and pinned memory."""
+        ...
+
+
+def clamp_budget(requested: int, total: int, log: Any) -> int:
+    """The budget rules of Torch-TensorRT: negative is an error, above the total is clamped
+    with a logged error (which turns streaming off)."""
+    if int(requested) < 0:
+        raise UserInputError(f"device_budget: expected 0..{total} bytes; got {requested}")
+    if int(requested) > total:
+        log.error(
+            "Requested budget %d is greater than total device budget %d; using %d", requested,
+            total, total,
+        )
+        return total
+    return int(requested)

@@ -1,0 +1,190 @@
+"""The one place that times generation.
+
+Rules (DESIGN.md): warm-up runs are separate and never counted; the device is synchronized
+before every clock read (``time.perf_counter``); each configuration is repeated and the median
+reported beside the spread, with the raw samples kept; prompts are random token ids (never
+zeros, never all equal). Throughput is generated tokens (batch x osl) over the wall time of
+prefill + decode. Beside tokens/s it reports what the hardware did: bytes streamed per step and
+the GB/s they imply, so that anyone can check a figure against the link's bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from autotune.engines.base import Engine
+from autotune.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one configuration did, medians over the timed repeats (times in seconds)."""
+
+    batch: int
+    isl: int
+    osl: int
+    device_budget: int
+    total_device_budget: int
+    throughput_tok_s: float  # batch * osl / median end-to-end time
+    e2e_s: float
+    ttft_s: float  # prefill: prompt in, first new token out
+    tpot_s: float  # mean time per output token after the first
+    streamed_bytes_per_step: int
+    stream_gb_s: float  # streamed bytes per step / tpot, in GB/s (1e9)
+    peak_allocated_bytes: int | None  # torch allocator peak over the timed runs
+    peak_reserved_bytes: int | None
+    nvml_used_bytes: int | None  # this process's GPU memory by NVML after the runs
+    tokens_sha256: str  # of the generated ids [B, osl] (int64, row-major)
+    e2e_samples_s: list[float] = field(default_factory=list)
+    ttft_samples_s: list[float] = field(default_factory=list)
+    warmup: int = 1
+
+    @property
+    def budget_fraction(self) -> float:
+        total = self.total_device_budget
+        return self.device_budget / total if total else 1.0
+
+    @property
+    def e2e_spread_s(self) -> float:
+        return max(self.e2e_samples_s) - min(self.e2e_samples_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "budget_fraction": self.budget_fraction}
+
+
+def random_prompt(batch: int, isl: int, vocab_size: int, seed: int, device: Any) -> Any:
+    """Random token ids ``[batch, isl]`` (int64), never all equal."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(1, vocab_size, (batch, isl), generator=gen, dtype=torch.long)
+    return prompt.to(device)
+
+
+def tokens_digest(tokens: Any) -> str:
+    import torch
+
+    data = tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserInputError(f"{name}: expected a positive integer; got {value!r}")
+
+
+def measure(
+    engine: Engine,
+    batch: int,
+    isl: int,
+    osl: int,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> Measurement:
+    """Times greedy generation of ``osl`` tokens for ``batch`` random prompts of ``isl``.
+
+    Uses the engine's budget as it is now; set ``engine.device_budget`` first.
+    """
+    _check_positive(batch=batch, isl=isl, osl=osl, repeats=repeats)
+    if warmup < 0:
+        raise UserInputError(f"warmup: expected 0 or more; got {warmup}")
+    simulate = getattr(engine, "simulate_measurement", None)
+    if simulate is not None:  # replayed engines (landscape) report recorded figures
+        return simulate(batch, isl, osl, repeats=repeats, warmup=warmup)
+
+    prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
+    for _ in range(warmup):
+        _generate(engine, prompt, osl)
+    engine.synchronize()
+    _reset_peak(engine)
+
+    e2e: list[float] = []
+    ttft: list[float] = []
+    tokens = None
+    for _ in range(repeats):
+        # Synchronized before each clock read so the interval holds exactly this work.
+        engine.synchronize()
+        start = time.perf_counter()
+        gen = engine.prefill(prompt, osl)
+        engine.synchronize()
+        first = time.perf_counter()
+        if osl > 1:
+            engine.decode(gen, osl - 1)
+        engine.synchronize()
+        end = time.perf_counter()
+        e2e.append(end - start)
+        ttft.append(first - start)
+        tokens = gen.tokens
+    assert tokens is not None and tuple(tokens.shape) == (batch, osl), "engine broke the contract"
+
+    e2e_med = statistics.median(e2e)
+    ttft_med = statistics.median(ttft)
+    tpot = (e2e_med - ttft_med) / (osl - 1) if osl > 1 else 0.0
+    streamed = engine.streamed_bytes_per_step()
+    allocated, reserved = _torch_peaks(engine)
+    return Measurement(
+        batch=batch,
+        isl=isl,
+        osl=osl,
+        device_budget=engine.device_budget,
+        total_device_budget=engine.total_device_budget,
+        throughput_tok_s=batch * osl / e2e_med,
+        e2e_s=e2e_med,
+        ttft_s=ttft_med,
+        tpot_s=tpot,
+        streamed_bytes_per_step=streamed,
+        stream_gb_s=streamed / tpot / 1e9 if tpot > 0 else 0.0,
+        peak_allocated_bytes=allocated,
+        peak_reserved_bytes=reserved,
+        nvml_used_bytes=_nvml_used(engine),
+        tokens_sha256=tokens_digest(tokens),
+        e2e_samples_s=e2e,
+        ttft_samples_s=ttft,
+        warmup=warmup,
+    )
+
+
+def _generate(engine: Engine, prompt: Any, osl: int) -> Any:
+    gen = engine.prefill(prompt, osl)
+    if osl > 1:
+        engine.decode(gen, osl - 1)
+    return gen.tokens
+
+
+def _device_of(engine: Engine) -> str:
+    return engine.config.device
+
+
+def _is_cuda(engine: Engine) -> bool:
+    return engine.config.device.startswith("cuda")
+
+
+def _reset_peak(engine: Engine) -> None:
+    if _is_cuda(engine):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(engine.config.device)
+
+
+def _torch_peaks(engine: Engine) -> tuple[int | None, int | None]:
+    if not _is_cuda(engine):
+        return None, None
+    import torch
+
+    device = engine.config.device
+    return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+
+
+def _nvml_used(engine: Engine) -> int | None:
+    if not _is_cuda(engine):
+        return None
+    from autotune import gpu
+
+    return gpu.process_used_bytes(engine.config.device)

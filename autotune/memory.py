@@ -1,0 +1,97 @@
+"""Predicts the peak device memory of a configuration, before it runs.
+
+A configuration's peak is the sum of: the weights kept resident (what is never streamed plus
+the device budget), the streaming scratch (device slots that streamed weights are copied into),
+the KV cache, the transient activations of prefill, and a workspace margin (cuBLAS workspace,
+allocator rounding). Engines know their own layout and fill in a :class:`MemoryPlan`; the
+formulas for the parts every Llama shares live here. The study compares a plan with the
+headroom NVML reports before it runs anything, so that configurations that cannot fit are
+recorded without being run.
+
+This module does not measure anything; :mod:`autotune.measure` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from autotune.models import ModelSpec, dtype_bytes
+from autotune.units import format_bytes
+
+# Left free below the NVML headroom or the user's limit: fragmentation of the caching
+# allocator and the CUDA context's own growth (bytes).
+DEFAULT_MARGIN = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted peak device memory of one configuration, by part (bytes)."""
+
+    resident_weights: int
+    streaming_scratch: int
+    kv_cache: int
+    activations: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.resident_weights + self.streaming_scratch + self.kv_cache
+            + self.activations + self.workspace
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in asdict(self).items() if v)
+        return f"{format_bytes(self.total)} ({parts})"
+
+
+def kv_cache_bytes(spec: ModelSpec, dtype: str, batch: int, seq_len: int) -> int:
+    """A static KV cache for ``batch`` sequences of ``seq_len`` tokens, all layers."""
+    return spec.kv_bytes_per_token(dtype) * batch * seq_len
+
+
+def prefill_activation_bytes(spec: ModelSpec, dtype: str, batch: int, isl: int) -> int:
+    """Peak transient memory of one decoder layer during prefill of ``[batch, isl]``.
+
+    The MLP dominates: gate and up projections ([B, S, I] each) and their product live at
+    once, beside the residual stream and the attention scores ([B, heads, S, S], fp32 softmax
+    in the worst case), plus the logits of the last position ([B, vocab], float32).
+    """
+    b = dtype_bytes(dtype)
+    tokens = batch * isl
+    mlp = 3 * tokens * spec.intermediate_size * b
+    residual = 4 * tokens * spec.hidden_size * b
+    scores = batch * spec.num_attention_heads * isl * isl * 4
+    logits = batch * spec.vocab_size * 4
+    return mlp + residual + scores + logits
+
+
+def decode_activation_bytes(spec: ModelSpec, dtype: str, batch: int, seq_len: int) -> int:
+    """Peak transient memory of one decode step (one new token per sequence)."""
+    b = dtype_bytes(dtype)
+    mlp = 3 * batch * spec.intermediate_size * b
+    scores = batch * spec.num_attention_heads * seq_len * 4
+    logits = batch * spec.vocab_size * 4
+    return mlp + 4 * batch * spec.hidden_size * b + scores + logits
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """How much device memory a trial may use: NVML free memory and the user's limit."""
+
+    free_bytes: int | None  # NVML free memory of the worker's GPU; None on CPU
+    limit_bytes: int | None  # --gpu-memory-limit; None when not given
+    margin_bytes: int = DEFAULT_MARGIN
+
+    @property
+    def available(self) -> int | None:
+        caps = [c for c in (self.free_bytes, self.limit_bytes) if c is not None]
+        return min(caps) - self.margin_bytes if caps else None
+
+    def shortfall(self, plan: MemoryPlan) -> int:
+        """Bytes by which the plan exceeds the headroom (<= 0 when it fits)."""
+        available = self.available
+        return plan.total - available if available is not None else -1

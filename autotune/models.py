@@ -1,0 +1,313 @@
+"""The model catalog: named Llama presets built from configs in code, and their weights.
+
+A preset is the public architecture config of a model; no file is downloaded. Weights come
+from a :class:`WeightSource`: seeded random ("dummy") weights by default, which run at the same
+speed as real ones (vLLM's ``load_format=dummy`` is the precedent), or a local Hugging Face
+checkpoint directory (safetensors only, no remote code, no network).
+
+This module does not place weights on a device for serving: engines do that, unit by unit,
+straight from the source (so a 7B model never exists twice in memory).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from autotune.errors import UserInputError
+
+DTYPES = ("float16", "bfloat16", "float32")
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a Llama-family decoder, enough to build it and to predict its memory."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    description: str = ""
+    weights_dir: str | None = None  # set when built from a local checkpoint
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise UserInputError(
+                f"model {self.name}: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserInputError(
+                f"model {self.name}: num_attention_heads {self.num_attention_heads} is not a "
+                f"multiple of num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def layer_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of one decoder layer, in Hugging Face naming."""
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        kv = self.num_key_value_heads * d
+        p = f"model.layers.{layer}."
+        return {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "mlp.gate_proj.weight": (i, h),
+            p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i),
+        }
+
+    def other_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The weights outside the decoder layers (embedding, final norm, LM head)."""
+        return {
+            "model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+            "model.norm.weight": (self.hidden_size,),
+            "lm_head.weight": (self.vocab_size, self.hidden_size),
+        }
+
+    def all_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = dict(self.other_shapes())
+        for layer in range(self.num_hidden_layers):
+            shapes.update(self.layer_shapes(layer))
+        return shapes
+
+    def num_params(self) -> int:
+        return sum(_numel(s) for s in self.all_shapes().values())
+
+    def layer_params(self) -> int:
+        return sum(_numel(s) for s in self.layer_shapes(0).values())
+
+    def weight_bytes(self, dtype: str) -> int:
+        return self.num_params() * dtype_bytes(dtype)
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """Bytes of KV cache one token of one sequence holds, all layers."""
+        kv = self.num_key_value_heads * self.head_dim
+        return 2 * self.num_hidden_layers * kv * dtype_bytes(dtype)
+
+    def hf_config(self, dtype: str = "float32") -> Any:
+        """The ``transformers.LlamaConfig`` of this spec."""
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            hidden_act="silu",
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def dtype_bytes(dtype: str) -> int:
+    check_dtype(dtype)
+    return _DTYPE_BYTES[dtype]
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise UserInputError(f"dtype: expected one of {', '.join(DTYPES)}; got {dtype!r}")
+    return dtype
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return getattr(torch, check_dtype(dtype))
+
+
+# The public Llama-2 configs (meta-llama/Llama-2-*-hf config.json), plus a tiny model for
+# CPU tests and demos. tiny-llama has grouped-query attention so that path is tested too.
+PRESETS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("llama2-7b", 4096, 11008, 32, 32, 32, 32000,
+                  description="Llama-2 7B (public config, random weights unless --weights)"),
+        ModelSpec("llama2-13b", 5120, 13824, 40, 40, 40, 32000,
+                  description="Llama-2 13B (public config, random weights unless --weights)"),
+        ModelSpec("llama2-70b", 8192, 28672, 80, 64, 8, 32000,
+                  description="Llama-2 70B, grouped-query attention (public config)"),
+        ModelSpec("tiny-llama", 128, 352, 6, 4, 2, 512, max_position_embeddings=1024,
+                  description="6 layers, hidden 128: the CPU demo and test model"),
+    )
+}
+
+
+def get_spec(name: str, weights: str | Path | None = None) -> ModelSpec:
+    """The spec of a preset, or of the checkpoint in ``weights`` (which then names the model)."""
+    if weights is not None:
+        return spec_from_checkpoint(weights, name)
+    if name not in PRESETS:
+        raise UserInputError(
+            f"unknown model {name!r}; known models: {', '.join(PRESETS)} "
+            "(or give --weights DIR with a local Hugging Face Llama checkpoint)"
+        )
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sources
+
+
+class WeightSource(Protocol):
+    """Gives each named parameter as a tensor of the requested shape, dtype and device."""
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RandomWeights:
+    """Seeded random weights: normal(0, std) matrices, ones for the RMSNorm scales.
+
+    Each tensor's values depend only on (seed, name, device type), so every engine and the
+    reference model see the same weights.
+    """
+
+    seed: int = 0
+    std: float = 0.02
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+        import torch
+
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=dtype, device=device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        out = torch.empty(shape, dtype=dtype, device=device)
+        return out.normal_(0.0, self.std, generator=gen)
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """Weights of a local Hugging Face checkpoint directory (``*.safetensors`` only)."""
+
+    path: str
+    _index: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        directory = Path(self.path)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise UserInputError(
+                f"--weights {self.path}: no *.safetensors files there (autotune loads only "
+                "safetensors checkpoints, never pickled .bin files)"
+            )
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    self._index[key] = str(file)
+
+    def names(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+        from safetensors import safe_open
+
+        if name not in self._index:
+            if name == "lm_head.weight" and "model.embed_tokens.weight" in self._index:
+                name = "model.embed_tokens.weight"  # tied embeddings
+            else:
+                raise UserInputError(f"--weights {self.path}: the checkpoint has no {name}")
+        with safe_open(self._index[name], framework="pt") as f:
+            t = f.get_tensor(name)
+        if tuple(t.shape) != tuple(shape):
+            raise UserInputError(
+                f"--weights {self.path}: {name} has shape {tuple(t.shape)}, "
+                f"the config says {tuple(shape)}"
+            )
+        return t.to(device=device, dtype=dtype)
+
+
+def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelSpec:
+    """Reads ``config.json`` of a local Llama checkpoint (no remote code, no network)."""
+    directory = Path(weights)
+    if not directory.is_dir():
+        raise UserInputError(f"--weights {weights}: no such directory")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise UserInputError(
+            f"--weights {weights}: not a Hugging Face checkpoint (no config.json there)"
+        )
+    try:
+        cfg = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserInputError(f"--weights {weights}: config.json is not valid JSON ({e})") from e
+    if cfg.get("model_type") != "llama":
+        raise UserInputError(
+            f"--weights {weights}: model_type {cfg.get('model_type')!r} is not supported; "
+            "autotune runs Llama-family checkpoints (model_type 'llama')"
+        )
+    rope = cfg.get("rope_parameters") or {}
+    try:
+        return ModelSpec(
+            name=name or directory.name,
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            vocab_size=cfg["vocab_size"],
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            description=f"checkpoint {directory}",
+            weights_dir=str(directory),
+        )
+    except KeyError as e:
+        raise UserInputError(f"--weights {weights}: config.json lacks {e.args[0]}") from e
+
+
+def weight_source(spec: ModelSpec, seed: int = 0) -> WeightSource:
+    """The checkpoint's weights when the spec came from one, else seeded random weights."""
+    if spec.weights_dir is not None:
+        return CheckpointWeights(spec.weights_dir)
+    return RandomWeights(seed)
+
+
+def build_hf_model(spec: ModelSpec, dtype: str, device: str, source: WeightSource) -> Any:
+    """A ``transformers`` LlamaForCausalLM with the source's weights: the reference model for
+    numerics tests and the module Torch-TensorRT compiles."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tdtype = torch_dtype(dtype)
+    config = spec.hf_config()
+    config.attn_implementation = "eager"
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(tdtype)
+    state = {n: source.get(n, s, tdtype, device) for n, s in spec.all_shapes().items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
