@@ -188,3 +188,24 @@ def _nvml_used(engine: Engine) -> int | None:
     from autotune import gpu
 
     return gpu.process_used_bytes(engine.config.device)
+
+
+def measure_h2d_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Pinned host-to-device copy bandwidth in GB/s (1e9), median of ``repeats`` copies.
+
+    The bound of every streaming configuration is streamed bytes / this figure.
+    """
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst.copy_(src, non_blocking=True)  # warm-up: first touch, not counted
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)  # the copy is async: wait for it before the clock
+        times.append(time.perf_counter() - start)
+    del src, dst
+    return nbytes / statistics.median(times) / 1e9

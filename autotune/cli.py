@@ -1,0 +1,311 @@
+"""The command line: each command calls one library function and returns an exit code.
+
+User errors print one line (``error: ...``) and exit 2; ``--debug`` shows the traceback.
+Progress goes to stderr one line per trial (so logs and pipes stay readable); results go to
+stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from autotune.errors import AutotuneError, UserInputError
+from autotune.storage import DEFAULT_STORAGE
+from autotune.units import format_bytes, parse_bytes
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Find the best batch size and weight-streaming budget for LLM inference.",
+)
+# Wide enough for the tables when piped (rich assumes 80 columns without a terminal).
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not debug:
+        warnings.filterwarnings("ignore", module="optuna")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    from autotune import gpu
+
+    return "cuda" if gpu.inventory() else "cpu"
+
+
+def _resolve_model(model: str, device: str) -> str:
+    if model != "auto":
+        return model
+    chosen = "tiny-llama" if device == "cpu" else "llama2-7b"
+    err.print(f"--model auto: {chosen} ({'no GPU here: a CPU demo' if device == 'cpu' else 'GPU'})")
+    return chosen
+
+
+def _memory(text: str | None, what: str) -> int | None:
+    return parse_bytes(text, what=what) if text is not None else None
+
+
+def _gpus(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        ids = tuple(int(x) for x in text.split(","))
+    except ValueError as e:
+        raise UserInputError(f"--gpus: expected GPU indices such as 0,1; got {text!r}") from e
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise UserInputError(f"--gpus: expected distinct non-negative indices; got {text!r}")
+    return ids
+
+
+@app.command()
+def run(
+    model: str = typer.Option("auto", help="Model preset (see `autotune models`); auto: "
+                              "llama2-7b on a GPU, tiny-llama on CPU."),
+    engine: str = typer.Option("native", help="native, tensorrt, or package.module:Class."),
+    trials: int = typer.Option(20, help="Finished trials the study should have."),
+    isl: int = typer.Option(128, help="Input (prompt) length, tokens."),
+    osl: int = typer.Option(256, help="Output length, tokens (exactly; no stop at EOS)."),
+    gpu_memory_limit: str | None = typer.Option(
+        None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB."),
+    max_batch: int = typer.Option(256, help="Largest batch size searched."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
+    study: str | None = typer.Option(None, help="Study name (default: from the workload)."),
+    device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
+    gpus: str | None = typer.Option(None, help="GPU indices, one worker each: 0,1,2"),
+    dtype: str = typer.Option("float16", help="float16, bfloat16 or float32."),
+    seed: int = typer.Option(0, help="Seed of the sampler, the weights and the prompts."),
+    weights: str | None = typer.Option(None, help="Local Hugging Face checkpoint dir."),
+    repeats: int = typer.Option(3, help="Timed repeats per trial (median reported)."),
+    trial_timeout: float = typer.Option(900.0, help="Seconds before a trial counts as hung."),
+    out_file: Path | None = typer.Option(None, "--out", help="Recommendation JSON path."),
+) -> None:
+    """Tune batch size x weight-streaming budget; resumes the study if it exists."""
+    from autotune import recommend
+    from autotune.study import RunOptions, run_study
+
+    device = _resolve_device(device)
+    model = _resolve_model(model, device)
+    options = RunOptions(
+        model=model, engine=engine, trials=trials, isl=isl, osl=osl,
+        gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"), max_batch=max_batch,
+        storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,
+        seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
+    )
+    err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
+              f"loading the model in a worker...")
+    result = run_study(options, progress=_print_progress)
+    for note in result.notes:
+        err.print(note)
+    from autotune.storage import load_study, open_storage
+
+    stored = load_study(open_storage(storage, create=False), result.study_name)
+    _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
+    rec = recommend.build(stored)
+    path = recommend.write(rec, out_file or Path("studies") / f"{result.study_name}.json")
+    best = rec["best"]
+    out.print(
+        f"best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
+        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s"
+    )
+    out.print(f"recommendation written to {path}")
+
+
+def _print_progress(event: Any) -> None:
+    o, p = event.outcome, event.params
+    line = (f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, "
+            f"budget {100 * p['budget_fraction']:.0f}% -> ")
+    if o.status == "ok":
+        line += f"{o.measurement['throughput_tok_s']:.1f} tok/s"
+    else:
+        line += f"{o.status}: {o.reason}"
+    if event.best:
+        line += (f"  | best #{event.best['number']}: {event.best['throughput_tok_s']:.1f} tok/s "
+                 f"(batch {event.best['batch']}, {100 * event.best['budget_fraction']:.0f}%)")
+    err.print(line, highlight=False, soft_wrap=True)
+
+
+def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None:
+    trials = study.get_trials(deepcopy=False)
+    ranked = sorted(trials, key=lambda t: -(t.value or 0) if t.value is not None else 1)
+    table = Table(title=title or study.study_name)
+    for col in ("#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
+                "peak GiB", "pred GiB", "reason"):
+        table.add_column(col, justify="right" if col not in ("status", "reason") else "left")
+    for t in ranked[:limit]:
+        a = t.user_attrs
+        table.add_row(
+            str(t.number), str(a.get("batch", "")),
+            f"{a['budget_pct']:.0f}% {a['budget_gib']:.2f}G" if "budget_pct" in a else "",
+            a.get("status", t.state.name.lower()),
+            f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
+            f"{a['ttft_ms']:.1f}" if "ttft_ms" in a else "",
+            f"{a['tpot_ms']:.2f}" if "tpot_ms" in a else "",
+            f"{a['peak_memory_gib']:.2f}" if "peak_memory_gib" in a else "",
+            f"{a['predicted_peak_gib']:.2f}" if "predicted_peak_gib" in a else "",
+            (a.get("reason") or "")[:60],
+        )
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """The model presets and their sizes."""
+    from autotune.models import PRESETS
+
+    table = Table(title="models")
+    for col in ("name", "params", "fp16 weights", "layer (fp16)", "KV/token (fp16)", "about"):
+        table.add_column(col)
+    for spec in PRESETS.values():
+        table.add_row(
+            spec.name, _count(spec.num_params()), format_bytes(spec.weight_bytes("float16")),
+            format_bytes(spec.layer_params() * 2), format_bytes(spec.kv_bytes_per_token("float16")),
+            spec.description,
+        )
+    out.print(table)
+
+
+@app.command()
+def bench(
+    model: str = typer.Option(..., help="Model preset."),
+    batch: int = typer.Option(..., help="Batch size."),
+    budget: str | None = typer.Option(None, help="Device budget: bytes or a size (4GiB)."),
+    budget_fraction: float | None = typer.Option(None, help="Budget as a fraction 0..1."),
+    engine: str = typer.Option("native"),
+    isl: int = typer.Option(128),
+    osl: int = typer.Option(256),
+    dtype: str = typer.Option("float16"),
+    device: str = typer.Option("auto"),
+    gpu_memory_limit: str | None = typer.Option(None),
+    weights: str | None = typer.Option(None),
+    seed: int = typer.Option(0),
+    repeats: int = typer.Option(3),
+    warmup: int = typer.Option(1),
+    as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+) -> None:
+    """Measure one configuration (prints a SHA-256 of the generated token ids)."""
+    from autotune.bench import run_bench
+
+    if (budget is None) == (budget_fraction is None):
+        raise UserInputError("bench: give exactly one of --budget BYTES or --budget-fraction F")
+    if budget_fraction is not None and not 0.0 <= budget_fraction <= 1.0:
+        raise UserInputError(f"--budget-fraction: expected 0..1; got {budget_fraction}")
+    result = run_bench(
+        model=model, engine=engine, batch=batch, isl=isl, osl=osl, dtype=dtype,
+        device=_resolve_device(device), seed=seed, weights=weights, repeats=repeats,
+        warmup=warmup, gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
+        budget=None if budget is None else _budget_bytes(budget),
+        budget_fraction=budget_fraction,
+    )
+    if as_json:
+        out.print_json(json.dumps(result))
+        return
+    m = result["measurement"]
+    out.print(
+        f"{model} batch {m['batch']} budget {format_bytes(m['device_budget'])} "
+        f"({100 * m['budget_fraction']:.1f}% of {format_bytes(m['total_device_budget'])}): "
+        f"{m['throughput_tok_s']:.2f} tok/s, TTFT {1e3 * m['ttft_s']:.1f} ms, "
+        f"TPOT {1e3 * m['tpot_s']:.2f} ms, streamed {format_bytes(m['streamed_bytes_per_step'])}"
+        f"/step at {m['stream_gb_s']:.1f} GB/s"
+    )
+    plan = result["memory_plan"]
+    peak = m["peak_reserved_bytes"]
+    out.print(f"memory: predicted {format_bytes(plan['total'])}"
+              + (f", measured peak {format_bytes(peak)}" if peak else ""))
+    out.print(f"tokens sha256 {m['tokens_sha256']}")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3g} B" if n >= 1e9 else f"{n / 1e6:.3g} M"
+
+
+def _budget_bytes(text: str) -> int:
+    if text.strip() == "0":
+        return 0
+    return parse_bytes(text, what="--budget")
+
+
+@app.command()
+def show(
+    storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
+    study: str | None = typer.Option(None, help="Study name (default: the only one)."),
+) -> None:
+    """The trials of a stored study, best first."""
+    from autotune.storage import load_study, open_storage
+
+    _print_trials(load_study(open_storage(storage, create=False), study))
+
+
+@app.command()
+def export(
+    storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
+    study: str | None = typer.Option(None, help="Study name (default: the only one)."),
+    out_file: Path = typer.Option(..., "--out", help="Recommendation JSON path."),
+) -> None:
+    """Write the JSON recommendation of a stored study."""
+    from autotune import recommend
+    from autotune.storage import load_study, open_storage
+
+    rec = recommend.build(load_study(open_storage(storage, create=False), study))
+    out.print(f"recommendation written to {recommend.write(rec, out_file)}")
+
+
+@app.command()
+def dashboard(
+    storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (loopback by default)."),
+    port: int = typer.Option(8080, help="Port."),
+) -> None:
+    """Serve optuna-dashboard on the study storage (readable while a study runs)."""
+    from autotune.dashboard import serve
+
+    serve(storage, host=host, port=port, log=err.print)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except AutotuneError as e:
+        if _state["debug"]:
+            raise
+        err.print(f"error: {e}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted; completed trials are stored, rerun the command to resume")
+        return 130
+    except SystemExit as e:
+        return int(e.code or 0)
+    except Exception as e:  # click's usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        if isinstance(e, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The JSON recommendation of a study: what to deploy, and the whole trade-off behind it.
+
+It holds the best configuration (batch, budget in bytes and as a fraction, throughput, latency
+figures, peak memory), the Pareto front of throughput against peak device memory, "if you can
+give N GiB, use ...", the trial counts, the study's name and storage (password redacted), its
+workload and environment, and ``schema_version``. It is small enough to read and complete
+enough to reproduce with ``autotune bench``. Reading one back checks it.
+
+This module does not run anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import NoCompletedTrialError, SchemaError
+from autotune.units import GiB
+
+SCHEMA_VERSION = 1
+KIND = "autotune.recommendation"
+_REQUIRED = ("schema_version", "kind", "study", "workload", "best", "pareto_front", "trials")
+_CONFIG_KEYS = ("batch", "device_budget_bytes", "budget_fraction", "throughput_tok_s")
+
+
+def _config(trial: Any) -> dict[str, Any]:
+    a = trial.user_attrs
+    peak = a.get("peak_reserved_bytes") or a.get("predicted_peak_bytes")
+    return {
+        "trial": trial.number,
+        "batch": a["batch"],
+        "device_budget_bytes": a.get("budget_applied_bytes", a["budget_bytes"]),
+        "budget_fraction": round(trial.params.get("budget_fraction", 0.0), 4),
+        "throughput_tok_s": trial.value,
+        "ttft_ms": a.get("ttft_ms"),
+        "tpot_ms": a.get("tpot_ms"),
+        "e2e_s": a.get("e2e_s"),
+        "peak_memory_bytes": peak,
+        "peak_memory_gib": round(peak / GiB, 3) if peak else None,
+        "predicted_peak_bytes": a.get("predicted_peak_bytes"),
+        "streamed_bytes_per_step": a.get("streamed_bytes_per_step"),
+        "stream_gb_s": a.get("stream_gb_s"),
+        "tokens_sha256": a.get("tokens_sha256"),
+    }
+
+
+def _feasible_completed(study: Any) -> list[Any]:
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in done if t.user_attrs.get("status") == "ok"
+            and all(v <= 0 for v in t.constraints.values())]
+
+
+def pareto_front(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Configurations no other beats on both throughput (higher) and peak memory (lower),
+    by increasing memory."""
+    ranked = sorted(configs, key=lambda c: (c["peak_memory_bytes"] or 0, -c["throughput_tok_s"]))
+    front, best = [], -math.inf
+    for c in ranked:
+        if c["throughput_tok_s"] > best:
+            front.append(c)
+            best = c["throughput_tok_s"]
+    return front
+
+
+def by_memory(front: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """"If you can give N GiB, use ...": the best front point under each whole GiB."""
+    if not front:
+        return []
+    rows, top = [], math.ceil(max(c["peak_memory_bytes"] or 0 for c in front) / GiB)
+    for gib in range(1, top + 1):
+        fits = [c for c in front if (c["peak_memory_bytes"] or 0) <= gib * GiB]
+        if fits and (not rows or rows[-1]["trial"] != fits[-1]["trial"]):
+            c = fits[-1]
+            rows.append({"memory_gib": gib, "trial": c["trial"], "batch": c["batch"],
+                         "device_budget_bytes": c["device_budget_bytes"],
+                         "throughput_tok_s": c["throughput_tok_s"]})
+    return rows
+
+
+def build(study: Any) -> dict[str, Any]:
+    """The recommendation of a stored study; NoCompletedTrialError if nothing ran."""
+    feasible = _feasible_completed(study)
+    if not feasible:
+        raise NoCompletedTrialError(
+            f"study {study.study_name} has no completed feasible trial to recommend from; "
+            "run more trials (autotune run ... --trials N) or relax the memory limit"
+        )
+    configs = [_config(t) for t in feasible]
+    best = max(configs, key=lambda c: c["throughput_tok_s"])
+    front = pareto_front(configs)
+    attrs = study.user_attrs
+    workload = attrs.get("workload", {})
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        status = t.user_attrs.get("status", t.state.name.lower())
+        counts[status] = counts.get(status, 0) + 1
+    automatic = attrs.get("automatic_budget")
+    rec = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "study": {"name": study.study_name, "storage": attrs.get("storage")},
+        "workload": workload,
+        "environment": attrs.get("environment", {}),
+        "total_device_budget": attrs.get("total_device_budget"),
+        "automatic_budget": automatic,
+        "best": best,
+        "pareto_front": front,
+        "if_you_can_give": by_memory(front),
+        "trials": counts,
+        "reproduce": _bench_command(workload, best),
+    }
+    return rec
+
+
+def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
+    parts = [
+        "autotune bench", f"--model {workload.get('model')}", f"--engine {workload.get('engine')}",
+        f"--dtype {workload.get('dtype')}", f"--isl {workload.get('isl')}",
+        f"--osl {workload.get('osl')}", f"--batch {best['batch']}",
+        f"--budget {best['device_budget_bytes']}",
+    ]
+    if workload.get("gpu_memory_limit"):
+        parts.append(f"--gpu-memory-limit {workload['gpu_memory_limit']}")
+    if workload.get("gpu") == "cpu":
+        parts.append("--device cpu")
+    return " ".join(parts)
+
+
+def write(rec: dict[str, Any], path: str | Path) -> Path:
+    """Writes atomically (temp file + rename): a crash never leaves half a JSON behind."""
+    validate(rec)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def validate(rec: Any) -> dict[str, Any]:
+    if not isinstance(rec, dict):
+        raise SchemaError(f"a recommendation is a JSON object; got {type(rec).__name__}")
+    if rec.get("kind") != KIND:
+        raise SchemaError(f"not an autotune recommendation (kind {rec.get('kind')!r})")
+    if rec.get("schema_version") != SCHEMA_VERSION:
+        raise SchemaError(
+            f"schema_version {rec.get('schema_version')!r} is not supported; this autotune "
+            f"reads version {SCHEMA_VERSION}"
+        )
+    missing = [k for k in _REQUIRED if k not in rec]
+    if missing:
+        raise SchemaError(f"recommendation lacks {', '.join(missing)}")
+    best_missing = [k for k in _CONFIG_KEYS if k not in (rec["best"] or {})]
+    if best_missing:
+        raise SchemaError(f"recommendation's best configuration lacks {', '.join(best_missing)}")
+    return rec
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """Reads and checks a recommendation file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SchemaError(f"cannot read {path}: {e.strerror}") from e
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path} is not valid JSON (truncated?): {e}") from e
+    return validate(rec)

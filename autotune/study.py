@@ -1,0 +1,337 @@
+"""The Optuna wiring: one study searches batch size x weight-streaming budget.
+
+Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study and names it;
+the parameters are ``batch`` (integer, log scale) and ``budget_fraction`` (of
+``total_device_budget``; the bytes are recorded beside it). The objective is throughput.
+Every trial's outcome is data: a configuration predicted not to fit, or that ran out of memory,
+is told as a constraint violation (``trial.set_constraint``) with throughput 0 and its reason;
+a crash, hang or error becomes a FAIL trial with its reason; the study goes on. Re-running the
+same command resumes the study up to ``trials`` finished trials.
+
+One worker process per device runs trials; with several devices, one thread per worker asks
+and tells against the same storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from autotune.engines import EngineConfig, engine_class
+from autotune.errors import UserInputError
+from autotune.models import check_dtype, get_spec
+from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
+from autotune.units import GiB
+from autotune.worker import TrialOutcome, TrialRequest, Worker, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+OBJECTIVE = "throughput_tok_s"
+FINISHED = ("COMPLETE", "FAIL", "PRUNED")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """A tuning run, validated on construction."""
+
+    model: str
+    engine: str = "native"
+    trials: int = 20
+    isl: int = 128
+    osl: int = 256
+    gpu_memory_limit: int | None = None  # bytes
+    max_batch: int = 256
+    storage: str = DEFAULT_STORAGE
+    study_name: str | None = None
+    device: str = "cuda"  # "cpu", "cuda" (all --gpus), "cuda:N"
+    gpus: tuple[int, ...] = ()
+    dtype: str = "float16"
+    seed: int = 0
+    weights: str | None = None
+    repeats: int = 3
+    warmup: int = 1
+    trial_timeout_s: float = 900.0
+    engine_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("trials", "isl", "osl", "max_batch", "repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserInputError(f"--{name.replace('_', '-')}: expected a positive integer; "
+                                     f"got {value!r}")
+        if self.warmup < 0:
+            raise UserInputError(f"--warmup: expected 0 or more; got {self.warmup}")
+        if self.trial_timeout_s <= 0:
+            raise UserInputError(f"--trial-timeout: expected seconds > 0; got {self.trial_timeout_s}")
+        if self.gpu_memory_limit is not None and self.gpu_memory_limit <= 0:
+            raise UserInputError(f"--gpu-memory-limit: expected a positive size; got "
+                                 f"{self.gpu_memory_limit}")
+        check_dtype(self.dtype)
+        get_spec(self.model, self.weights)  # unknown model / bad --weights fail here
+        engine_class(self.engine)  # unknown engine fails here; missing extras fail at load
+        parse_url(self.storage)
+        if self.study_name is not None and not self.study_name.strip():
+            raise UserInputError("--study: expected a non-empty name")
+        spec = get_spec(self.model, self.weights)
+        if self.isl + self.osl > spec.max_position_embeddings:
+            raise UserInputError(
+                f"--isl {self.isl} + --osl {self.osl} exceeds {self.model}'s "
+                f"{spec.max_position_embeddings} positions"
+            )
+
+    @property
+    def devices(self) -> list[str]:
+        if self.device == "cpu":
+            return ["cpu"]
+        if self.gpus:
+            return [f"cuda:{i}" for i in self.gpus]
+        return [self.device if ":" in self.device else "cuda:0"]
+
+    def engine_config(self, device: str) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, engine=self.engine, dtype=self.dtype, device=device,
+            max_batch=self.max_batch, max_seq_len=self.isl + self.osl, weights=self.weights,
+            seed=self.seed, gpu_memory_limit=self.gpu_memory_limit, options=self.engine_options,
+        )
+
+    def workload(self, gpu_name: str) -> dict[str, Any]:
+        return {
+            "model": self.model, "engine": self.engine, "dtype": self.dtype, "isl": self.isl,
+            "osl": self.osl, "gpu_memory_limit": self.gpu_memory_limit, "gpu": gpu_name,
+            "max_batch": self.max_batch, "weights": self.weights, "repeats": self.repeats,
+            "warmup": self.warmup,
+        }
+
+
+def default_study_name(options: RunOptions, gpu_name: str) -> str:
+    """Names the workload: model, engine, dtype, isl, osl, memory limit and GPU."""
+    limit = f"{options.gpu_memory_limit / GiB:g}GiB" if options.gpu_memory_limit else "nolimit"
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
+    return (f"{options.model}-{options.engine}-{options.dtype}-isl{options.isl}-osl{options.osl}"
+            f"-{limit}-{gpu}")
+
+
+@dataclass
+class TrialEvent:
+    """Progress of a run, for the CLI: one per finished trial."""
+
+    number: int  # Optuna's trial number
+    done: int  # finished trials in the study so far
+    total: int  # the study's trial budget
+    params: dict[str, Any]
+    outcome: TrialOutcome
+    best: dict[str, Any] | None  # the best feasible trial so far
+
+
+@dataclass
+class RunResult:
+    study_name: str
+    storage: str  # redacted
+    ran: int  # trials run by this invocation
+    info: WorkerInfo | None
+    recommendation: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_gpu_name(options: RunOptions) -> str:
+    """Checks the device exists (NVML) and the limit fits it; returns the GPU's name."""
+    if options.device == "cpu":
+        return "cpu"
+    from autotune import gpu
+
+    names = set()
+    for device in options.devices:
+        info = gpu.device_info(device)  # clear errors without a GPU / for a bad index
+        if options.gpu_memory_limit and options.gpu_memory_limit > info.total_bytes:
+            raise UserInputError(
+                f"--gpu-memory-limit {options.gpu_memory_limit / GiB:.2f} GiB exceeds "
+                f"{device}'s {info.total_bytes / GiB:.2f} GiB ({info.name})"
+            )
+        names.add(info.name)
+    if len(names) > 1:
+        raise UserInputError(
+            f"--gpus mixes GPU models ({', '.join(sorted(names))}); trials of one study must be "
+            "comparable: run one study per GPU model"
+        )
+    return names.pop()
+
+
+def create_or_load(options: RunOptions, gpu_name: str) -> Any:
+    import optuna
+
+    storage = open_storage(options.storage, create=True)
+    name = options.study_name or default_study_name(options, gpu_name)
+    sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=5, multivariate=True)
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction="maximize", sampler=sampler,
+        load_if_exists=True,
+    )
+    if study.metric_names is None:
+        study.set_metric_names([OBJECTIVE])
+    return study
+
+
+def _finished(study: Any) -> int:
+    import optuna
+
+    states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
+           total: int, device: str) -> None:
+    """Tells Optuna what a trial did, with every figure in the user attributes."""
+    import optuna
+
+    attrs = trial_attrs(request, outcome, total)
+    attrs["worker_device"] = device
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    if outcome.status == "ok":
+        trial.set_constraint("memory_gib", 0.0)
+        study.tell(trial, outcome.measurement[OBJECTIVE])
+    elif outcome.status in ("infeasible", "oom"):
+        shortfall = 0.0
+        if outcome.plan and outcome.available_bytes is not None:
+            shortfall = (outcome.plan["total"] - outcome.available_bytes) / GiB
+        trial.set_constraint("memory_gib", max(shortfall, 0.01))
+        study.tell(trial, 0.0)
+    else:
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+
+def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dict[str, Any]:
+    """Flat, dashboard-friendly attributes (units in the names)."""
+    attrs: dict[str, Any] = {
+        "status": outcome.status,
+        "batch": request.batch,
+        "budget_bytes": request.budget,
+        "budget_gib": round(request.budget / GiB, 3),
+        "budget_pct": round(100 * request.budget / total, 2) if total else 100.0,
+        "elapsed_s": round(outcome.elapsed_s, 3),
+    }
+    if outcome.reason:
+        attrs["reason"] = outcome.reason
+    if outcome.plan:
+        attrs["predicted_peak_bytes"] = outcome.plan["total"]
+        attrs["predicted_peak_gib"] = round(outcome.plan["total"] / GiB, 3)
+        attrs["memory_plan"] = outcome.plan
+    if outcome.available_bytes is not None:
+        attrs["available_bytes"] = outcome.available_bytes
+    if outcome.applied_budget is not None:
+        attrs["budget_applied_bytes"] = outcome.applied_budget
+        attrs["budget_change_s"] = round(outcome.budget_change_s or 0.0, 4)
+    m = outcome.measurement
+    if m:
+        attrs.update({
+            OBJECTIVE: round(m[OBJECTIVE], 3),
+            "ttft_ms": round(m["ttft_s"] * 1e3, 3),
+            "tpot_ms": round(m["tpot_s"] * 1e3, 3),
+            "e2e_s": round(m["e2e_s"], 4),
+            "e2e_samples_s": [round(x, 5) for x in m["e2e_samples_s"]],
+            "streamed_bytes_per_step": m["streamed_bytes_per_step"],
+            "stream_gb_s": round(m["stream_gb_s"], 2),
+            "tokens_sha256": m["tokens_sha256"],
+        })
+        peak = m["peak_reserved_bytes"]
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"):
+            if m[key] is not None:
+                attrs[key] = m[key]
+        if peak:
+            attrs["peak_memory_gib"] = round(peak / GiB, 3)
+            if outcome.plan:
+                attrs["prediction_error_pct"] = round(
+                    100 * (outcome.plan["total"] - peak) / peak, 2)
+    return attrs
+
+
+def best_summary(study: Any) -> dict[str, Any] | None:
+    try:
+        best = study.best_trial
+    except ValueError:  # no feasible completed trial yet
+        return None
+    return {"number": best.number, **best.params, OBJECTIVE: best.value}
+
+
+def run_study(
+    options: RunOptions,
+    progress: Callable[[TrialEvent], None] | None = None,
+) -> RunResult:
+    """Runs (or resumes) the study until it has ``options.trials`` finished trials."""
+    gpu_name = resolve_gpu_name(options)
+    study = create_or_load(options, gpu_name)
+    result = RunResult(study.study_name, redact(options.storage), 0, None)
+    if _finished(study) >= options.trials:
+        result.notes.append(
+            f"study {study.study_name} already has {_finished(study)} finished trials; "
+            f"give --trials above that to run more"
+        )
+        return result
+    lock = threading.Lock()
+    state = {"claimed": _finished(study), "ran": 0}
+    errors: list[BaseException] = []
+
+    def claim() -> bool:
+        with lock:
+            if state["claimed"] >= options.trials:
+                return False
+            state["claimed"] += 1
+            return True
+
+    def serve(device: str) -> None:
+        try:
+            with Worker(options.engine_config(device),
+                        trial_timeout_s=options.trial_timeout_s) as worker:
+                info = worker.start()
+                with lock:
+                    if result.info is None:
+                        result.info = info
+                        _record_study_attrs(study, options, gpu_name, info)
+                total = info.total_device_budget
+                while claim():
+                    trial = study.ask()
+                    batch = trial.suggest_int("batch", 1, options.max_batch, log=True)
+                    fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
+                    request = TrialRequest(
+                        batch=batch, budget=int(round(fraction * total)), isl=options.isl,
+                        osl=options.osl, repeats=options.repeats, warmup=options.warmup,
+                        seed=options.seed,
+                    )
+                    outcome = worker.run(request)
+                    record(study, trial, request, outcome, total, device)
+                    with lock:
+                        state["ran"] += 1
+                        done = _finished(study)
+                    if progress is not None:
+                        progress(TrialEvent(trial.number, done, options.trials, trial.params,
+                                            outcome, best_summary(study)))
+        except BaseException as e:  # surfaced in the calling thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(d,), daemon=True) for d in options.devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result.ran = state["ran"]
+    if errors:
+        raise errors[0]
+    return result
+
+
+def _record_study_attrs(study: Any, options: RunOptions, gpu_name: str, info: WorkerInfo) -> None:
+    """The workload and environment, so that a recommendation says where it holds."""
+    study.set_user_attr("workload", options.workload(gpu_name))
+    study.set_user_attr("environment", info.environment)
+    study.set_user_attr("engine", info.engine)
+    study.set_user_attr("total_device_budget", info.total_device_budget)
+    study.set_user_attr("automatic_budget", info.automatic_budget)
+    study.set_user_attr("storage", redact(options.storage))
+
+
+def options_dict(options: RunOptions) -> dict[str, Any]:
+    return asdict(replace(options, storage=redact(options.storage)))

@@ -1,0 +1,370 @@
+"""A long-lived worker process per device that holds one loaded engine and runs trials.
+
+The parent (the study) never touches CUDA: it spawns a worker, which loads the engine once
+(and pins its host memory once), then answers trial requests over a pipe. Whatever a trial
+does to the worker, the parent survives it and turns it into data:
+
+- predicted not to fit the memory headroom -> ``infeasible`` (not run);
+- CUDA out of memory (classified from the exception, never caught wholesale) -> ``oom``;
+  the worker frees its cache and goes on;
+- any other exception in the trial -> ``error`` with the message; the worker goes on;
+- the process dies (segfault, SIGKILL, os.abort) -> ``crash`` with the exit signal; the
+  worker is restarted for the next trial;
+- no answer within the timeout -> ``timeout``; the worker is killed and restarted.
+
+This module does not choose configurations or store anything (see :mod:`autotune.study`).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from autotune.engines import EngineConfig
+from autotune.errors import AutotuneError, WorkerError
+from autotune.memory import DEFAULT_MARGIN
+
+log = logging.getLogger(__name__)
+
+# How often the parent checks that a busy worker is still alive (seconds).
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """One configuration to measure."""
+
+    batch: int
+    budget: int  # requested device budget, bytes
+    isl: int
+    osl: int
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    margin_bytes: int = DEFAULT_MARGIN
+
+
+@dataclass
+class TrialOutcome:
+    """What became of a trial. ``status`` is one of ok, infeasible, oom, error, crash, timeout."""
+
+    status: str
+    reason: str = ""
+    measurement: dict[str, Any] | None = None
+    plan: dict[str, int] | None = None
+    available_bytes: int | None = None
+    applied_budget: int | None = None
+    budget_change_s: float | None = None  # time to apply the budget (not in the measurement)
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkerInfo:
+    """What a worker reports once its engine is loaded."""
+
+    total_device_budget: int
+    automatic_budget: int
+    engine: dict[str, Any]
+    environment: dict[str, Any] = field(default_factory=dict)
+    load_s: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------
+# The child side
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """Classifies out-of-memory from the exception type or CUDA's message."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+    except (ImportError, AttributeError):
+        pass
+    text = str(exc)
+    return "out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
+
+
+def _available_bytes(config: EngineConfig, margin: int) -> int | None:
+    """Device memory this worker may use now: what NVML says is free plus what we already
+    hold (our allocator's reservation), capped by the user's limit, minus a margin."""
+    caps = []
+    if config.gpu_memory_limit is not None:
+        caps.append(config.gpu_memory_limit)
+    if config.device.startswith("cuda"):
+        import torch
+
+        from autotune import gpu
+
+        caps.append(gpu.free_bytes(config.device) + torch.cuda.memory_reserved(config.device))
+    return min(caps) - margin if caps else None
+
+
+def _free_cached(config: EngineConfig) -> None:
+    import gc
+
+    gc.collect()
+    if config.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
+    """Checks the headroom, applies the budget and measures: in the worker process."""
+    from autotune.measure import measure
+
+    config: EngineConfig = engine.config
+    start = time.perf_counter()
+    plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
+    available = _available_bytes(config, request.margin_bytes)
+    outcome = TrialOutcome(status="ok", plan=plan.as_dict(), available_bytes=available)
+    if available is not None and plan.total > available:
+        outcome.status = "infeasible"
+        outcome.reason = (
+            f"predicted peak {plan.total} B exceeds the {available} B available "
+            f"(free memory and --gpu-memory-limit, minus a {request.margin_bytes} B margin)"
+        )
+        return outcome
+    try:
+        t0 = time.perf_counter()
+        engine.device_budget = request.budget
+        engine.synchronize()
+        outcome.budget_change_s = time.perf_counter() - t0
+        outcome.applied_budget = engine.device_budget
+        m = measure(
+            engine, request.batch, request.isl, request.osl,
+            repeats=request.repeats, warmup=request.warmup, seed=request.seed,
+        )
+        outcome.measurement = m.as_dict()
+    except Exception as e:  # classified below; anything else is this trial's error, not ours
+        if _is_oom(e):
+            outcome.status, outcome.reason = "oom", f"out of memory: {_first_line(e)}"
+        else:
+            outcome.status = "error"
+            outcome.reason = f"{type(e).__name__}: {_first_line(e)}"
+            log.debug("trial failed:\n%s", traceback.format_exc())
+        _free_cached(config)
+    outcome.elapsed_s = time.perf_counter() - start
+    return outcome
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else repr(e)
+
+
+def describe_environment(config: EngineConfig) -> dict[str, Any]:
+    """Versions, GPU and the measured host-to-device bandwidth (in the worker)."""
+    import platform
+
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": config.device,
+        "cuda": torch.version.cuda,
+    }
+    try:
+        import transformers
+
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - a declared dependency
+        pass
+    try:
+        import optuna
+
+        env["optuna"] = optuna.__version__
+    except ImportError:
+        pass
+    if config.device.startswith("cuda"):
+        from autotune import gpu
+        from autotune.measure import measure_h2d_bandwidth
+
+        info = gpu.device_info(config.device)
+        env["gpu"] = info.as_dict()
+        env["h2d_gb_s"] = round(measure_h2d_bandwidth(config.device), 2)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
+
+
+def _serve(conn: Any, config: EngineConfig) -> None:
+    """The worker's main loop (child process)."""
+    logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(message)s")
+    try:
+        if config.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(config.device)
+        environment = describe_environment(config)
+        from autotune.engines import load_engine
+
+        t0 = time.perf_counter()
+        engine = load_engine(config)
+        info = WorkerInfo(
+            total_device_budget=engine.total_device_budget,
+            automatic_budget=engine.get_automatic_weight_streaming_budget(),
+            engine=engine.describe(),
+            environment=environment,
+            load_s=time.perf_counter() - t0,
+        )
+    except Exception as e:
+        kind = "user" if isinstance(e, AutotuneError) else "load"
+        conn.send(("failed", kind, f"{type(e).__name__}: {_first_line(e)}"))
+        return
+    conn.send(("ready", info))
+    while True:
+        try:
+            op, payload = conn.recv()
+        except EOFError:  # parent gone
+            break
+        if op == "stop":
+            break
+        if op == "trial":
+            conn.send(("outcome", run_trial(engine, payload)))
+        else:
+            conn.send(("error", f"unknown op {op!r}"))
+    engine.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The parent side
+
+
+class Worker:
+    """Parent-side handle of one worker process; restarts it after a crash or hang."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        trial_timeout_s: float = 900.0,
+        load_timeout_s: float = 3600.0,
+    ) -> None:
+        self.config = config
+        self.trial_timeout_s = trial_timeout_s
+        self.load_timeout_s = load_timeout_s
+        self.info: WorkerInfo | None = None
+        self.restarts = 0
+        self._proc: Any = None
+        self._conn: Any = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> WorkerInfo:
+        """Spawns the process and waits for the engine to load."""
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_serve, args=(child, self.config), name=f"autotune-worker-{self.config.device}",
+            daemon=True,
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+        reply = self._receive(self.load_timeout_s)
+        if reply is None or reply[0] != "ready":
+            what = self._death_reason() if reply is None else reply[2]
+            self.stop()
+            if reply is not None and reply[1] == "user":
+                raise WorkerError(what)
+            raise WorkerError(f"the worker on {self.config.device} could not load the engine: {what}")
+        self.info = reply[1]
+        return self.info
+
+    def run(self, request: TrialRequest) -> TrialOutcome:
+        """Runs one trial; never raises for what the trial did to the worker."""
+        if self._proc is None or not self._proc.is_alive():
+            self.restart()
+        start = time.perf_counter()
+        try:
+            self._conn.send(("trial", request))
+        except (BrokenPipeError, OSError):
+            reply = None
+        else:
+            reply = self._receive(self.trial_timeout_s)
+        if reply is not None:
+            return reply[1]
+        elapsed = time.perf_counter() - start
+        self._proc.join(timeout=2)  # a process that closed its pipe is dying: let it be reaped
+        if self._proc.is_alive():  # no answer in time: a hang
+            self._kill()
+            outcome = TrialOutcome(
+                "timeout", f"no result within {self.trial_timeout_s:.0f} s; worker killed",
+            )
+        else:
+            outcome = TrialOutcome("crash", f"worker process died: {self._death_reason()}")
+        outcome.elapsed_s = elapsed
+        self._proc = None
+        return outcome
+
+    def restart(self) -> None:
+        self.stop()
+        self.restarts += 1
+        log.warning("restarting the worker on %s (restart %d)", self.config.device, self.restarts)
+        self.start()
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._kill()
+        self._proc = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _kill(self) -> None:
+        self._proc.kill()
+        self._proc.join(timeout=10)
+
+    def _receive(self, timeout_s: float) -> Any:
+        """The next message, or None if the process died or the time ran out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._conn.poll(_POLL_S):
+                try:
+                    return self._conn.recv()
+                except (EOFError, OSError):
+                    return None
+            if not self._proc.is_alive():
+                # It may have sent its last words before dying.
+                return self._conn.recv() if self._conn.poll(0) else None
+        return None
+
+    def _death_reason(self) -> str:
+        self._proc.join(timeout=5)
+        code = self._proc.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,118 @@
+"""Test engines for the study loop: an analytic engine on CPU, with faults on request.
+
+``AnalyticEngine`` follows the engine contract with a modelled cost instead of a model: a
+step takes max(streamed bytes / link bandwidth, compute(batch)) and the engine really waits
+that long, so measure.py times it like any engine. Tokens are a deterministic function of the
+prompt. Faults are switched on through ``EngineConfig.options`` (the same path a user's own
+engine options take): ``fault`` = abort | kill | oom | hang | error, from batch
+``fault_batch`` upward, so the parent sees what a real worker would do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any, ClassVar
+
+import torch
+
+from autotune.engines import EngineConfig, Generation, clamp_budget
+from autotune.memory import MemoryPlan
+from autotune.models import get_spec
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+UNIT = 64 * MiB  # streamable unit, bytes
+UNITS = 8
+NON_STREAMABLE = 32 * MiB
+KV_PER_SEQ = 16 * MiB
+LINK_BYTES_PER_S = 512 * 2**30  # modelled bandwidth: 512 MiB streamed -> ~1 ms a step
+STEP_S = 2e-4  # compute of one step at batch 1
+PER_SEQ_S = 2e-5
+
+
+class AnalyticEngine:
+    name: ClassVar[str] = "analytic"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.spec = get_spec(config.model, config.weights)
+        self._budget = UNITS * UNIT
+        self.fault = config.option("fault")
+        self.fault_batch = int(config.option("fault_batch", 1))
+        if config.option("fault_at_load"):
+            raise RuntimeError("simulated load failure")
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> AnalyticEngine:
+        return cls(config)
+
+    @property
+    def total_device_budget(self) -> int:
+        return UNITS * UNIT
+
+    @property
+    def device_budget(self) -> int:
+        return self._budget
+
+    @device_budget.setter
+    def device_budget(self, value: int) -> None:
+        value = clamp_budget(value, self.total_device_budget, log)
+        self._budget = value // UNIT * UNIT  # unit granularity, like a real engine
+
+    def get_automatic_weight_streaming_budget(self) -> int:
+        return self.total_device_budget
+
+    def _step(self, batch: int) -> None:
+        streamed = self.streamed_bytes_per_step()
+        time.sleep(max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch))
+
+    def _maybe_fault(self, batch: int) -> None:
+        if self.fault is None or batch < self.fault_batch:
+            return
+        if self.fault == "abort":
+            os.abort()
+        if self.fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fault == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.fault == "hang":
+            time.sleep(3600)
+        if self.fault == "error":
+            raise ValueError("simulated engine bug")
+
+    def prefill(self, prompt: Any, osl: int) -> Generation:
+        batch, isl = prompt.shape
+        self._maybe_fault(batch)
+        self._step(batch)
+        first = (prompt.sum(dim=1, keepdim=True) % self.spec.vocab_size).to(torch.long)
+        return Generation(batch, isl, osl, first)
+
+    def decode(self, gen: Generation, steps: int) -> None:
+        tokens = [gen.tokens]
+        for _ in range(steps):
+            self._step(gen.batch)
+            tokens.append((tokens[-1] * 31 + 7) % self.spec.vocab_size)
+        gen.tokens = torch.cat(tokens, dim=1)
+
+    def synchronize(self) -> None:
+        pass
+
+    def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
+        return MemoryPlan(
+            resident_weights=NON_STREAMABLE + budget // UNIT * UNIT,
+            streaming_scratch=2 * UNIT if budget < self.total_device_budget else 0,
+            kv_cache=batch * KV_PER_SEQ, activations=batch * MiB, workspace=0,
+        )
+
+    def streamed_bytes_per_step(self) -> int:
+        return self.total_device_budget - self._budget
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "unit_bytes": UNIT, "units": UNITS}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,146 @@
+"""The study loop end to end on a real SQLite file, with real worker subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+import optuna
+import pytest
+from conftest import ANALYTIC
+from fakes import KV_PER_SEQ, MiB
+
+from autotune import recommend
+from autotune.errors import NoCompletedTrialError, UserInputError
+from autotune.storage import load_study, open_storage
+from autotune.study import RunOptions, run_study
+
+
+def _options(storage_url: str, **kw) -> RunOptions:
+    base = dict(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=6, isl=8, osl=4,
+                max_batch=64, storage=storage_url, dtype="float32", repeats=2)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def _study(storage_url: str) -> optuna.Study:
+    return load_study(open_storage(storage_url, create=False), None)
+
+
+def test_study_runs_records_and_resumes(storage_url: str) -> None:
+    events = []
+    result = run_study(_options(storage_url), progress=events.append)
+    assert result.ran == 6 and len(events) == 6
+    assert [e.done for e in events] == [1, 2, 3, 4, 5, 6]
+    study = _study(storage_url)
+    trials = study.get_trials()
+    assert len(trials) == 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    for t in trials:
+        a = t.user_attrs
+        assert a["status"] == "ok"
+        assert a["throughput_tok_s"] > 0 and a["tpot_ms"] > 0 and a["ttft_ms"] > 0
+        assert a["predicted_peak_bytes"] == a["memory_plan"]["total"]
+        assert a["budget_applied_bytes"] <= a["budget_bytes"]
+        assert len(a["e2e_samples_s"]) == 2
+    assert study.user_attrs["workload"]["model"] == "tiny-llama"
+    assert study.user_attrs["total_device_budget"] == 8 * 64 * MiB
+    # SQLite is in WAL mode so that the dashboard can read while the study writes.
+    path = storage_url.removeprefix("sqlite:///")
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    # The same command again resumes up to the new total, keeping every earlier trial.
+    result = run_study(_options(storage_url, trials=8))
+    assert result.ran == 2
+    assert len(_study(storage_url).get_trials()) == 8
+    # ... and with nothing left to do, runs nothing.
+    result = run_study(_options(storage_url, trials=8))
+    assert result.ran == 0 and result.notes
+
+
+def test_memory_limit_records_infeasible_without_running(storage_url: str) -> None:
+    # 64 MiB: nothing beyond a handful of sequences fits (16 MiB of KV cache each).
+    run_study(_options(storage_url, trials=8, gpu_memory_limit=400 * MiB, max_batch=256))
+    study = _study(storage_url)
+    infeasible = [t for t in study.trials if t.user_attrs["status"] == "infeasible"]
+    ran = [t for t in study.trials if t.user_attrs["status"] == "ok"]
+    assert infeasible, "a 400 MiB limit must make large batches infeasible"
+    for t in infeasible:
+        assert t.constraints["memory_gib"] > 0
+        assert "e2e_s" not in t.user_attrs  # never run
+        assert t.user_attrs["predicted_peak_bytes"] > t.user_attrs["available_bytes"]
+        assert "exceeds" in t.user_attrs["reason"]
+    for t in ran:
+        assert t.user_attrs["batch"] * KV_PER_SEQ < 400 * MiB
+    if ran:
+        assert study.best_trial.user_attrs["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "reason"),
+    [
+        ("oom", "oom", "out of memory"),
+        ("error", "error", "ValueError: simulated engine bug"),
+        ("abort", "crash", "SIGABRT"),
+        ("kill", "crash", "SIGKILL"),
+        ("hang", "timeout", "no result within"),
+    ],
+)
+def test_faults_become_explained_trials(storage_url: str, fault: str, status: str,
+                                        reason: str) -> None:
+    opts = _options(storage_url, trials=2, engine_options=(("fault", fault), ("fault_batch", 1)),
+                    trial_timeout_s=2.0)
+    run_study(opts)
+    trials = _study(storage_url).trials
+    assert len(trials) == 2  # the study went on after the first fault
+    for t in trials:
+        assert t.user_attrs["status"] == status
+        assert reason in t.user_attrs["reason"]
+        if status == "oom":
+            assert t.state == optuna.trial.TrialState.COMPLETE and t.constraints["memory_gib"] > 0
+        else:
+            assert t.state == optuna.trial.TrialState.FAIL
+
+
+def test_fault_only_at_large_batch_keeps_the_rest(storage_url: str) -> None:
+    opts = _options(storage_url, trials=8, engine_options=(("fault", "abort"), ("fault_batch", 8)))
+    run_study(opts)
+    study = _study(storage_url)
+    for t in study.trials:
+        expected = "crash" if t.params["batch"] >= 8 else "ok"
+        assert t.user_attrs["status"] == expected
+    rec = recommend.build(study)
+    assert rec["best"]["batch"] < 8
+
+
+def test_export_without_completed_trial_is_an_error(storage_url: str) -> None:
+    run_study(_options(storage_url, trials=2, engine_options=(("fault", "error"),)))
+    with pytest.raises(NoCompletedTrialError):
+        recommend.build(_study(storage_url))
+
+
+def test_recommendation_round_trip(storage_url: str, tmp_path) -> None:
+    run_study(_options(storage_url, trials=6))
+    rec = recommend.build(_study(storage_url))
+    path = recommend.write(rec, tmp_path / "rec.json")
+    back = recommend.read(path)
+    assert back == json.loads(json.dumps(rec))
+    best = back["best"]
+    assert best["throughput_tok_s"] == max(c["throughput_tok_s"] for c in back["pareto_front"])
+    mems = [c["peak_memory_bytes"] for c in back["pareto_front"]]
+    tps = [c["throughput_tok_s"] for c in back["pareto_front"]]
+    assert mems == sorted(mems) and tps == sorted(tps)
+    assert back["reproduce"].startswith("autotune bench --model tiny-llama")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(trials=0), dict(isl=-1), dict(osl=0), dict(max_batch=0), dict(model="gpt-9"),
+     dict(engine="warp-drive"), dict(storage="not a url"), dict(dtype="int3"),
+     dict(isl=1000, osl=100)],
+)
+def test_bad_options_fail_before_anything_is_written(storage_url: str, kw) -> None:
+    with pytest.raises(UserInputError):
+        _options(storage_url, **kw)
+    assert not os.path.exists(storage_url.removeprefix("sqlite:///"))
