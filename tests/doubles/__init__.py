@@ -1,0 +1,45 @@
+"""Test doubles of packages that cannot be installed here, and how to put them in place.
+
+``install_torch_tensorrt(monkeypatch, version)`` makes ``import torch_tensorrt`` and ``import
+tensorrt`` resolve to the doubles in this folder at the given Torch-TensorRT
+version, with TensorRT's version set to the one that release pins (research note §0); call
+``uninstall_torch_tensorrt()`` after the test. The doubles never ship in the package.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+DOUBLES_DIR = Path(__file__).resolve().parent
+
+# Torch-TensorRT release -> the TensorRT it pins (research note §0).
+TENSORRT_FOR = {
+    "2.5": "10.3.0", "2.6": "10.7.0", "2.7": "10.9.0", "2.8": "10.12.0", "2.9": "10.13.3",
+    "2.10": "10.14.1", "2.11": "10.15.1", "2.12": "10.16.1", "2.13": "11.0.0", "2.14": "11.1.0",
+}
+
+
+def _forget() -> None:
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("torch_tensorrt", "tensorrt"):
+            del sys.modules[name]
+
+
+def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0") -> Any:
+    """Imports the doubles at ``version``; undone with the monkeypatch (modules forgotten)."""
+    _forget()
+    monkeypatch.syspath_prepend(str(DOUBLES_DIR))
+    import tensorrt
+    import torch_tensorrt
+
+    torch_tensorrt._state.reset()
+    monkeypatch.setattr(torch_tensorrt, "__version__", version)
+    monkeypatch.setattr(tensorrt, "__version__", TENSORRT_FOR[".".join(version.split(".")[:2])])
+    return torch_tensorrt
+
+
+def uninstall_torch_tensorrt() -> None:
+    """Forgets the doubles, so that a later test without them sees no torch_tensorrt."""
+    _forget()
