@@ -1,0 +1,143 @@
+"""The Llama forward pass of the native runtime, gpt-fast style, over a :class:`WeightStore`.
+
+RMSNorm, rotary embeddings (Hugging Face's rotate-half convention), grouped-query attention
+through ``torch.nn.functional.scaled_dot_product_attention`` over a static KV cache
+``[B, kv_heads, L, head_dim]`` per layer, and the SwiGLU MLP, written so that a decode step
+has static shapes and reads its position from a device tensor: a CUDA graph can capture it.
+Each unit's weights come from ``store.acquire`` / ``store.release``, which stream them.
+
+The arithmetic follows ``transformers``' LlamaForCausalLM (float32 RMSNorm, rotary tables in
+float32 cast to the model dtype), so float32 greedy tokens equal its tokens. This module holds
+no generation loop and no CUDA graph: :mod:`autotune.engines.native` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from autotune.models import ModelSpec
+from autotune.streaming.runtime import WeightStore
+
+
+class KVCache:
+    """Static KV cache: per layer, keys and values ``[B, kv_heads, length, head_dim]``."""
+
+    def __init__(self, spec: ModelSpec, batch: int, length: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (batch, spec.num_key_value_heads, length, spec.head_dim)
+        # Zeros, not empty: masked positions still enter q.k, and garbage there may be NaN.
+        self.k = [torch.zeros(shape, dtype=dtype, device=device)
+                  for _ in range(spec.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device)
+                  for _ in range(spec.num_hidden_layers)]
+        self.batch, self.length = batch, length
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, heads, S, d]; ``cos``, ``sin`` [S, d]."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class Llama:
+    """The forward pass: ``prefill`` of a prompt, ``decode`` of one token per sequence."""
+
+    def __init__(self, spec: ModelSpec, store: WeightStore) -> None:
+        self.spec, self.store = spec, store
+        device, dtype = store.device, store.tdtype
+        d = spec.head_dim
+        inv_freq = 1.0 / (spec.rope_theta ** (
+            torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+        t = torch.arange(spec.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [max_pos, d/2], float32 as in transformers
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype)  # [max_pos, d]
+        self.sin = emb.sin().to(dtype)
+        self.arange = torch.arange(spec.max_position_embeddings, device=device)
+        self.gqa = spec.num_attention_heads != spec.num_key_value_heads
+        self.eps = spec.rms_norm_eps
+
+    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Prompt ``[B, S]`` at positions 0..S-1 -> logits of its last position ``[B, V]``."""
+        return self._forward(tokens, cache, None, None, capturing=False)
+
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+               capturing: bool = False) -> torch.Tensor:
+        """One token per sequence ``[B, 1]`` at position ``pos`` ([1], int64, on the device)
+        -> logits ``[B, V]``. Static shapes: capturable in a CUDA graph."""
+        # [1, 1, 1, L]: key j is visible when j <= pos.
+        mask = (self.arange[:cache.length] <= pos).view(1, 1, 1, cache.length)
+        return self._forward(tokens, cache, pos, mask, capturing)
+
+    def _forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None,
+                 mask: torch.Tensor | None, capturing: bool) -> torch.Tensor:
+        store, fixed = self.store, self.store.fixed
+        x = F.embedding(tokens, fixed["model.embed_tokens.weight"])  # [B, S, h]
+        if pos is None:
+            s = tokens.shape[1]
+            cos, sin = self.cos[:s], self.sin[:s]
+        else:
+            cos, sin = self.cos[pos], self.sin[pos]  # [1, d], gathered on the device
+        store.begin_step(capturing)
+        for unit in store.layouts:
+            w = store.acquire(unit.index)
+            if unit.kind == "attn":
+                x = self._attention(x, w, cache, unit.layer, cos, sin, pos, mask)
+            else:
+                x = self._mlp(x, w)
+            store.release(unit.index)
+        store.end_step()
+        x = rms_norm(x[:, -1], fixed["model.norm.weight"], self.eps)  # [B, h]
+        return F.linear(x, fixed["lm_head.weight"])  # [B, V]
+
+    def _attention(self, x: torch.Tensor, w: dict[str, Any], cache: KVCache, layer: int,
+                   cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        spec = self.spec
+        b, s, _ = x.shape
+        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        h = rms_norm(x, w["norm"], self.eps)
+        if "qkv" in w:
+            q, k, v = F.linear(h, w["qkv"]).split([nh * d, nkv * d, nkv * d], dim=-1)
+        else:
+            q, k, v = F.linear(h, w["q"]), F.linear(h, w["k"]), F.linear(h, w["v"])
+        del h
+        q = apply_rope(q.view(b, s, nh, d).transpose(1, 2), cos, sin)  # [B, H, S, d]
+        k = apply_rope(k.view(b, s, nkv, d).transpose(1, 2), cos, sin)  # [B, KV, S, d]
+        v = v.view(b, s, nkv, d).transpose(1, 2)
+        kc, vc = cache.k[layer], cache.v[layer]
+        extra = {"enable_gqa": True} if self.gqa else {}
+        if pos is None:  # prefill from position 0: attend within the prompt
+            kc[:, :, :s].copy_(k)
+            vc[:, :, :s].copy_(v)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
+        else:  # decode: the whole static cache, masked beyond pos
+            kc.index_copy_(2, pos, k)
+            vc.index_copy_(2, pos, v)
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)
+        o = o.transpose(1, 2).reshape(b, s, nh * d)
+        return x + F.linear(o, w["o"])
+
+    def _mlp(self, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
+        h = rms_norm(x, w["norm"], self.eps)
+        if "gate_up" in w:
+            g, u = F.linear(h, w["gate_up"]).chunk(2, dim=-1)  # [B, S, I] each
+        else:
+            g, u = F.linear(h, w["gate"]), F.linear(h, w["up"])
+        del h
+        y = F.silu(g).mul_(u)  # in place: one [B, S, I] temporary fewer
+        del g, u
+        return x + F.linear(y, w["down"])

@@ -1,0 +1,363 @@
+"""Streamable units, their pinned host copies, resident device buffers and the ring of slots.
+
+A *unit* is the block of weights one piece of compute needs: a decoder layer's attention
+(input norm + q, k, v, o) or its MLP (post-attention norm + gate, up, down). Each unit lives in
+one contiguous flat buffer (bytes), and its parameters are views into it, so one copy moves a
+whole unit. Every unit has a pinned host copy, made once at load. The device budget picks which
+units also get a device buffer (resident); the others are *streamed*: copied into a small ring
+of device slots on a side CUDA stream, ahead of the compute that reads them, ordered by CUDA
+events only (no host synchronization on the hot path).
+
+The step protocol, driven by the model's forward pass (:mod:`autotune.streaming.llama`)::
+
+    store.begin_step(); for i in units: w = store.acquire(i); <compute>; store.release(i)
+    store.end_step()
+
+``release(i)`` of the j-th streamed unit enqueues the copy of the next unit that uses the same
+slot (streamed unit j+K, or unit j mod K of the *next* step), so the host enqueues copy and
+compute interleaved, in the order the device must honour them. On CPU the same code runs with
+synchronous copies and no streams, so CPU tests exercise the slots and their ordering.
+
+This module knows nothing of attention or of generation; it does not decide the budget (the
+engine does) and it does not time anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from autotune.models import ModelSpec, RandomWeights, WeightSource, dtype_bytes, torch_dtype
+
+log = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes; every parameter view starts aligned, as kernels like it
+
+# Parameters of a unit, in buffer order. q, k, v are adjacent (and gate, up) so that one view
+# of the buffer is the fused [q; k; v] matrix: one matmul instead of three.
+_ATTN = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+         "self_attn.o_proj")
+_MLP = ("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_SHORT = {"input_layernorm": "norm", "post_attention_layernorm": "norm", "self_attn.q_proj": "q",
+          "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+          "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
+_FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    name: str  # Hugging Face name, e.g. model.layers.3.mlp.up_proj.weight
+    key: str  # short name inside the unit: norm, q, k, v, o, gate, up, down
+    shape: tuple[int, ...]
+    offset: int  # bytes into the unit's flat buffer
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class UnitLayout:
+    """Where each parameter of one unit lies in its flat buffer."""
+
+    index: int  # position in the forward pass
+    kind: str  # "attn" or "mlp"
+    layer: int
+    params: tuple[ParamSlice, ...]
+    nbytes: int  # size of the flat buffer (bytes), padding included
+
+
+def unit_layouts(spec: ModelSpec, dtype: str) -> list[UnitLayout]:
+    """The units of ``spec`` in forward order: attn 0, mlp 0, attn 1, mlp 1, ..."""
+    b = dtype_bytes(dtype)
+    units: list[UnitLayout] = []
+    for layer in range(spec.num_hidden_layers):
+        shapes = spec.layer_shapes(layer)
+        for kind, names in (("attn", _ATTN), ("mlp", _MLP)):
+            params, offset = [], 0
+            for short in names:
+                name = f"model.layers.{layer}.{short}.weight"
+                shape = shapes[name]
+                nbytes = b
+                for s in shape:
+                    nbytes *= s
+                params.append(ParamSlice(name, _SHORT[short], shape, offset, nbytes))
+                offset = _align(offset + nbytes)
+            units.append(UnitLayout(len(units), kind, layer, tuple(params), offset))
+    return units
+
+
+def unit_views(layout: UnitLayout, buf: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
+    """Parameter views of a flat uint8 buffer (``buf`` may be longer than the unit: a slot)."""
+    views: dict[str, Any] = {}
+    by_key = {p.key: p for p in layout.params}
+    for p in layout.params:
+        views[p.key] = buf[p.offset:p.offset + p.nbytes].view(dtype).view(p.shape)
+    for fused, keys in _FUSED.items():
+        parts = [by_key[k] for k in keys if k in by_key]
+        if len(parts) != len(keys):
+            continue
+        contiguous = all(a.offset + a.nbytes == c.offset for a, c in zip(parts, parts[1:], strict=False))
+        if contiguous:  # rows stacked in memory: [sum of rows, hidden]
+            rows = sum(p.shape[0] for p in parts)
+            span = buf[parts[0].offset:parts[-1].offset + parts[-1].nbytes]
+            views[fused] = span.view(dtype).view(rows, parts[0].shape[1])
+    return views
+
+
+def spread_order(n: int) -> list[int]:
+    """Indices 0..n-1 such that every prefix is spread evenly (van der Corput, base 2)."""
+    order: list[int] = []
+    seen: set[int] = set()
+    m = 0
+    while len(order) < n:
+        x, denom, k = 0.0, 1.0, m
+        while k:
+            denom *= 2
+            x += (k & 1) / denom
+            k >>= 1
+        i = int(x * n)
+        if i not in seen:
+            seen.add(i)
+            order.append(i)
+        m += 1
+    return order
+
+
+def select_resident(sizes: Sequence[int], budget: int) -> list[bool]:
+    """Which units stay resident under ``budget`` bytes: greedy in spread order, so the
+    streamed units fall between resident ones and their copies overlap resident compute."""
+    resident = [False] * len(sizes)
+    used = 0
+    for i in spread_order(len(sizes)):
+        if used + sizes[i] <= budget:
+            resident[i] = True
+            used += sizes[i]
+    return resident
+
+
+class WeightStore:
+    """All weights of a model: the never-streamed ones on the device, the units pinned on the
+    host, resident units on the device, streamed units through ``slots`` device slots."""
+
+    def __init__(self, spec: ModelSpec, dtype: str, device: torch.device, source: WeightSource,
+                 slots: int = 2) -> None:
+        if slots < 1:
+            raise ValueError(f"slots: expected 1 or more; got {slots}")
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.tdtype = torch_dtype(dtype)
+        self.num_slots = slots
+        self.layouts = unit_layouts(spec, dtype)
+        self.sizes = [u.nbytes for u in self.layouts]
+        self.total = sum(self.sizes)
+        self.cuda = device.type == "cuda"
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+        # Embedding, final norm and LM head are never streamed (like TensorRT's
+        # non-streamable weights).
+        self.fixed = {n: source.get(n, s, self.tdtype, device)
+                      for n, s in spec.other_shapes().items()}
+        self.fixed_nbytes = sum(t.numel() * t.element_size() for t in self.fixed.values())
+        self._host, self._registered = self._allocate_host(self.total)
+        self.hosts: list[torch.Tensor] = []
+        offset = 0
+        for u in self.layouts:
+            self.hosts.append(self._host[offset:offset + u.nbytes])
+            offset += u.nbytes
+        self._fill(source)
+        self.devices: list[torch.Tensor | None] = [None] * len(self.layouts)
+        self.slots: list[torch.Tensor] = []
+        self.views: list[dict[str, Any]] = []
+        self.streamed: list[int] = []  # unit indices, forward order
+        self.stream_pos: list[int] = []  # unit index -> j among streamed, or -1
+        self.ready: list[Any] = []  # slot -> event of its pending copy (None: ordered already)
+        self.prefetched = False  # the next step's first units are in (or on their way to) slots
+        self._capturing = False
+        self.apply_budget(0)
+
+    # -- load -----------------------------------------------------------------------------
+
+    def _allocate_host(self, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """One host arena for all units, pinned once. cudaHostRegister pins exactly nbytes
+        (the caching host allocator would round 13.5 GB up to 16 GB) and keeps the arena out
+        of that allocator's event bookkeeping, which CUDA-graph capture of copies dislikes."""
+        host = torch.empty(nbytes, dtype=torch.uint8)
+        if not self.cuda or nbytes == 0:
+            return host, False
+        cudart = torch.cuda.cudart()
+        err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
+        if int(getattr(err, "value", err)) == 0:
+            return host, True
+        log.warning("cudaHostRegister failed (%s); pinning through torch's host allocator", err)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
+
+    def _fill(self, source: WeightSource) -> None:
+        """Writes every unit into its host buffer. Random weights are generated on the device
+        (fast) and copied down; checkpoint weights come through the CPU."""
+        gen_device = self.device if isinstance(source, RandomWeights) else "cpu"
+        for u, host in zip(self.layouts, self.hosts, strict=True):
+            views = unit_views(u, host, self.tdtype)
+            for p in u.params:
+                views[p.key].copy_(source.get(p.name, p.shape, self.tdtype, gen_device))
+
+    # -- budget ---------------------------------------------------------------------------
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(s for s, d in zip(self.sizes, self.devices, strict=True) if d is not None)
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(self.sizes[i] for i in self.streamed)
+
+    def slot_bytes(self, resident: Sequence[bool]) -> int:
+        """Size of one slot (bytes): the largest streamed unit, 0 when nothing streams."""
+        return max((s for s, r in zip(self.sizes, resident, strict=True) if not r), default=0)
+
+    def apply_budget(self, budget: int) -> int:
+        """Makes the units chosen by :func:`select_resident` resident; returns their bytes.
+        Copies from the pinned host copies: no reload, no re-pinning."""
+        want = select_resident(self.sizes, budget)
+        if self.cuda:
+            # Host sync: buffers freed below may still be read by queued kernels and copies.
+            # A budget change is off the hot path.
+            torch.cuda.synchronize(self.device)
+        self.slots, self.views = [], []  # the views hold the old slots alive
+        for i, r in enumerate(want):
+            if not r:
+                self.devices[i] = None
+        for i, r in enumerate(want):
+            if r and self.devices[i] is None:
+                if self.cuda:
+                    buf = torch.empty(self.sizes[i], dtype=torch.uint8, device=self.device)
+                    buf.copy_(self.hosts[i], non_blocking=True)
+                    self.devices[i] = buf
+                else:
+                    self.devices[i] = self.hosts[i]  # CPU: the host copy is the device copy
+        self.streamed = [i for i, r in enumerate(want) if not r]
+        self.stream_pos = [-1] * len(self.layouts)
+        for j, i in enumerate(self.streamed):
+            self.stream_pos[i] = j
+        nslots = min(self.num_slots, len(self.streamed))
+        size = self.slot_bytes(want)
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device)
+                      for _ in range(nslots)]
+        self.views = []
+        for i, u in enumerate(self.layouts):
+            j = self.stream_pos[i]
+            buf = self.devices[i] if j < 0 else self.slots[j % nslots]
+            self.views.append(unit_views(u, buf, self.tdtype))
+        self.ready = [None] * nslots
+        self.prefetched = False
+        if self.cuda:
+            # Host sync: the resident copies above must land before anything is timed.
+            torch.cuda.synchronize(self.device)
+        return self.resident_bytes
+
+    # -- the step protocol ----------------------------------------------------------------
+
+    def begin_step(self, capturing: bool = False) -> None:
+        self._capturing = capturing
+        if not self.streamed:
+            return
+        if capturing:
+            # Copies enqueued before the graph are ordered by the launch (see before_replay):
+            # inside the capture nothing may wait on an event recorded outside it.
+            assert self.prefetched, "capture needs the step's first units prefetched"
+            self.ready = [None] * len(self.slots)
+            return
+        if not self.prefetched:
+            if self.cuda:
+                # The side stream waits for all work queued so far: the slots may still be
+                # read by it (or were just allocated on the compute stream).
+                self.side.wait_event(self._record(torch.cuda.current_stream(self.device)))
+            for s in range(len(self.slots)):
+                self._copy(self.streamed[s], s)
+            self.prefetched = True
+
+    def acquire(self, i: int) -> dict[str, Any]:
+        """Views of unit ``i``; for a streamed unit, compute first waits for its copy."""
+        j = self.stream_pos[i]
+        if j >= 0:
+            event = self.ready[j % len(self.slots)]
+            if event is not None:
+                # Device-side wait: the compute stream reads the slot only after its copy.
+                torch.cuda.current_stream(self.device).wait_event(event)
+        return self.views[i]
+
+    def release(self, i: int) -> None:
+        """Compute on unit ``i`` is enqueued; the slot it read gets its next unit."""
+        j = self.stream_pos[i]
+        if j < 0:
+            return
+        k = len(self.slots)
+        s = j % k
+        nxt = j + k if j + k < len(self.streamed) else s  # else: the next step's unit in slot s
+        if self.cuda:
+            # The copy into slot s waits until the compute just enqueued has read it. During
+            # capture this wait also forks the side stream into the graph.
+            self.side.wait_event(self._record(torch.cuda.current_stream(self.device)))
+        self._copy(self.streamed[nxt], s)
+
+    def end_step(self) -> None:
+        if self._capturing and self.streamed:
+            # Join: a captured graph must end on its origin stream, so the graph (and each
+            # replay) completes only when the next step's prefetch has landed.
+            torch.cuda.current_stream(self.device).wait_event(self._record(self.side))
+        self._capturing = False
+
+    def _copy(self, unit: int, slot: int) -> None:
+        """Copies one unit (bytes: sizes[unit]) from pinned host into a slot."""
+        dst = self.slots[slot][:self.sizes[unit]]
+        if not self.cuda:
+            dst.copy_(self.hosts[unit])  # CPU: synchronous, in enqueue order
+            return
+        with torch.cuda.stream(self.side):
+            dst.copy_(self.hosts[unit], non_blocking=True)
+        self.ready[slot] = self._record(self.side)
+
+    @staticmethod
+    def _record(stream: Any) -> Any:
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    # -- CUDA graphs ----------------------------------------------------------------------
+
+    def capture_state(self) -> list[Any]:
+        """The eager copy events pending before a capture, restored after it."""
+        return list(self.ready)
+
+    def restore_state(self, ready: list[Any]) -> None:
+        self.ready = ready
+        self.prefetched = True
+
+    def before_replay(self) -> None:
+        """A graph starts with its first units already in slots: wait (device side) for eager
+        prefetches still in flight; the graph itself waits on nothing outside it."""
+        stream = torch.cuda.current_stream(self.device)
+        for event in self.ready:
+            if event is not None:
+                stream.wait_event(event)
+
+    def after_replay(self) -> None:
+        # The replay joined its copies back: what it prefetched is ordered before later work.
+        self.ready = [None] * len(self.slots)
+        self.prefetched = True
+
+    # -- end ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # host sync: nothing may still read the buffers
+        self.devices = [None] * len(self.layouts)
+        self.slots, self.views, self.fixed = [], [], {}
+        if self._registered:
+            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+            self._registered = False
+        self.hosts = []
+        self._host = torch.empty(0, dtype=torch.uint8)

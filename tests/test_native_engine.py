@@ -1,0 +1,176 @@
+"""The native engine against the engine contract, on CPU with tiny-llama in float32.
+
+Weights have std 0.1 so that greedy tokens change from step to step: any wrong weight, stale
+slot or cache slip shows in the tokens. GPU tests (marked) check CUDA graphs against eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from unittest import mock
+
+import pytest
+import torch
+
+import autotune.engines.native as native
+from autotune import models
+from autotune.engines import Engine, EngineConfig, load_engine
+from autotune.errors import UserInputError
+from autotune.measure import measure, random_prompt
+from autotune.streaming import plan, weight_streaming
+
+SOURCE = models.RandomWeights(seed=0, std=0.1)
+
+
+def _load(device: str = "cpu", **options) -> native.NativeEngine:
+    config = EngineConfig(model="tiny-llama", dtype="float32", device=device, max_seq_len=48,
+                          options=tuple(options.items()))
+    with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE):
+        return load_engine(config)
+
+
+@pytest.fixture(scope="module")
+def engine() -> native.NativeEngine:
+    e = _load()
+    yield e
+    e.close()
+
+
+def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
+    gen = engine.prefill(prompt, osl)
+    engine.decode(gen, osl - 1)
+    assert tuple(gen.tokens.shape) == (prompt.shape[0], osl)
+    return gen.tokens.clone()
+
+
+def _hf_tokens(prompt: torch.Tensor, osl: int) -> torch.Tensor:
+    hf = models.build_hf_model(models.PRESETS["tiny-llama"], "float32", "cpu", SOURCE)
+    with torch.no_grad():
+        out = hf(input_ids=prompt, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens = [nxt]
+        for _ in range(osl - 1):
+            out = hf(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+    return torch.stack(tokens, dim=1)
+
+
+def test_it_is_an_engine_and_starts_at_the_automatic_budget(engine) -> None:
+    assert isinstance(engine, Engine)
+    assert engine.get_automatic_weight_streaming_budget() == engine.total_device_budget
+    assert engine.device_budget == engine.total_device_budget  # on CPU everything fits
+    facts = engine.describe()
+    assert facts["units"] == 2 * engine.spec.num_hidden_layers
+    assert facts["cuda_graphs"] is False
+
+
+def test_tokens_equal_unstreamed_and_transformers_at_every_budget(engine) -> None:
+    prompt = random_prompt(2, 10, engine.spec.vocab_size, seed=4, device="cpu")
+    engine.device_budget = engine.total_device_budget
+    unstreamed = _generate(engine, prompt, 16)
+    assert torch.equal(unstreamed, _hf_tokens(prompt, 16))
+    for fraction in (0.0, 0.15, 0.4, 0.6, 0.95, 0.0, 1.0):  # changes between generations too
+        engine.device_budget = int(fraction * engine.total_device_budget)
+        assert torch.equal(_generate(engine, prompt, 16), unstreamed), fraction
+
+
+def test_a_batch_is_its_rows_generated_alone(engine) -> None:
+    engine.device_budget = engine.total_device_budget // 3
+    prompt = random_prompt(3, 7, engine.spec.vocab_size, seed=5, device="cpu")
+    together = _generate(engine, prompt, 10)
+    for row in range(3):
+        assert torch.equal(_generate(engine, prompt[row:row + 1], 10)[0], together[row])
+
+
+def test_budget_read_back_and_clamp(engine, caplog) -> None:
+    total = engine.total_device_budget
+    sizes = engine._store.sizes
+    for requested in (0, 1, min(sizes), total // 2, total - 1):
+        engine.device_budget = requested
+        applied = engine.device_budget
+        assert applied <= requested
+        assert applied + engine.streamed_bytes_per_step() == total
+        assert applied == sum(s for s, d in zip(sizes, engine._store.devices, strict=True) if d is not None)
+    with caplog.at_level(logging.ERROR):
+        engine.device_budget = total + 12345
+    assert engine.device_budget == total and "greater than total" in caplog.text
+    assert engine.streamed_bytes_per_step() == 0
+    with pytest.raises(UserInputError):
+        engine.device_budget = -1
+    assert engine.device_budget == total  # an error leaves the budget as it was
+
+
+def test_memory_plan_is_exact_for_weights_and_monotonic(engine) -> None:
+    total = engine.total_device_budget
+    engine.device_budget = total // 2
+    p = engine.memory_plan(2, 8, 8, total // 2)
+    store = engine._store
+    resident = sum(plan.alloc_size(t.numel() * t.element_size()) for t in store.fixed.values())
+    resident += sum(plan.alloc_size(d.numel()) for d in store.devices if d is not None)
+    assert p.resident_weights == resident
+    assert p.streaming_scratch == sum(plan.alloc_size(s.numel()) for s in store.slots)
+    gen = engine.prefill(random_prompt(2, 8, engine.spec.vocab_size, 0, "cpu"), 8)
+    cache = engine._static.cache
+    assert p.kv_cache == sum(plan.alloc_size(t.numel() * 4) for t in cache.k + cache.v)
+    engine.decode(gen, 7)
+    plans = [engine.memory_plan(b, 8, 8, budget) for b in (1, 4) for budget in (0, total // 2, total)]
+    assert plans[0].total < plans[3].total  # batch grows memory
+    assert plans[0].resident_weights < plans[1].resident_weights < plans[2].resident_weights
+    assert plans[2].streaming_scratch == 0 < plans[1].streaming_scratch
+    assert engine.memory_plan(1, 8, 32, 0).kv_cache > plans[0].kv_cache
+
+
+def test_weight_streaming_context_mirrors_torch_tensorrt(engine) -> None:
+    total = engine.total_device_budget
+    engine.device_budget = total
+    with weight_streaming(engine) as ws:
+        assert ws.total_device_budget == total and ws.device_budget == total
+        ws.device_budget = total // 2 + 1
+        assert ws.device_budget == engine.device_budget <= total // 2 + 1
+        assert ws.get_automatic_weight_streaming_budget() == total
+        ws.device_budget = 0
+        assert engine.streamed_bytes_per_step() == total
+    assert engine.device_budget == total  # restored on exit
+
+
+def test_decode_guards_and_bad_input(engine) -> None:
+    prompt = random_prompt(1, 4, engine.spec.vocab_size, 0, "cpu")
+    old = engine.prefill(prompt, 4)
+    new = engine.prefill(prompt, 4)
+    with pytest.raises(UserInputError, match="superseded"):
+        engine.decode(old, 1)
+    with pytest.raises(UserInputError, match="more steps"):
+        engine.decode(new, 4)
+    with pytest.raises(UserInputError, match="isl"):
+        engine.prefill(prompt, engine.spec.max_position_embeddings)
+    with pytest.raises(UserInputError, match="slots"):
+        _load(slots=0)
+
+
+def test_measure_gives_the_same_tokens_at_every_budget(engine) -> None:
+    digests = set()
+    for fraction in (0.0, 0.5, 1.0):
+        engine.device_budget = int(fraction * engine.total_device_budget)
+        m = measure(engine, 2, 6, 5, repeats=1, warmup=1)
+        assert m.streamed_bytes_per_step == engine.total_device_budget - engine.device_budget
+        digests.add(m.tokens_sha256)
+    assert len(digests) == 1
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_equal_eager_at_every_budget() -> None:
+    eager, graphs = _load("cuda", cuda_graphs=False), _load("cuda")
+    assert graphs.describe()["cuda_graphs"] is True
+    prompt = random_prompt(3, 12, eager.spec.vocab_size, seed=1, device="cuda")
+    reference = _generate(eager, prompt, 20)
+    for fraction in (0.0, 0.3, 1.0, 0.6):  # budget changes re-capture the graphs
+        for e in (eager, graphs):
+            e.device_budget = int(fraction * e.total_device_budget)
+            assert torch.equal(_generate(e, prompt, 20), reference), fraction
+            assert torch.equal(_generate(e, prompt, 20), reference), fraction  # replays
+    eager.close()
+    graphs.close()
