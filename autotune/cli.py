@@ -78,6 +78,16 @@ def _gpus(text: str | None) -> tuple[int, ...]:
     return ids
 
 
+def _engine_options(items: list[str]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"--engine-option: expected KEY=VALUE; got {item!r}")
+        pairs.append((key.strip(), value))
+    return tuple(pairs)
+
+
 @app.command()
 def run(
     model: str = typer.Option("auto", help="Model preset (see `autotune models`); auto: "
@@ -99,6 +109,8 @@ def run(
     repeats: int = typer.Option(3, help="Timed repeats per trial (median reported)."),
     trial_timeout: float = typer.Option(900.0, help="Seconds before a trial counts as hung."),
     out_file: Path | None = typer.Option(None, "--out", help="Recommendation JSON path."),
+    engine_option: list[str] = typer.Option(
+        [], "--engine-option", help="KEY=VALUE passed to the engine (repeatable)."),
 ) -> None:
     """Tune batch size x weight-streaming budget; resumes the study if it exists."""
     from autotune import recommend
@@ -111,6 +123,7 @@ def run(
         gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"), max_batch=max_batch,
         storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
+        engine_options=_engine_options(engine_option),
     )
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
@@ -284,7 +297,8 @@ def dashboard(
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # Standalone mode: typer reports its own usage errors (exit code 2) and --help.
+        app(args=argv, standalone_mode=True, prog_name="autotune")
     except AutotuneError as e:
         if _state["debug"]:
             raise
@@ -294,16 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print("interrupted; completed trials are stored, rerun the command to resume")
         return 130
     except SystemExit as e:
-        return int(e.code or 0)
-    except Exception as e:  # click's usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            return 1
-        raise
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 
 

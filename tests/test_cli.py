@@ -1,0 +1,164 @@
+"""The CLI end to end, via subprocess, against temporary SQLite files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ANALYTIC, has_cuda
+
+from autotune import recommend
+
+
+def autotune(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "autotune", *args], env=env, cwd=cwd, capture_output=True,
+        text=True, timeout=240,
+    )
+
+
+RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC, "--isl", "8",
+       "--osl", "4", "--max-batch", "32", "--dtype", "float32", "--repeats", "1")
+
+
+def test_run_show_export(tmp_path: Path, storage_url: str, cli_env) -> None:
+    out = tmp_path / "rec.json"
+    r = autotune(*RUN, "--trials", "4", "--storage", storage_url, "--out", str(out), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "trial 4/4" in r.stderr and "best" in r.stderr
+    assert "recommendation written to" in r.stdout
+    rec = recommend.read(out)
+    assert rec["workload"]["model"] == "tiny-llama" and sum(rec["trials"].values()) == 4
+
+    r = autotune("show", "--storage", storage_url, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "tiny-llama" in r.stdout and "ok" in r.stdout
+
+    out2 = tmp_path / "again.json"
+    r = autotune("export", "--storage", storage_url, "--out", str(out2), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert recommend.read(out2)["best"] == rec["best"]
+
+
+def test_python_m_and_models(cli_env) -> None:
+    r = autotune("models", env=cli_env)
+    assert r.returncode == 0
+    for name in ("llama2-7b", "llama2-13b", "llama2-70b", "tiny-llama"):
+        assert name in r.stdout
+    assert "12.55 GiB" in r.stdout  # llama2-7b fp16: 13.48 GB
+
+
+def test_bench_prints_token_digest(cli_env) -> None:
+    r = autotune("bench", "--model", "tiny-llama", "--engine", ANALYTIC, "--batch", "2",
+                 "--budget-fraction", "0.5", "--isl", "8", "--osl", "4", "--device", "cpu",
+                 "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["measurement"]
+    assert m["batch"] == 2 and len(m["tokens_sha256"]) == 64
+    assert 0 < m["device_budget"] <= m["total_device_budget"] / 2
+
+
+def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), r.stderr
+    assert "Traceback" not in r.stderr
+    for needle in needles:
+        assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (("run", "--model", "gpt-9", "--device", "cpu"), ("unknown model", "llama2-7b")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--engine", "warp"),
+         ("unknown engine", "native")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--gpu-memory-limit", "eight"),
+         ("--gpu-memory-limit", "8GiB")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--trials", "0"), ("--trials",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--osl", "-3"), ("--osl",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--storage", "nonsense"),
+         ("not a database URL",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--weights", "/nonexistent"),
+         ("no such directory",)),
+        (("bench", "--model", "tiny-llama", "--engine", ANALYTIC, "--batch", "1", "--device",
+          "cpu", "--budget", "99TiB", "--isl", "4", "--osl", "2"), ("expected 0..",)),
+        (("bench", "--model", "tiny-llama", "--batch", "1", "--device", "cpu"),
+         ("exactly one of",)),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, cli_env, args, needles) -> None:
+    r = autotune(*args, env=cli_env, cwd=tmp_path)
+    _error(r, *needles)
+    assert not (tmp_path / "studies").exists()  # nothing half-written
+
+
+def test_non_integer_batch_is_a_usage_error(cli_env) -> None:
+    r = autotune("run", "--model", "tiny-llama", "--trials", "two", env=cli_env)
+    assert r.returncode == 2 and "Invalid value" in r.stderr
+
+
+def test_weights_dir_that_is_not_a_checkpoint(tmp_path: Path, cli_env) -> None:
+    r = autotune("run", "--model", "tiny-llama", "--device", "cpu", "--weights", str(tmp_path),
+                 env=cli_env, cwd=tmp_path)
+    _error(r, "not a Hugging Face checkpoint")
+
+
+@pytest.mark.skipif(has_cuda(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tmp_path: Path, cli_env) -> None:
+    r = autotune(*RUN, "--device", "cuda", env=cli_env, cwd=tmp_path)
+    _error(r, "no NVIDIA GPU", "--device cpu")
+    assert not (tmp_path / "studies").exists()
+
+
+def test_storage_that_is_not_sqlite_is_never_overwritten(tmp_path: Path, cli_env) -> None:
+    bogus = tmp_path / "notes.db"
+    bogus.write_text("my precious notes\n")
+    r = autotune(*RUN, "--storage", f"sqlite:///{bogus}", env=cli_env)
+    _error(r, "not a SQLite database")
+    assert bogus.read_text() == "my precious notes\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_studies_directory(tmp_path: Path, cli_env) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    r = autotune(*RUN, "--storage", f"sqlite:///{locked}/sub/a.db", env=cli_env)
+    _error(r, "not a writable directory")
+
+
+def test_unwritable_studies_directory_as_a_file(tmp_path: Path, cli_env) -> None:
+    blocker = tmp_path / "studies"
+    blocker.write_text("a file where the directory should be")
+    r = autotune(*RUN, "--storage", f"sqlite:///{blocker}/a.db", env=cli_env)
+    _error(r, "not a writable directory")
+
+
+def test_show_and_export_of_missing_things(tmp_path: Path, storage_url: str, cli_env) -> None:
+    r = autotune("show", "--storage", f"sqlite:///{tmp_path}/none.db", env=cli_env)
+    _error(r, "does not exist")
+    assert not (tmp_path / "none.db").exists()
+    autotune(*RUN, "--trials", "1", "--storage", storage_url, "--study", "s1", env=cli_env)
+    r = autotune("export", "--storage", storage_url, "--study", "s2", "--out",
+                 str(tmp_path / "x.json"), env=cli_env)
+    _error(r, "no study named 's2'", "s1")
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_run_and_export_with_no_completed_trial(tmp_path: Path, storage_url: str,
+                                                 cli_env) -> None:
+    out = tmp_path / "rec.json"
+    r = autotune(*RUN, "--trials", "2", "--storage", storage_url, "--engine-option",
+                 "fault=error", "--out", str(out), env=cli_env)
+    _error(r, "no completed feasible trial")
+    assert "trial 2/2" in r.stderr  # both trials ran and were recorded before the error
+    assert not out.exists()
+    r = autotune("export", "--storage", storage_url, "--out", str(out), env=cli_env)
+    _error(r, "no completed feasible trial")
+    assert not out.exists()
+    r = autotune(*RUN, "--engine-option", "novalue", env=cli_env, cwd=tmp_path)
+    _error(r, "KEY=VALUE")
