@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -127,7 +128,11 @@ class TensorRTEngine:
             options["device"] = torch.device(config.device)
         log.info("compiling %s (%s) with Torch-TensorRT %s", spec.name, config.dtype,
                  trt.__version__)
-        return trt.dynamo.compile(ep, inputs=[profile, profile], **options)
+        with warnings.catch_warnings():
+            # 2.10-2.12 warn on every call that use_explicit_typing is deprecated, even when
+            # it is required (§2); the note explains it, the user cannot act on it.
+            warnings.filterwarnings("ignore", ".*use_explicit_typing.*", DeprecationWarning)
+            return trt.dynamo.compile(ep, inputs=[profile, profile], **options)
 
     # -- budget (§1.2, §7.1) ---------------------------------------------------------------
 

@@ -1,0 +1,238 @@
+"""Torch-TensorRT engine behaviour beyond the contract, against the torch_tensorrt double.
+
+What only the TensorRT engine has: the install message, version gates and per-version compile
+options, the on-disk cache, the cost of budget changes (context rebuilds), the read-back of a
+rejected budget, the automatic budget applied at load, and numerics against transformers. A
+few tests pin the double itself to the research note, since the engine's tests are only as
+good as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from doubles import DOUBLES_DIR, install_torch_tensorrt, uninstall_torch_tensorrt
+
+from autotune.engines import EngineConfig, load_engine
+from autotune.errors import EngineUnavailableError
+from autotune.memory import prefill_activation_bytes
+from autotune.models import build_hf_model, get_spec, weight_source
+
+ROOT = Path(__file__).resolve().parents[1]
+COS = ("torch_executed_ops", ("torch.ops.aten.cos.default",))
+
+
+@pytest.fixture
+def trt(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Any]:
+    version = getattr(request, "param", "2.13.0")
+    yield install_torch_tensorrt(monkeypatch, version)
+    uninstall_torch_tensorrt()
+
+
+def _config(cache: Path, *options: tuple[str, Any], **kw: Any) -> EngineConfig:
+    fields = {"model": "tiny-llama", "engine": "tensorrt", "dtype": "float32", "device": "cpu",
+              "max_batch": 4, "max_seq_len": 32, **kw}
+    return EngineConfig(**fields, options=(("trt_cache_dir", str(cache)), *options))
+
+
+def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails like a missing one
+    with pytest.raises(EngineUnavailableError) as info:
+        load_engine(_config(Path("unused")))
+    message = str(info.value)
+    assert "pip install 'autotune[tensorrt]'" in message and "pypi.nvidia.com" in message
+    assert "\n" not in message
+
+
+def test_importing_autotune_never_imports_torch_tensorrt() -> None:
+    # The double is importable in the child, so any import of it would be seen.
+    code = ("import sys, autotune, autotune.engines, autotune.engines.tensorrt, "
+            "autotune.engines.base; assert 'torch_tensorrt' not in sys.modules, 'imported'; "
+            "import torch_tensorrt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOUBLES_DIR), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("trt", ["2.5.0"], indirect=True)
+def test_versions_without_weight_streaming_are_refused(trt: Any, tmp_path: Path) -> None:
+    assert not hasattr(trt.runtime, "weight_streaming")
+    with pytest.raises(EngineUnavailableError, match=r"needs torch_tensorrt >= 2\.6.*2\.5\.0"):
+        load_engine(_config(tmp_path))
+
+
+@pytest.mark.parametrize("trt", ["2.6.0", "2.10.0", "2.12.0", "2.13.0", "2.14.0a0"],
+                         indirect=True)
+def test_compile_options_follow_the_version(trt: Any, tmp_path: Path) -> None:
+    engine = load_engine(_config(tmp_path))
+    call = trt._state.COMPILE_CALLS[-1]
+    assert call["enable_weight_streaming"] is True
+    old = call["version"] < (2, 13)
+    assert ("use_explicit_typing" in call) == old
+    assert ("enabled_precisions" in call) == old
+    if old:
+        assert call["use_explicit_typing"] is True
+        assert call["enabled_precisions"] == {torch.float32}
+    for profile in call["inputs"]:  # input_ids and position_ids share the batch/seq range
+        assert profile.shape == {"min_shape": (1, 1), "opt_shape": (4, 32),
+                                 "max_shape": (4, 32)}
+    assert engine.describe()["built_for"]["batch"] == {"min": 1, "opt": 4, "max": 4}
+
+
+@pytest.mark.parametrize("trt", ["2.8.0"], indirect=True)
+def test_float16_study_on_old_versions_still_compiles_float16_layers(
+    trt: Any, tmp_path: Path,
+) -> None:
+    engine = load_engine(_config(tmp_path, dtype="float16"))
+    call = trt._state.COMPILE_CALLS[-1]
+    assert call["enabled_precisions"] == {torch.float32}  # all 2.6-2.12 accept
+    weights = [t for _, m in engine._module.named_children() if hasattr(m, "engine")
+               for t in m.engine.graph.buffers() if t.dim() >= 2]
+    assert weights and all(t.dtype == torch.float16 for t in weights)  # strong typing
+
+
+def test_second_load_reuses_the_cache(trt: Any, tmp_path: Path) -> None:
+    first = load_engine(_config(tmp_path, COS))
+    built = trt._state.COUNTERS["engines_built"]
+    calls = len(trt._state.COMPILE_CALLS)
+    second = load_engine(_config(tmp_path, COS))
+    assert not first.describe()["cache_hit"] and second.describe()["cache_hit"]
+    assert trt._state.COUNTERS["engines_built"] == built and len(trt._state.COMPILE_CALLS) == calls
+    # The rebuilt module still exposes its engines to weight_streaming (research note §1.1).
+    assert second.total_device_budget == first.total_device_budget > 0
+    assert second.describe()["engines"] == ["_run_on_acc_0", "_run_on_acc_2"]
+    prompt = torch.randint(1, 500, (2, 6))
+    a, b = first.prefill(prompt, 4), second.prefill(prompt, 4)
+    first.decode(a, 3)
+    second.decode(b, 3)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_cache_key_includes_versions_and_corrupt_files_are_misses(
+    trt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    load_engine(_config(tmp_path))
+    monkeypatch.setattr(trt, "__version__", "2.14.0")
+    assert not load_engine(_config(tmp_path)).describe()["cache_hit"]
+    for file in tmp_path.glob("*.trtcache"):
+        file.write_bytes(b"not a cache file")
+    assert not load_engine(_config(tmp_path)).describe()["cache_hit"]
+
+
+@pytest.mark.parametrize("trt", ["2.12.0", "2.13.0", "2.14.0a0"], indirect=True)
+def test_budget_changes_rebuild_every_context(trt: Any, tmp_path: Path) -> None:
+    engine = load_engine(_config(tmp_path, COS))
+    mods = [m for n, m in engine._module.named_children() if "_run_on_acc" in n]
+    prompt = torch.randint(1, 500, (2, 6))
+    engine.prefill(prompt, 1)
+    assert not engine.needs_warmup
+    before = [m.engine.contexts_created for m in mods]
+    resets = [m.engine.graph_resets for m in mods]
+    engine.device_budget = engine.total_device_budget // 2
+    assert engine.needs_warmup  # measure's warm-up run absorbs the rebuild
+    engine.prefill(prompt, 1)  # a lazy (2.13) context is re-created on this forward
+    assert [m.engine.contexts_created for m in mods] == [b + 1 for b in before]
+    assert [m.engine.graph_resets for m in mods] == [r + 1 for r in resets]
+    described = engine.describe()
+    assert described["budget_changes"] == 1 and described["context_rebuilds"] == len(mods)
+    engine.device_budget = engine.device_budget  # same budget: nothing is rebuilt
+    assert [m.engine.contexts_created for m in mods] == [b + 1 for b in before]
+    assert type(engine).budget_change_cost == "high"
+
+
+def test_rejected_budget_is_read_back_and_warned(
+    trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = load_engine(_config(tmp_path))
+    engine.prefill(torch.randint(1, 500, (1, 4)), 1)  # a live context (2.13: lazy)
+    trt._state.FAULTS["keep_context_on_set"] = True  # pytorch/TensorRT#4333
+    with caplog.at_level(logging.WARNING):
+        engine.device_budget = 0
+    assert engine.device_budget == engine.total_device_budget  # what TensorRT kept
+    assert any("not the 0 requested" in r.getMessage() for r in caplog.records)
+
+
+def test_automatic_budget_is_applied_at_load_and_recorded(trt: Any, tmp_path: Path) -> None:
+    trt._state.FREE_DEVICE_MEMORY = 200_000  # less than each engine's streamable bytes
+    engine = load_engine(_config(tmp_path, COS, ("trt_cache", False)))
+    engines = engine.describe()["engine_streamable_bytes"]
+    expected = sum(min(s, 200_000) for s in engines)  # each engine counts the same free memory
+    assert engine.describe()["automatic_budget_at_load"] == expected == engine.device_budget
+    assert engine.get_automatic_weight_streaming_budget() == expected
+
+
+def test_tokens_match_transformers_greedy(trt: Any, tmp_path: Path) -> None:
+    engine = load_engine(_config(tmp_path, COS, seed=7))
+    engine.device_budget = engine.total_device_budget // 3
+    prompt = torch.randint(1, 500, (3, 9), generator=torch.Generator().manual_seed(1))
+    gen = engine.prefill(prompt, 8)
+    engine.decode(gen, 7)
+    spec = get_spec("tiny-llama")
+    ref = build_hf_model(spec, "float32", "cpu", weight_source(spec, 7))
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            logits = ref(input_ids=seq, use_cache=False).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(gen.tokens, seq[:, 9:])
+
+
+def test_memory_plan_reserves_activations_for_the_max_shape(trt: Any, tmp_path: Path) -> None:
+    engine = load_engine(_config(tmp_path))
+    spec = engine.spec
+    floor = prefill_activation_bytes(spec, "float32", 4, 32)
+    one, four = engine.memory_plan(1, 4, 4, 0), engine.memory_plan(4, 4, 4, 0)
+    assert one.activations >= floor and four.activations >= floor
+    assert one.kv_cache == 0 and one.streaming_scratch > 0
+    assert engine.memory_plan(1, 4, 4, engine.total_device_budget).streaming_scratch == 0
+
+
+# -- the double against the research note ---------------------------------------------------
+
+
+def test_double_weight_streaming_rules(trt: Any, tmp_path: Path,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    engine = load_engine(_config(tmp_path, COS))
+    module = engine._module
+    names = [n for n, _ in module.named_children()]
+    assert names == ["_run_on_acc_0", "_run_on_gpu_1", "_run_on_acc_2"]
+    ws = trt.runtime.weight_streaming(module)
+    sizes = ws.streamable_budget
+    assert ws.total_device_budget == sum(sizes)  # _run_on_gpu_1 is not counted (§1.1)
+    ws.device_budget = 1001  # int() of each proportional share (§1.2)
+    assert ws.device_budget == sum(int(s / sum(sizes) * 1001) for s in sizes)
+    with trt.runtime.weight_streaming(module) as inner:
+        inner.device_budget = 0
+    # __exit__ re-splits the construction-time sum, so truncation may lose a byte per engine.
+    restored = trt.runtime.weight_streaming(module).device_budget
+    assert 0 <= ws.device_budget - restored <= len(sizes) - 1
+    with pytest.raises(RuntimeError, match="negative"):
+        ws.device_budget = -1
+    with caplog.at_level(logging.ERROR):
+        ws.device_budget = ws.total_device_budget + 1
+    assert ws.device_budget == ws.total_device_budget and caplog.records
+    with pytest.raises(RuntimeError, match="enable_weight_streaming"):
+        trt.runtime.weight_streaming(torch.nn.Linear(2, 2)).device_budget = 0
+
+
+@pytest.mark.parametrize("trt", ["2.8.0", "2.11.0"], indirect=True)
+def test_double_asserts_like_old_versions(trt: Any) -> None:
+    ep = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    inputs = [trt.Input(shape=(2, 4))]
+    if trt._state.version() < (2, 10):
+        with pytest.raises(AssertionError, match="use_explicit_typing"):
+            trt.dynamo.compile(ep, inputs=inputs, enable_weight_streaming=True)
+    else:
+        with pytest.warns(DeprecationWarning):
+            trt.dynamo.compile(ep, inputs=inputs, enable_weight_streaming=True)
+    with pytest.raises(AssertionError, match="float32"):
+        trt.dynamo.compile(ep, inputs=inputs, enable_weight_streaming=True,
+                           use_explicit_typing=True, enabled_precisions={torch.half})
