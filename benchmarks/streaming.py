@@ -1,0 +1,283 @@
+"""Issue 3's benchmark: the native engine's weight streaming against the physical bound.
+
+In one process: measures pinned host-to-device bandwidth (B_h2d), device memory bandwidth
+(B_hbm) and fp16 matmul throughput first; then, for llama2-7b fp16 (random weights) at a GPU
+memory limit, runs budgets of 0/25/50/75% of what fits at batch 1, each at batch 1, 16 and the
+largest batch the memory plan fits, through :func:`autotune.measure.measure`; then batch 1 with
+nothing streamed and no limit; then, if accelerate is importable, its ``device_map`` offload at
+the same limit. Per configuration it prints tok/s, the bound, the fraction of the bound, the
+GB/s achieved on the link and predicted vs measured peak memory, and writes everything (raw
+samples included) to ``--out`` as JSON after each configuration.
+
+The bound of a decode step that streams S bytes and reads R resident bytes is
+max(S / B_h2d, R / B_hbm, flops / F); throughput's bound adds the prefill's bound.
+
+    python benchmarks/streaming.py --out benchmarks/results/streaming.json [--osl 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from autotune.engines import EngineConfig, load_engine
+from autotune.measure import measure
+from autotune.memory import DEFAULT_MARGIN
+from autotune.units import GiB, parse_bytes
+
+
+def _timed(fn, repeats: int = 5) -> float:
+    """Median seconds of ``fn`` (synchronized before each clock read)."""
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def hardware() -> dict[str, float]:
+    n = GiB
+    host = torch.empty(n, dtype=torch.uint8, pin_memory=True).fill_(7)
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    h2d = n / _timed(lambda: dev.copy_(host, non_blocking=True)) / 1e9
+    other = torch.empty_like(dev)
+    hbm = 2 * n / _timed(lambda: other.copy_(dev)) / 1e9  # read + write
+    a = torch.randn(8192, 8192, dtype=torch.float16, device="cuda")
+    flops = 2 * 8192**3 / _timed(lambda: a @ a) / 1e12
+    return {"h2d_gb_s": h2d, "hbm_gb_s": hbm, "fp16_tflop_s": flops}
+
+
+def bounds(engine, hw: dict[str, float], batch: int, isl: int, osl: int) -> dict[str, float]:
+    """Lower bounds (seconds) of a decode step and of the prefill, and the tok/s bound."""
+    spec, store = engine.spec, engine._store
+    streamed = engine.streamed_bytes_per_step()
+    resident = engine.device_budget + store.fixed_nbytes
+    kv_read = spec.kv_bytes_per_token(engine.config.dtype) * batch * (isl + osl // 2)
+    params = spec.num_params()
+    step = max(streamed / (hw["h2d_gb_s"] * 1e9), (resident + kv_read) / (hw["hbm_gb_s"] * 1e9),
+               2 * params * batch / (hw["fp16_tflop_s"] * 1e12))
+    prefill = max(streamed / (hw["h2d_gb_s"] * 1e9), resident / (hw["hbm_gb_s"] * 1e9),
+                  2 * params * batch * isl / (hw["fp16_tflop_s"] * 1e12))
+    return {"step_s": step, "prefill_s": prefill,
+            "tok_s": batch * osl / (prefill + (osl - 1) * step)}
+
+
+def largest(fits, lo: int, hi: int) -> int:
+    """The largest x in [lo, hi] with fits(x) (fits monotone decreasing); lo - 1 if none."""
+    if not fits(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def run_config(engine, hw, batch, isl, osl, args) -> dict[str, Any]:
+    plan = engine.memory_plan(batch, isl, osl, engine.device_budget)
+    row: dict[str, Any] = {"batch": batch, "budget": engine.device_budget,
+                           "budget_fraction": engine.device_budget / engine.total_device_budget,
+                           "plan": plan.as_dict(), **bounds(engine, hw, batch, isl, osl)}
+    try:
+        m = measure(engine, batch, isl, osl, repeats=args.repeats, warmup=args.warmup)
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+        gc.collect()
+        torch.cuda.empty_cache()
+        return row
+    row.update(m.as_dict())
+    row["decode_fraction_of_bound"] = row["step_s"] / m.tpot_s if m.tpot_s else None
+    row["fraction_of_bound"] = m.throughput_tok_s / row["tok_s"]
+    row["predicted_over_reserved"] = plan.total / m.peak_reserved_bytes
+    row["predicted_over_allocated"] = plan.total / m.peak_allocated_bytes
+    return row
+
+
+def print_row(label: str, r: dict[str, Any]) -> None:
+    if "error" in r:
+        print(f"{label:>10} b={r['batch']:>3} budget={r['budget'] / 1e9:6.2f}GB  {r['error']}")
+        return
+    print(f"{label:>10} b={r['batch']:>3} budget={r['budget'] / 1e9:6.2f}GB "
+          f"tok/s={r['throughput_tok_s']:8.2f} bound={r['tok_s']:8.2f} "
+          f"frac={r['fraction_of_bound']:.3f} decode_frac={r['decode_fraction_of_bound']:.3f} "
+          f"link={r['stream_gb_s']:5.1f}GB/s tpot={r['tpot_s'] * 1e3:7.2f}ms "
+          f"peak_pred={r['plan']['total'] / GiB:5.2f} reserved={r['peak_reserved_bytes'] / GiB:5.2f} "
+          f"alloc={r['peak_allocated_bytes'] / GiB:5.2f} GiB", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="llama2-7b")
+    p.add_argument("--isl", type=int, default=128)
+    p.add_argument("--osl", type=int, default=256)
+    p.add_argument("--limit", default="8GiB")
+    p.add_argument("--fractions", default="0,0.25,0.5,0.75")
+    p.add_argument("--batches", default="1,16,max")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--accelerate-osl", type=int, default=8)
+    p.add_argument("--no-accelerate", action="store_true")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    limit = parse_bytes(args.limit, what="--limit")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__,
+                              "gpu": torch.cuda.get_device_name(), "rows": []}
+
+    def save() -> None:
+        out.write_text(json.dumps(result, indent=1))
+
+    result["hardware"] = hw = hardware()
+    torch.cuda.empty_cache()  # the probes' buffers are gone: peaks below are the engine's
+    print(f"B_h2d {hw['h2d_gb_s']:.1f} GB/s, B_hbm {hw['hbm_gb_s']:.0f} GB/s, "
+          f"fp16 {hw['fp16_tflop_s']:.0f} TFLOP/s", flush=True)
+    start = time.perf_counter()
+    config = EngineConfig(model=args.model, dtype="float16", device="cuda",
+                          max_seq_len=args.isl + args.osl, gpu_memory_limit=limit)
+    engine = load_engine(config)
+    result["load_s"] = time.perf_counter() - start
+    result["engine"] = engine.describe()
+    print(f"loaded in {result['load_s']:.1f} s: {engine.describe()}", flush=True)
+    isl, osl, total = args.isl, args.osl, engine.total_device_budget
+    room = limit - DEFAULT_MARGIN
+
+    def fits(batch: int, budget: int) -> bool:
+        return engine.memory_plan(batch, isl, osl, budget).total <= room
+
+    top = largest(lambda b: fits(1, b), 0, total)
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        start = time.perf_counter()
+        engine.device_budget = int(fraction * top)
+        switch_s = time.perf_counter() - start
+        budget = engine.device_budget
+        for b in args.batches.split(","):
+            batch = largest(lambda x, y=budget: fits(x, y), 1, 256) if b == "max" else int(b)
+            if batch < 1 or not fits(batch, budget):
+                continue
+            row = run_config(engine, hw, batch, isl, osl, args)
+            row.update(limit=limit, budget_switch_s=switch_s, label=f"{fraction:.0%} fit")
+            result["rows"].append(row)
+            print_row(row["label"], row)
+            save()
+
+    # Nothing streamed, no memory limit.
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    start = time.perf_counter()
+    engine.device_budget = total
+    switch_s = time.perf_counter() - start
+    row = run_config(engine, hw, 1, isl, osl, args)
+    row.update(limit=None, budget_switch_s=switch_s, label="resident")
+    result["rows"].append(row)
+    print_row("resident", row)
+    save()
+    batches = sorted({r["batch"] for r in result["rows"] if r.get("limit")})
+    engine.close()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    if not args.no_accelerate:
+        result["accelerate"] = []
+        for batch in batches:
+            row = run_accelerate(args.model, limit, batch, isl, args.accelerate_osl)
+            result["accelerate"].append(row)
+            print(f"accelerate b={batch:>3}: {row}", flush=True)
+            save()
+    save()
+    return 0
+
+
+class _Offloaded:
+    """A transformers model under accelerate's hooks, shaped enough like an Engine for
+    :func:`autotune.measure.measure` (greedy, DynamicCache, exactly osl tokens)."""
+
+    def __init__(self, model, spec, offloaded: int) -> None:
+        from autotune.engines import EngineConfig
+
+        self.model, self.spec, self._offloaded = model, spec, offloaded
+        self.config = EngineConfig(model=spec.name, device="cuda")
+        self.device_budget, self.total_device_budget = 0, offloaded
+
+    def prefill(self, prompt, osl):
+        from autotune.engines import Generation
+
+        with torch.inference_mode():
+            out = self.model(input_ids=prompt, use_cache=True)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        return Generation(prompt.shape[0], prompt.shape[1], osl, tok, out.past_key_values)
+
+    def decode(self, gen, steps: int) -> None:
+        with torch.inference_mode():
+            for _ in range(steps):
+                out = self.model(input_ids=gen.tokens[:, -1:], past_key_values=gen.state,
+                                 use_cache=True)
+                gen.state = out.past_key_values
+                gen.tokens = torch.cat([gen.tokens, out.logits[:, -1:].argmax(-1)], dim=1)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+    def streamed_bytes_per_step(self) -> int:
+        return self._offloaded
+
+
+def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) -> dict:
+    """accelerate's big-model offload (device_map from max_memory) at the same memory limit:
+    the GPU gets the limit minus this batch's KV cache and activations, the rest stays on the
+    CPU and is copied in by accelerate's hooks on every forward."""
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import LlamaForCausalLM
+
+    from autotune.memory import kv_cache_bytes, prefill_activation_bytes
+    from autotune.models import RandomWeights, get_spec
+
+    spec = get_spec(model_name)
+    with init_empty_weights():
+        model = LlamaForCausalLM(spec.hf_config()).to(torch.float16)
+    reserve = (kv_cache_bytes(spec, "float16", batch, isl + osl)
+               + prefill_activation_bytes(spec, "float16", batch, isl) + GiB // 2)
+    max_memory = {0: max(limit - reserve, GiB), "cpu": 200 * GiB}
+    device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=torch.float16,
+                                       no_split_module_classes=["LlamaDecoderLayer"])
+    offloaded = 0
+    source = RandomWeights(0)
+    for name, shape in spec.all_shapes().items():
+        prefix = max((k for k in device_map if name.startswith(k + ".") or k == ""), key=len)
+        where = device_map[prefix]
+        value = source.get(name, shape, torch.float16, "cuda")
+        if where == "cpu":
+            value = value.cpu()
+            offloaded += value.numel() * 2
+        set_module_tensor_to_device(model, name, where, value=value)
+    model = dispatch_model(model.eval(), device_map=device_map)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(limit / total)
+    row: dict[str, Any] = {"batch": batch, "osl": osl, "offloaded_bytes": offloaded}
+    try:
+        m = measure(_Offloaded(model, spec, offloaded), batch, isl, osl, repeats=1, warmup=1)
+        row.update(throughput_tok_s=m.throughput_tok_s, tpot_s=m.tpot_s, ttft_s=m.ttft_s,
+                   stream_gb_s=m.stream_gb_s, peak_reserved_bytes=m.peak_reserved_bytes)
+    except torch.cuda.OutOfMemoryError as e:
+        row["error"] = f"out of memory: {str(e).splitlines()[0]}"
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())
