@@ -111,7 +111,10 @@ class NativeEngine:
     @device_budget.setter
     def device_budget(self, value: int) -> None:
         requested = clamp_budget(value, self.total_device_budget, log)
-        self._drop_graphs()  # they captured the old slots and resident buffers
+        # A new configuration: the KV cache and graphs of the old one (which captured the old
+        # slots and resident buffers) go first, so that its memory plan holds.
+        self._release_static()
+        self._serial += 1  # a generation in flight cannot continue under other weights
         self._budget = self._store.apply_budget(requested)
         if self._store.cuda:
             torch.cuda.empty_cache()  # freed buffers go back, so peaks describe this budget
@@ -164,7 +167,7 @@ class NativeEngine:
     def decode(self, gen: Generation, steps: int) -> None:
         state: _GenState = gen.state
         if state is None or state.serial != self._serial:
-            raise UserInputError("decode: this generation was superseded by a later prefill")
+            raise UserInputError("decode: this generation was superseded by a later prefill or budget change")
         if steps < 0 or state.n + steps > gen.osl:
             raise UserInputError(
                 f"decode: expected at most {gen.osl - state.n} more steps; got {steps}")
@@ -190,11 +193,7 @@ class NativeEngine:
             return self._static
         # One shape at a time: the previous cache and its graph are freed first, so memory
         # holds what the memory plan of this shape counts.
-        self._drop_graphs()
-        self._static = None
-        if self._store.cuda:
-            torch.cuda.synchronize(self.device)  # host sync: the old cache may still be read
-            torch.cuda.empty_cache()
+        self._release_static()
         d = self.device
         self._static = _Static(
             key=key,
@@ -237,6 +236,14 @@ class NativeEngine:
         st.graph.replay()
         self._store.after_replay()
 
+    def _release_static(self) -> None:
+        self._drop_graphs()
+        if self._static is not None and self._store.cuda:
+            torch.cuda.synchronize(self.device)  # host sync: the old cache may still be read
+        self._static = None
+        if self._store.cuda:
+            torch.cuda.empty_cache()
+
     def _drop_graphs(self) -> None:
         if self._static is not None:
             if self._static.graph is not None and self._store.cuda:
@@ -261,6 +268,8 @@ class NativeEngine:
         activations = plan.prefill_bytes(spec, dtype, batch, isl)
         if self.cuda_graphs:  # the graph's pool stays held while prefill runs
             activations += plan.decode_pool_bytes(spec, dtype, batch)
+        if store.cuda:  # the caching allocator's split blocks around the temporaries
+            activations = int(activations * plan.FRAGMENTATION)
         return MemoryPlan(
             resident_weights=resident,
             streaming_scratch=scratch,
@@ -293,8 +302,7 @@ class NativeEngine:
         }
 
     def close(self) -> None:
-        self._drop_graphs()
-        self._static = None
+        self._release_static()
         self._store.close()
         if self._store.cuda:
             torch.cuda.empty_cache()
