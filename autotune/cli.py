@@ -42,7 +42,10 @@ def _main(
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not debug:
-        warnings.filterwarnings("ignore", module="optuna")
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
@@ -60,6 +63,13 @@ def _resolve_model(model: str, device: str) -> str:
     chosen = "tiny-llama" if device == "cpu" else "llama2-7b"
     err.print(f"--model auto: {chosen} ({'no GPU here: a CPU demo' if device == 'cpu' else 'GPU'})")
     return chosen
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    """auto: float16 on a GPU; float32 on CPU, where half precision is slow and inexact."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "float16"
 
 
 def _memory(text: str | None, what: str) -> int | None:
@@ -103,7 +113,8 @@ def run(
     study: str | None = typer.Option(None, help="Study name (default: from the workload)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
     gpus: str | None = typer.Option(None, help="GPU indices, one worker each: 0,1,2"),
-    dtype: str = typer.Option("float16", help="float16, bfloat16 or float32."),
+    dtype: str = typer.Option("auto", help="float16, bfloat16, float32; auto: float16 on "
+                              "a GPU, float32 on CPU."),
     seed: int = typer.Option(0, help="Seed of the sampler, the weights and the prompts."),
     weights: str | None = typer.Option(None, help="Local Hugging Face checkpoint dir."),
     repeats: int = typer.Option(3, help="Timed repeats per trial (median reported)."),
@@ -118,6 +129,7 @@ def run(
 
     device = _resolve_device(device)
     model = _resolve_model(model, device)
+    dtype = _resolve_dtype(dtype, device)
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl,
         gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"), max_batch=max_batch,
@@ -169,7 +181,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
         a = t.user_attrs
         table.add_row(
             str(t.number), str(a.get("batch", "")),
-            f"{a['budget_pct']:.0f}% {a['budget_gib']:.2f}G" if "budget_pct" in a else "",
+            f"{a['budget_pct']:.0f}% {format_bytes(a['budget_bytes'])}" if "budget_pct" in a else "",
             a.get("status", t.state.name.lower()),
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
             f"{a['ttft_ms']:.1f}" if "ttft_ms" in a else "",
@@ -207,7 +219,7 @@ def bench(
     engine: str = typer.Option("native"),
     isl: int = typer.Option(128),
     osl: int = typer.Option(256),
-    dtype: str = typer.Option("float16"),
+    dtype: str = typer.Option("auto", help="float16, bfloat16, float32, or auto."),
     device: str = typer.Option("auto"),
     gpu_memory_limit: str | None = typer.Option(None),
     weights: str | None = typer.Option(None),
@@ -219,13 +231,15 @@ def bench(
     """Measure one configuration (prints a SHA-256 of the generated token ids)."""
     from autotune.bench import run_bench
 
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
     if (budget is None) == (budget_fraction is None):
         raise UserInputError("bench: give exactly one of --budget BYTES or --budget-fraction F")
     if budget_fraction is not None and not 0.0 <= budget_fraction <= 1.0:
         raise UserInputError(f"--budget-fraction: expected 0..1; got {budget_fraction}")
     result = run_bench(
         model=model, engine=engine, batch=batch, isl=isl, osl=osl, dtype=dtype,
-        device=_resolve_device(device), seed=seed, weights=weights, repeats=repeats,
+        device=device, seed=seed, weights=weights, repeats=repeats,
         warmup=warmup, gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
         budget=None if budget is None else _budget_bytes(budget),
         budget_fraction=budget_fraction,
