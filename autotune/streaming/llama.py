@@ -7,7 +7,9 @@ has static shapes and reads its position from a device tensor: a CUDA graph can 
 Each unit's weights come from ``store.acquire`` / ``store.release``, which stream them.
 
 The arithmetic follows ``transformers``' LlamaForCausalLM (float32 RMSNorm, rotary tables in
-float32 cast to the model dtype), so float32 greedy tokens equal its tokens. This module holds
+float32 cast to the model dtype), so float32 greedy tokens equal its tokens; a few steps are
+fused to cut the kernels of a decode step (which bound batch-1 speed even under a CUDA graph):
+the fused RMSNorm kernel, q and k rotated in one pass, residual adds inside the output GEMMs. This module holds
 no generation loop and no CUDA graph: :mod:`autotune.engines.native` does.
 """
 
@@ -37,9 +39,15 @@ class KVCache:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    """One fused kernel on CUDA (float32 inside); transformers rounds the normalized value
+    before scaling by the weight, which differs only in the last bit."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _linear_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x + y @ weight.T`` as one GEMM (the residual enters as its C operand)."""
+    out = torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), weight.t())
+    return out.view(x.shape)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,12 +119,14 @@ class Llama:
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         h = rms_norm(x, w["norm"], self.eps)
         if "qkv" in w:
-            q, k, v = F.linear(h, w["qkv"]).split([nh * d, nkv * d, nkv * d], dim=-1)
+            qk, v = F.linear(h, w["qkv"]).split([(nh + nkv) * d, nkv * d], dim=-1)
         else:
-            q, k, v = F.linear(h, w["q"]), F.linear(h, w["k"]), F.linear(h, w["v"])
+            qk = torch.cat([F.linear(h, w["q"]), F.linear(h, w["k"])], dim=-1)
+            v = F.linear(h, w["v"])
         del h
-        q = apply_rope(q.view(b, s, nh, d).transpose(1, 2), cos, sin)  # [B, H, S, d]
-        k = apply_rope(k.view(b, s, nkv, d).transpose(1, 2), cos, sin)  # [B, KV, S, d]
+        # q and k rotated together: [B, H + KV, S, d], one set of rotary kernels.
+        qk = apply_rope(qk.view(b, s, nh + nkv, d).transpose(1, 2), cos, sin)
+        q, k = qk[:, :nh], qk[:, nh:]  # [B, H, S, d], [B, KV, S, d]
         v = v.view(b, s, nkv, d).transpose(1, 2)
         kc, vc = cache.k[layer], cache.v[layer]
         extra = {"enable_gqa": True} if self.gqa else {}
@@ -129,7 +139,7 @@ class Llama:
             vc.index_copy_(2, pos, v)
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)
         o = o.transpose(1, 2).reshape(b, s, nh * d)
-        return x + F.linear(o, w["o"])
+        return _linear_add(x, o, w["o"])
 
     def _mlp(self, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
         h = rms_norm(x, w["norm"], self.eps)
@@ -140,4 +150,4 @@ class Llama:
         del h
         y = F.silu(g).mul_(u)  # in place: one [B, S, I] temporary fewer
         del g, u
-        return x + F.linear(y, w["down"])
+        return _linear_add(x, y, w["down"])

@@ -50,17 +50,17 @@ def _forward_peak(spec: ModelSpec, dtype: str, batch: int, tokens: int) -> int:
     """Transient peak of one forward pass over ``tokens`` positions per sequence (bytes).
 
     The larger of the two blocks. MLP: the residual [T, h], gate|up [T, 2I] and silu(gate)
-    [T, I] (multiplied in place). Attention: the residual, the fused qkv [T, h + 2kv], rotated
-    q and k, and two [T, h] rotary temporaries. Then the logits [B, V] of the last position.
+    [T, I] (multiplied in place). Attention: the residual, the fused qkv [T, h + 2kv], and
+    rotated q|k with two rotary temporaries [T, h + kv]. Then the logits [B, V] of the last
+    position.
     """
     b = dtype_bytes(dtype)
     t = batch * tokens
     h, i = spec.hidden_size, spec.intermediate_size
     kv = spec.num_key_value_heads * spec.head_dim
     mlp = [t * h * b, t * 2 * i * b, t * i * b]
-    attn = [t * h * b, t * (h + 2 * kv) * b, t * h * b, t * kv * b, 2 * t * h * b]
-    norm = [t * h * b, 2 * t * h * 4]  # the float32 copies inside RMSNorm
-    peak = max(sum(alloc_size(n) for n in part) for part in (mlp, attn, norm))
+    attn = [t * h * b, t * (h + 2 * kv) * b] + [t * (h + kv) * b] * 3
+    peak = max(sum(alloc_size(n) for n in part) for part in (mlp, attn))
     logits = 2 * alloc_size(batch * spec.vocab_size * b)
     return peak + logits
 
