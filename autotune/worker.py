@@ -28,6 +28,7 @@ from typing import Any
 from autotune.engines import EngineConfig
 from autotune.errors import AutotuneError, WorkerError
 from autotune.memory import DEFAULT_MARGIN
+from autotune.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,9 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
     if available is not None and plan.total > available:
         outcome.status = "infeasible"
         outcome.reason = (
-            f"predicted peak {plan.total} B exceeds the {available} B available "
-            f"(free memory and --gpu-memory-limit, minus a {request.margin_bytes} B margin)"
+            f"predicted peak {format_bytes(plan.total)} exceeds the {format_bytes(available)} "
+            f"available (free memory and --gpu-memory-limit, minus a "
+            f"{format_bytes(request.margin_bytes)} margin)"
         )
         return outcome
     try:
@@ -161,6 +163,24 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else repr(e)
+
+
+def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int,
+                 margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
+    """Memory plans of many (batch, budget) pairs in one round trip, and the headroom now."""
+    totals = [engine.memory_plan(b, isl, osl, budget).total for b, budget in configs]
+    return {"totals": totals, "available": _available_bytes(engine.config, margin)}
+
+
+def calibrate(engine: Any) -> dict[str, Any]:
+    """The compute side of the prior's hardware measurements (see autotune.prior)."""
+    from autotune.prior import measure_compute
+
+    return measure_compute(engine)
+
+
+# Short requests answered between trials: op -> function(engine, *payload).
+_QUERIES = {"plan": plan_configs, "calibrate": calibrate}
 
 
 def describe_environment(config: EngineConfig) -> dict[str, Any]:
@@ -233,6 +253,11 @@ def _serve(conn: Any, config: EngineConfig) -> None:
             break
         if op == "trial":
             conn.send(("outcome", run_trial(engine, payload)))
+        elif op in _QUERIES:
+            try:
+                conn.send(("answer", _QUERIES[op](engine, *payload)))
+            except Exception as e:  # the parent decides; the worker goes on
+                conn.send(("error", f"{type(e).__name__}: {_first_line(e)}"))
         else:
             conn.send(("error", f"unknown op {op!r}"))
     engine.close()
@@ -310,6 +335,25 @@ class Worker:
         outcome.elapsed_s = elapsed
         self._proc = None
         return outcome
+
+    def plan(self, configs: list[tuple[int, int]], isl: int, osl: int,
+             margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
+        """Memory plans of many configurations and the headroom (see :func:`plan_configs`)."""
+        return self._query("plan", (configs, isl, osl, margin))
+
+    def calibrate(self) -> dict[str, Any]:
+        """Times the model's matmuls in the worker (see :func:`autotune.prior.measure_compute`)."""
+        return self._query("calibrate", ())
+
+    def _query(self, op: str, payload: tuple[Any, ...]) -> Any:
+        if self._proc is None or not self._proc.is_alive():
+            self.restart()
+        self._conn.send((op, payload))
+        reply = self._receive(self.trial_timeout_s)
+        if reply is None or reply[0] != "answer":
+            what = reply[1] if reply is not None else self._death_reason()
+            raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")
+        return reply[1]
 
     def restart(self) -> None:
         self.stop()
