@@ -309,6 +309,22 @@ def dashboard(
     serve(storage, host=host, port=port, log=err.print)
 
 
+@app.command()
+def report(
+    storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
+    study: str | None = typer.Option(None, help="Study name (default: the only one)."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for the PNGs and report.html."),
+) -> None:
+    """Draw a stored study: throughput landscape, Pareto front, progress (PNG + one HTML)."""
+    from autotune.report import write_report
+    from autotune.storage import load_study, open_storage
+
+    files = write_report(load_study(open_storage(storage, create=False), study), out_dir)
+    for path in files.pngs.values():
+        out.print(f"wrote {path}")
+    out.print(f"report written to {files.html}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Standalone mode: typer reports its own usage errors (exit code 2) and --help.

@@ -1,0 +1,415 @@
+"""Pictures of a stored study: the throughput landscape, the Pareto front, the search's progress.
+
+``write_report(study, out_dir)`` writes three PNGs and one self-contained HTML page (the images
+embedded as base64, no external file or script) that a person reads at a glance:
+
+- ``landscape.png``: throughput over batch (log2 axis) x device budget; feasible trials coloured
+  by throughput, infeasible / out-of-memory / failed trials marked, the best trial (which is
+  the recommendation) starred and the "if you can give N GiB" picks ringed;
+- ``pareto.png``: throughput against peak device memory, the Pareto front drawn through it;
+- ``progress.png``: each trial's throughput and the best so far against the trial number.
+
+The figure functions take :class:`TrialPoint` lists and return matplotlib ``Figure`` objects
+rendered with the Agg canvas (no pyplot, no global backend switch), so a notebook can reuse
+them. Budgets are the bytes actually applied where a trial ran (the engine rounds to its
+streaming unit), the requested bytes where it never ran. Peak memory is the measured peak where
+the engine measured one (CUDA), else the memory model's prediction.
+
+This module does not run trials or change the study; it reads it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune import recommend
+from autotune.errors import AutotuneError, NoCompletedTrialError
+from autotune.units import GiB, format_bytes
+
+FIGURES = ("landscape", "pareto", "progress")
+_FAILED = ("error", "crash", "timeout")
+_DPI = 110
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One finished trial, flattened for plotting."""
+
+    number: int
+    status: str  # ok | infeasible | oom | error | crash | timeout
+    batch: int
+    budget_pct: float  # % of the streamable weights kept resident
+    budget_bytes: int
+    throughput_tok_s: float | None  # ok trials only
+    peak_memory_bytes: int | None  # measured, else predicted
+    peak_measured: bool
+
+    @property
+    def feasible(self) -> bool:
+        return self.status == "ok" and self.throughput_tok_s is not None
+
+
+def points(study: Any) -> list[TrialPoint]:
+    """The study's finished trials (running ones have no outcome yet and are left out)."""
+    total = study.user_attrs.get("total_device_budget")
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if "status" not in a or "batch" not in a:
+            continue
+        budget = a.get("budget_applied_bytes", a["budget_bytes"])
+        pct = 100 * budget / total if total else a.get("budget_pct", 0.0)
+        measured = a.get("peak_reserved_bytes")
+        peak = measured or a.get("predicted_peak_bytes")
+        out.append(TrialPoint(
+            number=t.number, status=a["status"], batch=int(a["batch"]), budget_pct=pct,
+            budget_bytes=int(budget),
+            throughput_tok_s=a.get("throughput_tok_s") if a["status"] == "ok" else None,
+            peak_memory_bytes=int(peak) if peak else None, peak_measured=bool(measured),
+        ))
+    return out
+
+
+def recommendation(study: Any) -> dict[str, Any] | None:
+    """The study's recommendation (:func:`autotune.recommend.build`), None before any
+    feasible trial."""
+    try:
+        return recommend.build(study)
+    except NoCompletedTrialError:
+        return None
+
+
+def _mpl() -> Any:
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise AutotuneError(
+            "autotune report needs matplotlib: pip install 'matplotlib>=3.7'") from e
+    return matplotlib
+
+
+def _figure(width: float = 8.0, height: float = 5.2) -> Any:
+    _mpl()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _subtitle(study: Any) -> str:
+    w = study.user_attrs.get("workload", {})
+    if not w:
+        return study.study_name
+    limit = w.get("gpu_memory_limit")
+    return (f"{w.get('model')} on {w.get('gpu')} ({w.get('engine')} engine, {w.get('dtype')}), "
+            f"isl {w.get('isl')}, osl {w.get('osl')}, "
+            f"memory limit {format_bytes(limit) if limit else 'none'}")
+
+
+def _best(pts: list[TrialPoint], rec: dict[str, Any] | None) -> TrialPoint | None:
+    if rec is None:
+        return None
+    return next((p for p in pts if p.number == rec["best"]["trial"]), None)
+
+
+def _picks(pts: list[TrialPoint], rec: dict[str, Any] | None) -> list[tuple[int, TrialPoint]]:
+    """(memory_gib, point) of each "if you can give N GiB" row."""
+    if rec is None:
+        return []
+    by_number = {p.number: p for p in pts}
+    return [(row["memory_gib"], by_number[row["trial"]]) for row in rec["if_you_can_give"]
+            if row["trial"] in by_number]
+
+
+def _unit(largest: float) -> tuple[str, int]:
+    """GiB for GPU-sized figures, MiB for the tiny CPU model."""
+    return ("GiB", GiB) if largest >= GiB else ("MiB", 2**20)
+
+
+def _log2_batch_axis(ax: Any, batches: list[int]) -> None:
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    top = max(batches + [1])
+    ticks = [2**k for k in range(0, top.bit_length() + 1)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(0.8, 2 ** (top.bit_length()) * 1.1)
+
+
+def _mark_failures(ax: Any, pts: list[TrialPoint], x: Any, y: Any) -> None:
+    """Infeasible, OOM and failed trials, each with its own marker and legend entry."""
+    styles = {
+        "infeasible": dict(marker="x", color="#d62728", s=46, linewidths=1.6,
+                           label="infeasible (predicted not to fit; not run)"),
+        "oom": dict(marker="v", color="#8c1010", s=46, label="out of memory"),
+        "failed": dict(marker="s", facecolors="none", edgecolors="#7f7f7f", s=40,
+                       label="failed (error, crash or timeout)"),
+    }
+    for kind, style in styles.items():
+        sel = [p for p in pts if (p.status in _FAILED if kind == "failed" else p.status == kind)]
+        if sel:
+            ax.scatter([x(p) for p in sel], [y(p) for p in sel], zorder=3, **style)
+
+
+def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
+                     subtitle: str = "", total_budget: int | None = None) -> Any:
+    """Throughput over batch (log2) x device budget (% of streamable weights)."""
+    fig = _figure(8.6, 5.6)
+    ax = fig.add_subplot()
+    ok = [p for p in pts if p.feasible]
+    if ok:
+        sc = ax.scatter([p.batch for p in ok], [p.budget_pct for p in ok],
+                        c=[p.throughput_tok_s for p in ok], cmap="viridis", s=70,
+                        edgecolors="black", linewidths=0.4, zorder=2)
+        fig.colorbar(sc, ax=ax, label="throughput (tokens/s)", pad=0.02)
+        ax.scatter([], [], color="#9e9e9e", edgecolors="black", linewidths=0.4, s=70,
+                   label="measured trial (colour: throughput)")
+    _mark_failures(ax, pts, lambda p: p.batch, lambda p: p.budget_pct)
+    for gib, p in _picks(pts, rec):
+        ax.scatter([p.batch], [p.budget_pct], s=230, facecolors="none", edgecolors="#ff7f0e",
+                   linewidths=1.8, zorder=4)
+        ax.annotate(f"≤ {gib} GiB", (p.batch, p.budget_pct), textcoords="offset points",
+                    xytext=(9, -13), fontsize=8, color="#c05a00")
+    best = _best(pts, rec)
+    if best is not None:
+        ax.scatter([best.batch], [best.budget_pct], marker="*", s=420, color="#ffd700",
+                   edgecolors="black", linewidths=1.0, zorder=5,
+                   label=f"best = recommendation (#{best.number}): batch {best.batch}, "
+                         f"budget {best.budget_pct:.0f}%, {best.throughput_tok_s:,.0f} tok/s")
+    if _picks(pts, rec):
+        ax.scatter([], [], s=120, facecolors="none", edgecolors="#ff7f0e", linewidths=1.8,
+                   label='"if you can give N GiB" picks')
+    _log2_batch_axis(ax, [p.batch for p in pts])
+    ax.set_ylim(-4, 104)
+    ax.set_xlabel("batch size (sequences, log2 scale)")
+    ax.set_ylabel("device budget (% of streamable weights resident)")
+    if total_budget:
+        name, scale = _unit(total_budget)
+        ax.secondary_yaxis("right", functions=(
+            lambda pct: pct * total_budget / 100 / scale,
+            lambda v: v * scale * 100 / total_budget,
+        ))
+        ax.text(1.0, 1.01, f"{name} resident (of {format_bytes(total_budget)})",
+                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#444")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.set_title("Throughput over batch size x weight-streaming budget", fontsize=12, loc="left")
+    fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8,
+                  frameon=False)
+    _empty_note(ax, pts)
+    return fig
+
+
+def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
+                  subtitle: str = "", memory_limit: int | None = None) -> Any:
+    """Throughput against peak device memory, with the Pareto front."""
+    fig = _figure(8.6, 5.6)
+    ax = fig.add_subplot()
+    ok = [p for p in pts if p.feasible and p.peak_memory_bytes is not None]
+    measured = bool(ok) and all(p.peak_measured for p in ok)
+    top = max([p.peak_memory_bytes for p in ok] + [1])
+    unit, scale = _unit(top)
+
+    def mem(p: TrialPoint) -> float:
+        return p.peak_memory_bytes / scale
+
+    if ok:
+        ax.scatter([mem(p) for p in ok], [p.throughput_tok_s for p in ok],
+                   color="#9e9e9e", s=36, zorder=2, label="measured trial")
+    by_number = {p.number: p for p in ok}
+    front = [by_number[c["trial"]] for c in (rec["pareto_front"] if rec else [])
+             if c["trial"] in by_number]
+    best = _best(pts, rec)
+    if front:
+        xs, ys = [mem(p) for p in front], [p.throughput_tok_s for p in front]
+        ax.step(xs, ys, where="post", color="#ff7f0e", linewidth=1.6, zorder=3)
+        ax.scatter(xs, ys, color="#ff7f0e", edgecolors="black", linewidths=0.5, s=60, zorder=4,
+                   label="Pareto front (no trial is faster for less memory)")
+        # Label the front with batch and budget, skipping points too close to the last label.
+        span_x, span_y = max(xs) - min(xs) or 1.0, max(ys) - min(ys) or 1.0
+        last = None
+        for p in reversed(front):
+            x, y = mem(p), p.throughput_tok_s
+            if last and abs(x - last[0]) < 0.06 * span_x and abs(y - last[1]) < 0.06 * span_y:
+                continue
+            last = (x, y)
+            above = best is not None and p.number == best.number
+            ax.annotate(f"b{p.batch}, {p.budget_pct:.0f}%", (x, y), textcoords="offset points",
+                        xytext=(-8, 10) if above else (6, -11), ha="right" if above else "left",
+                        fontsize=7.5, color="#333")
+    if best is not None and best.peak_memory_bytes is not None:
+        ax.scatter([mem(best)], [best.throughput_tok_s], marker="*", s=420,
+                   color="#ffd700", edgecolors="black", linewidths=1.0, zorder=5,
+                   label=f"best = recommendation (#{best.number}): "
+                         f"{best.throughput_tok_s:,.0f} tok/s at {mem(best):.2f} {unit}")
+    if memory_limit and memory_limit <= 1.5 * top:
+        ax.axvline(memory_limit / scale, color="#d62728", linestyle="--", linewidth=1.2,
+                   label=f"memory limit ({format_bytes(memory_limit)})")
+    elif memory_limit:  # far right of every trial: say so rather than squash the points
+        ax.plot([], [], color="#d62728", linestyle="--",
+                label=f"memory limit ({format_bytes(memory_limit)}, off the right edge)")
+    ax.set_xlabel(f"peak device memory ({unit}, " + ("measured)" if measured else
+                  "predicted by the memory model where not measured)"))
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.set_ylim(bottom=0, top=1.08 * max([p.throughput_tok_s for p in ok] + [1]))
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Throughput against peak device memory", fontsize=12, loc="left")
+    fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8,
+                  frameon=False)
+    _empty_note(ax, ok)
+    return fig
+
+
+def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
+    """Each trial's throughput (0 for infeasible/OOM, failed at 0 too) and the best so far."""
+    fig = _figure(8.6, 4.9)
+    ax = fig.add_subplot()
+    pts = sorted(pts, key=lambda p: p.number)
+    ok = [p for p in pts if p.feasible]
+    if ok:
+        ax.scatter([p.number for p in ok], [p.throughput_tok_s for p in ok], color="#1f77b4",
+                   s=26, alpha=0.7, zorder=2, label="trial throughput")
+    _mark_failures(ax, pts, lambda p: p.number, lambda p: 0.0)
+    xs, ys, best = [], [], None
+    for p in pts:
+        if p.feasible and (best is None or p.throughput_tok_s > best):
+            best = p.throughput_tok_s
+        if best is not None:
+            xs.append(p.number)
+            ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="#2ca02c", linewidth=2.0, zorder=3,
+                label=f"best so far (final {ys[-1]:,.0f} tok/s)")
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.set_ylim(bottom=-0.03 * (max(ys) if ys else 1))
+    ax.grid(True, alpha=0.3)
+    ax.set_title("Search progress: best throughput so far", fontsize=12, loc="left")
+    fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8,
+                  frameon=False)
+    _empty_note(ax, pts)
+    return fig
+
+
+def _empty_note(ax: Any, pts: list[Any]) -> None:
+    if not pts:
+        ax.text(0.5, 0.5, "no trial to show yet", transform=ax.transAxes, ha="center",
+                va="center", fontsize=12, color="#777")
+
+
+def figures(study: Any, rec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The three figures of a study, by name (``landscape``, ``pareto``, ``progress``)."""
+    pts = points(study)
+    if rec is None:
+        rec = recommendation(study)
+    sub = _subtitle(study)
+    limit = study.user_attrs.get("workload", {}).get("gpu_memory_limit")
+    return {
+        "landscape": figure_landscape(pts, rec, sub, study.user_attrs.get("total_device_budget")),
+        "pareto": figure_pareto(pts, rec, sub, limit),
+        "progress": figure_progress(pts, sub),
+    }
+
+
+def png_bytes(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    html: Path
+    pngs: dict[str, Path]
+
+
+def write_report(study: Any, out_dir: str | Path) -> ReportFiles:
+    """Writes ``<name>.png`` for each figure and ``report.html`` (self-contained) in out_dir."""
+    pts = points(study)
+    if not pts:
+        raise NoCompletedTrialError(
+            f"study {study.study_name} has no finished trial to draw yet; run some first "
+            "(autotune run ... --trials N)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rec = recommendation(study)
+    images, pngs = {}, {}
+    for name, fig in figures(study, rec).items():
+        images[name] = png_bytes(fig)
+        pngs[name] = out / f"{name}.png"
+        pngs[name].write_bytes(images[name])
+    page = out / "report.html"
+    page.write_text(_html(study, pts, rec, images), encoding="utf-8")
+    return ReportFiles(page, pngs)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:100%}
+code{background:#f3f3f3;padding:2px 4px}.sub{color:#555}"""
+
+
+def _html(study: Any, pts: list[TrialPoint], rec: dict[str, Any] | None,
+          images: dict[str, bytes]) -> str:
+    e = html.escape
+    counts: dict[str, int] = {}
+    for p in pts:
+        counts[p.status] = counts.get(p.status, 0) + 1
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>autotune report: {e(study.study_name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>autotune report: {e(study.study_name)}</h1>",
+        f'<p class="sub">{e(_subtitle(study))}. Trials: '
+        + ", ".join(f"{n} {e(s)}" for s, n in sorted(counts.items())) + ".</p>",
+    ]
+    if rec is None:
+        parts.append("<p><b>No feasible trial yet</b>: nothing to recommend.</p>")
+    else:
+        b = rec["best"]
+        total = rec.get("total_device_budget")
+        parts += [
+            "<h2>Recommendation</h2>",
+            f"<p>Batch <b>{b['batch']}</b>, device budget <b>{e(format_bytes(b['device_budget_bytes']))}</b>"
+            + (f" ({100 * b['device_budget_bytes'] / total:.0f}% of {e(format_bytes(total))})"
+               if total else "")
+            + f": <b>{b['throughput_tok_s']:,.1f} tokens/s</b> (trial #{b['trial']}"
+            + (f", peak memory {e(format_bytes(b['peak_memory_bytes']))}"
+               if b.get("peak_memory_bytes") else "")
+            + ").</p>",
+            f"<p>Reproduce: <code>{e(rec['reproduce'])}</code></p>",
+        ]
+        if rec["if_you_can_give"]:
+            parts.append('<table><tr><th>if you can give</th><th>trial</th><th>batch</th>'
+                         '<th>budget</th><th>tokens/s</th></tr>')
+            for row in rec["if_you_can_give"]:
+                parts.append(
+                    f"<tr><td>{row['memory_gib']} GiB</td><td>#{row['trial']}</td>"
+                    f"<td>{row['batch']}</td><td>{e(format_bytes(row['device_budget_bytes']))}"
+                    f"</td><td>{row['throughput_tok_s']:,.1f}</td></tr>")
+            parts.append("</table>")
+    captions = {
+        "landscape": "Throughput over batch size x device budget",
+        "pareto": "Throughput against peak device memory (Pareto front)",
+        "progress": "Search progress",
+    }
+    for name in FIGURES:
+        data = base64.b64encode(images[name]).decode("ascii")
+        parts.append(f"<h2>{captions[name]}</h2>"
+                     f'<img alt="{e(captions[name])}" src="data:image/png;base64,{data}">')
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
