@@ -27,14 +27,17 @@ _REQUIRED = ("schema_version", "kind", "study", "workload", "best", "pareto_fron
 _CONFIG_KEYS = ("batch", "device_budget_bytes", "budget_fraction", "throughput_tok_s")
 
 
-def _config(trial: Any) -> dict[str, Any]:
+def _config(trial: Any, total: int | None) -> dict[str, Any]:
     a = trial.user_attrs
     peak = a.get("peak_reserved_bytes") or a.get("predicted_peak_bytes")
+    applied = a.get("budget_applied_bytes", a["budget_bytes"])
+    # The fraction applied, not the one asked for: engines round budgets down to their units.
+    fraction = applied / total if total else trial.params.get("budget_fraction", 0.0)
     return {
         "trial": trial.number,
         "batch": a["batch"],
-        "device_budget_bytes": a.get("budget_applied_bytes", a["budget_bytes"]),
-        "budget_fraction": round(trial.params.get("budget_fraction", 0.0), 4),
+        "device_budget_bytes": applied,
+        "budget_fraction": round(fraction, 4),
         "throughput_tok_s": trial.value,
         "ttft_ms": a.get("ttft_ms"),
         "tpot_ms": a.get("tpot_ms"),
@@ -91,7 +94,7 @@ def build(study: Any) -> dict[str, Any]:
             f"study {study.study_name} has no completed feasible trial to recommend from; "
             "run more trials (autotune run ... --trials N) or relax the memory limit"
         )
-    configs = [_config(t) for t in feasible]
+    configs = [_config(t, study.user_attrs.get("total_device_budget")) for t in feasible]
     best = max(configs, key=lambda c: c["throughput_tok_s"])
     front = pareto_front(configs)
     attrs = study.user_attrs
