@@ -122,11 +122,30 @@ def run(
     out_file: Path | None = typer.Option(None, "--out", help="Recommendation JSON path."),
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="KEY=VALUE passed to the engine (repeatable)."),
+    max_tpot_ms: float | None = typer.Option(
+        None, help="Limit on time per output token (ms): a constraint, not the objective."),
+    max_ttft_ms: float | None = typer.Option(None, help="Limit on time to first token (ms)."),
+    max_latency_s: float | None = typer.Option(
+        None, help="Limit on end-to-end latency of a request (s)."),
+    sampler: str = typer.Option(
+        "autotune", help="autotune (the measured-hardware prior), tpe, random, gp, or grid "
+        "(batch powers of two and midpoints x budget in 10% steps: records a landscape)."),
+    landscape: Path | None = typer.Option(
+        None, help="Replay a recorded landscape (the landscape engine, on CPU, instantly)."),
 ) -> None:
     """Tune batch size x weight-streaming budget; resumes the study if it exists."""
     from autotune import recommend
     from autotune.study import RunOptions, run_study
 
+    if landscape is not None:  # shorthand for --engine landscape --engine-option landscape=F
+        engine = "landscape" if engine == "native" else engine
+        engine_option = [*engine_option, f"landscape={landscape}"]
+        device = "cpu" if device == "auto" else device
+        from autotune.landscape import read
+
+        recorded = read(landscape).workload
+        model = recorded.get("model", model) if model == "auto" else model
+        dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
     device = _resolve_device(device)
     model = _resolve_model(model, device)
     dtype = _resolve_dtype(dtype, device)
@@ -135,7 +154,8 @@ def run(
         gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"), max_batch=max_batch,
         storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
-        engine_options=_engine_options(engine_option),
+        engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,
+        max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,
     )
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
@@ -287,14 +307,30 @@ def show(
 def export(
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: the only one)."),
-    out_file: Path = typer.Option(..., "--out", help="Recommendation JSON path."),
+    out_file: Path | None = typer.Option(None, "--out", help="Recommendation JSON path."),
+    landscape: Path | None = typer.Option(
+        None, "--landscape", help="Also (or instead) write the study's grid as a landscape "
+        "file (a grid study: autotune run --sampler grid)."),
 ) -> None:
-    """Write the JSON recommendation of a stored study."""
+    """Write the JSON recommendation of a stored study, or its landscape."""
     from autotune import recommend
     from autotune.storage import load_study, open_storage
 
-    rec = recommend.build(load_study(open_storage(storage, create=False), study))
-    out.print(f"recommendation written to {recommend.write(rec, out_file)}")
+    if out_file is None and landscape is None:
+        raise UserInputError("export: give --out REC.json, --landscape FILE.json, or both")
+    stored = load_study(open_storage(storage, create=False), study)
+    if landscape is not None:
+        from autotune import landscape as landscape_mod
+
+        command = "autotune " + " ".join(sys.argv[1:]) if sys.argv else None
+        data = landscape_mod.from_study(stored, command=command)
+        ok = sum(p["status"] == "ok" for p in data["points"])
+        out.print(f"landscape written to {landscape_mod.write(data, landscape)} "
+                  f"({len(data['batches'])} batches x {len(data['budget_fractions'])} budgets, "
+                  f"{ok} measured)")
+    if out_file is not None:
+        rec = recommend.build(stored)
+        out.print(f"recommendation written to {recommend.write(rec, out_file)}")
 
 
 @app.command()

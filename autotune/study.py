@@ -24,6 +24,7 @@ from typing import Any
 from autotune.engines import EngineConfig, engine_class
 from autotune.errors import UserInputError
 from autotune.models import check_dtype, get_spec
+from autotune.prior import Limits
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
 from autotune.units import GiB
 from autotune.worker import TrialOutcome, TrialRequest, Worker, WorkerInfo
@@ -56,6 +57,11 @@ class RunOptions:
     warmup: int = 1
     trial_timeout_s: float = 900.0
     engine_options: tuple[tuple[str, Any], ...] = ()
+    # Latency limits (constraints; the objective stays throughput) and the search strategy.
+    max_tpot_ms: float | None = None
+    max_ttft_ms: float | None = None
+    max_latency_s: float | None = None
+    sampler: str = "autotune"
 
     def __post_init__(self) -> None:
         for name in ("trials", "isl", "osl", "max_batch", "repeats"):
@@ -71,6 +77,12 @@ class RunOptions:
             raise UserInputError(f"--gpu-memory-limit: expected a positive size; got "
                                  f"{self.gpu_memory_limit}")
         check_dtype(self.dtype)
+        self.limits  # noqa: B018  (validates the limits)
+        from autotune.search import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise UserInputError(f"--sampler: expected one of {', '.join(SAMPLERS)}; got "
+                                 f"{self.sampler!r}")
         get_spec(self.model, self.weights)  # unknown model / bad --weights fail here
         engine_class(self.engine)  # unknown engine fails here; missing extras fail at load
         parse_url(self.storage)
@@ -82,6 +94,10 @@ class RunOptions:
                 f"--isl {self.isl} + --osl {self.osl} exceeds {self.model}'s "
                 f"{spec.max_position_embeddings} positions"
             )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_tpot_ms, self.max_ttft_ms, self.max_latency_s)
 
     @property
     def devices(self) -> list[str]:
@@ -103,7 +119,7 @@ class RunOptions:
             "model": self.model, "engine": self.engine, "dtype": self.dtype, "isl": self.isl,
             "osl": self.osl, "gpu_memory_limit": self.gpu_memory_limit, "gpu": gpu_name,
             "max_batch": self.max_batch, "weights": self.weights, "repeats": self.repeats,
-            "warmup": self.warmup,
+            "warmup": self.warmup, "limits": self.limits.as_dict(), "sampler": self.sampler,
         }
 
 
@@ -111,8 +127,13 @@ def default_study_name(options: RunOptions, gpu_name: str) -> str:
     """Names the workload: model, engine, dtype, isl, osl, memory limit and GPU."""
     limit = f"{options.gpu_memory_limit / GiB:g}GiB" if options.gpu_memory_limit else "nolimit"
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
-    return (f"{options.model}-{options.engine}-{options.dtype}-isl{options.isl}-osl{options.osl}"
+    name = (f"{options.model}-{options.engine}-{options.dtype}-isl{options.isl}-osl{options.osl}"
             f"-{limit}-{gpu}")
+    # Limits change what is feasible: another limit is another study.
+    units = {"max_tpot_ms": "tpot{:g}ms", "max_ttft_ms": "ttft{:g}ms", "max_latency_s": "e2e{:g}s"}
+    for key, value in options.limits.as_dict().items():
+        name += "-" + units[key].format(value)
+    return name
 
 
 @dataclass
@@ -165,7 +186,9 @@ def create_or_load(options: RunOptions, gpu_name: str) -> Any:
 
     storage = open_storage(options.storage, create=True)
     name = options.study_name or default_study_name(options, gpu_name)
-    sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=5, multivariate=True)
+    from autotune.search import make_sampler
+
+    sampler = make_sampler(options.sampler, options.seed, options.max_batch)
     study = optuna.create_study(
         storage=storage, study_name=name, direction="maximize", sampler=sampler,
         load_if_exists=True,
@@ -183,7 +206,7 @@ def _finished(study: Any) -> int:
 
 
 def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
-           total: int, device: str) -> None:
+           total: int, device: str, limits: Limits | None = None) -> None:
     """Tells Optuna what a trial did, with every figure in the user attributes."""
     import optuna
 
@@ -191,14 +214,24 @@ def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
     attrs["worker_device"] = device
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
+    # Every completed trial carries every constraint of the study (the samplers need the same
+    # keys on each); latency limits are in their own unit, > 0 when violated.
+    latency = limits.violations(0.0, 0.0, 0.0) if limits is not None else {}
     if outcome.status == "ok":
         trial.set_constraint("memory_gib", 0.0)
-        study.tell(trial, outcome.measurement[OBJECTIVE])
+        m = outcome.measurement
+        if limits is not None:
+            latency = limits.violations(m["tpot_s"] * 1e3, m["ttft_s"] * 1e3, m["e2e_s"])
+        for key, value in latency.items():
+            trial.set_constraint(key, value)
+        study.tell(trial, m[OBJECTIVE])
     elif outcome.status in ("infeasible", "oom"):
         shortfall = 0.0
         if outcome.plan and outcome.available_bytes is not None:
             shortfall = (outcome.plan["total"] - outcome.available_bytes) / GiB
         trial.set_constraint("memory_gib", max(shortfall, 0.01))
+        for key in latency:  # unknown, never run: the memory constraint says why
+            trial.set_constraint(key, 0.0)
         study.tell(trial, 0.0)
     else:
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -271,8 +304,15 @@ def run_study(
             f"give --trials above that to run more"
         )
         return result
+    from autotune import search
+
+    size = search.grid_size(options.max_batch)
+    if options.sampler == "grid" and options.trials != size:
+        covers = "part of it" if options.trials < size else "it, then repeats points"
+        result.notes.append(f"the grid has {size} points; --trials {options.trials} covers "
+                            f"{covers}")
     lock = threading.Lock()
-    state = {"claimed": _finished(study), "ran": 0}
+    state: dict[str, Any] = {"claimed": _finished(study), "ran": 0}
     errors: list[BaseException] = []
 
     def claim() -> bool:
@@ -292,17 +332,26 @@ def run_study(
                         result.info = info
                         _record_study_attrs(study, options, gpu_name, info)
                 total = info.total_device_budget
+                with lock:  # one prior per run, measured by the first worker
+                    if "prior" not in state:
+                        state["prior"] = search.start_prior(
+                            study, worker, total=total, isl=options.isl, osl=options.osl,
+                            max_batch=options.max_batch, limits=options.limits,
+                            h2d_gb_s=info.environment.get("h2d_gb_s"))
+                        if state["prior"] is not None:
+                            result.notes.extend(state["prior"].notes())
+                prior = state["prior"]
                 while claim():
                     trial = study.ask()
-                    batch = trial.suggest_int("batch", 1, options.max_batch, log=True)
-                    fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
+                    batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = TrialRequest(
                         batch=batch, budget=int(round(fraction * total)), isl=options.isl,
                         osl=options.osl, repeats=options.repeats, warmup=options.warmup,
                         seed=options.seed,
                     )
                     outcome = worker.run(request)
-                    record(study, trial, request, outcome, total, device)
+                    record(study, trial, request, outcome, total, device, limits=options.limits)
+                    search.after_trial(study, prior)
                     with lock:
                         state["ran"] += 1
                         done = _finished(study)

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # How often the parent checks that a busy worker is still alive (seconds).
 _POLL_S = 0.2
+# The longest a plan or calibrate request may take (seconds).
+_QUERY_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,8 @@ class Worker:
         if self._proc is None or not self._proc.is_alive():
             self.restart()
         self._conn.send((op, payload))
-        reply = self._receive(self.trial_timeout_s)
+        # Short requests, but never judged by a tight trial timeout (a cold first matmul).
+        reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S))
         if reply is None or reply[0] != "answer":
             what = reply[1] if reply is not None else self._death_reason()
             raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")

@@ -61,7 +61,9 @@ def test_study_runs_records_and_resumes(storage_url: str) -> None:
 
 def test_memory_limit_records_infeasible_without_running(storage_url: str) -> None:
     # 64 MiB: nothing beyond a handful of sequences fits (16 MiB of KV cache each).
-    run_study(_options(storage_url, trials=8, gpu_memory_limit=400 * MiB, max_batch=256))
+    # TPE proposes what does not fit (autotune's sampler never does): the worker must refuse it.
+    run_study(_options(storage_url, trials=8, gpu_memory_limit=400 * MiB, max_batch=256,
+                       sampler="tpe"))
     study = _study(storage_url)
     infeasible = [t for t in study.trials if t.user_attrs["status"] == "infeasible"]
     ran = [t for t in study.trials if t.user_attrs["status"] == "ok"]

@@ -19,6 +19,7 @@ __all__ = [
 ENGINES: dict[str, str] = {
     "native": "autotune.engines.native:NativeEngine",
     "tensorrt": "autotune.engines.tensorrt:TensorRTEngine",
+    "landscape": "autotune.engines.landscape:LandscapeEngine",
 }
 
 

@@ -1,0 +1,345 @@
+"""Recorded landscapes: a grid of (batch, budget fraction) -> what the configuration did.
+
+A landscape file holds one workload's full grid (batch sizes x budget fractions), each point
+measured (throughput, TTFT, TPOT, peak memory, the memory plan's prediction), out of memory,
+predicted infeasible, or failed. It is read back by the ``landscape`` engine, which replays it
+on CPU in no time, so that searches can be benchmarked and tested without a GPU. Any grid study
+becomes one (``autotune export --landscape``, :func:`from_study`).
+
+Between grid points, figures are interpolated bilinearly in (log2 batch, budget fraction);
+a point is out of memory wherever a grid point with non-zero weight is (memory only grows with
+batch and budget, so the grid point "beyond" it decides). The maximum of a bilinear cell lies
+on its corners, so a landscape's best feasible point without limits is its best grid point.
+
+The format (``schema_version`` 1) is documented in the README. This module runs nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import SchemaError, UserInputError
+
+SCHEMA_VERSION = 1
+KIND = "autotune.landscape"
+STATUSES = ("ok", "oom", "infeasible", "error")
+FIGURES = ("throughput_tok_s", "ttft_ms", "tpot_ms", "peak_memory_bytes",
+           "streamed_bytes_per_step")
+_REQUIRED = ("schema_version", "kind", "workload", "total_device_budget", "batches",
+             "budget_fractions", "points")
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Point:
+    """What the landscape says of one configuration (a grid point or an interpolation)."""
+
+    batch: float
+    budget_fraction: float
+    status: str  # ok | oom | infeasible | error
+    predicted_peak_bytes: int | None
+    throughput_tok_s: float | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    streamed_bytes_per_step: int | None = None
+
+
+class Landscape:
+    """A validated landscape file in memory (see the module docstring)."""
+
+    def __init__(self, data: dict[str, Any], path: str | None = None) -> None:
+        self.data = validate(data, path or "landscape")
+        self.path = path
+        self.batches: list[int] = list(data["batches"])
+        self.fractions: list[float] = [float(f) for f in data["budget_fractions"]]
+        self._xs = [math.log2(b) for b in self.batches]
+        self._grid: dict[tuple[int, int], dict[str, Any]] = {}
+        for p in data["points"]:
+            i = self.batches.index(p["batch"])
+            j = _index_of(self.fractions, float(p["budget_fraction"]))
+            self._grid[(i, j)] = p
+
+    # -- facts ----------------------------------------------------------------------------
+
+    @property
+    def workload(self) -> dict[str, Any]:
+        return self.data["workload"]
+
+    @property
+    def isl(self) -> int:
+        return int(self.workload["isl"])
+
+    @property
+    def osl(self) -> int:
+        return int(self.workload["osl"])
+
+    @property
+    def total_device_budget(self) -> int:
+        return int(self.data["total_device_budget"])
+
+    @property
+    def available_bytes(self) -> int | None:
+        return self.data.get("available_bytes")
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        return self.data.get("calibration") or {}
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.data.get("synthetic", False))
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.path else self.workload.get("model", "landscape")
+
+    def grid_points(self) -> list[Point]:
+        return [self._point(self._grid[(i, j)]) for i in range(len(self.batches))
+                for j in range(len(self.fractions))]
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def at(self, batch: float, budget_fraction: float) -> Point:
+        """The landscape at any point of its grid's range (see the module docstring)."""
+        if not self.batches[0] <= batch <= self.batches[-1]:
+            raise UserInputError(
+                f"batch {batch}: the landscape covers {self.batches[0]}..{self.batches[-1]}; "
+                "give --max-batch within it")
+        if not self.fractions[0] - _EPS <= budget_fraction <= self.fractions[-1] + _EPS:
+            raise UserInputError(
+                f"budget fraction {budget_fraction}: the landscape covers "
+                f"{self.fractions[0]}..{self.fractions[-1]}")
+        i, wx = _cell(self._xs, math.log2(batch))
+        j, wy = _cell(self.fractions, budget_fraction)
+        corners = []  # (weight, grid point) with non-zero weight
+        for di, a in ((0, 1 - wx), (1, wx)):
+            for dj, c in ((0, 1 - wy), (1, wy)):
+                if a * c > _EPS:
+                    corners.append((a * c, self._grid[(i + di, j + dj)]))
+        predicted = _blend(corners, "predicted_peak_bytes")
+        statuses = {p["status"] for _, p in corners}
+        if "error" in statuses:
+            return Point(batch, budget_fraction, "error", _int(predicted))
+        if statuses & {"oom", "infeasible"}:
+            # Out of memory: the grid point beyond decides. Where the recording's plan already
+            # said "does not fit", the replayed plan says so too (a worker then skips it, as the
+            # recording's did); a measured OOM stays a surprise, as it was on the GPU.
+            beyond = [p["predicted_peak_bytes"] for _, p in corners
+                      if p["status"] == "infeasible" and p.get("predicted_peak_bytes")]
+            if beyond and predicted is not None:
+                predicted = max(predicted, min(beyond))
+            status = "infeasible" if beyond else "oom"
+            return Point(batch, budget_fraction, status, _int(predicted))
+        return Point(
+            batch, budget_fraction, "ok", _int(predicted),
+            throughput_tok_s=_blend(corners, "throughput_tok_s"),
+            ttft_ms=_blend(corners, "ttft_ms"),
+            tpot_ms=_blend(corners, "tpot_ms"),
+            peak_memory_bytes=_int(_blend(corners, "peak_memory_bytes")),
+            streamed_bytes_per_step=_int(_blend(corners, "streamed_bytes_per_step")),
+        )
+
+    def e2e_s(self, p: Point) -> float:
+        assert p.ttft_ms is not None and p.tpot_ms is not None
+        return p.ttft_ms / 1e3 + (self.osl - 1) * p.tpot_ms / 1e3
+
+    def meets(self, p: Point, limits: Any) -> bool:
+        """Whether a measured point meets latency limits (an object with max_tpot_ms,
+        max_ttft_ms, max_latency_s, any of them None)."""
+        if p.status != "ok":
+            return False
+        if limits is None:
+            return True
+        if limits.max_tpot_ms is not None and p.tpot_ms > limits.max_tpot_ms:
+            return False
+        if limits.max_ttft_ms is not None and p.ttft_ms > limits.max_ttft_ms:
+            return False
+        return not (limits.max_latency_s is not None and self.e2e_s(p) > limits.max_latency_s)
+
+    def best(self, limits: Any = None) -> Point | None:
+        """The best grid point that ran and meets the limits (the benchmark's reference)."""
+        ok = [p for p in self.grid_points() if self.meets(p, limits)]
+        return max(ok, key=lambda p: p.throughput_tok_s) if ok else None
+
+    def _point(self, p: dict[str, Any]) -> Point:
+        return Point(p["batch"], float(p["budget_fraction"]), p["status"],
+                     p.get("predicted_peak_bytes"),
+                     **{k: p.get(k) for k in FIGURES})
+
+
+def _index_of(values: list[float], x: float) -> int:
+    for k, v in enumerate(values):
+        if abs(v - x) < 1e-6:
+            return k
+    raise SchemaError(f"budget fraction {x} is not one of the grid's {values}")
+
+
+def _cell(xs: list[float], x: float) -> tuple[int, float]:
+    """The grid interval holding x and x's weight towards its upper end."""
+    if len(xs) == 1:
+        return 0, 0.0
+    i = min(max(bisect.bisect_right(xs, x) - 1, 0), len(xs) - 2)
+    w = (x - xs[i]) / (xs[i + 1] - xs[i])
+    return i, min(max(w, 0.0), 1.0)
+
+
+def _blend(corners: list[tuple[float, dict[str, Any]]], key: str) -> float | None:
+    values = [(w, p.get(key)) for w, p in corners]
+    if any(v is None for _, v in values):
+        return None
+    total = sum(w for w, _ in values)
+    return sum(w * v for w, v in values) / total
+
+
+def _int(x: float | None) -> int | None:
+    return None if x is None else int(round(x))
+
+
+# ------------------------------------------------------------------------------------------
+# Reading, writing, checking
+
+
+def validate(data: Any, where: str = "landscape") -> dict[str, Any]:
+    """Checks a landscape's structure; SchemaError says what is wrong."""
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: a landscape is a JSON object; got {type(data).__name__}")
+    if data.get("kind") != KIND:
+        raise SchemaError(f"{where}: not an autotune landscape (kind {data.get('kind')!r})")
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise SchemaError(f"{where}: schema_version {data.get('schema_version')!r} is not "
+                          f"supported; this autotune reads version {SCHEMA_VERSION}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise SchemaError(f"{where}: lacks {', '.join(missing)}")
+    batches, fractions = data["batches"], data["budget_fractions"]
+    if not batches or batches != sorted(set(batches)) or batches[0] < 1:
+        raise SchemaError(f"{where}: batches must be increasing positive integers")
+    if not fractions or fractions != sorted(set(fractions)) or not (
+            0.0 <= fractions[0] and fractions[-1] <= 1.0):
+        raise SchemaError(f"{where}: budget_fractions must be increasing, within 0..1")
+    seen = set()
+    for p in data["points"]:
+        if p.get("status") not in STATUSES:
+            raise SchemaError(f"{where}: point {p.get('batch')}, {p.get('budget_fraction')}: "
+                              f"status must be one of {', '.join(STATUSES)}")
+        if p["status"] == "ok" and any(p.get(k) is None for k in FIGURES[:3]):
+            raise SchemaError(f"{where}: ok point {p['batch']}, {p['budget_fraction']} lacks "
+                              "throughput_tok_s, ttft_ms or tpot_ms")
+        if p.get("batch") not in batches:
+            raise SchemaError(f"{where}: point batch {p.get('batch')} is not in batches")
+        seen.add((p["batch"], _index_of([float(f) for f in fractions],
+                                        float(p["budget_fraction"]))))
+    expected = len(batches) * len(fractions)
+    if len(seen) != expected or len(data["points"]) != expected:
+        raise SchemaError(f"{where}: expected one point per grid node ({expected}); got "
+                          f"{len(data['points'])} points for {len(seen)} nodes")
+    return data
+
+
+def read(path: str | Path) -> Landscape:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserInputError(f"cannot read landscape {path}: {e.strerror}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{path} is not valid JSON (truncated?): {e}") from e
+    return Landscape(data, str(path))
+
+
+def write(data: dict[str, Any], path: str | Path) -> Path:
+    """Writes atomically (temp file + rename) after checking the data."""
+    validate(data, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _status(attrs: dict[str, Any], state: str) -> str | None:
+    status = attrs.get("status")
+    if status in ("ok", "oom", "infeasible"):
+        return status
+    if status in ("error", "crash", "timeout") or state == "FAIL":
+        return "error"
+    return None
+
+
+def from_study(study: Any, command: str | None = None) -> dict[str, Any]:
+    """A landscape from a stored grid study (``autotune run --sampler grid``).
+
+    Every (batch, budget fraction) pair of the grid must have a finished trial; when one was
+    tried twice, a measured result wins over a failure, and the later over the earlier.
+    """
+    grid: dict[tuple[int, float], dict[str, Any]] = {}
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        status = _status(a, t.state.name)
+        if status is None or "batch" not in a or "budget_fraction" not in t.params:
+            continue
+        key = (int(a["batch"]), round(float(t.params["budget_fraction"]), 6))
+        point = {"batch": key[0], "budget_fraction": key[1], "status": status,
+                 "predicted_peak_bytes": a.get("predicted_peak_bytes"), "trial": t.number}
+        if status == "ok":
+            point.update({
+                "throughput_tok_s": a.get("throughput_tok_s"), "ttft_ms": a.get("ttft_ms"),
+                "tpot_ms": a.get("tpot_ms"),
+                "peak_memory_bytes": a.get("peak_reserved_bytes") or a.get("predicted_peak_bytes"),
+                "streamed_bytes_per_step": a.get("streamed_bytes_per_step"),
+            })
+        old = grid.get(key)
+        if old is None or status == "ok" or old["status"] != "ok":
+            grid[key] = point
+    if not grid:
+        raise UserInputError(f"study {study.study_name} has no finished trial to export")
+    batches = sorted({b for b, _ in grid})
+    fractions = sorted({f for _, f in grid})
+    missing = [(b, f) for b in batches for f in fractions if (b, f) not in grid]
+    if missing:
+        raise UserInputError(
+            f"study {study.study_name} is not a full grid: {len(missing)} of "
+            f"{len(batches) * len(fractions)} (batch, budget fraction) points have no finished "
+            f"trial (first: {missing[:3]}); record one with `autotune run --sampler grid` and "
+            "enough --trials")
+    attrs = study.user_attrs
+    available = [t.user_attrs["available_bytes"] for t in study.get_trials(deepcopy=False)
+                 if t.user_attrs.get("available_bytes") is not None]
+    environment = attrs.get("environment", {})
+    calibration = dict(attrs.get("calibration") or {})
+    if "h2d_gb_s" not in calibration and environment.get("h2d_gb_s"):
+        calibration["h2d_gb_s"] = environment["h2d_gb_s"]
+    data = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": KIND,
+        "synthetic": False,
+        "description": f"grid of study {study.study_name}",
+        "source": {"study": study.study_name, "storage": attrs.get("storage"),
+                   "command": command},
+        "workload": attrs.get("workload", {}),
+        "environment": environment,
+        "calibration": calibration,
+        "total_device_budget": attrs.get("total_device_budget"),
+        "available_bytes": min(available) if available else None,
+        "batches": batches,
+        "budget_fractions": fractions,
+        "points": [grid[(b, f)] for b in batches for f in fractions],
+    }
+    return validate(data, f"study {study.study_name}")

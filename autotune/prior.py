@@ -1,0 +1,513 @@
+"""The prior: predicts every configuration from the measured hardware, and what to skip.
+
+At study start the worker measures the host-to-device bandwidth (the study's environment) and
+the time of one forward pass's matrix multiplies at a few row counts (:func:`measure_compute`,
+under a second), and plans the peak memory of every candidate (batch x budget fraction) in one
+round trip. From those, a step of decode takes ``max(streamed bytes / bandwidth, alpha + beta *
+batch)`` (copies overlap compute on the side stream) and prefill ``max(streamed / bandwidth,
+pi0 + pi1 * batch)``; throughput, TTFT, TPOT and end-to-end latency follow. After each trial
+the constants are refitted from the measured trials, and a local correction (measured over
+predicted, weighted by distance) makes the model agree with what it has seen.
+
+What it skips, and why that never skips the true optimum:
+
+- *cannot fit*: the engine's memory plan exceeds the headroom (the worker would refuse it
+  anyway), or it lies beyond a configuration that ran out of memory (memory grows with batch
+  and budget);
+- *cannot meet the limits* / *cannot win*: judged with **bounds**, not with the fitted model:
+  the link's measured bandwidth (x 1.15) and the measured matmul time (x 0.8) give the fastest
+  any configuration could possibly be. Physics, with slack for measurement noise, so a
+  configuration that really meets the limits or really beats the best measured one is kept.
+
+This module chooses points and predicts; it does not run trials or talk to Optuna's storage
+(:mod:`autotune.search` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from autotune.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+# Used only when the bandwidth was not measured (CPU studies): PCIe 4.0 x16 in practice.
+ASSUMED_H2D_GB_S = 25.0
+# Slack of the pruning bounds: the measured copy bandwidth can be beaten by ~10% in a noisy
+# measurement; the measured matmuls can be ~20% slower alone than inside a captured graph.
+BW_SLACK = 1.15
+COMPUTE_SLACK = 0.8
+FRACTION_STEP = 0.01
+# Trial statuses that are failures other than memory (the worker's classification).
+FAILED = ("error", "crash", "timeout", "fail")
+MAX_CANDIDATE_BATCHES = 400
+# Rows of the matmul calibration: decode runs ``batch`` rows, prefill ``batch * isl``.
+CALIBRATION_ROWS = (1, 8, 32, 128, 512, 2048)
+# Length scale of the local correction in the normalized (log2 batch, fraction) square.
+CORRECTION_SCALE = 0.08
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Latency limits of a study (None: no limit)."""
+
+    max_tpot_ms: float | None = None
+    max_ttft_ms: float | None = None
+    max_latency_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise UserInputError(f"--{name.replace('_', '-')}: expected a positive number; "
+                                     f"got {value!r}")
+
+    @property
+    def any(self) -> bool:
+        return any(v is not None for v in asdict(self).values())
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def violations(self, tpot_ms: float, ttft_ms: float, e2e_s: float) -> dict[str, float]:
+        """Constraint values (> 0: violated), in the limit's unit, keyed like the limits."""
+        out = {}
+        if self.max_tpot_ms is not None:
+            out["tpot_ms"] = tpot_ms - self.max_tpot_ms
+        if self.max_ttft_ms is not None:
+            out["ttft_ms"] = ttft_ms - self.max_ttft_ms
+        if self.max_latency_s is not None:
+            out["latency_s"] = e2e_s - self.max_latency_s
+        return out
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured hardware: the link and one forward pass's matmuls at a few row counts."""
+
+    h2d_gb_s: float | None
+    gemm_rows: tuple[int, ...]
+    gemm_s: tuple[float, ...]  # seconds of all layers' + the head's matmuls for that many rows
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(d.get("h2d_gb_s"), tuple(d.get("gemm_rows", ())),
+                   tuple(float(x) for x in d.get("gemm_s", ())))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"h2d_gb_s": self.h2d_gb_s, "gemm_rows": list(self.gemm_rows),
+                "gemm_s": list(self.gemm_s)}
+
+    def gemm(self, rows: np.ndarray | float) -> np.ndarray:
+        """Matmul time for ``rows`` (piecewise linear; linear beyond the last point)."""
+        r = np.asarray(rows, dtype=float)
+        if not self.gemm_rows:
+            return np.zeros_like(r)
+        xs, ys = np.array(self.gemm_rows, float), np.array(self.gemm_s, float)
+        out = np.interp(r, xs, ys)
+        if len(xs) >= 2:
+            slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0)
+            out = np.where(r > xs[-1], ys[-1] + slope * (r - xs[-1]), out)
+        return out
+
+
+def measure_compute(engine: Any, rows: tuple[int, ...] = CALIBRATION_ROWS,
+                    repeats: int = 3) -> dict[str, Any]:
+    """Times one forward pass's matmuls (all layers + LM head) at ``rows`` rows: in the worker.
+
+    An engine that knows better (a replay) answers with ``compute_calibration()``. The engine's
+    budget is set to 0 first, so that the matmuls' weights fit beside it; the next trial sets
+    its own budget anyway.
+    """
+    hook = getattr(engine, "compute_calibration", None)
+    if hook is not None:
+        return hook()
+    import torch
+
+    from autotune.models import torch_dtype
+
+    spec, device = engine.spec, engine.config.device
+    engine.device_budget = 0
+    dtype = torch_dtype(engine.config.dtype)
+    h, i = spec.hidden_size, spec.intermediate_size
+    kv = spec.num_key_value_heads * spec.head_dim
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> Any:
+        return (torch.rand(*shape, generator=gen) * 0.02).to(device=device, dtype=dtype)
+
+    # One layer's weights, reused for every layer: the time is the same, the memory is not.
+    layer = (rand(h, h + 2 * kv), rand(h, h), rand(h, 2 * i), rand(i, h))  # qkv, o, gate_up, down
+    head = rand(h, spec.vocab_size)
+
+    def forward(xh: Any, xi: Any) -> None:
+        qkv, o, gate_up, down = layer
+        for _ in range(spec.num_hidden_layers):
+            torch.mm(xh, qkv)
+            torch.mm(xh, o)
+            torch.mm(xh, gate_up)
+            torch.mm(xi, down)
+        torch.mm(xh[-1:], head)  # the LM head runs on the last position only
+
+    times = []
+    with torch.inference_mode():
+        for m in rows:
+            xh, xi = rand(m, h), rand(m, i)  # [m, hidden], [m, intermediate]
+            forward(xh, xi)  # warm-up: kernel selection, not counted
+            samples = []
+            for _ in range(repeats):
+                engine.synchronize()  # the clock reads only this pass's work
+                t0 = time.perf_counter()
+                forward(xh, xi)
+                engine.synchronize()
+                samples.append(time.perf_counter() - t0)
+            times.append(statistics.median(samples))
+    return {"gemm_rows": list(rows), "gemm_s": times}
+
+
+@dataclass(frozen=True)
+class Observation:
+    """A finished trial as the prior sees it."""
+
+    batch: int
+    fraction: float
+    status: str  # ok | infeasible | oom | error | ...
+    throughput: float | None = None  # tok/s
+    tpot_s: float | None = None
+    ttft_s: float | None = None
+    streamed: float | None = None  # bytes per step
+    feasible: bool = False  # ran and met every constraint
+
+    @classmethod
+    def from_trial(cls, t: Any) -> Observation | None:
+        a, params = t.user_attrs, t.params
+        if "batch" not in params or "budget_fraction" not in params:
+            return None
+        batch, fraction = int(params["batch"]), float(params["budget_fraction"])
+        status = a.get("status", t.state.name.lower())  # "running": asked, not finished
+        if status != "ok" or "tpot_ms" not in a:
+            return cls(batch, fraction, status)
+        return cls(
+            batch, fraction, "ok",
+            throughput=float(a["throughput_tok_s"]), tpot_s=a["tpot_ms"] / 1e3,
+            ttft_s=a["ttft_ms"] / 1e3, streamed=float(a.get("streamed_bytes_per_step") or 0),
+            feasible=all(v <= 0 for v in t.constraints.values()),
+        )
+
+
+@dataclass
+class Constants:
+    """The model's constants (seconds, bytes/s); refitted after each trial."""
+
+    bw: float  # streaming bandwidth, bytes/s
+    alpha: float  # decode step compute at batch 0, s
+    beta: float  # ... per sequence, s
+    pi0: float  # prefill compute at batch 0, s
+    pi1: float  # ... per sequence, s
+    error: float = 0.05  # relative error of the latest fit on the measured trials
+    fitted_on: int = 0
+
+
+class Prior:
+    """Predictions over the candidate grid, and the choice of the next configuration."""
+
+    def __init__(self, *, calibration: Calibration, plans: np.ndarray, available: int | None,
+                 total: int, isl: int, osl: int, max_batch: int, limits: Limits | None = None,
+                 batches: np.ndarray | None = None, fractions: np.ndarray | None = None) -> None:
+        self.calibration = calibration
+        self.batches = candidate_batches(max_batch) if batches is None else batches
+        self.fractions = candidate_fractions() if fractions is None else fractions
+        self.plans = np.asarray(plans, dtype=float)  # [nb, nf] predicted peak bytes
+        assert self.plans.shape == (len(self.batches), len(self.fractions))
+        self.available, self.total = available, total
+        self.isl, self.osl, self.max_batch = isl, osl, max_batch
+        self.limits = limits or Limits()
+        self._lock = threading.Lock()
+        self._b = self.batches.astype(float)[:, None]  # [nb, 1]
+        self._f = self.fractions.astype(float)[None, :]  # [1, nf]
+        self._streamed = total * (1.0 - self._f)  # [1, nf] bytes per step (units ignored)
+        self.fits = (self.plans <= available) if available is not None else np.ones(
+            self.plans.shape, dtype=bool)
+        self.measured_bw = calibration.h2d_gb_s is not None
+        bw = (calibration.h2d_gb_s or ASSUMED_H2D_GB_S) * 1e9
+        g = calibration.gemm
+        top = float(max(max_batch, 2))
+        beta = float((g(top) - g(1.0)) / (top - 1.0))
+        pi1 = float((g(top * isl) - g(float(isl))) / (top - 1.0))
+        self.initial = Constants(bw=bw, alpha=float(g(1.0)) - beta, beta=beta,
+                                 pi0=float(g(float(isl))) - pi1, pi1=pi1)
+        self.constants = Constants(**asdict(self.initial))
+        self._bounds = self._lower_bounds(bw)
+        self._correction: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- the model ------------------------------------------------------------------------
+
+    def predict(self, b: np.ndarray, f: np.ndarray, c: Constants | None = None
+                ) -> dict[str, np.ndarray]:
+        """Predicted figures (seconds, tok/s) at batches ``b`` and fractions ``f``."""
+        c = c or self.constants
+        stream = self.total * (1.0 - f) / c.bw
+        tpot = np.maximum(stream, c.alpha + c.beta * b)
+        ttft = np.maximum(stream, c.pi0 + c.pi1 * b)
+        e2e = ttft + (self.osl - 1) * tpot
+        return {"tpot_s": tpot, "ttft_s": ttft, "e2e_s": e2e, "throughput": b * self.osl / e2e}
+
+    def _lower_bounds(self, bw: float) -> dict[str, np.ndarray]:
+        """The fastest each candidate could possibly run (see the module docstring)."""
+        b, g = self._b, self.calibration.gemm
+        stream = self._streamed / (bw * BW_SLACK)
+        tpot = np.maximum(stream, COMPUTE_SLACK * g(b))
+        ttft = np.maximum(stream, COMPUTE_SLACK * g(b * self.isl))
+        e2e = ttft + (self.osl - 1) * tpot
+        return {"tpot_s": tpot, "ttft_s": ttft, "e2e_s": e2e, "throughput": b * self.osl / e2e}
+
+    def refit(self, obs: list[Observation]) -> Constants:
+        """Refits the constants on the measured trials (a few classification passes)."""
+        ok = [o for o in obs if o.status == "ok" and o.tpot_s]
+        c = Constants(**asdict(self.initial))
+        if not ok:
+            self.constants, self._correction = c, None
+            return c
+        b = np.array([o.batch for o in ok], float)
+        s = np.array([o.streamed for o in ok], float)
+        tpot = np.array([o.tpot_s for o in ok], float)
+        ttft = np.array([o.ttft_s for o in ok], float)
+        for _ in range(3):
+            c.bw = _fit_bandwidth(s, tpot, c.alpha + c.beta * b, c.bw)
+            c.alpha, c.beta = _fit_line(b, tpot, s / c.bw, c.alpha, c.beta)
+            c.pi0, c.pi1 = _fit_line(b, ttft, s / c.bw, c.pi0, c.pi1)
+        pred = self.predict(b, 1.0 - s / max(self.total, 1), c)
+        rel = np.concatenate([np.abs(pred["tpot_s"] / tpot - 1), np.abs(pred["ttft_s"] / ttft - 1)])
+        c.error = float(np.clip(rel.max(), 0.01, 0.15))
+        c.fitted_on = len(ok)
+        self.constants = c
+        # The local correction: measured over predicted at the measured points.
+        f = np.array([o.fraction for o in ok], float)
+        p = self.predict(b, f, c)
+        ratios = np.stack([np.array([o.throughput for o in ok]) / p["throughput"],
+                           tpot / p["tpot_s"], ttft / p["ttft_s"]])
+        self._correction = (np.stack([self._norm_b(b), f]), ratios)
+        return c
+
+    def _norm_b(self, b: np.ndarray) -> np.ndarray:
+        return np.log2(b) / max(math.log2(self.max_batch), 1.0)
+
+    def corrected(self) -> dict[str, np.ndarray]:
+        """The refitted model over the candidate grid, corrected near measured points."""
+        pred = self.predict(self._b, self._f)
+        if self._correction is None:
+            return pred
+        pts, ratios = self._correction
+        xb = self._norm_b(self._b)[..., None]  # [nb, 1, 1]
+        xf = self._f[..., None]  # [1, nf, 1]
+        d2 = (xb - pts[0]) ** 2 + (xf - pts[1]) ** 2  # [nb, nf, n]
+        w = np.exp(-d2 / CORRECTION_SCALE**2)
+        w0 = 0.05  # far from every measurement, trust the model
+        out = dict(pred)
+        for k, key in enumerate(("throughput", "tpot_s", "ttft_s")):
+            r = (w @ ratios[k] + w0) / (w.sum(axis=-1) + w0)
+            out[key] = pred[key] * r
+        out["e2e_s"] = out["ttft_s"] + (self.osl - 1) * out["tpot_s"]
+        return out
+
+    # -- what to skip ---------------------------------------------------------------------
+
+    def pruned(self, obs: list[Observation]) -> dict[str, np.ndarray]:
+        """Masks over the candidate grid: why each candidate is skipped (True: skipped)."""
+        lb, lim = self._bounds, self.limits
+        cannot_fit = ~self.fits
+        for o in obs:
+            if o.status in ("oom", "infeasible"):
+                # Memory grows with batch and budget: beyond a failure fails too.
+                beyond = (self._b >= o.batch) & (self._f >= o.fraction - 1e-9)
+                cannot_fit |= beyond
+                plan = self._plan_at(o.batch, o.fraction)
+                if plan is not None:
+                    cannot_fit |= self.plans >= plan
+        ok_batches = [o.batch for o in obs if o.status == "ok"]
+        for o in obs:
+            if o.status in FAILED:
+                # Not memory, so no plan says where it ends (nor at which budgets): bisect, in
+                # log batch, between the failure and the largest batch that ran below it.
+                below = max((b for b in ok_batches if b < o.batch), default=1)
+                cannot_fit |= self._b >= max(math.sqrt(below * o.batch), below + 1)
+                cannot_fit[self._index(o.batch, o.fraction)] = True
+        cannot_meet = np.zeros(self.plans.shape, dtype=bool)
+        if lim.max_tpot_ms is not None:
+            cannot_meet |= lb["tpot_s"] * 1e3 > lim.max_tpot_ms
+        if lim.max_ttft_ms is not None:
+            cannot_meet |= lb["ttft_s"] * 1e3 > lim.max_ttft_ms
+        if lim.max_latency_s is not None:
+            cannot_meet |= lb["e2e_s"] > lim.max_latency_s
+        best = max((o.throughput for o in obs if o.feasible), default=None)
+        cannot_win = (lb["throughput"] < best) if best is not None else np.zeros_like(cannot_meet)
+        return {"cannot_fit": cannot_fit, "cannot_meet": np.broadcast_to(
+            cannot_meet, self.plans.shape), "cannot_win": cannot_win}
+
+    def allowed(self, obs: list[Observation]) -> np.ndarray:
+        masks = self.pruned(obs)
+        return ~(masks["cannot_fit"] | masks["cannot_meet"] | masks["cannot_win"])
+
+    def _index(self, batch: float, fraction: float) -> tuple[int, int]:
+        i = int(np.argmin(np.abs(np.log2(self.batches) - math.log2(batch))))
+        j = int(np.argmin(np.abs(self.fractions - fraction)))
+        return i, j
+
+    def _plan_at(self, batch: float, fraction: float) -> float | None:
+        i, j = self._index(batch, fraction)
+        return float(self.plans[i, j])
+
+    # -- choosing -------------------------------------------------------------------------
+
+    def suggest(self, obs: list[Observation]) -> tuple[int, float] | None:
+        """The next configuration: the best predicted one that is allowed and untried."""
+        with self._lock:
+            self.refit(obs)
+            pred = self.corrected()
+            masks = self.pruned(obs)
+            untried = np.ones(self.plans.shape, dtype=bool)
+            for o in obs:  # never the same configuration twice
+                i, j = self._index(o.batch, o.fraction)
+                if self.batches[i] == o.batch and abs(self.fractions[j] - o.fraction) < 1e-9:
+                    untried[i, j] = False
+            allowed = untried & ~(masks["cannot_fit"] | masks["cannot_meet"]
+                                  | masks["cannot_win"])
+            if not allowed.any():
+                # Converged: nothing untried can win. Spend what is left of the budget on the
+                # runners-up that fit, never on what cannot fit.
+                allowed = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
+            if not allowed.any():
+                return None
+            # Aim inside the limits by the model's own recent error.
+            ratio = self._limit_ratio(pred) * (1.0 + self.constants.error)
+            meets = allowed & (ratio <= 1.0)
+            if meets.any():
+                score = np.where(meets, pred["throughput"], -np.inf)
+            else:  # nothing predicted to meet the limits: the nearest to meeting them
+                score = np.where(allowed, -ratio, -np.inf)
+            i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+            return int(self.batches[i]), float(round(self.fractions[j], 6))
+
+    def _limit_ratio(self, pred: dict[str, np.ndarray]) -> np.ndarray:
+        """Predicted figure over limit, the worst of the limits (<= 1: meets them)."""
+        lim = self.limits
+        ratio = np.zeros(self.plans.shape)
+        if lim.max_tpot_ms is not None:
+            ratio = np.maximum(ratio, pred["tpot_s"] * 1e3 / lim.max_tpot_ms)
+        if lim.max_ttft_ms is not None:
+            ratio = np.maximum(ratio, pred["ttft_s"] * 1e3 / lim.max_ttft_ms)
+        if lim.max_latency_s is not None:
+            ratio = np.maximum(ratio, pred["e2e_s"] / lim.max_latency_s)
+        return ratio
+
+    def predicted_attrs(self, batch: int, fraction: float) -> dict[str, Any]:
+        """What the model (as refitted so far) predicts of one configuration, for the trial's
+        attributes beside the measured figures."""
+        with self._lock:
+            p = {k: float(v) for k, v in self.predict(np.array(float(batch)),
+                                                      np.array(fraction)).items()}
+            i, j = self._index(batch, fraction)
+            return {
+                "predicted_throughput_tok_s": round(p["throughput"], 3),
+                "predicted_tpot_ms": round(p["tpot_s"] * 1e3, 3),
+                "predicted_ttft_ms": round(p["ttft_s"] * 1e3, 3),
+                "predicted_e2e_s": round(p["e2e_s"], 4),
+                "prior_fitted_on": self.constants.fitted_on,
+                "prior_grid_peak_bytes": int(self.plans[i, j]),
+            }
+
+    def describe(self) -> dict[str, Any]:
+        c = self.constants
+        return {
+            "stream_gb_s": round(c.bw / 1e9, 3), "decode_ms": [round(c.alpha * 1e3, 4),
+                                                           round(c.beta * 1e3, 5)],
+            "prefill_ms": [round(c.pi0 * 1e3, 4), round(c.pi1 * 1e3, 5)],
+            "error": round(c.error, 4), "fitted_on": c.fitted_on,
+            "calibration": self.calibration.as_dict(), "limits": self.limits.as_dict(),
+            "measured_bandwidth": self.measured_bw,
+        }
+
+    def notes(self) -> list[str]:
+        """Warnings about the settings, for the user."""
+        out = []
+        top = int(np.argmax(self.batches))
+        if self.available is not None and self.fits[top, -1]:
+            out.append(
+                f"the whole model fits with batch {int(self.batches[top])} (predicted peak "
+                f"{self.plans[top, -1] / 2**30:.2f} GiB of {self.available / 2**30:.2f} GiB "
+                "available): streaming is pointless here; expect the best at budget 100% "
+                "(raise --max-batch or lower --gpu-memory-limit to study streaming)")
+        if not self.fits.any():
+            out.append("no configuration is predicted to fit in the available memory, not even "
+                       "batch 1 streaming everything")
+        if self.limits.any:
+            meetable = ~self.pruned([])["cannot_meet"] & self.fits
+            if not meetable.any():
+                out.append(f"no configuration that fits can meet the limits "
+                           f"{self.limits.as_dict()} (bounded by the link and the measured "
+                           "compute); the study will find the least violating ones")
+        if not self.measured_bw:
+            out.append(f"host-to-device bandwidth not measured (no GPU); the prior assumes "
+                       f"{ASSUMED_H2D_GB_S:g} GB/s and refits from the trials")
+        return out
+
+
+def _fit_bandwidth(s: np.ndarray, tpot: np.ndarray, compute: np.ndarray, bw: float) -> float:
+    """Streaming bandwidth from the stream-bound trials (the median of bytes / step time)."""
+    bound = (s > 0) & (s / bw >= compute)
+    return float(np.median(s[bound] / tpot[bound])) if bound.any() else bw
+
+
+def _fit_line(b: np.ndarray, t: np.ndarray, stream: np.ndarray, a0: float, a1: float
+              ) -> tuple[float, float]:
+    """Compute time a0 + a1 * batch from the compute-bound trials (least squares with two or
+    more batch sizes, a scale otherwise)."""
+    bound = a0 + a1 * b >= stream
+    if not bound.any():
+        return a0, a1
+    bb, tt = b[bound], t[bound]
+    if len(set(bb.tolist())) >= 2:
+        a1n, a0n = np.polyfit(bb, tt, 1)
+        if a1n >= 0 and a0n >= 0:
+            return float(a0n), float(a1n)
+    k = float(np.median(tt / (a0 + a1 * bb)))
+    return a0 * k, a1 * k
+
+
+def candidate_batches(max_batch: int) -> np.ndarray:
+    """Every batch size up to ``max_batch`` (log-spaced integers beyond a few hundred)."""
+    if max_batch <= MAX_CANDIDATE_BATCHES:
+        return np.arange(1, max_batch + 1)
+    grid = np.unique(np.round(np.geomspace(1, max_batch, MAX_CANDIDATE_BATCHES)).astype(int))
+    return grid
+
+
+def candidate_fractions() -> np.ndarray:
+    return np.round(np.arange(0, 1 + FRACTION_STEP / 2, FRACTION_STEP), 6)
+
+
+def plan_requests(batches: np.ndarray, fractions: np.ndarray, total: int) -> list[tuple[int, int]]:
+    """(batch, budget bytes) of every candidate, row-major [batch, fraction]."""
+    budgets = [int(round(f * total)) for f in fractions]
+    return [(int(b), budget) for b in batches for budget in budgets]
+
+
+def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits: Limits,
+          h2d_gb_s: float | None, margin: int) -> Prior:
+    """Measures (through ``runner``: a Worker or an in-process runner) and builds the prior."""
+    batches, fractions = candidate_batches(max_batch), candidate_fractions()
+    calibration = runner.calibrate()
+    reply = runner.plan(plan_requests(batches, fractions, total), isl, osl, margin)
+    plans = np.array(reply["totals"], float).reshape(len(batches), len(fractions))
+    cal = Calibration.from_dict({"h2d_gb_s": calibration.get("h2d_gb_s", h2d_gb_s),
+                                 **{k: v for k, v in calibration.items() if k != "h2d_gb_s"}})
+    return Prior(calibration=cal, plans=plans, available=reply["available"], total=total,
+                 isl=isl, osl=osl, max_batch=max_batch, limits=limits, batches=batches,
+                 fractions=fractions)

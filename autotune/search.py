@@ -1,0 +1,225 @@
+"""How a study chooses configurations: the samplers, and one trial from ask to tell.
+
+``--sampler``: ``autotune`` (default: the prior's model, see :mod:`autotune.prior`, which
+starts at the predicted optimum and never proposes what cannot fit, meet the limits or win;
+Optuna's TPE until the prior is attached and when nothing is left), ``tpe`` (Optuna's
+multivariate TPE, 5 random startup trials), ``random``, ``gp`` (Optuna's GPSampler, needs
+scipy) and ``grid`` (batch powers of two and their midpoints x budget in 10% steps: what
+recorded landscapes are made of).
+
+A trial runner is anything with ``run(request) -> TrialOutcome``, ``plan(...)`` and
+``calibrate()``: a :class:`autotune.worker.Worker` (a process per GPU) or an
+:class:`InProcessRunner` (an engine in this process; landscapes replay in microseconds, which
+is what the search benchmark and tests use). This module does not store anything beyond what
+Optuna's ``tell`` stores.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+
+from autotune.errors import UserInputError
+from autotune.memory import DEFAULT_MARGIN
+from autotune.prior import Limits, Observation, Prior
+from autotune.worker import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("autotune", "tpe", "random", "grid", "gp")
+GRID_FRACTIONS = tuple(round(0.1 * k, 1) for k in range(11))
+
+
+def grid_batches(max_batch: int) -> list[int]:
+    """Powers of two and their midpoints (1, 2, 3, 4, 6, 8, 12, ...) up to ``max_batch``,
+    and ``max_batch`` itself."""
+    out, p = [], 1
+    while p <= max_batch:
+        out.append(p)
+        if p >= 2 and p + p // 2 <= max_batch:
+            out.append(p + p // 2)
+        p *= 2
+    if out[-1] != max_batch:
+        out.append(max_batch)
+    return sorted(set(out))
+
+
+def grid_size(max_batch: int) -> int:
+    return len(grid_batches(max_batch)) * len(GRID_FRACTIONS)
+
+
+def make_sampler(name: str, seed: int, max_batch: int) -> Any:
+    if name == "autotune":
+        return AutotuneSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        space = {"batch": grid_batches(max_batch), "budget_fraction": list(GRID_FRACTIONS)}
+        return _GridSampler(space, seed=seed)
+    if name == "gp":
+        try:
+            import scipy  # noqa: F401  (GPSampler's optimizer)
+        except ImportError as e:
+            raise UserInputError("--sampler gp needs scipy: pip install scipy") from e
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
+    raise UserInputError(f"--sampler: expected one of {', '.join(SAMPLERS)}; got {name!r}")
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid, without ``study.stop()`` at the last point (which raises outside
+    ``optimize``): the study's trial budget decides when to stop."""
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        pass
+
+
+def observations(study: Any) -> list[Observation]:
+    """Finished and running trials, as the prior sees them."""
+    obs = [Observation.from_trial(t) for t in study.get_trials(deepcopy=False)]
+    return [o for o in obs if o is not None]
+
+
+class AutotuneSampler(optuna.samplers.BaseSampler):
+    """The prior's choice for batch x budget; TPE for anything else (see the module docstring).
+
+    Pruned configurations are never proposed, so they never cost a trial.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5,
+                                                    multivariate=True)
+        self.prior: Prior | None = None
+
+    def attach(self, prior: Prior) -> None:
+        self.prior = prior
+
+    def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+        if self.prior is None:
+            return self._fallback.infer_relative_search_space(study, trial)
+        from optuna.distributions import FloatDistribution, IntDistribution
+
+        return {"batch": IntDistribution(1, self.prior.max_batch, log=True),
+                "budget_fraction": FloatDistribution(0.0, 1.0)}
+
+    def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]
+                        ) -> dict[str, Any]:
+        if self.prior is None or not search_space:
+            return self._fallback.sample_relative(study, trial, search_space)
+        pick = self.prior.suggest(observations(study))
+        if pick is None:  # everything allowed was tried: let TPE refine
+            log.info("the prior has no untried configuration left; TPE proposes")
+            space = self._fallback.infer_relative_search_space(study, trial)
+            return self._fallback.sample_relative(study, trial, space)
+        return {"batch": pick[0], "budget_fraction": pick[1]}
+
+    def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
+        return self._fallback.sample_independent(study, trial, name, dist)
+
+    def before_trial(self, study: Any, trial: Any) -> None:
+        self._fallback.before_trial(study, trial)
+
+    def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+        self._fallback.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._fallback.reseed_rng()
+
+
+class InProcessRunner:
+    """Runs trials on an engine in this process (for replayed landscapes; the worker's own
+    functions, so outcomes are the same as through a worker)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._plans: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._calibration: dict[str, Any] | None = None
+
+    def run(self, request: TrialRequest) -> TrialOutcome:
+        return run_trial(self.engine, request)
+
+    def plan(self, configs: list[tuple[int, int]], isl: int, osl: int, margin: int
+             ) -> dict[str, Any]:
+        key = (tuple(configs[:1]), tuple(configs[-1:]), len(configs), isl, osl, margin)
+        if key not in self._plans:  # the same candidates every study: plan them once
+            self._plans[key] = plan_configs(self.engine, configs, isl, osl, margin)
+        return self._plans[key]
+
+    def calibrate(self) -> dict[str, Any]:
+        if self._calibration is None:
+            self._calibration = calibrate(self.engine)
+        return self._calibration
+
+
+def ask(study: Any, max_batch: int, prior: Prior | None = None) -> tuple[Any, int, float]:
+    """A new trial and its configuration (see :func:`suggest`)."""
+    trial = study.ask()
+    return (trial, *suggest(study, trial, max_batch, prior))
+
+
+def suggest(study: Any, trial: Any, max_batch: int, prior: Prior | None = None
+            ) -> tuple[int, float]:
+    """The trial's configuration, with the prior's prediction in its attributes."""
+    batch = trial.suggest_int("batch", 1, max_batch, log=True)
+    fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
+    if prior is not None:
+        if not isinstance(study.sampler, AutotuneSampler):  # it refits when it samples
+            prior.refit(observations(study))
+        for key, value in prior.predicted_attrs(batch, fraction).items():
+            trial.set_user_attr(key, value)
+    return batch, fraction
+
+
+def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_batch: int,
+                limits: Limits, h2d_gb_s: float | None) -> Prior | None:
+    """Measures the hardware through ``runner``, builds the prior, stores its calibration with
+    the study (a landscape exported later carries it) and hands it to an autotune sampler.
+
+    A failed measurement is not the study's end: without a prior, the autotune sampler is TPE.
+    """
+    from autotune import prior as prior_mod
+    from autotune.errors import WorkerError
+
+    try:
+        prior = prior_mod.build(runner, total=total, isl=isl, osl=osl, max_batch=max_batch,
+                                limits=limits, h2d_gb_s=h2d_gb_s, margin=DEFAULT_MARGIN)
+    except WorkerError as e:
+        log.warning("no prior (%s); the search goes on without it", e)
+        study.set_user_attr("prior", {"error": str(e)})
+        return None
+    study.set_user_attr("calibration", prior.calibration.as_dict())
+    study.set_user_attr("prior", prior.describe())
+    if isinstance(study.sampler, AutotuneSampler):
+        study.sampler.attach(prior)
+    for note in prior.notes():
+        log.warning("%s", note)
+    return prior
+
+
+def after_trial(study: Any, prior: Prior | None) -> None:
+    """Refits the prior on every finished trial and stores its constants with the study."""
+    if prior is not None:
+        prior.refit(observations(study))
+        study.set_user_attr("prior", prior.describe())
+
+
+def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl: int,
+                   osl: int, total: int, limits: Limits | None = None,
+                   prior: Prior | None = None, seed: int = 0) -> list[TrialOutcome]:
+    """The study loop without a worker process: ask, run, record, ``trials`` times."""
+    from autotune.study import record
+
+    outcomes = []
+    for _ in range(trials):
+        trial, batch, fraction = ask(study, max_batch, prior)
+        request = TrialRequest(batch=batch, budget=int(round(fraction * total)), isl=isl,
+                               osl=osl, repeats=1, warmup=0, seed=seed)
+        outcome = runner.run(request)
+        record(study, trial, request, outcome, total, "in-process", limits=limits)
+        after_trial(study, prior)
+        outcomes.append(outcome)
+    return outcomes
+

@@ -1,0 +1,129 @@
+"""The prior and the autotune sampler on landscapes: its pruning never skips the true optimum,
+it reaches the target in a handful of trials, and it warns when streaming is pointless."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from autotune.landscape import read
+from autotune.prior import Calibration, Limits, Observation, Prior
+from autotune.search import observations, start_prior
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from search import make_runner, run_one, tpot_limits  # noqa: E402
+
+SYNTHETIC = Path(__file__).parent / "data" / "synthetic-llama2-7b-8GiB.json"
+LANDSCAPES = [SYNTHETIC, *sorted((ROOT / "benchmarks" / "landscapes").glob("*.json"))]
+
+
+def _cases() -> list[tuple[Path, Limits]]:
+    out = []
+    for path in LANDSCAPES:
+        land = read(path)
+        out += [(path, lim) for lim in [Limits(), *tpot_limits(land)]]
+    return out
+
+
+def _study(sampler: str = "autotune") -> optuna.Study:
+    from autotune.search import make_sampler
+
+    return optuna.create_study(storage=optuna.storages.InMemoryStorage(),
+                               direction="maximize", sampler=make_sampler(sampler, 0, 256))
+
+
+def _true_optimum(prior: Prior, land, limits: Limits) -> tuple[int, int]:
+    """The landscape's best candidate of the prior's grid that runs and meets the limits."""
+    best, where = -1.0, None
+    for i, b in enumerate(prior.batches):
+        for j, f in enumerate(prior.fractions):
+            p = land.at(int(b), float(f))
+            if land.meets(p, limits) and p.throughput_tok_s > best:
+                best, where = p.throughput_tok_s, (i, j)
+    assert where is not None
+    return where
+
+
+@pytest.mark.parametrize(("path", "limits"), _cases(),
+                         ids=lambda x: getattr(x, "name", None) or str(x.as_dict() or "none"))
+def test_pruning_never_skips_the_true_optimum(path: Path, limits: Limits) -> None:
+    runner, land = make_runner(str(path))
+    study = _study()
+    prior = start_prior(study, runner, total=land.total_device_budget, isl=land.isl,
+                        osl=land.osl, max_batch=land.batches[-1], limits=limits,
+                        h2d_gb_s=land.calibration.get("h2d_gb_s"))
+    i, j = _true_optimum(prior, land, limits)
+    assert prior.allowed([])[i, j], "pruned before any trial"
+    from autotune.search import run_in_process
+
+    run_in_process(study, runner, trials=12, max_batch=land.batches[-1], isl=land.isl,
+                   osl=land.osl, total=land.total_device_budget, limits=limits, prior=prior)
+    obs = observations(study)
+    tried = {(o.batch, round(o.fraction, 6)) for o in obs}
+    optimum = (int(prior.batches[i]), float(prior.fractions[j]))
+    if optimum not in tried:
+        masks = prior.pruned(obs)
+        assert not any(m[i, j] for m in masks.values()), {k: bool(m[i, j])
+                                                         for k, m in masks.items()}
+    # Every bound the pruning uses is below what the landscape measured.
+    for o in obs:
+        if o.status == "ok":
+            bi, bj = prior._index(o.batch, o.fraction)
+            assert prior._bounds["tpot_s"][bi, bj] <= o.tpot_s
+            assert prior._bounds["throughput"][bi, bj] >= o.throughput
+
+
+def test_search_reaches_the_target_with_a_tpot_limit() -> None:
+    runner, land = make_runner(str(SYNTHETIC))
+    limits = tpot_limits(land)[1]
+    results = [run_one(runner, land, "autotune", seed, limits, 12) for seed in range(5)]
+    at12 = [r.regrets[2] for r in results]
+    assert statistics.median(at12) <= 0.03, at12
+    assert max(r.oom for r in results) <= 1
+    # No configuration that cannot fit was ever proposed.
+    assert max(r.infeasible for r in results) == 0
+
+
+def test_first_trial_is_the_predicted_optimum_without_limits() -> None:
+    runner, land = make_runner(str(SYNTHETIC))
+    r = run_one(runner, land, "autotune", 0, Limits(), 4)
+    assert r.regrets[0] <= 0.03
+
+
+def _prior(plans: np.ndarray, available: int | None, **kw) -> Prior:
+    cal = Calibration(53.0, (1, 64, 2048), (4e-3, 5e-3, 50e-3))
+    return Prior(calibration=cal, plans=plans, available=available, total=10**10, isl=128,
+                 osl=256, max_batch=4, limits=kw.pop("limits", None),
+                 batches=np.arange(1, 5), fractions=np.array([0.0, 0.5, 1.0]), **kw)
+
+
+def test_warns_when_streaming_is_pointless() -> None:
+    plans = np.full((4, 3), 1e9)
+    notes = _prior(plans, available=2 * 10**9).notes()
+    assert any("streaming is pointless" in n for n in notes)
+    assert not any("pointless" in n for n in _prior(plans * 3, available=2 * 10**9).notes())
+    notes = _prior(plans, 2 * 10**9, limits=Limits(max_tpot_ms=0.1)).notes()
+    assert any("can meet the limits" in n for n in notes)
+
+
+def test_oom_excludes_what_lies_beyond() -> None:
+    plans = np.add.outer(np.arange(4) * 1e8, np.arange(3) * 1e9)
+    prior = _prior(plans, available=10**12)
+    obs = [Observation(2, 0.5, "oom")]
+    fit = prior.pruned(obs)["cannot_fit"]
+    assert fit[1:, 1:].all() and not fit[0, 0] and not fit[1, 0]
+
+
+def test_refit_recovers_the_link_from_stream_bound_trials() -> None:
+    prior = _prior(np.zeros((4, 3)), None)
+    obs = [Observation(b, 0.0, "ok", throughput=1.0, tpot_s=10**10 / 40e9,
+                       ttft_s=10**10 / 40e9, streamed=1e10, feasible=True) for b in (1, 2)]
+    c = prior.refit(obs)
+    assert c.bw == pytest.approx(40e9)
+    assert c.fitted_on == 2
