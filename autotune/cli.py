@@ -176,6 +176,23 @@ def run(
     out.print(f"recommendation written to {path}")
 
 
+@app.command()
+def worker(
+    storage: str = typer.Option(..., help="The study's storage URL (PostgreSQL across hosts)."),
+    study: str | None = typer.Option(None, help="Study name (default: the only one)."),
+    device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
+    gpus: str | None = typer.Option(None, help="GPU indices, one worker each: 0,1,2"),
+) -> None:
+    """Join a study that `autotune run` started, and run its trials until its budget is spent."""
+    from autotune.join import join_study
+
+    result = join_study(storage, study, device=_resolve_device(device), gpus=_gpus(gpus),
+                        progress=_print_progress)
+    for note in result.notes:
+        err.print(note)
+    out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
+
+
 def _print_progress(event: Any) -> None:
     o, p = event.outcome, event.params
     line = (f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, "
@@ -373,6 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted; completed trials are stored, rerun the command to resume")
         return 130
+    except Exception as e:  # a database's own words (locked, disk full...) made clear
+        from autotune.storage import explain
+
+        known = explain(e)
+        if known is None or _state["debug"]:
+            raise
+        err.print(f"error: {known}", highlight=False, soft_wrap=True)
+        return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0

@@ -90,7 +90,11 @@ def inventory() -> list[GpuInfo]:
     except EngineUnavailableError as e:
         log.debug("no GPU inventory: %s", e)
         return []
-    return [_info(nvml, i) for i in _visible_nvml_indices(nvml)]
+    try:
+        return [_info(nvml, i) for i in _visible_nvml_indices(nvml)]
+    except nvml.NVMLError as e:  # a driver that fails after init: say so, never a raw error
+        raise EngineUnavailableError(f"NVML failed while reading the GPUs ({e}); check the "
+                                     "driver (nvidia-smi), or use --device cpu") from e
 
 
 def _visible_nvml_indices(nvml: Any) -> list[int]:

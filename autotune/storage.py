@@ -22,7 +22,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///studies/autotune.db"
 SQLITE_BUSY_TIMEOUT_S = 60
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def parse_url(url: str) -> Any:
@@ -63,14 +62,32 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def _is_sqlite(path: Path) -> bool:
+    """Whether a file is a SQLite database (or empty), asked through SQLite itself.
+
+    Never with open()/close() on the file: closing any descriptor of a file drops every POSIX
+    lock this process holds on it, and so the locks of the SQLite connections this process
+    may have open on the same database (another process could then checkpoint the WAL from
+    under them and lose writes)."""
+    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        if "not a database" in str(e):
+            return False
+        return True  # a damaged database: check_integrity says how
+    finally:
+        conn.close()
+    return True
+
+
 def check_sqlite_file(path: Path, *, create: bool) -> None:
     """Refuses a path that is not (and cannot become) a SQLite database, before any write."""
     if path.exists():
         if path.is_dir():
             raise StorageError(f"storage: {path} is a directory, not a SQLite file")
-        with open(path, "rb") as f:
-            head = f.read(len(_SQLITE_MAGIC))
-        if head and head != _SQLITE_MAGIC:
+        if not _is_sqlite(path):
             raise StorageError(
                 f"storage: {path} is not a SQLite database (autotune never overwrites it); "
                 "give another --storage path"
@@ -91,6 +108,31 @@ def check_sqlite_file(path: Path, *, create: bool) -> None:
         )
 
 
+def check_integrity(path: Path) -> None:
+    """Refuses a damaged (corrupted, truncated) database, reading it (writes refused): a damaged
+    file is never written to, so whatever can still be recovered from it stays there."""
+    # Not SQLite's mode=ro: a read-only connection beside a writer in the same process can
+    # fail with "disk I/O error" on the shared WAL index. query_only refuses every write.
+    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+    except sqlite3.DatabaseError as e:
+        known = explain(e)
+        if known is not None and "locked" in str(known):
+            raise known from e
+        problems = [str(e)]
+    finally:
+        conn.close()
+    if problems != ["ok"]:
+        problems = [" ".join(p.split()) for p in problems]  # one line, as errors are
+        raise StorageError(
+            f"storage: {path} is damaged (SQLite: {'; '.join(problems)[:200]}); autotune "
+            "leaves it untouched: restore it from a backup (`sqlite3 FILE .recover` may save "
+            "its trials) or give another --storage path"
+        )
+
+
 def _enable_wal(path: Path) -> None:
     """WAL lets readers (the dashboard) and the writer (the study) work at once."""
     conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
@@ -99,9 +141,55 @@ def _enable_wal(path: Path) -> None:
         if mode.lower() != "wal":
             log.warning("SQLite at %s would not enter WAL mode (%s)", path, mode)
     except sqlite3.DatabaseError as e:
+        known = explain(e)
+        if known is not None:
+            raise known from e
         raise StorageError(f"storage: {path} is not a usable SQLite database ({e})") from e
     finally:
         conn.close()
+
+
+def explain(exc: BaseException) -> StorageError | None:
+    """A clear StorageError for what a database said deep inside Optuna or SQLAlchemy
+    (locked, disk full, read-only, damaged, unreachable), or None if it is something else."""
+    import errno
+
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in seen:  # Optuna and SQLAlchemy wrap the driver's error
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    text = " | ".join(str(x) for x in seen).lower()
+    if any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in seen) or (
+            "database or disk is full" in text or "no space left" in text):
+        return StorageError(
+            "the disk is full (no space left for the study storage or the export); free some "
+            "space and rerun the same command: finished trials are kept and the study resumes"
+        )
+    if "database is locked" in text or "database table is locked" in text:
+        return StorageError(
+            f"storage: the SQLite file is locked by another process (waited "
+            f"{SQLITE_BUSY_TIMEOUT_S} s); end whatever holds it (a long write transaction, an "
+            "exclusive lock) and rerun: finished trials are kept and the study resumes"
+        )
+    if "readonly database" in text or "read-only" in text:
+        return StorageError("storage: the database is read-only here; give a writable --storage")
+    if "malformed" in text or "file is not a database" in text:
+        return StorageError(
+            "storage: the SQLite file is damaged (database disk image is malformed); autotune "
+            "leaves it untouched: restore it from a backup or give another --storage path"
+        )
+    if "connection" in text and ("refused" in text or "failed" in text or "timeout" in text):
+        first = str(seen[-1]).strip().splitlines()[0] if str(seen[-1]).strip() else ""
+        return StorageError(f"storage: cannot reach the database server ({_scrub(first)})")
+    return None
+
+
+def _scrub(text: str) -> str:
+    """Drivers may quote a connection string back: hide anything after a password key."""
+    import re
+
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
 
 
 def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True) -> Any:
@@ -116,6 +204,8 @@ def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True) -> Any:
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
         if path is not None:
             check_sqlite_file(path, create=create)
+            if path.exists() and path.stat().st_size > 0:
+                check_integrity(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             _enable_wal(path)
     else:
@@ -124,7 +214,9 @@ def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True) -> Any:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"storage {redact(url)}: cannot open it ({first})") from e
+        if parsed.password:
+            first = first.replace(str(parsed.password), "***")
+        raise StorageError(f"storage {redact(url)}: cannot open it ({_scrub(first)})") from e
 
 
 def study_names(storage: Any) -> list[str]:

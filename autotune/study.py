@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from autotune import budget, resume
 from autotune.engines import EngineConfig, engine_class
 from autotune.errors import UserInputError
 from autotune.models import check_dtype, get_spec
@@ -57,6 +58,9 @@ class RunOptions:
     warmup: int = 1
     trial_timeout_s: float = 900.0
     engine_options: tuple[tuple[str, Any], ...] = ()
+    # Joins a study another run created (autotune worker): its stored options, workload and
+    # environment are kept, and the sampler is not seeded, so that workers try different points.
+    joined: bool = False
     # Latency limits (constraints; the objective stays throughput) and the search strategy.
     max_tpot_ms: float | None = None
     max_ttft_ms: float | None = None
@@ -186,9 +190,10 @@ def create_or_load(options: RunOptions, gpu_name: str) -> Any:
 
     storage = open_storage(options.storage, create=True)
     name = options.study_name or default_study_name(options, gpu_name)
+    seed = None if options.joined else options.seed
     from autotune.search import make_sampler
 
-    sampler = make_sampler(options.sampler, options.seed, options.max_batch)
+    sampler = make_sampler(options.sampler, seed, options.max_batch)
     study = optuna.create_study(
         storage=storage, study_name=name, direction="maximize", sampler=sampler,
         load_if_exists=True,
@@ -196,13 +201,6 @@ def create_or_load(options: RunOptions, gpu_name: str) -> Any:
     if study.metric_names is None:
         study.set_metric_names([OBJECTIVE])
     return study
-
-
-def _finished(study: Any) -> int:
-    import optuna
-
-    states = tuple(getattr(optuna.trial.TrialState, s) for s in FINISHED)
-    return len(study.get_trials(deepcopy=False, states=states))
 
 
 def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
@@ -298,9 +296,11 @@ def run_study(
     gpu_name = resolve_gpu_name(options)
     study = create_or_load(options, gpu_name)
     result = RunResult(study.study_name, redact(options.storage), 0, None)
-    if _finished(study) >= options.trials:
+    for number in resume.recover(study):  # the trials of a killed run: failed, retried once
+        result.notes.append(f"trial {number} was interrupted by a dead process; retrying it")
+    if not budget.has_work(study, options.trials):
         result.notes.append(
-            f"study {study.study_name} already has {_finished(study)} finished trials; "
+            f"study {study.study_name} already has {budget.spent(study)} finished trials; "
             f"give --trials above that to run more"
         )
         return result
@@ -312,15 +312,15 @@ def run_study(
         result.notes.append(f"the grid has {size} points; --trials {options.trials} covers "
                             f"{covers}")
     lock = threading.Lock()
-    state: dict[str, Any] = {"claimed": _finished(study), "ran": 0}
+    state: dict[str, Any] = {"ran": 0}
     errors: list[BaseException] = []
 
-    def claim() -> bool:
-        with lock:
-            if state["claimed"] >= options.trials:
-                return False
-            state["claimed"] += 1
-            return True
+    def claim() -> Any:
+        """A trial inside the study's budget, or None: exact across processes and hosts."""
+        if not budget.has_work(study, options.trials):  # a cheap check: no PRUNED trial
+            return None
+        trial = study.ask()
+        return trial if budget.claim(study, trial, options.trials) else None
 
     def serve(device: str) -> None:
         try:
@@ -330,7 +330,8 @@ def run_study(
                 with lock:
                     if result.info is None:
                         result.info = info
-                        _record_study_attrs(study, options, gpu_name, info)
+                        if not options.joined:
+                            _record_study_attrs(study, options, gpu_name, info)
                 total = info.total_device_budget
                 with lock:  # one prior per run, measured by the first worker
                     if "prior" not in state:
@@ -341,20 +342,21 @@ def run_study(
                         if state["prior"] is not None:
                             result.notes.extend(state["prior"].notes())
                 prior = state["prior"]
-                while claim():
-                    trial = study.ask()
+                while (trial := claim()) is not None:
+                    resume.mark_started(trial)
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = TrialRequest(
                         batch=batch, budget=int(round(fraction * total)), isl=options.isl,
                         osl=options.osl, repeats=options.repeats, warmup=options.warmup,
                         seed=options.seed,
                     )
-                    outcome = worker.run(request)
+                    with resume.heartbeat(trial):
+                        outcome = worker.run(request)
                     record(study, trial, request, outcome, total, device, limits=options.limits)
                     search.after_trial(study, prior)
                     with lock:
                         state["ran"] += 1
-                        done = _finished(study)
+                        done = budget.spent(study)
                     if progress is not None:
                         progress(TrialEvent(trial.number, done, options.trials, trial.params,
                                             outcome, best_summary(study)))
@@ -380,6 +382,9 @@ def _record_study_attrs(study: Any, options: RunOptions, gpu_name: str, info: Wo
     study.set_user_attr("total_device_budget", info.total_device_budget)
     study.set_user_attr("automatic_budget", info.automatic_budget)
     study.set_user_attr("storage", redact(options.storage))
+    # What `autotune worker` needs to join: the budget and the options (password redacted).
+    study.set_user_attr("trials", options.trials)
+    study.set_user_attr("run_options", options_dict(options))
 
 
 def options_dict(options: RunOptions) -> dict[str, Any]:

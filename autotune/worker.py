@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autotune.engines import EngineConfig
-from autotune.errors import AutotuneError, WorkerError
+from autotune.errors import AutotuneError, EngineUnavailableError, WorkerError
 from autotune.memory import DEFAULT_MARGIN
 from autotune.units import format_bytes
 
@@ -129,7 +129,11 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
     config: EngineConfig = engine.config
     start = time.perf_counter()
     plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
-    available = _available_bytes(config, request.margin_bytes)
+    try:
+        available = _available_bytes(config, request.margin_bytes)
+    except EngineUnavailableError as e:  # NVML failed mid-study: this trial's error, not ours
+        return TrialOutcome(status="error", reason=f"free memory unknown: {e}",
+                            plan=plan.as_dict(), elapsed_s=time.perf_counter() - start)
     outcome = TrialOutcome(status="ok", plan=plan.as_dict(), available_bytes=available)
     if available is not None and plan.total > available:
         outcome.status = "infeasible"
@@ -294,6 +298,9 @@ class Worker:
     def start(self) -> WorkerInfo:
         """Spawns the process and waits for the engine to load."""
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        # The pipe carries pickles (Connection.send/recv), which is safe only because it is an
+        # anonymous pipe between this process and the child it spawns: no one else can write
+        # to it. Never hand this connection, or pickles from elsewhere, to anything else.
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_serve, args=(child, self.config), name=f"autotune-worker-{self.config.device}",

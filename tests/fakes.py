@@ -5,7 +5,9 @@ step takes max(streamed bytes / link bandwidth, compute(batch)) and the engine r
 that long, so measure.py times it like any engine. Tokens are a deterministic function of the
 prompt. Faults are switched on through ``EngineConfig.options`` (the same path a user's own
 engine options take): ``fault`` = abort | kill | oom | hang | error, from batch
-``fault_batch`` upward, so the parent sees what a real worker would do.
+``fault_batch`` upward, so the parent sees what a real worker would do. ``budget_sleep_s``
+makes every budget change take that long (outside the timed region), so that trials last long
+enough for fault tests to kill a process mid-trial.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class AnalyticEngine:
         self._budget = UNITS * UNIT
         self.fault = config.option("fault")
         self.fault_batch = int(config.option("fault_batch", 1))
+        self.budget_sleep_s = float(config.option("budget_sleep_s", 0))
         if config.option("fault_at_load"):
             raise RuntimeError("simulated load failure")
 
@@ -61,6 +64,7 @@ class AnalyticEngine:
     @device_budget.setter
     def device_budget(self, value: int) -> None:
         value = clamp_budget(value, self.total_device_budget, log)
+        time.sleep(self.budget_sleep_s)
         self._budget = value // UNIT * UNIT  # unit granularity, like a real engine
 
     def get_automatic_weight_streaming_budget(self) -> int:

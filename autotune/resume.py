@@ -1,0 +1,137 @@
+"""Trials whose process died: found, failed and retried once, so a resumed study loses nothing.
+
+Every trial records who runs it when it starts (user attributes ``host``, ``pid`` and the
+process's start time ``pid_start``, so a reused pid is not mistaken for ours) and a heartbeat
+``heartbeat_unix`` that a thread refreshes while the trial runs. Optuna's own heartbeat only
+runs inside ``study.optimize``; autotune uses ask/tell, hence this one.
+
+When a run or a worker starts, :func:`recover` looks at the study's RUNNING trials. One whose
+process is known to be gone on this host is failed at once; one from another host (or whose
+pid cannot be checked) is failed when its heartbeat is older than ``stale_after_s``. A failed
+trial gets ``status`` ``interrupted`` (it does not count against the budget, see
+:mod:`autotune.budget`) and its configuration is enqueued once more, unless it was itself
+such a retry. Two processes recovering at once cannot both retry a trial: only the one whose
+``tell`` moves it out of RUNNING enqueues.
+
+This module does not run trials or decide what a trial's outcome is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from autotune.budget import INTERRUPTED
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 30.0  # how often a running trial says it is alive (seconds)
+STALE_AFTER_S = 300.0  # a trial silent for this long on another host is dead (10 beats)
+HOST = socket.gethostname()
+
+
+def _process_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), to tell reused pids apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parens
+    if fields[0] == "Z":  # a zombie has exited: nobody will tell its trial
+        return None
+    return int(fields[19])
+
+
+def _alive(pid: int, start: int | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    now = _process_start(pid)
+    if os.path.exists("/proc/self/stat"):
+        return now is not None and (start is None or now == start)
+    return True
+
+
+def mark_started(trial: Any) -> None:
+    """Records who runs the trial, so that a later run can tell whether it died."""
+    trial.set_user_attr("host", HOST)
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("pid_start", _process_start(os.getpid()))
+    trial.set_user_attr("heartbeat_unix", time.time())  # wall clock: compared across hosts
+
+
+@contextlib.contextmanager
+def heartbeat(trial: Any, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
+    """Refreshes the trial's heartbeat from a thread while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            try:
+                trial.set_user_attr("heartbeat_unix", time.time())
+            except Exception as e:  # a busy storage must not kill the trial; the next beat retries
+                log.warning("heartbeat of trial %d not stored: %s", trial.number, e)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()  # before the caller tells the trial: a finished trial takes no attribute
+
+
+def why_dead(trial: Any, *, stale_after_s: float, now: float | None = None) -> str | None:
+    """Why a RUNNING trial is known dead, or None while it may still be running."""
+    a = trial.user_attrs
+    if a.get("host") == HOST and isinstance(a.get("pid"), int):
+        if a["pid"] == os.getpid():
+            return None  # ours: a thread of this process runs it
+        if not _alive(a["pid"], a.get("pid_start")):
+            return f"its process {a['pid']} on {HOST} is gone"
+        return None
+    now = time.time() if now is None else now
+    last = a.get("heartbeat_unix")
+    if last is None and trial.datetime_start is not None:
+        last = trial.datetime_start.timestamp()  # a trial from before heartbeats
+    if last is not None and now - last > stale_after_s:
+        where = f" on {a['host']}" if "host" in a else ""
+        return f"no heartbeat{where} for {now - last:.0f} s"
+    return None
+
+
+def recover(study: Any, *, stale_after_s: float = STALE_AFTER_S) -> list[int]:
+    """Fails the study's dead RUNNING trials and enqueues each one's configuration once.
+
+    Returns the numbers of the trials it failed."""
+    import optuna
+
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        reason = why_dead(trial, stale_after_s=stale_after_s)
+        if reason is None:
+            continue
+        storage = study._storage  # attributes of another process's trial: no Trial object
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
+            storage.set_trial_user_attr(trial._trial_id, "reason", f"interrupted: {reason}")
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+            continue  # it finished meanwhile, or another process failed it first
+        failed.append(trial.number)
+        retry = trial.user_attrs.get("retry_of") is None and bool(trial.params)
+        log.warning("trial %d was interrupted (%s); %s", trial.number, reason,
+                    "retrying its configuration" if retry else "not retried again")
+        if retry:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return failed

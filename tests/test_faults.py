@@ -1,0 +1,359 @@
+"""What autotune promises to survive (README, "What survives what"), one test per fault.
+
+Each test breaks something for real where it can (SIGKILL, a lock held by another process, a
+damaged file, a full tmpfs) and checks the promise: a clear message, nothing lost, nothing
+overwritten, the rerun resumes. Worker crashes, hangs and OOMs are in test_study.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import ANALYTIC
+from test_cli import RUN, _error, autotune
+
+from autotune import budget, recommend, resume
+from autotune.errors import EngineUnavailableError, SchemaError, StorageError
+from autotune.storage import explain, load_study, open_storage
+from autotune.study import RunOptions, run_study
+
+
+def _options(storage_url: str, **kw) -> RunOptions:
+    base = dict(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=2, isl=8, osl=4,
+                max_batch=32, storage=storage_url, dtype="float32", repeats=1, warmup=0)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def _study(url: str) -> optuna.Study:
+    return load_study(open_storage(url, create=False), None)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# The tuner itself killed mid-study
+
+
+def _running_trial(db: Path) -> bool:
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:  # not mode=ro: it can fail beside WAL
+            conn.execute("PRAGMA query_only = ON")
+            states = [r[0] for r in conn.execute("SELECT state FROM trials")]
+    except sqlite3.Error:
+        return False
+    return "RUNNING" in states and "COMPLETE" in states
+
+
+def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env) -> None:
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "4", "--storage", storage_url, "--study", "k",
+            "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _running_trial(db):
+        assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)  # the tuner, mid-trial
+    proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL)  # its orphaned worker: not part of what is tested
+    before = {t.number: t for t in _study(storage_url).trials}
+    dead = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
+    completed = {n: t.value for n, t in before.items()
+                 if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(dead) == 1 and completed
+
+    r = autotune(*args, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert f"trial {dead[0]} was interrupted" in r.stderr, r.stderr
+    trials = {t.number: t for t in _study(storage_url).trials}
+    assert not [t for t in trials.values() if not t.state.is_finished()]  # none left RUNNING
+    for n, value in completed.items():  # every completed trial is still there, unchanged
+        assert trials[n].state == optuna.trial.TrialState.COMPLETE and trials[n].value == value
+    failed = trials[dead[0]]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.user_attrs["status"] == budget.INTERRUPTED
+    assert f"process {proc.pid} on" in failed.user_attrs["reason"]
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == dead[0]]
+    assert len(retries) == 1 and retries[0].params == failed.params  # retried once
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert budget.spent(_study(storage_url)) == 4  # the budget, interrupted trial aside
+
+
+def _running(study: optuna.Study, **attrs) -> optuna.trial.Trial:
+    trial = study.ask()
+    trial.suggest_int("batch", 1, 32, log=True)
+    trial.suggest_float("budget_fraction", 0.0, 1.0)
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    return trial
+
+
+def test_stale_trials_are_failed_by_heartbeat_or_dead_pid_and_retried_once(
+        storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="s",
+                                direction="maximize")
+    now = time.time()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    dead_here = _running(study, host=resume.HOST, pid=int(gone), heartbeat_unix=now)
+    alive_here = _running(study, host=resume.HOST, pid=os.getppid(),
+                          pid_start=resume._process_start(os.getppid()), heartbeat_unix=now)
+    reused_pid = _running(study, host=resume.HOST, pid=os.getppid(), pid_start=1,
+                          heartbeat_unix=now)
+    silent_there = _running(study, host="elsewhere", pid=1, heartbeat_unix=now - 3600)
+    fresh_there = _running(study, host="elsewhere", pid=1, heartbeat_unix=now - 5)
+    retry_again = _running(study, host="elsewhere", pid=1, heartbeat_unix=0, retry_of=0)
+
+    failed = resume.recover(study, stale_after_s=60)
+    assert sorted(failed) == sorted([dead_here.number, reused_pid.number, silent_there.number,
+                                     retry_again.number])
+    by_number = {t.number: t for t in study.trials}
+    for trial in (alive_here, fresh_there):
+        assert by_number[trial.number].state == optuna.trial.TrialState.RUNNING
+    assert "is gone" in by_number[dead_here.number].user_attrs["reason"]
+    assert "no heartbeat on elsewhere" in by_number[silent_there.number].user_attrs["reason"]
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert sorted(t.user_attrs["retry_of"] for t in waiting) == sorted(
+        [dead_here.number, reused_pid.number, silent_there.number])  # a retry is not retried
+    for t in waiting:  # an enqueued trial holds its parameters as fixed_params until asked
+        assert t.system_attrs["fixed_params"] == by_number[t.user_attrs["retry_of"]].params
+    assert resume.recover(study, stale_after_s=60) == []  # idempotent: nothing retried twice
+
+
+def test_heartbeat_refreshes_while_a_trial_runs(storage_url: str) -> None:
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="h")
+    trial = study.ask()
+    resume.mark_started(trial)
+    first = study.trials[0].user_attrs["heartbeat_unix"]
+    with resume.heartbeat(trial, interval_s=0.05):
+        time.sleep(0.3)
+    assert study.trials[0].user_attrs["heartbeat_unix"] > first
+    study.tell(trial, 1.0)  # the heartbeat thread has stopped: telling works
+
+
+# ------------------------------------------------------------------------------------------
+# NVML failing
+
+
+class _NVMLError(Exception):
+    pass
+
+
+def test_nvml_failing_is_a_clear_error_and_a_recorded_trial(monkeypatch) -> None:
+    import pynvml
+
+    from autotune import gpu
+    from autotune.engines import EngineConfig, load_engine
+    from autotune.worker import TrialRequest, run_trial
+
+    def broken(*args):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", broken)
+    gpu._nvml.cache_clear()
+    try:
+        assert gpu.inventory() == []  # no GPU: the CLI's --device auto picks the CPU
+        with pytest.raises(EngineUnavailableError, match="NVML.*--device cpu"):
+            gpu.device_info("cuda:0")
+        # NVML that initializes, then fails mid-study: the trial is an explained error.
+        monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 1)
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: object())
+        monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", broken)
+        gpu._nvml.cache_clear()
+        with pytest.raises(EngineUnavailableError, match="NVML"):
+            gpu.free_bytes("cuda:0")
+        engine = load_engine(EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cuda:0",
+                                          dtype="float32", max_batch=4, max_seq_len=12))
+        outcome = run_trial(engine, TrialRequest(batch=1, budget=0, isl=8, osl=4, repeats=1))
+        assert outcome.status == "error" and "NVML" in outcome.reason
+    finally:
+        gpu._nvml.cache_clear()
+
+
+# ------------------------------------------------------------------------------------------
+# The SQLite file locked by a reader
+
+
+_HOLD = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], timeout=30, isolation_level=None)
+conn.execute(sys.argv[2])
+conn.execute("SELECT count(*) FROM trials").fetchone()
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+conn.execute("ROLLBACK")
+"""
+
+
+def _hold(db: Path, how: str, seconds: float) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(db), how, str(seconds)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_locked_sqlite_file_is_waited_for_then_a_clear_error(storage_url: str,
+                                                              monkeypatch) -> None:
+    run_study(_options(storage_url, trials=1))
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    # A long read transaction (the dashboard, a notebook) never blocks the study (WAL) ...
+    reader = _hold(db, "BEGIN", 30)
+    # ... and an exclusive lock held for 2 s is waited for (busy timeout), nothing lost.
+    locker = _hold(db, "BEGIN EXCLUSIVE", 2)
+    t0 = time.perf_counter()
+    run_study(_options(storage_url, trials=3))
+    assert time.perf_counter() - t0 > 1.5
+    locker.wait()
+    reader.kill()
+    reader.wait()
+    assert budget.spent(_study(storage_url)) == 3
+    # Held for longer than the busy timeout: a clear message, and the study is intact.
+    monkeypatch.setattr("autotune.storage.SQLITE_BUSY_TIMEOUT_S", 1)
+    locker = _hold(db, "BEGIN EXCLUSIVE", 20)
+    try:
+        with pytest.raises(Exception) as info:
+            run_study(_options(storage_url, trials=4))
+        assert "locked by another process" in str(explain(info.value))
+    finally:
+        locker.kill()
+        locker.wait()
+    study = _study(storage_url)
+    assert budget.spent(study) == 3
+    assert all(t.state.is_finished() for t in study.trials)
+
+
+# ------------------------------------------------------------------------------------------
+# A corrupted or truncated SQLite file
+
+
+@pytest.fixture(scope="module")
+def finished_db(tmp_path_factory) -> Path:
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'done.db'}"
+    run_study(_options(url, trials=2))
+    db = Path(url.removeprefix("sqlite:///"))
+    with sqlite3.connect(db) as conn:  # everything into the main file: it is copied alone
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return db
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_sqlite_file_is_refused_and_never_written(tmp_path: Path, finished_db: Path,
+                                                          damage: str, cli_env) -> None:
+    db = tmp_path / "done.db"
+    shutil.copy(finished_db, db)
+    size = db.stat().st_size
+    with open(db, "r+b") as f:
+        if damage == "truncate":
+            f.truncate(size // 2)
+        else:
+            f.seek(size // 2)
+            f.write(b"\xa5" * 8192)
+    digest = _digest(db)
+    for args in (("show",), RUN + ("--trials", "3")):
+        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        _error(r, "is damaged", "untouched")
+        assert _digest(db) == digest  # not a byte changed
+    # No export; SQLite's shared-memory index may appear beside it (read-only WAL access).
+    assert set(os.listdir(tmp_path)) <= {"done.db", "done.db-wal", "done.db-shm"}
+    assert not (tmp_path / "done.db-wal").exists() or not (tmp_path / "done.db-wal").stat().st_size
+
+
+# ------------------------------------------------------------------------------------------
+# Disk full, an unwritable studies directory
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the disk-full path is untested")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def test_disk_full_is_a_clear_error_and_the_rerun_resumes(tiny_tmpfs: Path, tmp_path: Path,
+                                                          cli_env) -> None:
+    url = f"sqlite:///{tiny_tmpfs / 'studies' / 'full.db'}"
+    run_study(_options(url, trials=1))
+    filler = _fill(tiny_tmpfs)
+    with pytest.raises(Exception) as info:
+        run_study(_options(url, trials=30))
+    assert "disk is full" in str(explain(info.value)), info.value
+    r = autotune(*RUN, "--trials", "30", "--storage", url, env=cli_env, cwd=tmp_path)
+    _error(r, "disk is full", "rerun")
+    # The export is written atomically: a full disk leaves the old file whole.
+    rec = recommend.build(_study(url))
+    filler.unlink()
+    out = recommend.write(rec, tiny_tmpfs / "rec.json")
+    before = out.read_bytes()
+    filler = _fill(tiny_tmpfs)
+    with pytest.raises(OSError):
+        recommend.write({**rec, "pad": "x" * 100_000}, out)
+    assert out.read_bytes() == before
+    filler.unlink()
+    run_study(_options(url, trials=3))  # space again: the same study resumes
+    study = _study(url)
+    assert budget.spent(study) == 3
+    assert all(t.state.is_finished() for t in study.trials)
+
+
+def test_read_only_studies_directory_even_for_root(tiny_tmpfs: Path, cli_env) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    r = autotune(*RUN, "--storage", f"sqlite:///{tiny_tmpfs}/studies/a.db", env=cli_env)
+    _error(r, "not a writable directory")
+    with pytest.raises(StorageError, match="not a writable directory"):
+        open_storage(f"sqlite:///{tiny_tmpfs}/a.db")
+
+
+# ------------------------------------------------------------------------------------------
+# The exported JSON read back
+
+
+def test_exported_json_truncated_or_of_another_schema(tmp_path: Path, finished_db: Path) -> None:
+    rec = recommend.build(_study(f"sqlite:///{finished_db}"))
+    path = recommend.write(rec, tmp_path / "rec.json")
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(SchemaError, match="not valid JSON \\(truncated\\?\\)"):
+        recommend.read(path)
+    path.write_text(json.dumps({**rec, "schema_version": 2}))
+    with pytest.raises(SchemaError, match="schema_version 2 is not supported.*version 1"):
+        recommend.read(path)
+    path.write_text(json.dumps({k: v for k, v in rec.items() if k != "best"}))
+    with pytest.raises(SchemaError, match="lacks best"):
+        recommend.read(path)
+    with pytest.raises(SchemaError, match="cannot read"):
+        recommend.read(tmp_path / "missing.json")
