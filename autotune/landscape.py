@@ -17,14 +17,12 @@ The format (``schema_version`` 1) is documented in the README. This module runs 
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from autotune import jsonfile
 from autotune.errors import SchemaError, UserInputError
 
 SCHEMA_VERSION = 1
@@ -245,33 +243,15 @@ def validate(data: Any, where: str = "landscape") -> dict[str, Any]:
 
 
 def read(path: str | Path) -> Landscape:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise UserInputError(f"cannot read landscape {path}: {e.strerror}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{path} is not valid JSON (truncated?): {e}") from e
-    return Landscape(data, str(path))
+    if not Path(path).is_file():
+        raise UserInputError(f"cannot read landscape {path}: no such file")
+    return Landscape(jsonfile.read(path, "landscape"), str(path))
 
 
 def write(data: dict[str, Any], path: str | Path) -> Path:
     """Writes atomically (temp file + rename) after checking the data."""
     validate(data, str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return jsonfile.write_atomic(data, path, indent=1)
 
 
 def _status(attrs: dict[str, Any], state: str) -> str | None:

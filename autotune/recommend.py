@@ -11,13 +11,11 @@ This module does not run anything.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from autotune import jsonfile
 from autotune.errors import NoCompletedTrialError, SchemaError
 from autotune.units import GiB
 
@@ -136,21 +134,8 @@ def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
 
 
 def write(rec: dict[str, Any], path: str | Path) -> Path:
-    """Writes atomically (temp file + rename): a crash never leaves half a JSON behind."""
-    validate(rec)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(rec, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Checks, then writes atomically: a crash never leaves half a JSON behind."""
+    return jsonfile.write_atomic(validate(rec), path)
 
 
 def validate(rec: Any) -> dict[str, Any]:
@@ -174,12 +159,4 @@ def validate(rec: Any) -> dict[str, Any]:
 
 def read(path: str | Path) -> dict[str, Any]:
     """Reads and checks a recommendation file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise SchemaError(f"cannot read {path}: {e.strerror}") from e
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{path} is not valid JSON (truncated?): {e}") from e
-    return validate(rec)
+    return validate(jsonfile.read(path, "recommendation"))

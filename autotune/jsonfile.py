@@ -1,0 +1,45 @@
+"""Reading and writing the JSON files autotune exports (recommendations, landscapes).
+
+Writes are atomic (a temporary file in the same directory, then a rename), so a crash or a full
+disk never leaves half a file where a whole one was. Reads turn an unreadable or truncated file
+into a :class:`~autotune.errors.SchemaError` naming the file. Checking the contents is the
+caller's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import SchemaError
+
+
+def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=indent)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read(path: str | Path, what: str) -> Any:
+    """The parsed JSON of ``path``; ``what`` names the kind of file in the errors."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SchemaError(f"cannot read {what} {path}: {e.strerror}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{what} {path} is not valid JSON (truncated?): {e}") from e
