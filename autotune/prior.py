@@ -53,6 +53,8 @@ MAX_CANDIDATE_BATCHES = 400
 CALIBRATION_ROWS = (1, 8, 32, 128, 512, 2048)
 # Length scale of the local correction in the normalized (log2 batch, fraction) square.
 CORRECTION_SCALE = 0.08
+# The fitted model's relative error is taken to lie in this range (measurement noise is ~1%).
+MIN_ERROR, MAX_ERROR = 0.01, 0.15
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,9 @@ class Constants:
     beta: float  # ... per sequence, s
     pi0: float  # prefill compute at batch 0, s
     pi1: float  # ... per sequence, s
-    error: float = 0.05  # relative error of the latest fit on the measured trials
+    error: float = 0.05  # relative error of the latest fit on the measured trials (worst)
+    tpot_error: float = 0.05  # ... of TPOT alone
+    ttft_error: float = 0.05  # ... of TTFT alone
     fitted_on: int = 0
 
 
@@ -284,8 +288,10 @@ class Prior:
             c.alpha, c.beta = _fit_line(b, tpot, s / c.bw, c.alpha, c.beta)
             c.pi0, c.pi1 = _fit_line(b, ttft, s / c.bw, c.pi0, c.pi1)
         pred = self.predict(b, 1.0 - s / max(self.total, 1), c)
-        rel = np.concatenate([np.abs(pred["tpot_s"] / tpot - 1), np.abs(pred["ttft_s"] / ttft - 1)])
-        c.error = float(np.clip(rel.max(), 0.01, 0.15))
+        rel_tpot, rel_ttft = np.abs(pred["tpot_s"] / tpot - 1), np.abs(pred["ttft_s"] / ttft - 1)
+        c.tpot_error = float(np.clip(rel_tpot.max(), MIN_ERROR, MAX_ERROR))
+        c.ttft_error = float(np.clip(rel_ttft.max(), MIN_ERROR, MAX_ERROR))
+        c.error = max(c.tpot_error, c.ttft_error)
         c.fitted_on = len(ok)
         self.constants = c
         # The local correction: measured over predicted at the measured points.
@@ -303,7 +309,7 @@ class Prior:
         """The refitted model over the candidate grid, corrected near measured points."""
         pred = self.predict(self._b, self._f)
         if self._correction is None:
-            return pred
+            return {**pred, "trust": np.zeros(self.plans.shape)}
         pts, ratios = self._correction
         xb = self._norm_b(self._b)[..., None]  # [nb, 1, 1]
         xf = self._f[..., None]  # [1, nf, 1]
@@ -311,10 +317,14 @@ class Prior:
         w = np.exp(-d2 / CORRECTION_SCALE**2)
         w0 = 0.05  # far from every measurement, trust the model
         out = dict(pred)
+        wsum = w.sum(axis=-1)
         for k, key in enumerate(("throughput", "tpot_s", "ttft_s")):
-            r = (w @ ratios[k] + w0) / (w.sum(axis=-1) + w0)
+            r = (w @ ratios[k] + w0) / (wsum + w0)
             out[key] = pred[key] * r
         out["e2e_s"] = out["ttft_s"] + (self.osl - 1) * out["tpot_s"]
+        # Next to a measurement the corrected figure is as good as a measurement (noise);
+        # far from every one, as good as the fit (its error).
+        out["trust"] = wsum / (wsum + w0)
         return out
 
     # -- what to skip ---------------------------------------------------------------------
@@ -377,23 +387,53 @@ class Prior:
                 i, j = self._index(o.batch, o.fraction)
                 if self.batches[i] == o.batch and abs(self.fractions[j] - o.fraction) < 1e-9:
                     untried[i, j] = False
-            allowed = untried & ~(masks["cannot_fit"] | masks["cannot_meet"]
-                                  | masks["cannot_win"])
-            if not allowed.any():
-                # Converged: nothing untried can win. Spend what is left of the budget on the
-                # runners-up that fit, never on what cannot fit.
-                allowed = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
-            if not allowed.any():
+            can_run = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
+            allowed = can_run & ~masks["cannot_win"]
+            if not can_run.any():
                 return None
-            # Aim inside the limits by the model's own recent error.
-            ratio = self._limit_ratio(pred) * (1.0 + self.constants.error)
-            meets = allowed & (ratio <= 1.0)
-            if meets.any():
-                score = np.where(meets, pred["throughput"], -np.inf)
-            else:  # nothing predicted to meet the limits: the nearest to meeting them
-                score = np.where(allowed, -ratio, -np.inf)
+            # Constrained expected improvement: the expected gain over the best feasible
+            # trial, times the probability of meeting the limits, both with the corrected
+            # model's spread (its error far from measurements, noise next to one). A point at
+            # the limit's edge is tried when it may win much.
+            c = self.constants
+            best = max((o.throughput for o in obs if o.feasible), default=0.0)
+            mu = pred["throughput"]
+            sd = np.maximum(self._spread(c.error, pred) * mu, 1e-12)
+            z = (mu - best) / sd
+            gain = sd * _pdf(z) + (mu - best) * _cdf(z)
+            p_meet = self._meet_probability(pred, c)
+            score = np.where(allowed, p_meet * gain, -np.inf)
+            if not allowed.any() or (best > 0 and score.max() < MIN_ERROR**2 * best):
+                # Converged: no untried configuration can win, or is expected to win by more
+                # than a measurement can tell. Spend what is left of the budget on the
+                # runners-up likeliest to meet the limits, never on what cannot fit.
+                likely = can_run & (p_meet >= 0.5)
+                score = np.where(likely if likely.any() else can_run, p_meet * mu, -np.inf)
+            if not (score > 0).any():  # nothing predicted to meet: the nearest to meeting
+                score = np.where(can_run, -self._limit_ratio(pred), -np.inf)
             i, j = np.unravel_index(int(np.argmax(score)), score.shape)
             return int(self.batches[i]), float(round(self.fractions[j], 6))
+
+    def _meet_probability(self, pred: dict[str, np.ndarray], c: Constants) -> np.ndarray:
+        """Probability that each candidate meets every limit (each figure normal around the
+        prediction, with the fit's relative error of that figure as its spread)."""
+        lim = self.limits
+        p = np.ones(self.plans.shape)
+        for limit, value, err in (
+                (lim.max_tpot_ms and lim.max_tpot_ms / 1e3, pred["tpot_s"], c.tpot_error),
+                (lim.max_ttft_ms and lim.max_ttft_ms / 1e3, pred["ttft_s"], c.ttft_error),
+                (lim.max_latency_s, pred["e2e_s"], c.error)):
+            if limit is not None:
+                sd = self._spread(err, pred) * value
+                p = p * _cdf((limit - value) / np.maximum(sd, 1e-12))
+        return p
+
+    @staticmethod
+    def _spread(error: float, pred: dict[str, np.ndarray]) -> np.ndarray:
+        """Relative spread of a corrected prediction: the fit's error far from measurements,
+        the measurement noise next to one."""
+        trust = pred.get("trust", 0.0)
+        return error * (1.0 - trust) + MIN_ERROR * trust
 
     def _limit_ratio(self, pred: dict[str, np.ndarray]) -> np.ndarray:
         """Predicted figure over limit, the worst of the limits (<= 1: meets them)."""
@@ -457,6 +497,18 @@ class Prior:
             out.append(f"host-to-device bandwidth not measured (no GPU); the prior assumes "
                        f"{ASSUMED_H2D_GB_S:g} GB/s and refits from the trials")
         return out
+
+
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def _cdf(z: np.ndarray) -> np.ndarray:
+    """The standard normal's distribution function."""
+    return 0.5 * (1.0 + np.asarray(_erf(np.asarray(z, float) / math.sqrt(2.0)), float))
+
+
+def _pdf(z: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * np.asarray(z, float) ** 2) / math.sqrt(2.0 * math.pi)
 
 
 def _fit_bandwidth(s: np.ndarray, tpot: np.ndarray, compute: np.ndarray, bw: float) -> float:
