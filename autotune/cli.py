@@ -65,6 +65,11 @@ def _resolve_model(model: str, device: str) -> str:
     return chosen
 
 
+def _default_max_batch(device: str) -> int:
+    """CPU runs are demos and tests: their time grows with the batch, and nothing caps it."""
+    return 64 if device == "cpu" else 256
+
+
 def _resolve_dtype(dtype: str, device: str) -> str:
     """auto: float16 on a GPU; float32 on CPU, where half precision is slow and inexact."""
     if dtype != "auto":
@@ -108,7 +113,8 @@ def run(
     osl: int = typer.Option(256, help="Output length, tokens (exactly; no stop at EOS)."),
     gpu_memory_limit: str | None = typer.Option(
         None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB."),
-    max_batch: int = typer.Option(256, help="Largest batch size searched."),
+    max_batch: int | None = typer.Option(
+        None, help="Largest batch size searched (default: 256 on a GPU, 64 on CPU)."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: from the workload)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
@@ -151,7 +157,8 @@ def run(
     dtype = _resolve_dtype(dtype, device)
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl,
-        gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"), max_batch=max_batch,
+        gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
+        max_batch=max_batch or _default_max_batch(device),
         storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,

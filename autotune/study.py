@@ -339,8 +339,6 @@ def run_study(
                             study, worker, total=total, isl=options.isl, osl=options.osl,
                             max_batch=options.max_batch, limits=options.limits,
                             h2d_gb_s=info.environment.get("h2d_gb_s"))
-                        if state["prior"] is not None:
-                            result.notes.extend(state["prior"].notes())
                 prior = state["prior"]
                 while (trial := claim()) is not None:
                     resume.mark_started(trial)
