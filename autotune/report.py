@@ -263,14 +263,8 @@ def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
                   "predicted by the memory model where not measured)"))
     ax.set_ylabel("throughput (tokens/s)")
     ax.set_ylim(bottom=0, top=1.08 * max([p.throughput_tok_s for p in ok] + [1]))
-    ax.grid(True, alpha=0.3)
-    ax.set_title("Throughput against peak device memory", fontsize=12, loc="left")
-    fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8,
-                  frameon=False)
-    _empty_note(ax, ok)
-    return fig
+    return _finish(fig, ax, "Throughput against peak device memory", subtitle, ok,
+                   legend_y=-0.13, ncol=2)
 
 
 def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
@@ -296,11 +290,18 @@ def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
     ax.set_xlabel("trial number")
     ax.set_ylabel("throughput (tokens/s)")
     ax.set_ylim(bottom=-0.03 * (max(ys) if ys else 1))
+    return _finish(fig, ax, "Search progress: best throughput so far", subtitle, pts,
+                   legend_y=-0.14, ncol=3)
+
+
+def _finish(fig: Any, ax: Any, title: str, subtitle: str, pts: list[Any], *,
+            legend_y: float, ncol: int) -> Any:
+    """Grid, title, subtitle and a legend below the axes (clear of the points)."""
     ax.grid(True, alpha=0.3)
-    ax.set_title("Search progress: best throughput so far", fontsize=12, loc="left")
+    ax.set_title(title, fontsize=12, loc="left")
     fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=8,
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, legend_y), ncol=ncol, fontsize=8,
                   frameon=False)
     _empty_note(ax, pts)
     return fig
