@@ -131,7 +131,14 @@ def test_dashboard_serves_while_a_study_writes(tmp_path: Path, storage_url: str,
         status, body = _get_json(base + "/api/studies")
         (summary,) = body["study_summaries"]
         assert summary["study_name"] == "concurrent"
-        _, detail = _get_json(f"{base}/api/studies/{summary['study_id']}")
+        # optuna-dashboard caches a study's trials for 2 s (under 100 trials): the last ones
+        # show up within that time after the run ends.
+        deadline = time.monotonic() + 10
+        while True:
+            _, detail = _get_json(f"{base}/api/studies/{summary['study_id']}")
+            if len(detail["trials"]) == trials or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert len(detail["trials"]) == trials
         assert {t["state"] for t in detail["trials"]} == {"Complete"}
     assert any(0 < n < trials for n in seen), f"no poll overlapped the writes: {sorted(seen)}"
