@@ -4,9 +4,9 @@ A configuration's peak is the sum of: the weights kept resident (what is never s
 the device budget), the streaming scratch (device slots that streamed weights are copied into),
 the KV cache, the transient activations of prefill, and a workspace margin (cuBLAS workspace,
 allocator rounding). Engines know their own layout and fill in a :class:`MemoryPlan`; the
-formulas for the parts every Llama shares live here. The study compares a plan with the
-headroom NVML reports before it runs anything, so that configurations that cannot fit are
-recorded without being run.
+formulas for the parts every Llama shares live here. The worker (:mod:`autotune.worker`)
+compares a plan with the headroom NVML reports before it runs anything, so that
+configurations that cannot fit are recorded without being run.
 
 This module does not measure anything; :mod:`autotune.measure` does.
 """
@@ -67,31 +67,3 @@ def prefill_activation_bytes(spec: ModelSpec, dtype: str, batch: int, isl: int) 
     scores = batch * spec.num_attention_heads * isl * isl * 4
     logits = batch * spec.vocab_size * 4
     return mlp + residual + scores + logits
-
-
-def decode_activation_bytes(spec: ModelSpec, dtype: str, batch: int, seq_len: int) -> int:
-    """Peak transient memory of one decode step (one new token per sequence)."""
-    b = dtype_bytes(dtype)
-    mlp = 3 * batch * spec.intermediate_size * b
-    scores = batch * spec.num_attention_heads * seq_len * 4
-    logits = batch * spec.vocab_size * 4
-    return mlp + 4 * batch * spec.hidden_size * b + scores + logits
-
-
-@dataclass(frozen=True)
-class Headroom:
-    """How much device memory a trial may use: NVML free memory and the user's limit."""
-
-    free_bytes: int | None  # NVML free memory of the worker's GPU; None on CPU
-    limit_bytes: int | None  # --gpu-memory-limit; None when not given
-    margin_bytes: int = DEFAULT_MARGIN
-
-    @property
-    def available(self) -> int | None:
-        caps = [c for c in (self.free_bytes, self.limit_bytes) if c is not None]
-        return min(caps) - self.margin_bytes if caps else None
-
-    def shortfall(self, plan: MemoryPlan) -> int:
-        """Bytes by which the plan exceeds the headroom (<= 0 when it fits)."""
-        available = self.available
-        return plan.total - available if available is not None else -1
