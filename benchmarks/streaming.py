@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1,
                    help="full warm-up generations; 0: a 2-step warm-up instead")
-    p.add_argument("--accelerate-osl", type=int, default=8)
+    p.add_argument("--accelerate-osl", type=int, default=None,
+                   help="osl of the accelerate runs (default: --osl, an equal comparison)")
     p.add_argument("--no-accelerate", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -200,10 +201,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_accelerate:
         result["accelerate"] = []
         for batch in batches:
-            row = run_accelerate(args.model, limit, batch, isl, args.accelerate_osl)
+            row = run_accelerate(args.model, limit, batch, isl, args.accelerate_osl or osl)
             result["accelerate"].append(row)
             print(f"accelerate b={batch:>3}: {row}", flush=True)
             save()
+        for row in result["accelerate"]:  # native's best at the same limit and batch
+            ours = max((r["throughput_tok_s"] for r in result["rows"] if r.get("limit")
+                        and r["batch"] == row["batch"] and "error" not in r), default=None)
+            if ours and row.get("throughput_tok_s") and row["osl"] == osl:
+                row["native_over_accelerate"] = ours / row["throughput_tok_s"]
+                print(f"batch {row['batch']:>3} at osl {osl}: native {ours:.2f} tok/s, "
+                      f"accelerate {row['throughput_tok_s']:.2f}: "
+                      f"{row['native_over_accelerate']:.2f}x", flush=True)
+        save()
     save()
     return 0
 
@@ -276,7 +286,11 @@ def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) 
     torch.cuda.set_per_process_memory_fraction(limit / total)
     row: dict[str, Any] = {"batch": batch, "osl": osl, "offloaded_bytes": offloaded}
     try:
-        m = measure(_Offloaded(model, spec, offloaded), batch, isl, osl, repeats=1, warmup=1)
+        engine = _Offloaded(model, spec, offloaded)
+        # A short warm-up (prefill + 1 step), separate and never counted: a full one would
+        # cost another whole generation at ~1 s per step.
+        engine.decode(engine.prefill(random_prompt(batch, isl, spec.vocab_size, 1, "cuda"), 2), 1)
+        m = measure(engine, batch, isl, osl, repeats=1, warmup=0)
         row.update(throughput_tok_s=m.throughput_tok_s, tpot_s=m.tpot_s, ttft_s=m.ttft_s,
                    stream_gb_s=m.stream_gb_s, peak_reserved_bytes=m.peak_reserved_bytes)
     except torch.cuda.OutOfMemoryError as e:

@@ -9,8 +9,10 @@ Each unit's weights come from ``store.acquire`` / ``store.release``, which strea
 The arithmetic follows ``transformers``' LlamaForCausalLM (float32 RMSNorm, rotary tables in
 float32 cast to the model dtype), so float32 greedy tokens equal its tokens; a few steps are
 fused to cut the kernels of a decode step (which bound batch-1 speed even under a CUDA graph):
-the fused RMSNorm kernel, q and k rotated in one pass, residual adds inside the output GEMMs. This module holds
-no generation loop and no CUDA graph: :mod:`autotune.engines.native` does.
+the fused RMSNorm kernel; q and k rotated together in three kernels on the projection's own
+layout; the decode mask made additive once per step (a boolean mask is converted inside every
+attention call); residual adds inside the output GEMMs. This module holds no generation loop
+and no CUDA graph: :mod:`autotune.engines.native` does.
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ def _linear_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch
     return out.view(x.shape)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE, ``x * cos + cat(-x2, x1) * sin``, in three kernels: the halves swapped
+    by one flip (any layout), and the minus sign of ``-x2`` carried by ``signed_sin`` =
+    ``cat(-sin1, sin2)`` (exact: negation does not round). ``x`` [B, S, heads, d]; ``cos``,
+    ``signed_sin`` [S, 1, d]."""
+    b, s, h, d = x.shape
+    swapped = x.view(b, s, h, 2, d // 2).flip(-2).view(b, s, h, d)
+    return torch.addcmul(x * cos, swapped, signed_sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, heads, S, d]; ``cos``, ``sin`` [S, d]."""
-    return x * cos + _rotate_half(x) * sin
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 class Llama:
@@ -72,9 +78,13 @@ class Llama:
         t = torch.arange(spec.max_position_embeddings, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [max_pos, d/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype)  # [max_pos, d]
-        self.sin = emb.sin().to(dtype)
-        self.arange = torch.arange(spec.max_position_embeddings, device=device)
+        self.cos = emb.cos().to(dtype).unsqueeze(1)  # [max_pos, 1, d]: broadcast over heads
+        sin = emb.sin().to(dtype)
+        half = d // 2
+        self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).unsqueeze(1)
+        self.arange = torch.arange(_pad16(spec.max_position_embeddings), device=device)
+        self.visible = torch.zeros((), dtype=dtype, device=device)
+        self.hidden = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.gqa = spec.num_attention_heads != spec.num_key_value_heads
         self.eps = spec.rms_norm_eps
 
@@ -86,8 +96,12 @@ class Llama:
                capturing: bool = False) -> torch.Tensor:
         """One token per sequence ``[B, 1]`` at position ``pos`` ([1], int64, on the device)
         -> logits ``[B, V]``. Static shapes: capturable in a CUDA graph."""
-        # [1, 1, 1, L]: key j is visible when j <= pos.
-        mask = (self.arange[:cache.length] <= pos).view(1, 1, 1, cache.length)
+        # Additive [1, 1, 1, L]: 0 where key j <= pos, -inf beyond. Its rows are padded to 16
+        # elements, the alignment the fused attention kernels want (else they pad per call).
+        length = cache.length
+        padded = _pad16(length)
+        mask = torch.where(self.arange[:padded] <= pos, self.visible, self.hidden)
+        mask = mask.view(1, 1, 1, padded)[..., :length]
         return self._forward(tokens, cache, pos, mask, capturing)
 
     def _forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None,
@@ -96,9 +110,9 @@ class Llama:
         x = F.embedding(tokens, fixed["model.embed_tokens.weight"])  # [B, S, h]
         if pos is None:
             s = tokens.shape[1]
-            cos, sin = self.cos[:s], self.sin[:s]
+            cos, sin = self.cos[:s], self.signed_sin[:s]
         else:
-            cos, sin = self.cos[pos], self.sin[pos]  # [1, d], gathered on the device
+            cos, sin = self.cos[pos], self.signed_sin[pos]  # [1, 1, d], gathered on the device
         store.begin_step(capturing)
         for unit in store.layouts:
             w = store.acquire(unit.index)
@@ -124,8 +138,8 @@ class Llama:
             qk = torch.cat([F.linear(h, w["q"]), F.linear(h, w["k"])], dim=-1)
             v = F.linear(h, w["v"])
         del h
-        # q and k rotated together: [B, H + KV, S, d], one set of rotary kernels.
-        qk = apply_rope(qk.view(b, s, nh + nkv, d).transpose(1, 2), cos, sin)
+        # q and k rotated together, in the projection's layout, then viewed head-major.
+        qk = apply_rope(qk.view(b, s, nh + nkv, d), cos, sin).transpose(1, 2)
         q, k = qk[:, :nh], qk[:, nh:]  # [B, H, S, d], [B, KV, S, d]
         v = v.view(b, s, nkv, d).transpose(1, 2)
         kc, vc = cache.k[layer], cache.v[layer]
