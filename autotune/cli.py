@@ -138,6 +138,13 @@ def run(
         "(batch powers of two and midpoints x budget in 10% steps: records a landscape)."),
     landscape: Path | None = typer.Option(
         None, help="Replay a recorded landscape (the landscape engine, on CPU, instantly)."),
+    decode_steps: int = typer.Option(
+        32, help="Decode steps timed per trial, the rest of --osl extrapolated: exact for "
+        "engines whose steps are alike (native); others time every step. 0: every step."),
+    early_stop: bool = typer.Option(
+        True, help="Stop before --trials once the autotune sampler's model has converged."),
+    confirm: bool = typer.Option(
+        True, help="Measure the best over every decode step at the end, when it was estimated."),
 ) -> None:
     """Tune batch size x weight-streaming budget; resumes the study if it exists."""
     from autotune import recommend
@@ -163,6 +170,7 @@ def run(
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,
         max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,
+        decode_steps=_decode_steps(decode_steps), early_stop=early_stop, confirm=confirm,
     )
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
@@ -200,12 +208,20 @@ def worker(
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
 
 
+def _decode_steps(steps: int) -> int | None:
+    if steps < 0:
+        raise UserInputError(f"--decode-steps: expected 0 (every step) or more; got {steps}")
+    return steps or None
+
+
 def _print_progress(event: Any) -> None:
     o, p = event.outcome, event.params
     line = (f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, "
             f"budget {100 * p['budget_fraction']:.0f}% -> ")
     if o.status == "ok":
         line += f"{o.measurement['throughput_tok_s']:.1f} tok/s"
+        if o.measurement.get("estimated"):
+            line += f" (est. from {o.measurement['decode_steps_timed']} steps)"
     else:
         line += f"{o.status}: {o.reason}"
     if event.best:

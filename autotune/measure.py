@@ -6,6 +6,13 @@ reported beside the spread, with the raw samples kept; prompts are random token 
 zeros, never all equal). Throughput is generated tokens (batch x osl) over the wall time of
 prefill + decode. Beside tokens/s it reports what the hardware did: bytes streamed per step and
 the GB/s they imply, so that anyone can check a figure against the link's bound.
+
+The shortcut (``decode_steps``): an engine whose decode steps all do the same work
+(``uniform_decode_steps``: the native engine's static KV cache, attended in full and masked,
+and one CUDA graph per step) is timed over prefill + ``decode_steps`` steps, and the rest of the
+osl is extrapolated from them; the measurement says so (``estimated``, ``decode_steps_timed``).
+Its memory is the workload's (the cache is allocated for isl + osl). Engines whose steps grow
+with the position are always timed over every step. ``benchmarks/shortcut.py`` compares both.
 """
 
 from __future__ import annotations
@@ -38,10 +45,12 @@ class Measurement:
     peak_allocated_bytes: int | None  # torch allocator peak over the timed runs
     peak_reserved_bytes: int | None
     nvml_used_bytes: int | None  # this process's GPU memory by NVML after the runs
-    tokens_sha256: str  # of the generated ids [B, osl] (int64, row-major)
+    tokens_sha256: str  # of the generated ids [B, 1 + decode_steps_timed] (int64, row-major)
     e2e_samples_s: list[float] = field(default_factory=list)
     ttft_samples_s: list[float] = field(default_factory=list)
     warmup: int = 1
+    decode_steps_timed: int = 0  # per repeat; osl - 1 unless estimated
+    estimated: bool = False  # e2e and throughput extrapolated from decode_steps_timed steps
 
     @property
     def budget_fraction(self) -> float:
@@ -87,21 +96,32 @@ def measure(
     repeats: int = 3,
     warmup: int = 1,
     seed: int = 0,
+    decode_steps: int | None = None,
+    warmup_steps: int | None = None,
 ) -> Measurement:
     """Times greedy generation of ``osl`` tokens for ``batch`` random prompts of ``isl``.
 
     Uses the engine's budget as it is now; set ``engine.device_budget`` first.
+    ``decode_steps``: time only that many decode steps and extrapolate (see the module
+    docstring; ignored unless the engine's steps are uniform). ``warmup_steps``: decode steps
+    of each warm-up generation (default: as many as a timed one).
     """
     _check_positive(batch=batch, isl=isl, osl=osl, repeats=repeats)
     if warmup < 0:
         raise UserInputError(f"warmup: expected 0 or more; got {warmup}")
+    for name, value in (("decode_steps", decode_steps), ("warmup_steps", warmup_steps)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserInputError(f"{name}: expected a positive integer or None; got {value!r}")
     simulate = getattr(engine, "simulate_measurement", None)
     if simulate is not None:  # replayed engines (landscape) report recorded figures
         return simulate(batch, isl, osl, repeats=repeats, warmup=warmup)
 
+    steps = osl - 1  # decode steps timed per repeat
+    if decode_steps is not None and decode_steps < steps and uniform_steps(engine):
+        steps = decode_steps
     prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
     for _ in range(warmup):
-        _generate(engine, prompt, osl)
+        _generate(engine, prompt, osl, steps if warmup_steps is None else min(warmup_steps, osl - 1))
     engine.synchronize()
     _reset_peak(engine)
 
@@ -115,14 +135,16 @@ def measure(
         gen = engine.prefill(prompt, osl)
         engine.synchronize()
         first = time.perf_counter()
-        if osl > 1:
-            engine.decode(gen, osl - 1)
+        if steps > 0:
+            engine.decode(gen, steps)
         engine.synchronize()
         end = time.perf_counter()
-        e2e.append(end - start)
         ttft.append(first - start)
+        # Extrapolated when estimating: every step does the same work (uniform_steps).
+        e2e.append(ttft[-1] + (end - first) * (osl - 1) / steps if steps else end - start)
         tokens = gen.tokens
-    assert tokens is not None and tuple(tokens.shape) == (batch, osl), "engine broke the contract"
+    assert tokens is not None and tuple(tokens.shape) == (batch, steps + 1), \
+        "engine broke the contract"
 
     e2e_med = statistics.median(e2e)
     ttft_med = statistics.median(ttft)
@@ -148,13 +170,20 @@ def measure(
         e2e_samples_s=e2e,
         ttft_samples_s=ttft,
         warmup=warmup,
+        decode_steps_timed=steps,
+        estimated=steps < osl - 1,
     )
 
 
-def _generate(engine: Engine, prompt: Any, osl: int) -> Any:
+def uniform_steps(engine: Any) -> bool:
+    """Whether every decode step of the engine does the same work (see the module docstring)."""
+    return bool(getattr(engine, "uniform_decode_steps", False))
+
+
+def _generate(engine: Engine, prompt: Any, osl: int, steps: int) -> Any:
     gen = engine.prefill(prompt, osl)
-    if osl > 1:
-        engine.decode(gen, osl - 1)
+    if steps > 0:
+        engine.decode(gen, steps)
     return gen.tokens
 
 

@@ -55,6 +55,9 @@ CALIBRATION_ROWS = (1, 8, 32, 128, 512, 2048)
 CORRECTION_SCALE = 0.08
 # The fitted model's relative error is taken to lie in this range (measurement noise is ~1%).
 MIN_ERROR, MAX_ERROR = 0.01, 0.15
+# Measured trials before the search may call itself converged: with fewer, the fit's error is
+# measured on the very points it was fitted to (one trial fits exactly).
+MIN_FIT_TRIALS = 3
 
 
 @dataclass(frozen=True)
@@ -379,40 +382,54 @@ class Prior:
     def suggest(self, obs: list[Observation]) -> tuple[int, float] | None:
         """The next configuration: the best predicted one that is allowed and untried."""
         with self._lock:
-            self.refit(obs)
-            pred = self.corrected()
-            masks = self.pruned(obs)
-            untried = np.ones(self.plans.shape, dtype=bool)
-            for o in obs:  # never the same configuration twice
-                i, j = self._index(o.batch, o.fraction)
-                if self.batches[i] == o.batch and abs(self.fractions[j] - o.fraction) < 1e-9:
-                    untried[i, j] = False
-            can_run = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
-            allowed = can_run & ~masks["cannot_win"]
-            if not can_run.any():
-                return None
-            # Constrained expected improvement: the expected gain over the best feasible
-            # trial, times the probability of meeting the limits, both with the corrected
-            # model's spread (its error far from measurements, noise next to one). A point at
-            # the limit's edge is tried when it may win much.
-            c = self.constants
-            best = max((o.throughput for o in obs if o.feasible), default=0.0)
-            mu = pred["throughput"]
-            sd = np.maximum(self._spread(c.error, pred) * mu, 1e-12)
-            z = (mu - best) / sd
-            gain = sd * _pdf(z) + (mu - best) * _cdf(z)
-            p_meet = self._meet_probability(pred, c)
-            score = np.where(allowed, p_meet * gain, -np.inf)
-            if not allowed.any() or (best > 0 and score.max() < MIN_ERROR**2 * best):
-                # Converged: no untried configuration can win, or is expected to win by more
-                # than a measurement can tell. Spend what is left of the budget on the
-                # runners-up likeliest to meet the limits, never on what cannot fit.
-                likely = can_run & (p_meet >= 0.5)
-                score = np.where(likely if likely.any() else can_run, p_meet * mu, -np.inf)
-            if not (score > 0).any():  # nothing predicted to meet: the nearest to meeting
-                score = np.where(can_run, -self._limit_ratio(pred), -np.inf)
-            i, j = np.unravel_index(int(np.argmax(score)), score.shape)
-            return int(self.batches[i]), float(round(self.fractions[j], 6))
+            return self._choose(obs)[0]
+
+    def converged(self, obs: list[Observation]) -> bool:
+        """Whether nothing is left worth a trial: a feasible best exists, the model was fitted
+        on at least ``MIN_FIT_TRIALS`` measured trials, and no untried configuration that can
+        run is expected to beat the best by more than a measurement can tell (or can win at
+        all, by the physical bounds). A study may stop here (``--early-stop``)."""
+        with self._lock:
+            return self._choose(obs)[1]
+
+    def _choose(self, obs: list[Observation]) -> tuple[tuple[int, float] | None, bool]:
+        """The next configuration and whether the search has converged (see above)."""
+        self.refit(obs)
+        pred = self.corrected()
+        masks = self.pruned(obs)
+        untried = np.ones(self.plans.shape, dtype=bool)
+        for o in obs:  # never the same configuration twice
+            i, j = self._index(o.batch, o.fraction)
+            if self.batches[i] == o.batch and abs(self.fractions[j] - o.fraction) < 1e-9:
+                untried[i, j] = False
+        can_run = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
+        allowed = can_run & ~masks["cannot_win"]
+        c = self.constants
+        best = max((o.throughput for o in obs if o.feasible), default=0.0)
+        if not can_run.any():
+            return None, best > 0
+        # Constrained expected improvement: the expected gain over the best feasible trial,
+        # times the probability of meeting the limits, both with the corrected model's spread
+        # (its error far from measurements, noise next to one). A point at the limit's edge is
+        # tried when it may win much.
+        mu = pred["throughput"]
+        sd = np.maximum(self._spread(c.error, pred) * mu, 1e-12)
+        z = (mu - best) / sd
+        gain = sd * _pdf(z) + (mu - best) * _cdf(z)
+        p_meet = self._meet_probability(pred, c)
+        score = np.where(allowed, p_meet * gain, -np.inf)
+        exhausted = not allowed.any() or (best > 0 and score.max() < MIN_ERROR**2 * best)
+        if exhausted:
+            # No untried configuration can win, or is expected to win by more than a
+            # measurement can tell. Spend what is left of the budget on the runners-up
+            # likeliest to meet the limits, never on what cannot fit.
+            likely = can_run & (p_meet >= 0.5)
+            score = np.where(likely if likely.any() else can_run, p_meet * mu, -np.inf)
+        if not (score > 0).any():  # nothing predicted to meet: the nearest to meeting
+            score = np.where(can_run, -self._limit_ratio(pred), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        converged = exhausted and best > 0 and c.fitted_on >= MIN_FIT_TRIALS
+        return (int(self.batches[i]), float(round(self.fractions[j], 6))), converged
 
     def _meet_probability(self, pred: dict[str, np.ndarray], c: Constants) -> np.ndarray:
         """Probability that each candidate meets every limit (each figure normal around the

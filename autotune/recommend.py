@@ -1,7 +1,7 @@
 """The JSON recommendation of a study: what to deploy, and the whole trade-off behind it.
 
 It holds the best configuration (batch, budget in bytes and as a fraction, throughput, latency
-figures, peak memory), the Pareto front of throughput against peak device memory, "if you can
+figures, peak memory, how it was measured, and its full measurement when it was estimated), the Pareto front of throughput against peak device memory, "if you can
 give N GiB, use ...", the trial counts, the study's name and storage (password redacted), its
 workload and environment, and ``schema_version``. It is small enough to read and complete
 enough to reproduce with ``autotune bench``. Reading one back checks it.
@@ -46,6 +46,7 @@ def _config(trial: Any, total: int | None) -> dict[str, Any]:
         "streamed_bytes_per_step": a.get("streamed_bytes_per_step"),
         "stream_gb_s": a.get("stream_gb_s"),
         "tokens_sha256": a.get("tokens_sha256"),
+        "measurement": a.get("measurement", "full"),
     }
 
 
@@ -116,6 +117,9 @@ def build(study: Any) -> dict[str, Any]:
         "trials": counts,
         "reproduce": _bench_command(workload, best),
     }
+    confirmation = attrs.get("confirmation")
+    if confirmation and confirmation.get("trial") == best["trial"]:
+        rec["confirmation"] = confirmation  # the best, measured over every decode step
     return rec
 
 

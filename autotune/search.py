@@ -208,12 +208,16 @@ def after_trial(study: Any, prior: Prior | None) -> None:
 
 def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl: int,
                    osl: int, total: int, limits: Limits | None = None,
-                   prior: Prior | None = None, seed: int = 0) -> list[TrialOutcome]:
-    """The study loop without a worker process: ask, run, record, ``trials`` times."""
+                   prior: Prior | None = None, seed: int = 0, early_stop: bool = False
+                   ) -> list[TrialOutcome]:
+    """The study loop without a worker process: ask, run, record, ``trials`` times (fewer
+    with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
     from autotune.study import record
 
     outcomes = []
     for _ in range(trials):
+        if early_stop and prior is not None and prior.converged(observations(study)):
+            break
         trial, batch, fraction = ask(study, max_batch, prior)
         request = TrialRequest(batch=batch, budget=int(round(fraction * total)), isl=isl,
                                osl=osl, repeats=1, warmup=0, seed=seed)

@@ -8,6 +8,12 @@ is told as a constraint violation (``trial.set_constraint``) with throughput 0 a
 a crash, hang or error becomes a FAIL trial with its reason; the study goes on. Re-running the
 same command resumes the study up to ``trials`` finished trials.
 
+How long a study takes: ``trials`` is a ceiling. With the autotune sampler the study stops
+early once the prior has converged (``early_stop``); trials on engines with uniform decode steps
+time ``decode_steps`` steps and extrapolate the rest of the osl (the trial says so), and at the
+end the best configuration is measured once over every step (``confirm``), its figures stored
+beside the estimate (study attribute ``confirmation``).
+
 One worker process per device runs trials; with several devices, one thread per worker asks
 and tells against the same storage.
 """
@@ -66,8 +72,16 @@ class RunOptions:
     max_ttft_ms: float | None = None
     max_latency_s: float | None = None
     sampler: str = "autotune"
+    # Measurement shortcut (None: time every step), early stop and the final full measurement.
+    decode_steps: int | None = 32
+    early_stop: bool = True
+    confirm: bool = True
 
     def __post_init__(self) -> None:
+        if self.decode_steps is not None and (
+                not isinstance(self.decode_steps, int) or self.decode_steps < 1):
+            raise UserInputError(f"--decode-steps: expected a positive integer (0: every step); "
+                                 f"got {self.decode_steps!r}")
         for name in ("trials", "isl", "osl", "max_batch", "repeats"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -124,7 +138,15 @@ class RunOptions:
             "osl": self.osl, "gpu_memory_limit": self.gpu_memory_limit, "gpu": gpu_name,
             "max_batch": self.max_batch, "weights": self.weights, "repeats": self.repeats,
             "warmup": self.warmup, "limits": self.limits.as_dict(), "sampler": self.sampler,
+            "decode_steps": self.decode_steps,
         }
+
+    def trial_request(self, batch: int, budget: int) -> TrialRequest:
+        """A trial's measurement: short warm-ups and ``decode_steps`` timed steps (where the
+        engine's steps are uniform; measure.py checks)."""
+        return TrialRequest(batch=batch, budget=budget, isl=self.isl, osl=self.osl,
+                            repeats=self.repeats, warmup=self.warmup, seed=self.seed,
+                            decode_steps=self.decode_steps, warmup_steps=self.decode_steps)
 
 
 def default_study_name(options: RunOptions, gpu_name: str) -> str:
@@ -253,6 +275,8 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dic
         attrs["memory_plan"] = outcome.plan
     if outcome.available_bytes is not None:
         attrs["available_bytes"] = outcome.available_bytes
+    if outcome.measurement:
+        attrs["measurement"] = measurement_kind(outcome.measurement)
     if outcome.applied_budget is not None:
         attrs["budget_applied_bytes"] = outcome.applied_budget
         attrs["budget_change_s"] = round(outcome.budget_change_s or 0.0, 4)
@@ -278,6 +302,14 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dic
                 attrs["prediction_error_pct"] = round(
                     100 * (outcome.plan["total"] - peak) / peak, 2)
     return attrs
+
+
+def measurement_kind(m: dict[str, Any]) -> str:
+    """How a trial was measured, in words (the trial says when it is an estimate)."""
+    if m.get("estimated"):
+        return (f"estimated: prefill + {m['decode_steps_timed']} of {m['osl'] - 1} decode steps "
+                f"timed, the rest extrapolated (uniform steps)")
+    return "full"
 
 
 def best_summary(study: Any) -> dict[str, Any] | None:
@@ -312,12 +344,16 @@ def run_study(
         result.notes.append(f"the grid has {size} points; --trials {options.trials} covers "
                             f"{covers}")
     lock = threading.Lock()
-    state: dict[str, Any] = {"ran": 0}
+    state: dict[str, Any] = {"ran": 0, "serving": len(options.devices)}
     errors: list[BaseException] = []
 
     def claim() -> Any:
         """A trial inside the study's budget, or None: exact across processes and hosts."""
         if not budget.has_work(study, options.trials):  # a cheap check: no PRUNED trial
+            return None
+        if converged(study, options, state.get("prior")):
+            with lock:
+                state["converged"] = budget.spent(study)
             return None
         trial = study.ask()
         return trial if budget.claim(study, trial, options.trials) else None
@@ -343,11 +379,7 @@ def run_study(
                 while (trial := claim()) is not None:
                     resume.mark_started(trial)
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
-                    request = TrialRequest(
-                        batch=batch, budget=int(round(fraction * total)), isl=options.isl,
-                        osl=options.osl, repeats=options.repeats, warmup=options.warmup,
-                        seed=options.seed,
-                    )
+                    request = options.trial_request(batch, int(round(fraction * total)))
                     with resume.heartbeat(trial):
                         outcome = worker.run(request)
                     record(study, trial, request, outcome, total, device, limits=options.limits)
@@ -358,6 +390,13 @@ def run_study(
                     if progress is not None:
                         progress(TrialEvent(trial.number, done, options.trials, trial.params,
                                             outcome, best_summary(study)))
+                with lock:  # the last worker to finish confirms the best, on its engine
+                    state["serving"] -= 1
+                    last = state["serving"] == 0
+                if last and options.confirm and state["ran"] and not errors:
+                    note = confirm_best(study, worker, options, total)
+                    if note:
+                        result.notes.append(note)
         except BaseException as e:  # surfaced in the calling thread below
             errors.append(e)
 
@@ -369,7 +408,66 @@ def run_study(
     result.ran = state["ran"]
     if errors:
         raise errors[0]
+    if "converged" in state:
+        result.notes.insert(0, (
+            f"converged after {state['converged']} trials: the prior expects no untried "
+            f"configuration to beat the best by more than a measurement can tell "
+            f"(--no-early-stop runs all {options.trials})"))
     return result
+
+
+def converged(study: Any, options: RunOptions, prior: Any) -> bool:
+    """Whether the study may stop before its trial budget (autotune sampler, early_stop;
+    enqueued trials were asked for by name: they run first)."""
+    if not options.early_stop or prior is None or options.sampler != "autotune":
+        return False
+    if any(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False)):
+        return False
+    from autotune.search import observations
+
+    return prior.converged(observations(study))
+
+
+CONFIRM_TOLERANCE = 0.03  # the shortcut's allowed error (issue 5): beyond it, say so
+
+
+def confirm_best(study: Any, worker: Any, options: RunOptions, total: int) -> str | None:
+    """Measures the best trial over every decode step when its figures were estimated, and
+    stores both as the study's ``confirmation``; returns a note for the user (None: nothing
+    to confirm)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    a = best.user_attrs
+    if not str(a.get("measurement", "")).startswith("estimated"):
+        return None
+    request = replace(options.trial_request(a["batch"], a["budget_bytes"]), repeats=1,
+                      decode_steps=None)
+    outcome = worker.run(request)
+    record: dict[str, Any] = {
+        "trial": best.number, "batch": a["batch"], "budget_bytes": a["budget_bytes"],
+        "status": outcome.status, "estimated_throughput_tok_s": best.value,
+        "estimated_tpot_ms": a.get("tpot_ms"), "measurement": "full, 1 repeat",
+    }
+    if outcome.status != "ok":
+        record["reason"] = outcome.reason
+        study.set_user_attr("confirmation", record)
+        return f"could not confirm trial {best.number} over every step: {outcome.reason}"
+    m = outcome.measurement
+    error = best.value / m[OBJECTIVE] - 1.0
+    record.update(throughput_tok_s=round(m[OBJECTIVE], 3), tpot_ms=round(m["tpot_s"] * 1e3, 3),
+                  ttft_ms=round(m["ttft_s"] * 1e3, 3), e2e_s=round(m["e2e_s"], 4),
+                  estimate_error_pct=round(100 * error, 2),
+                  within_tolerance=abs(error) <= CONFIRM_TOLERANCE,
+                  tolerance_pct=100 * CONFIRM_TOLERANCE)
+    study.set_user_attr("confirmation", record)
+    note = (f"confirmed trial {best.number} over all {options.osl - 1} decode steps: "
+            f"{m[OBJECTIVE]:.1f} tok/s measured, {best.value:.1f} estimated ({100 * error:+.1f}%)")
+    if abs(error) > CONFIRM_TOLERANCE:
+        note += (f"; that is beyond the {100 * CONFIRM_TOLERANCE:.0f}% the shortcut is allowed: "
+                 "re-run with --decode-steps 0 to time every step")
+    return note
 
 
 def _record_study_attrs(study: Any, options: RunOptions, gpu_name: str, info: WorkerInfo) -> None:

@@ -50,6 +50,8 @@ class TrialRequest:
     warmup: int = 1
     seed: int = 0
     margin_bytes: int = DEFAULT_MARGIN
+    decode_steps: int | None = None  # time this many decode steps, extrapolate (measure.py)
+    warmup_steps: int | None = None  # decode steps of each warm-up generation
 
 
 @dataclass
@@ -152,6 +154,7 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
         m = measure(
             engine, request.batch, request.isl, request.osl,
             repeats=request.repeats, warmup=request.warmup, seed=request.seed,
+            decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
         )
         outcome.measurement = m.as_dict()
     except Exception as e:  # classified below; anything else is this trial's error, not ours

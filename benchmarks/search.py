@@ -12,6 +12,9 @@ throughput found / best grid point's; 0 when at or above it), the out-of-memory 
     .venv/bin/python benchmarks/search.py                       # recorded landscapes
     .venv/bin/python benchmarks/search.py --landscape tests/data/synthetic-llama2-7b-8GiB.json
 
+autotune runs as ``autotune run`` does, with early stop: it ends its study once its model has
+converged ("trials run" says when), and later checkpoints keep the regret it ended with.
+
 Targets: median regret <= 3% in <= 12 trials; at most one OOM trial run per study.
 """
 
@@ -47,7 +50,8 @@ STRATEGIES = ("random", "grid", "tpe", "gp", "autotune")
 
 @dataclass
 class Result:
-    regrets: list[float]  # after each checkpoint
+    regrets: list[float]  # after each checkpoint (a study that stopped keeps its last best)
+    trials: int  # trials run (fewer than asked when autotune stopped early)
     oom: int  # trials that ran out of memory
     infeasible: int  # trials the worker refused (predicted not to fit)
     violated: int  # trials that ran but broke a latency limit
@@ -76,7 +80,8 @@ def make_runner(path: str) -> tuple[InProcessRunner, landscape_mod.Landscape]:
 
 
 def run_one(runner: InProcessRunner, land: landscape_mod.Landscape, strategy: str, seed: int,
-            limits: Limits, trials: int) -> Result:
+            limits: Limits, trials: int, early_stop: bool = True) -> Result:
+    """One study; autotune stops early once converged, as ``autotune run`` does by default."""
     import optuna
 
     max_batch = land.batches[-1]
@@ -89,17 +94,21 @@ def run_one(runner: InProcessRunner, land: landscape_mod.Landscape, strategy: st
                             max_batch=max_batch, limits=limits,
                             h2d_gb_s=land.calibration.get("h2d_gb_s"))
     outcomes = run_in_process(study, runner, trials=trials, max_batch=max_batch, isl=land.isl,
-                              osl=land.osl, total=total, limits=limits, prior=prior, seed=seed)
+                              osl=land.osl, total=total, limits=limits, prior=prior, seed=seed,
+                              early_stop=early_stop)
     reference = land.best(limits).throughput_tok_s
     best, regrets = 0.0, []
-    for k, t in enumerate(study.get_trials(deepcopy=False), start=1):
-        if t.user_attrs.get("status") == "ok" and all(v <= 0 for v in t.constraints.values()):
-            best = max(best, t.value)
+    done = study.get_trials(deepcopy=False)
+    for k in range(1, trials + 1):
+        if k <= len(done):
+            t = done[k - 1]
+            if t.user_attrs.get("status") == "ok" and all(v <= 0 for v in t.constraints.values()):
+                best = max(best, t.value)
         if k in CHECKPOINTS:
             regrets.append(max(0.0, 1.0 - best / reference))
     violated = sum(1 for t in study.trials if t.user_attrs.get("status") == "ok"
                    and any(v > 0 for v in t.constraints.values()))
-    return Result(regrets, sum(o.status == "oom" for o in outcomes),
+    return Result(regrets, len(done), sum(o.status == "oom" for o in outcomes),
                   sum(o.status == "infeasible" for o in outcomes), violated)
 
 
@@ -127,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if s not in SAMPLERS:
             parser.error(f"unknown strategy {s}")
     cols = " | ".join(f"@{k} med / worst" for k in CHECKPOINTS)
-    print(f"| landscape | limit | strategy | {cols} | OOM run med / worst | infeasible med "
-          "| limit broken med | s |")
-    print("|" + "---|" * (7 + len(CHECKPOINTS)))
+    print(f"| landscape | limit | strategy | {cols} | trials run med / worst | "
+          "OOM run med / worst | infeasible med | limit broken med | s |")
+    print("|" + "---|" * (8 + len(CHECKPOINTS)))
     for path in paths:
         runner, land = make_runner(path)
         tag = Path(path).stem + (" (SYNTHETIC)" if land.synthetic else "")
@@ -148,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(f"{100 * statistics.median(r):.1f}% / {100 * max(r):.1f}%"
                                  if r else "-")
                 ooms = [x.oom for x in results]
+                ran = [x.trials for x in results]
                 print(f"| {tag} | {limit} | {strategy} | {' | '.join(cells)} | "
+                      f"{statistics.median(ran):g} / {max(ran)} | "
                       f"{statistics.median(ooms):g} / {max(ooms)} | "
                       f"{statistics.median(x.infeasible for x in results):g} | "
                       f"{statistics.median(x.violated for x in results):g} | "

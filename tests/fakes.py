@@ -38,6 +38,7 @@ PER_SEQ_S = 2e-5
 
 class AnalyticEngine:
     name: ClassVar[str] = "analytic"
+    uniform_decode_steps: ClassVar[bool] = True  # every step sleeps the same modelled time
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config

@@ -27,7 +27,8 @@ RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC, 
 
 def test_run_show_export(tmp_path: Path, storage_url: str, cli_env) -> None:
     out = tmp_path / "rec.json"
-    r = autotune(*RUN, "--trials", "4", "--storage", storage_url, "--out", str(out), env=cli_env)
+    r = autotune(*RUN, "--trials", "4", "--no-early-stop", "--storage", storage_url, "--out",
+                 str(out), env=cli_env)
     assert r.returncode == 0, r.stderr
     assert "trial 4/4" in r.stderr and "best" in r.stderr
     assert "recommendation written to" in r.stdout
@@ -81,6 +82,8 @@ def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
          ("--gpu-memory-limit", "8GiB")),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--trials", "0"), ("--trials",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--osl", "-3"), ("--osl",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--decode-steps", "-1"),
+         ("--decode-steps", "every step")),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--storage", "nonsense"),
          ("not a database URL",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--weights", "/nonexistent"),

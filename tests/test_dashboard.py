@@ -110,7 +110,7 @@ def test_dashboard_serves_while_a_study_writes(tmp_path: Path, storage_url: str,
             run = subprocess.Popen(
                 [sys.executable, "-m", "autotune", "run", "--model", "tiny-llama", "--engine",
                  ANALYTIC, "--device", "cpu", "--dtype", "float32", "--trials", str(trials),
-                 "--isl", "8", "--osl", "4", "--repeats", "1", "--max-batch", "64",
+                 "--no-early-stop", "--isl", "8", "--osl", "4", "--repeats", "1", "--max-batch", "64",
                  "--storage", storage_url, "--study", "concurrent",
                  "--out", str(tmp_path / "rec.json")],
                 stdout=f, stderr=subprocess.STDOUT, env=cli_env)
@@ -169,6 +169,7 @@ def test_browser_shows_the_study_and_its_trials(tmp_path: Path, storage_url: str
     assert browser is not None
     name = "browser-study"
     run_study(RunOptions(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                         early_stop=False,
                          trials=5, isl=8, osl=4, max_batch=32, repeats=1, storage=storage_url,
                          study_name=name))
     with _dashboard(storage_url, cli_env, tmp_path / "dashboard.log") as base:

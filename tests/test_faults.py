@@ -32,6 +32,7 @@ from autotune.study import RunOptions, run_study
 def _options(storage_url: str, **kw) -> RunOptions:
     base = dict(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=2, isl=8, osl=4,
                 max_batch=32, storage=storage_url, dtype="float32", repeats=1, warmup=0)
+    base.update(early_stop=False)  # these tests count trials; early stop has its own
     base.update(kw)
     return RunOptions(**base)
 
@@ -60,7 +61,7 @@ def _running_trial(db: Path) -> bool:
 
 def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env) -> None:
     db = Path(storage_url.removeprefix("sqlite:///"))
-    args = (*RUN, "--trials", "4", "--storage", storage_url, "--study", "k",
+    args = (*RUN, "--trials", "4", "--no-early-stop", "--storage", storage_url, "--study", "k",
             "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
     proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

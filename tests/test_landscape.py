@@ -169,7 +169,7 @@ def test_export_of_a_grid_study_round_trips(tmp_path: Path) -> None:
 def test_latency_limits_are_constraints_end_to_end(storage_url: str) -> None:
     options = RunOptions(model="llama2-7b", engine="landscape", device="cpu", trials=6,
                          storage=storage_url, dtype="float16", repeats=1, max_tpot_ms=200.0,
-                         engine_options=(("landscape", str(SYNTHETIC)),))
+                         early_stop=False, engine_options=(("landscape", str(SYNTHETIC)),))
     result = run_study(options)
     assert result.ran == 6
     study = load_study(open_storage(storage_url, create=False), result.study_name)

@@ -22,6 +22,7 @@ def test_notebook_draws_a_study(tmp_path: Path, storage_url: str) -> None:
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     run_study(RunOptions(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                         early_stop=False,
                          trials=8, isl=8, osl=4, max_batch=256, repeats=1, storage=storage_url,
                          gpu_memory_limit=1024 * MiB, study_name="notebook-study"))
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -25,6 +25,7 @@ def study_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A study with feasible and infeasible trials (a 1 GiB limit: large batches don't fit)."""
     url = f"sqlite:///{tmp_path_factory.mktemp('report') / 'study.db'}"
     run_study(RunOptions(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                         early_stop=False,
                          trials=10, isl=8, osl=4, max_batch=256, repeats=1, storage=url,
                          gpu_memory_limit=1024 * MiB, study_name="report-study",
                          # TPE tries what does not fit (autotune's sampler never proposes it).

@@ -32,6 +32,7 @@ GRID = [{"batch": b, "budget_fraction": f} for b in (1, 2, 4, 8, 16, 32) for f i
 def _options(storage_url: str, **kw) -> RunOptions:
     base = dict(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=2, isl=8, osl=4,
                 max_batch=32, storage=storage_url, dtype="float32", repeats=1)
+    base.update(early_stop=False)  # these tests count trials; early stop has its own
     base.update(kw)
     return RunOptions(**base)
 

@@ -20,6 +20,7 @@ from autotune.study import RunOptions, run_study
 def _options(storage_url: str, **kw) -> RunOptions:
     base = dict(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=6, isl=8, osl=4,
                 max_batch=64, storage=storage_url, dtype="float32", repeats=2)
+    base.update(early_stop=False)  # these tests count trials; early stop has its own
     base.update(kw)
     return RunOptions(**base)
 
@@ -57,6 +58,41 @@ def test_study_runs_records_and_resumes(storage_url: str) -> None:
     # ... and with nothing left to do, runs nothing.
     result = run_study(_options(storage_url, trials=8))
     assert result.ran == 0 and result.notes
+
+
+def test_study_stops_early_once_converged(storage_url: str) -> None:
+    result = run_study(_options(storage_url, trials=30, early_stop=True))
+    assert 3 <= result.ran < 30
+    assert result.notes[0].startswith(f"converged after {result.ran} trials")
+    study = _study(storage_url)
+    assert len(study.trials) == result.ran  # stopped before asking: no pruned leftovers
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # The same command again finds it converged and runs nothing.
+    again = run_study(_options(storage_url, trials=30, early_stop=True))
+    assert again.ran == 0 and again.notes[0].startswith("converged")
+
+
+def test_estimated_trials_say_so_and_the_best_is_confirmed(storage_url: str) -> None:
+    result = run_study(_options(storage_url, trials=3, osl=40, decode_steps=8))
+    study = _study(storage_url)
+    for t in study.trials:
+        assert t.user_attrs["measurement"].startswith("estimated: prefill + 8 of 39 decode")
+    best = study.best_trial
+    c = study.user_attrs["confirmation"]
+    assert c["trial"] == best.number and c["status"] == "ok"
+    assert c["measurement"].startswith("full")
+    assert c["estimated_throughput_tok_s"] == best.value
+    assert abs(c["estimate_error_pct"]) < 25  # the analytic engine's steps are alike
+    assert any(n.startswith(f"confirmed trial {best.number} over all 39") for n in result.notes)
+    rec = recommend.build(study)
+    assert rec["confirmation"] == c and rec["best"]["measurement"].startswith("estimated")
+
+
+def test_full_measurements_need_no_confirmation(storage_url: str) -> None:
+    run_study(_options(storage_url, trials=2, osl=40, decode_steps=None))
+    study = _study(storage_url)
+    assert all(t.user_attrs["measurement"] == "full" for t in study.trials)
+    assert "confirmation" not in study.user_attrs
 
 
 def test_memory_limit_records_infeasible_without_running(storage_url: str) -> None:

@@ -65,6 +65,9 @@ class Engine(Protocol):
     name: ClassVar[str]
     spec: ModelSpec
     config: EngineConfig
+    # Optional class attributes, read with getattr: ``uniform_decode_steps`` (True when every
+    # decode step does the same work, so a measurement may time a few and extrapolate; see
+    # autotune.measure) and ``budget_change_cost`` ("high" when a change reloads the engine).
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:

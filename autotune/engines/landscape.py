@@ -123,6 +123,7 @@ class LandscapeEngine:
             peak_allocated_bytes=p.peak_memory_bytes, peak_reserved_bytes=p.peak_memory_bytes,
             nvml_used_bytes=None, tokens_sha256="landscape-replay",
             e2e_samples_s=[e2e] * repeats, ttft_samples_s=[ttft] * repeats, warmup=warmup,
+            decode_steps_timed=osl - 1,
         )
 
     def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:

@@ -57,6 +57,9 @@ class NativeEngine:
     """Weight-streaming Llama runtime (see the module docstring)."""
 
     name: ClassVar[str] = "native"
+    # Every decode step replays the same graph over the whole static cache (masked beyond the
+    # position), so its time does not depend on the position: measure.py may extrapolate.
+    uniform_decode_steps: ClassVar[bool] = True
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore) -> None:
         self.config, self.spec = config, spec

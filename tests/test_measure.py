@@ -1,0 +1,57 @@
+"""measure.py's shortcut: a few decode steps timed and the rest extrapolated, only for engines
+whose steps are alike, and always said so."""
+
+from __future__ import annotations
+
+import pytest
+from fakes import AnalyticEngine
+
+from autotune.engines import EngineConfig
+from autotune.errors import UserInputError
+from autotune.measure import measure
+
+OSL = 40
+
+
+class GrowingSteps(AnalyticEngine):
+    """Steps that cost more with the position (no KV cache, as the TensorRT engine)."""
+
+    uniform_decode_steps = False
+
+
+def _engine(cls: type = AnalyticEngine) -> AnalyticEngine:
+    engine = cls.load(EngineConfig(model="tiny-llama", device="cpu", dtype="float32",
+                                   max_seq_len=8 + OSL))
+    engine.device_budget = 0  # every step streams the whole model: ~1 ms, modelled
+    return engine
+
+
+def test_shortcut_times_some_steps_and_extrapolates() -> None:
+    engine = _engine()
+    full = measure(engine, 2, 8, OSL, repeats=3, warmup=1)
+    short = measure(engine, 2, 8, OSL, repeats=3, warmup=1, decode_steps=8, warmup_steps=2)
+    assert not full.estimated and full.decode_steps_timed == OSL - 1
+    assert short.estimated and short.decode_steps_timed == 8
+    assert short.osl == OSL
+    # The estimate stands for the whole osl: it agrees with timing every step. (A missing
+    # extrapolation would be ~5x off; timer noise on a busy CI machine is a few percent.)
+    assert short.e2e_s == pytest.approx(full.e2e_s, rel=0.25)
+    assert short.throughput_tok_s == pytest.approx(2 * OSL / short.e2e_s)
+    assert short.tpot_s == pytest.approx((short.e2e_s - short.ttft_s) / (OSL - 1))
+
+
+def test_engines_with_growing_steps_are_timed_over_every_step() -> None:
+    m = measure(_engine(GrowingSteps), 1, 8, OSL, repeats=1, warmup=0, decode_steps=8)
+    assert not m.estimated and m.decode_steps_timed == OSL - 1
+
+
+def test_more_steps_than_the_osl_is_the_full_measurement() -> None:
+    m = measure(_engine(), 1, 8, 5, repeats=1, warmup=0, decode_steps=32)
+    assert not m.estimated and m.decode_steps_timed == 4
+
+
+@pytest.mark.parametrize("kw", [dict(decode_steps=0), dict(warmup_steps=-1),
+                                dict(decode_steps=2.5)])
+def test_bad_step_counts(kw) -> None:
+    with pytest.raises(UserInputError):
+        measure(_engine(), 1, 8, OSL, repeats=1, warmup=0, **kw)
