@@ -264,6 +264,8 @@ def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) 
     from autotune.models import RandomWeights, get_spec
 
     spec = get_spec(model_name)
+    gc.collect()  # nothing of an earlier model may hold device memory now
+    torch.cuda.empty_cache()
     with init_empty_weights():
         model = LlamaForCausalLM(spec.hf_config()).to(torch.float16)
     reserve = (kv_cache_bytes(spec, "float16", batch, isl + osl)
@@ -285,8 +287,8 @@ def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(limit / total)
     row: dict[str, Any] = {"batch": batch, "osl": osl, "offloaded_bytes": offloaded}
+    engine = _Offloaded(model, spec, offloaded)
     try:
-        engine = _Offloaded(model, spec, offloaded)
         # A short warm-up (prefill + 1 step), separate and never counted: a full one would
         # cost another whole generation at ~1 s per step.
         engine.decode(engine.prefill(random_prompt(batch, isl, spec.vocab_size, 1, "cuda"), 2), 1)
@@ -295,7 +297,7 @@ def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) 
                    stream_gb_s=m.stream_gb_s, peak_reserved_bytes=m.peak_reserved_bytes)
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = f"out of memory: {str(e).splitlines()[0]}"
-    del model
+    del model, engine  # both hold the model; its hooks make cycles: collect before the next
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(1.0)
