@@ -58,6 +58,10 @@ MIN_ERROR, MAX_ERROR = 0.01, 0.15
 # Measured trials before the search may call itself converged: with fewer, the fit's error is
 # measured on the very points it was fitted to (one trial fits exactly).
 MIN_FIT_TRIALS = 3
+# Finished trials in a row without a feasible best better by more than MIN_ERROR: the search
+# has stalled (typically walking along a latency limit its model puts within noise of the
+# candidates; trying them all would end on a noisy winner).
+PATIENCE = 5
 
 
 @dataclass(frozen=True)
@@ -386,11 +390,13 @@ class Prior:
 
     def converged(self, obs: list[Observation]) -> bool:
         """Whether nothing is left worth a trial: a feasible best exists, the model was fitted
-        on at least ``MIN_FIT_TRIALS`` measured trials, and no untried configuration that can
-        run is expected to beat the best by more than a measurement can tell (or can win at
-        all, by the physical bounds). A study may stop here (``--early-stop``)."""
+        on at least ``MIN_FIT_TRIALS`` measured trials, and either no untried configuration
+        that can run is expected to beat the best by more than a measurement can tell (or can
+        win at all, by the physical bounds), or the last ``PATIENCE`` trials did not beat the
+        best before them by more than that. A study may stop here (``--early-stop``)."""
         with self._lock:
-            return self._choose(obs)[1]
+            return self._choose(obs)[1] or (
+                self.constants.fitted_on >= MIN_FIT_TRIALS and _stalled(obs))
 
     def _choose(self, obs: list[Observation]) -> tuple[tuple[int, float] | None, bool]:
         """The next configuration and whether the search has converged (see above)."""
@@ -514,6 +520,17 @@ class Prior:
             out.append(f"host-to-device bandwidth not measured (no GPU); the prior assumes "
                        f"{ASSUMED_H2D_GB_S:g} GB/s and refits from the trials")
         return out
+
+
+def _stalled(obs: list[Observation]) -> bool:
+    """The last ``PATIENCE`` finished trials found no feasible best above the one before them
+    by more than ``MIN_ERROR`` (``obs`` in trial order)."""
+    done = [o for o in obs if o.status != "running"]
+    if len(done) <= PATIENCE:
+        return False
+    before = max((o.throughput for o in done[:-PATIENCE] if o.feasible), default=0.0)
+    after = max((o.throughput for o in done[-PATIENCE:] if o.feasible), default=0.0)
+    return before > 0 and after <= before * (1 + MIN_ERROR)
 
 
 _erf = np.frompyfunc(math.erf, 1, 1)

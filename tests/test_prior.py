@@ -90,6 +90,30 @@ def test_search_reaches_the_target_with_a_tpot_limit() -> None:
     assert max(r.infeasible for r in results) == 0
 
 
+@pytest.mark.parametrize(("path", "limits"), _cases(),
+                         ids=lambda x: getattr(x, "name", None) or str(x.as_dict() or "none"))
+def test_early_stop_ends_within_a_handful_of_trials_at_the_optimum(path: Path,
+                                                                   limits: Limits) -> None:
+    runner, land = make_runner(str(path))
+    r = run_one(runner, land, "autotune", 0, limits, 20, early_stop=True)
+    assert r.trials <= 8, r  # converged or stalled: never the whole budget
+    assert r.regrets[-1] <= 0.03, r  # ... and where it stopped is the optimum
+
+
+def test_a_stalled_search_is_told_apart_from_a_late_improvement() -> None:
+    from autotune.prior import PATIENCE, _stalled
+
+    def ok(tput: float, feasible: bool = True) -> Observation:
+        return Observation(8, 0.2, "ok", throughput=tput, tpot_s=0.2, ttft_s=0.2,
+                           streamed=1.0, feasible=feasible)
+
+    walk = [ok(70.0)] + [ok(120.0 - k, feasible=False) for k in range(PATIENCE)]
+    assert _stalled(walk)  # the best came first; the rest broke a limit
+    assert not _stalled(walk[:-1])  # not yet PATIENCE trials since the best
+    assert not _stalled([*walk[:-1], ok(75.0)])  # the last trial beat the best by > 1%
+    assert not _stalled([*walk, Observation(8, 0.3, "running")][1:])  # running ones wait
+
+
 def test_first_trial_is_the_predicted_optimum_without_limits() -> None:
     runner, land = make_runner(str(SYNTHETIC))
     r = run_one(runner, land, "autotune", 0, Limits(), 4)
