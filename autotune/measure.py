@@ -104,7 +104,8 @@ def measure(
     Uses the engine's budget as it is now; set ``engine.device_budget`` first.
     ``decode_steps``: time only that many decode steps and extrapolate (see the module
     docstring; ignored unless the engine's steps are uniform). ``warmup_steps``: decode steps
-    of each warm-up generation (default: as many as a timed one).
+    of each warm-up generation (default, and always where steps differ: as many as a timed
+    one, so that every shape the timed run meets was met before).
     """
     _check_positive(batch=batch, isl=isl, osl=osl, repeats=repeats)
     if warmup < 0:
@@ -116,12 +117,14 @@ def measure(
     if simulate is not None:  # replayed engines (landscape) report recorded figures
         return simulate(batch, isl, osl, repeats=repeats, warmup=warmup)
 
-    steps = osl - 1  # decode steps timed per repeat
-    if decode_steps is not None and decode_steps < steps and uniform_steps(engine):
-        steps = decode_steps
+    steps = warm_steps = osl - 1  # decode steps timed per repeat, and per warm-up
+    if uniform_steps(engine):
+        if decode_steps is not None:
+            steps = min(decode_steps, steps)
+        warm_steps = steps if warmup_steps is None else min(warmup_steps, osl - 1)
     prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
     for _ in range(warmup):
-        _generate(engine, prompt, osl, steps if warmup_steps is None else min(warmup_steps, osl - 1))
+        _generate(engine, prompt, osl, warm_steps)
     engine.synchronize()
     _reset_peak(engine)
 

@@ -356,6 +356,9 @@ def run_study(
                 state["converged"] = budget.spent(study)
             return None
         trial = study.ask()
+        # Who runs it, at once: a run killed before this leaves a trial only a stale
+        # heartbeat can fail (resume.py), minutes later.
+        resume.mark_started(trial)
         return trial if budget.claim(study, trial, options.trials) else None
 
     def serve(device: str) -> None:
@@ -377,7 +380,6 @@ def run_study(
                             h2d_gb_s=info.environment.get("h2d_gb_s"))
                 prior = state["prior"]
                 while (trial := claim()) is not None:
-                    resume.mark_started(trial)
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = options.trial_request(batch, int(round(fraction * total)))
                     with resume.heartbeat(trial):

@@ -50,13 +50,18 @@ def _digest(path: Path) -> str:
 
 
 def _running_trial(db: Path) -> bool:
+    """A trial has completed and another runs, its process recorded (resume.mark_started)."""
     try:
         with sqlite3.connect(db, timeout=5) as conn:  # not mode=ro: it can fail beside WAL
             conn.execute("PRAGMA query_only = ON")
             states = [r[0] for r in conn.execute("SELECT state FROM trials")]
+            marked = conn.execute(
+                "SELECT count(*) FROM trials t JOIN trial_user_attributes a "
+                "ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'pid'"
+            ).fetchone()[0]
     except sqlite3.Error:
         return False
-    return "RUNNING" in states and "COMPLETE" in states
+    return "COMPLETE" in states and marked > 0
 
 
 def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env) -> None:
