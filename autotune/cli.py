@@ -140,7 +140,8 @@ def run(
         None, help="Replay a recorded landscape (the landscape engine, on CPU, instantly)."),
     decode_steps: int = typer.Option(
         32, help="Decode steps timed per trial, the rest of --osl extrapolated: exact for "
-        "engines whose steps are alike (native); others time every step. 0: every step."),
+        "engines whose steps are alike (native with CUDA graphs); others time every step. "
+        "0: every step."),
     early_stop: bool = typer.Option(
         True, help="Stop before --trials once the autotune sampler's model has converged."),
     confirm: bool = typer.Option(

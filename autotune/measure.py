@@ -12,7 +12,7 @@ The shortcut (``decode_steps``): an engine whose decode steps all do the same wo
 and one CUDA graph per step) is timed over prefill + ``decode_steps`` steps, and the rest of the
 osl is extrapolated from them; the measurement says so (``estimated``, ``decode_steps_timed``).
 Its memory is the workload's (the cache is allocated for isl + osl). Engines whose steps grow
-with the position are always timed over every step. ``benchmarks/shortcut.py`` compares both.
+with the position, or whose timing is too noisy for it, are timed over every step. ``benchmarks/shortcut.py`` compares both.
 """
 
 from __future__ import annotations

@@ -394,9 +394,18 @@ class Prior:
         that can run is expected to beat the best by more than a measurement can tell (or can
         win at all, by the physical bounds), or the last ``PATIENCE`` trials did not beat the
         best before them by more than that. A study may stop here (``--early-stop``)."""
+        return self.stop_reason(obs) is not None
+
+    def stop_reason(self, obs: list[Observation]) -> str | None:
+        """Why the search may stop now (see :meth:`converged`), in words; None: go on."""
         with self._lock:
-            return self._choose(obs)[1] or (
-                self.constants.fitted_on >= MIN_FIT_TRIALS and _stalled(obs))
+            if self._choose(obs)[1]:
+                return ("no untried configuration is expected to beat the best by more than a "
+                        "measurement can tell")
+            if self.constants.fitted_on >= MIN_FIT_TRIALS and _stalled(obs):
+                return (f"the last {PATIENCE} trials found nothing "
+                        f"{100 * MIN_ERROR:g}% better than the best before them")
+            return None
 
     def _choose(self, obs: list[Observation]) -> tuple[tuple[int, float] | None, bool]:
         """The next configuration and whether the search has converged (see above)."""

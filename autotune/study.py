@@ -351,9 +351,10 @@ def run_study(
         """A trial inside the study's budget, or None: exact across processes and hosts."""
         if not budget.has_work(study, options.trials):  # a cheap check: no PRUNED trial
             return None
-        if converged(study, options, state.get("prior")):
+        reason = stop_reason(study, options, state.get("prior"))
+        if reason is not None:
             with lock:
-                state["converged"] = budget.spent(study)
+                state["stopped"] = (budget.spent(study), reason)
             return None
         trial = study.ask()
         # Who runs it, at once: a run killed before this leaves a trial only a stale
@@ -410,24 +411,23 @@ def run_study(
     result.ran = state["ran"]
     if errors:
         raise errors[0]
-    if "converged" in state:
-        result.notes.insert(0, (
-            f"converged after {state['converged']} trials: the prior expects no untried "
-            f"configuration to beat the best by more than a measurement can tell "
-            f"(--no-early-stop runs all {options.trials})"))
+    if "stopped" in state:
+        done, reason = state["stopped"]
+        result.notes.insert(0, f"converged after {done} trials: {reason} (--no-early-stop "
+                               f"runs all {options.trials})")
     return result
 
 
-def converged(study: Any, options: RunOptions, prior: Any) -> bool:
-    """Whether the study may stop before its trial budget (autotune sampler, early_stop;
-    enqueued trials were asked for by name: they run first)."""
+def stop_reason(study: Any, options: RunOptions, prior: Any) -> str | None:
+    """Why the study may stop before its trial budget (autotune sampler, early_stop;
+    enqueued trials were asked for by name: they run first); None: it goes on."""
     if not options.early_stop or prior is None or options.sampler != "autotune":
-        return False
+        return None
     if any(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False)):
-        return False
+        return None
     from autotune.search import observations
 
-    return prior.converged(observations(study))
+    return prior.stop_reason(observations(study))
 
 
 CONFIRM_TOLERANCE = 0.03  # the shortcut's allowed error (issue 5): beyond it, say so

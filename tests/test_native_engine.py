@@ -158,6 +158,13 @@ def test_measure_gives_the_same_tokens_at_every_budget(engine) -> None:
     assert len(digests) == 1
 
 
+def test_cpu_steps_are_timed_in_full(engine) -> None:
+    # The shortcut is shown only with CUDA graphs (benchmarks/shortcut.py); CPU timing is noisy.
+    assert engine.uniform_decode_steps is False
+    m = measure(engine, 1, 6, 5, repeats=1, warmup=0, decode_steps=2)
+    assert not m.estimated and m.decode_steps_timed == 4
+
+
 # -- GPU ---------------------------------------------------------------------------------------
 
 

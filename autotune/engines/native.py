@@ -57,9 +57,6 @@ class NativeEngine:
     """Weight-streaming Llama runtime (see the module docstring)."""
 
     name: ClassVar[str] = "native"
-    # Every decode step replays the same graph over the whole static cache (masked beyond the
-    # position), so its time does not depend on the position: measure.py may extrapolate.
-    uniform_decode_steps: ClassVar[bool] = True
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore) -> None:
         self.config, self.spec = config, spec
@@ -67,6 +64,11 @@ class NativeEngine:
         self._store = store
         self._model = Llama(spec, store)
         self.cuda_graphs = bool(config.option("cuda_graphs", True)) and store.cuda
+        # With graphs every decode step replays the same graph over the whole static cache
+        # (masked beyond the position): measure.py may time a few and extrapolate, as shown
+        # within 3% on the H100 (benchmarks/shortcut.py). Eager steps (CPU) do the same work
+        # too, but their timing noise there exceeds 3%: they are timed in full.
+        self.uniform_decode_steps = self.cuda_graphs
         self.workspace_bytes = int(config.option("workspace_bytes", plan.DEFAULT_WORKSPACE))
         self._budget = store.resident_bytes
         self._static: _Static | None = None
