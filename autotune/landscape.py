@@ -284,6 +284,7 @@ def from_study(study: Any, command: str | None = None) -> dict[str, Any]:
                 "tpot_ms": a.get("tpot_ms"),
                 "peak_memory_bytes": a.get("peak_reserved_bytes") or a.get("predicted_peak_bytes"),
                 "streamed_bytes_per_step": a.get("streamed_bytes_per_step"),
+                "measurement": a.get("measurement", "full"),  # estimated, or every step
             })
         old = grid.get(key)
         if old is None or status == "ok" or old["status"] != "ok":
