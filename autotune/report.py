@@ -4,7 +4,8 @@
 embedded as base64, no external file or script) that a person reads at a glance:
 
 - ``landscape.png``: throughput over batch (log2 axis) x device budget; feasible trials coloured
-  by throughput, infeasible / out-of-memory / failed trials marked, the best trial (which is
+  by throughput, trials over a latency limit hollow, infeasible / out-of-memory / failed trials
+  marked, the best trial (which is
   the recommendation) starred and the "if you can give N GiB" picks ringed;
 - ``pareto.png``: throughput against peak device memory, the Pareto front drawn through it;
 - ``progress.png``: each trial's throughput and the best so far against the trial number.
@@ -48,10 +49,20 @@ class TrialPoint:
     throughput_tok_s: float | None  # ok trials only
     peak_memory_bytes: int | None  # measured, else predicted
     peak_measured: bool
+    within_limits: bool = True  # met every latency limit of the study (if it ran)
+
+    @property
+    def measured(self) -> bool:
+        return self.status == "ok" and self.throughput_tok_s is not None
 
     @property
     def feasible(self) -> bool:
-        return self.status == "ok" and self.throughput_tok_s is not None
+        """Measured and within the latency limits: what a recommendation may pick."""
+        return self.measured and self.within_limits
+
+    @property
+    def over_limit(self) -> bool:
+        return self.measured and not self.within_limits
 
 
 def points(study: Any) -> list[TrialPoint]:
@@ -71,6 +82,8 @@ def points(study: Any) -> list[TrialPoint]:
             budget_bytes=int(budget),
             throughput_tok_s=a.get("throughput_tok_s") if a["status"] == "ok" else None,
             peak_memory_bytes=int(peak) if peak else None, peak_measured=bool(measured),
+            within_limits=all(v <= 0 for k, v in (t.constraints or {}).items()
+                              if k != "memory_gib"),
         ))
     return out
 
@@ -146,6 +159,15 @@ def _log2_batch_axis(ax: Any, batches: list[int]) -> None:
     ax.set_xlim(0.8, 2 ** (top.bit_length()) * 1.1)
 
 
+def _mark_over_limit(ax: Any, pts: list[TrialPoint], x: Any, y: Any) -> None:
+    """Trials that ran but broke a latency limit: hollow, at their measured throughput."""
+    sel = [p for p in pts if p.over_limit]
+    if sel:
+        ax.scatter([x(p) for p in sel], [y(p) for p in sel], s=60, facecolors="none",
+                   edgecolors="#d62728", linewidths=1.4, zorder=2,
+                   label="ran, but over a latency limit")
+
+
 def _mark_failures(ax: Any, pts: list[TrialPoint], x: Any, y: Any) -> None:
     """Infeasible, OOM and failed trials, each with its own marker and legend entry."""
     styles = {
@@ -174,6 +196,7 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
         fig.colorbar(sc, ax=ax, label="throughput (tokens/s)", pad=0.02)
         ax.scatter([], [], color="#9e9e9e", edgecolors="black", linewidths=0.4, s=70,
                    label="measured trial (colour: throughput)")
+    _mark_over_limit(ax, pts, lambda p: p.batch, lambda p: p.budget_pct)
     _mark_failures(ax, pts, lambda p: p.batch, lambda p: p.budget_pct)
     for gib, p in _picks(pts, rec):
         ax.scatter([p.batch], [p.budget_pct], s=230, facecolors="none", edgecolors="#ff7f0e",
@@ -227,6 +250,8 @@ def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     if ok:
         ax.scatter([mem(p) for p in ok], [p.throughput_tok_s for p in ok],
                    color="#9e9e9e", s=36, zorder=2, label="measured trial")
+    _mark_over_limit(ax, [p for p in pts if p.peak_memory_bytes is not None], mem,
+                     lambda p: p.throughput_tok_s)
     by_number = {p.number: p for p in ok}
     front = [by_number[c["trial"]] for c in (rec["pareto_front"] if rec else [])
              if c["trial"] in by_number]
@@ -262,7 +287,7 @@ def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     ax.set_xlabel(f"peak device memory ({unit}, " + ("measured)" if measured else
                   "predicted by the memory model where not measured)"))
     ax.set_ylabel("throughput (tokens/s)")
-    ax.set_ylim(bottom=0, top=1.08 * max([p.throughput_tok_s for p in ok] + [1]))
+    ax.set_ylim(bottom=0, top=1.08 * max([p.throughput_tok_s for p in pts if p.measured] + [1]))
     return _finish(fig, ax, "Throughput against peak device memory", subtitle, ok,
                    legend_y=-0.13, ncol=2)
 
@@ -276,6 +301,7 @@ def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
     if ok:
         ax.scatter([p.number for p in ok], [p.throughput_tok_s for p in ok], color="#1f77b4",
                    s=26, alpha=0.7, zorder=2, label="trial throughput")
+    _mark_over_limit(ax, pts, lambda p: p.number, lambda p: p.throughput_tok_s)
     _mark_failures(ax, pts, lambda p: p.number, lambda p: 0.0)
     xs, ys, best = [], [], None
     for p in pts:
@@ -289,7 +315,8 @@ def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
                 label=f"best so far (final {ys[-1]:,.0f} tok/s)")
     ax.set_xlabel("trial number")
     ax.set_ylabel("throughput (tokens/s)")
-    ax.set_ylim(bottom=-0.03 * (max(ys) if ys else 1))
+    top = max([p.throughput_tok_s for p in pts if p.measured] + [1])
+    ax.set_ylim(bottom=-0.03 * top, top=1.06 * top)
     return _finish(fig, ax, "Search progress: best throughput so far", subtitle, pts,
                    legend_y=-0.14, ncol=3)
 

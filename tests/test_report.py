@@ -129,3 +129,28 @@ def test_cli_report(study_url: str, tmp_path: Path, cli_env: dict[str, str]) -> 
          "--out", str(tmp_path / "x")], capture_output=True, text=True, env=cli_env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no study named 'nope'")
+
+
+def test_trials_over_a_latency_limit_are_drawn_apart(tmp_path: Path) -> None:
+    """A trial that ran but broke a TPOT limit is neither feasible nor a failure."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from search import make_runner
+
+    from autotune.prior import Limits
+    from autotune.search import run_in_process
+
+    runner, land = make_runner(str(Path(__file__).parent / "data"
+                                   / "synthetic-llama2-7b-8GiB.json"))
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(),
+                                direction="maximize")
+    study.set_user_attr("total_device_budget", land.total_device_budget)
+    for batch, fraction in ((16, 0.0), (4, 0.3)):  # streaming all: ~240 ms a step; 30% resident
+        study.enqueue_trial({"batch": batch, "budget_fraction": fraction})
+    run_in_process(study, runner, trials=2, max_batch=land.batches[-1], isl=land.isl,
+                   osl=land.osl, total=land.total_device_budget,
+                   limits=Limits(max_tpot_ms=200.0))
+    over, within = report.points(study)
+    assert over.measured and over.over_limit and not over.feasible
+    assert within.feasible and not within.over_limit
+    files = report.write_report(study, tmp_path / "out")
+    assert all(p.read_bytes().startswith(PNG) for p in files.pngs.values())
