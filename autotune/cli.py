@@ -233,7 +233,13 @@ def _print_progress(event: Any) -> None:
 
 def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None:
     trials = study.get_trials(deepcopy=False)
-    ranked = sorted(trials, key=lambda t: -(t.value or 0) if t.value is not None else 1)
+
+    def over(t: Any) -> list[str]:  # latency limits a measured trial broke
+        return [k.removesuffix("_ms").removesuffix("_s") for k, v in (t.constraints or {}).items()
+                if k != "memory_gib" and v > 0]
+
+    # Feasible trials first, fastest first: the first row is the recommendation.
+    ranked = sorted(trials, key=lambda t: (t.value is None, bool(over(t)), -(t.value or 0)))
     table = Table(title=title or study.study_name)
     for col in ("#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
                 "peak GiB", "pred GiB", "reason"):
@@ -243,7 +249,8 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
         table.add_row(
             str(t.number), str(a.get("batch", "")),
             f"{a['budget_pct']:.0f}% {format_bytes(a['budget_bytes'])}" if "budget_pct" in a else "",
-            a.get("status", t.state.name.lower()),
+            a.get("status", t.state.name.lower())
+            + (f" (over {', '.join(over(t))} limit)" if over(t) else ""),
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
             f"{a['ttft_ms']:.1f}" if "ttft_ms" in a else "",
             f"{a['tpot_ms']:.2f}" if "tpot_ms" in a else "",

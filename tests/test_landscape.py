@@ -203,6 +203,11 @@ def test_cli_replays_and_exports_a_landscape(tmp_path: Path, cli_env: dict) -> N
     assert "best: batch" in run.stdout
     rec = recommend.read(tmp_path / "rec.json")
     assert rec["best"]["tpot_ms"] <= 180
+    # `show` ranks feasible trials first: its first row is the recommendation.
+    show = subprocess.run([sys.executable, "-m", "autotune", "show", "--storage", db],
+                          capture_output=True, text=True, env=cli_env, timeout=60)
+    rows = [line for line in show.stdout.splitlines() if line.startswith("│")]
+    assert rows[0].split("│")[1].strip() == str(rec["best"]["trial"]), show.stdout
     # Three trials are not a grid: export explains, in one line, with exit code 2.
     exp = subprocess.run(
         [sys.executable, "-m", "autotune", "export", "--storage", db, "--landscape",
