@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import jsonfile
+from autotune.budget import OVER_BUDGET
 from autotune.errors import NoCompletedTrialError, SchemaError
 from autotune.units import GiB
 
@@ -101,6 +102,8 @@ def build(study: Any) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         status = t.user_attrs.get("status", t.state.name.lower())
+        if status == OVER_BUDGET:  # asked in a race between workers, never run: bookkeeping
+            continue
         counts[status] = counts.get(status, 0) + 1
     automatic = attrs.get("automatic_budget")
     rec = {

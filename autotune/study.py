@@ -349,12 +349,13 @@ def run_study(
 
     def claim() -> Any:
         """A trial inside the study's budget, or None: exact across processes and hosts."""
-        if not budget.has_work(study, options.trials):  # a cheap check: no PRUNED trial
-            return None
         reason = stop_reason(study, options, state.get("prior"))
         if reason is not None:
             with lock:
                 state["stopped"] = (budget.spent(study), reason)
+            return None
+        # A cheap check right before asking (no PRUNED trial unless another worker races us).
+        if not budget.has_work(study, options.trials):
             return None
         trial = study.ask()
         # Who runs it, at once: a run killed before this leaves a trial only a stale
