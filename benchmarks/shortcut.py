@@ -26,20 +26,9 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
-from autotune.engines import EngineConfig, load_engine  # noqa: E402
+from limited import add_workload_args, largest, load_limited  # noqa: E402
+
 from autotune.measure import measure  # noqa: E402
-from autotune.memory import DEFAULT_MARGIN  # noqa: E402
-from autotune.units import parse_bytes  # noqa: E402
-
-
-def largest(fits, lo: int, hi: int) -> int:
-    """The largest x in [lo, hi] with fits(x) (fits monotone decreasing); lo - 1 if none."""
-    if not fits(lo):
-        return lo - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
 
 
 def compare(engine: Any, label: str, batch: int, budget: int, args: Any) -> dict[str, Any]:
@@ -62,23 +51,13 @@ def compare(engine: Any, label: str, batch: int, budget: int, args: Any) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--isl", type=int, default=128)
-    p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--limit", default="8GiB")
+    add_workload_args(p)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args(argv)
-    limit = parse_bytes(args.limit, what="--limit")
-    isl, osl = args.isl, args.osl
-    engine = load_engine(EngineConfig(model=args.model, dtype="float16", device="cuda",
-                                      max_seq_len=isl + osl, gpu_memory_limit=limit))
-    total, room = engine.total_device_budget, limit - DEFAULT_MARGIN
-
-    def fits(batch: int, budget: int) -> bool:
-        return engine.memory_plan(batch, isl, osl, budget).total <= room
-
+    engine, _, fits = load_limited(args)
+    total = engine.total_device_budget
     rows = []
     top = largest(lambda b: fits(b, 0), 1, 256)
     rows.append(compare(engine, "stream all, max batch", top, 0, args))

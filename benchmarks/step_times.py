@@ -23,10 +23,9 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
-from autotune.engines import EngineConfig, load_engine  # noqa: E402
+from limited import add_workload_args, largest, load_limited  # noqa: E402
+
 from autotune.measure import random_prompt  # noqa: E402
-from autotune.memory import DEFAULT_MARGIN  # noqa: E402
-from autotune.units import parse_bytes  # noqa: E402
 
 
 def segments(engine: Any, batch: int, isl: int, osl: int, segment: int) -> dict[str, Any]:
@@ -52,20 +51,14 @@ def segments(engine: Any, batch: int, isl: int, osl: int, segment: int) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--isl", type=int, default=128)
-    p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--limit", default="8GiB")
+    add_workload_args(p)
     p.add_argument("--segment", type=int, default=32)
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--json", help="write every figure here")
     args = p.parse_args(argv)
-    limit = parse_bytes(args.limit, what="--limit")
     isl, osl = args.isl, args.osl
-    engine = load_engine(EngineConfig(model=args.model, dtype="float16", device="cuda",
-                                      max_seq_len=isl + osl, gpu_memory_limit=limit))
-    room = limit - DEFAULT_MARGIN
-    batch = max(b for b in range(1, 257) if engine.memory_plan(b, isl, osl, 0).total <= room)
+    engine, _, fits = load_limited(args)
+    batch = largest(lambda b: fits(b, 0), 1, 256)
     engine.device_budget = 0
     rows = [segments(engine, batch, isl, osl, args.segment) for _ in range(args.runs)]
     torch.cuda.set_per_process_memory_fraction(1.0)

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from limited import add_workload_args, largest, load_limited
 
-from autotune.engines import EngineConfig, load_engine
 from autotune.measure import measure, random_prompt
-from autotune.memory import DEFAULT_MARGIN
-from autotune.units import GiB, parse_bytes
+from autotune.units import GiB
 
 
 def _timed(fn, repeats: int = 5) -> float:
@@ -75,16 +74,6 @@ def bounds(engine, hw: dict[str, float], batch: int, isl: int, osl: int) -> dict
             "tok_s": batch * osl / (prefill + (osl - 1) * step)}
 
 
-def largest(fits, lo: int, hi: int) -> int:
-    """The largest x in [lo, hi] with fits(x) (fits monotone decreasing); lo - 1 if none."""
-    if not fits(lo):
-        return lo - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
-
-
 def run_config(engine, hw, batch, isl, osl, args) -> dict[str, Any]:
     plan = engine.memory_plan(batch, isl, osl, engine.device_budget)
     row: dict[str, Any] = {"batch": batch, "budget": engine.device_budget,
@@ -125,10 +114,7 @@ def print_row(label: str, r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
-    p.add_argument("--isl", type=int, default=128)
-    p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--limit", default="8GiB")
+    add_workload_args(p)
     p.add_argument("--fractions", default="0,0.25,0.5,0.75")
     p.add_argument("--batches", default="1,16,max")
     p.add_argument("--repeats", type=int, default=3)
@@ -139,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-accelerate", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    limit = parse_bytes(args.limit, what="--limit")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"args": vars(args), "torch": torch.__version__,
@@ -153,18 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"B_h2d {hw['h2d_gb_s']:.1f} GB/s, B_hbm {hw['hbm_gb_s']:.0f} GB/s, "
           f"fp16 {hw['fp16_tflop_s']:.0f} TFLOP/s", flush=True)
     start = time.perf_counter()
-    config = EngineConfig(model=args.model, dtype="float16", device="cuda",
-                          max_seq_len=args.isl + args.osl, gpu_memory_limit=limit)
-    engine = load_engine(config)
+    engine, limit, fits = load_limited(args)
     result["load_s"] = time.perf_counter() - start
     result["engine"] = engine.describe()
     print(f"loaded in {result['load_s']:.1f} s: {engine.describe()}", flush=True)
     isl, osl, total = args.isl, args.osl, engine.total_device_budget
-    room = limit - DEFAULT_MARGIN
-
-    def fits(batch: int, budget: int) -> bool:
-        return engine.memory_plan(batch, isl, osl, budget).total <= room
-
     top = largest(lambda b: fits(1, b), 0, total)
     for fraction in (float(f) for f in args.fractions.split(",")):
         start = time.perf_counter()
