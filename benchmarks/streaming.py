@@ -13,6 +13,11 @@ The bound of a decode step that streams S bytes and reads R resident bytes is
 max(S / B_h2d, R / B_hbm, flops / F); throughput's bound adds the prefill's bound.
 
     python benchmarks/streaming.py --out benchmarks/results/streaming.json [--osl 256]
+
+Estimates, where a full run costs minutes: ``--decode-steps N`` times the native engine as a
+trial does (prefill + N steps, the rest extrapolated; every step replays the same graph), and
+``--accelerate-decode-steps N`` does the same for accelerate, whose steps only grow with its
+cache, so that its extrapolated figure can only flatter it. Rows say when they are estimated.
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ def run_config(engine, hw, batch, isl, osl, args) -> dict[str, Any]:
             gen = engine.prefill(random_prompt(batch, isl, engine.spec.vocab_size, 1, "cuda"), osl)
             engine.decode(gen, min(2, osl - 1))
             engine.synchronize()
-        m = measure(engine, batch, isl, osl, repeats=args.repeats, warmup=args.warmup)
+        k = args.decode_steps  # None: every step; else the trials' shortcut (estimated)
+        m = measure(engine, batch, isl, osl, repeats=args.repeats, warmup=args.warmup,
+                    decode_steps=k, warmup_steps=k)
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = f"out of memory: {str(e).splitlines()[0]}"
         gc.collect()
@@ -109,7 +116,8 @@ def print_row(label: str, r: dict[str, Any]) -> None:
           f"frac={r['fraction_of_bound']:.3f} decode_frac={r['decode_fraction_of_bound']:.3f} "
           f"link={r['stream_gb_s']:5.1f}GB/s tpot={r['tpot_s'] * 1e3:7.2f}ms "
           f"peak_pred={r['plan']['total'] / GiB:5.2f} reserved={r['peak_reserved_bytes'] / GiB:5.2f} "
-          f"alloc={r['peak_allocated_bytes'] / GiB:5.2f} GiB", flush=True)
+          f"alloc={r['peak_allocated_bytes'] / GiB:5.2f} GiB"
+          + (f" (est. from {r['decode_steps_timed']} steps)" if r["estimated"] else ""), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="full warm-up generations; 0: a 2-step warm-up instead")
     p.add_argument("--accelerate-osl", type=int, default=None,
                    help="osl of the accelerate runs (default: --osl, an equal comparison)")
+    p.add_argument("--decode-steps", type=int, default=None,
+                   help="native: time prefill + this many decode steps and extrapolate the "
+                        "rest, as a trial does (shown within 3%%: benchmarks/shortcut.py); "
+                        "default: every step")
+    p.add_argument("--accelerate-decode-steps", type=int, default=None,
+                   help="accelerate: time prefill + this many decode steps and extrapolate the "
+                        "rest at their mean (its cache grows, so later steps cost no less: an "
+                        "estimate that can only favour accelerate); default: every step")
     p.add_argument("--no-accelerate", action="store_true")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -179,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_accelerate:
         result["accelerate"] = []
         for batch in batches:
-            row = run_accelerate(args.model, limit, batch, isl, args.accelerate_osl or osl)
+            row = run_accelerate(args.model, limit, batch, isl, args.accelerate_osl or osl,
+                                 args.accelerate_decode_steps)
             result["accelerate"].append(row)
             print(f"accelerate b={batch:>3}: {row}", flush=True)
             save()
@@ -188,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                         and r["batch"] == row["batch"] and "error" not in r), default=None)
             if ours and row.get("throughput_tok_s") and row["osl"] == osl:
                 row["native_over_accelerate"] = ours / row["throughput_tok_s"]
+                est = " (est.)" if row.get("estimated") else ""
                 print(f"batch {row['batch']:>3} at osl {osl}: native {ours:.2f} tok/s, "
-                      f"accelerate {row['throughput_tok_s']:.2f}: "
+                      f"accelerate {row['throughput_tok_s']:.2f}{est}: "
                       f"{row['native_over_accelerate']:.2f}x", flush=True)
         save()
     save()
@@ -230,10 +248,12 @@ class _Offloaded:
         return self._offloaded
 
 
-def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) -> dict:
+def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int,
+                   decode_steps: int | None = None) -> dict:
     """accelerate's big-model offload (device_map from max_memory) at the same memory limit:
     the GPU gets the limit minus this batch's KV cache and activations, the rest stays on the
-    CPU and is copied in by accelerate's hooks on every forward."""
+    CPU and is copied in by accelerate's hooks on every forward. ``decode_steps``: time prefill
+    + that many steps and extrapolate the other osl - 1 - decode_steps at their mean."""
     from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import LlamaForCausalLM
@@ -270,9 +290,13 @@ def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int) 
         # A short warm-up (prefill + 1 step), separate and never counted: a full one would
         # cost another whole generation at ~1 s per step.
         engine.decode(engine.prefill(random_prompt(batch, isl, spec.vocab_size, 1, "cuda"), 2), 1)
-        m = measure(engine, batch, isl, osl, repeats=1, warmup=0)
-        row.update(throughput_tok_s=m.throughput_tok_s, tpot_s=m.tpot_s, ttft_s=m.ttft_s,
-                   stream_gb_s=m.stream_gb_s, peak_reserved_bytes=m.peak_reserved_bytes)
+        steps = osl - 1 if decode_steps is None else min(decode_steps, osl - 1)
+        m = measure(engine, batch, isl, steps + 1, repeats=1, warmup=0)
+        e2e = m.ttft_s + (osl - 1) * m.tpot_s  # exact when every step was timed
+        row.update(throughput_tok_s=batch * osl / e2e, e2e_s=e2e, tpot_s=m.tpot_s,
+                   ttft_s=m.ttft_s, stream_gb_s=m.stream_gb_s,
+                   peak_reserved_bytes=m.peak_reserved_bytes, decode_steps_timed=steps,
+                   estimated=steps < osl - 1)
     except torch.cuda.OutOfMemoryError as e:
         row["error"] = f"out of memory: {str(e).splitlines()[0]}"
     del model, engine  # both hold the model; its hooks make cycles: collect before the next
