@@ -6,11 +6,15 @@ predicts the peak memory, measures through :mod:`autotune.measure`, and returns 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from autotune import host
 from autotune.engines import EngineConfig, load_engine
 from autotune.errors import UserInputError
 from autotune.measure import measure
+
+log = logging.getLogger(__name__)
 
 
 def run_bench(
@@ -30,6 +34,9 @@ def run_bench(
         model=model, engine=engine, dtype=dtype, device=device, max_batch=batch,
         max_seq_len=isl + osl, weights=weights, seed=seed, gpu_memory_limit=gpu_memory_limit,
     )
+    warning = host.check_engine(config, workers=1)
+    if warning:
+        log.warning("%s", warning)
     eng = load_engine(config)
     try:
         total = eng.total_device_budget

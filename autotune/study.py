@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from autotune import budget, resume
+from autotune import budget, host, resume
 from autotune.engines import EngineConfig, engine_class
 from autotune.errors import UserInputError
 from autotune.models import check_dtype, get_spec
@@ -326,6 +326,10 @@ def run_study(
 ) -> RunResult:
     """Runs (or resumes) the study until it has ``options.trials`` finished trials."""
     gpu_name = resolve_gpu_name(options)
+    # Before anything is written: a model the host cannot hold would kill its workers.
+    warning = host.check_engine(options.engine_config(options.devices[0]), len(options.devices))
+    if warning:
+        log.warning("%s", warning)
     study = create_or_load(options, gpu_name)
     result = RunResult(study.study_name, redact(options.storage), 0, None)
     for number in resume.recover(study):  # the trials of a killed run: failed, retried once

@@ -67,7 +67,9 @@ class Engine(Protocol):
     config: EngineConfig
     # Optional class attributes, read with getattr: ``uniform_decode_steps`` (True when every
     # decode step does the same work, so a measurement may time a few and extrapolate; see
-    # autotune.measure) and ``budget_change_cost`` ("high" when a change reloads the engine).
+    # autotune.measure), ``budget_change_cost`` ("high" when a change reloads the engine) and
+    # the class method ``host_bytes(config)`` (peak host memory one loaded worker holds, checked
+    # against the host before a run starts: autotune.host).
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:

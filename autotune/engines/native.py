@@ -77,6 +77,12 @@ class NativeEngine:
         self._capture_stream: Any = None
 
     @classmethod
+    def host_bytes(cls, config: EngineConfig) -> int:
+        """Host memory a loaded engine holds: every streamable unit pinned once (on CPU, the
+        whole model); the whole model bounds both."""
+        return get_spec(config.model, config.weights).weight_bytes(config.dtype)
+
+    @classmethod
     def load(cls, config: EngineConfig) -> NativeEngine:
         spec = get_spec(config.model, config.weights)
         device = torch.device(config.device)

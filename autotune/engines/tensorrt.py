@@ -76,6 +76,12 @@ class TensorRTEngine:
         self.needs_warmup = True  # the first generation after load or a budget change
 
     @classmethod
+    def host_bytes(cls, config: EngineConfig) -> int:
+        """Peak host memory: the engine keeps all its weights in a host buffer (streamed ones
+        included), beside PyTorch's copy of the model while it compiles (research §5)."""
+        return 2 * get_spec(config.model, config.weights).weight_bytes(config.dtype)
+
+    @classmethod
     def load(cls, config: EngineConfig) -> TensorRTEngine:
         trt = import_torch_tensorrt()
         version = parse_version(trt.__version__)
