@@ -217,8 +217,13 @@ def _decode_steps(steps: int) -> int | None:
 
 def _print_progress(event: Any) -> None:
     o, p = event.outcome, event.params
-    line = (f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, "
-            f"budget {100 * p['budget_fraction']:.0f}% -> ")
+    asked = 100 * p["budget_fraction"]
+    line = f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, budget {asked:.0f}%"
+    if o.applied_budget is not None and event.total_device_budget:
+        applied = 100 * o.applied_budget / event.total_device_budget
+        if round(applied) != round(asked):  # engines round budgets down to whole units
+            line += f" ({applied:.0f}% applied)"
+    line += " -> "
     if o.status == "ok":
         line += f"{o.measurement['throughput_tok_s']:.1f} tok/s"
         if o.measurement.get("estimated"):
@@ -227,8 +232,15 @@ def _print_progress(event: Any) -> None:
         line += f"{o.status}: {o.reason}"
     if event.best:
         line += (f"  | best #{event.best['number']}: {event.best['throughput_tok_s']:.1f} tok/s "
-                 f"(batch {event.best['batch']}, {100 * event.best['budget_fraction']:.0f}%)")
+                 f"(batch {event.best['batch']}, {event.best['budget_pct']:.0f}%)")
     err.print(line, highlight=False, soft_wrap=True)
+
+
+def _budget(attrs: dict[str, Any]) -> tuple[str, float]:
+    from autotune.study import budget_shown
+
+    nbytes, pct = budget_shown(attrs)
+    return format_bytes(nbytes), pct
 
 
 def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None:
@@ -248,7 +260,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
         a = t.user_attrs
         table.add_row(
             str(t.number), str(a.get("batch", "")),
-            f"{a['budget_pct']:.0f}% {format_bytes(a['budget_bytes'])}" if "budget_pct" in a else "",
+            "{1:.0f}% {0}".format(*_budget(a)) if "budget_pct" in a else "",
             a.get("status", t.state.name.lower())
             + (f" (over {', '.join(over(t))} limit)" if over(t) else ""),
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",

@@ -172,6 +172,7 @@ class TrialEvent:
     params: dict[str, Any]
     outcome: TrialOutcome
     best: dict[str, Any] | None  # the best feasible trial so far
+    total_device_budget: int = 0  # the engine's, to say what a budget asked for became
 
 
 @dataclass
@@ -279,6 +280,8 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dic
         attrs["measurement"] = measurement_kind(outcome.measurement)
     if outcome.applied_budget is not None:
         attrs["budget_applied_bytes"] = outcome.applied_budget
+        attrs["budget_applied_pct"] = (round(100 * outcome.applied_budget / total, 2) if total
+                                       else 100.0)
         attrs["budget_change_s"] = round(outcome.budget_change_s or 0.0, 4)
     m = outcome.measurement
     if m:
@@ -317,7 +320,16 @@ def best_summary(study: Any) -> dict[str, Any] | None:
         best = study.best_trial
     except ValueError:  # no feasible completed trial yet
         return None
-    return {"number": best.number, **best.params, OBJECTIVE: best.value}
+    return {"number": best.number, **best.params, OBJECTIVE: best.value,
+            "budget_pct": budget_shown(best.user_attrs)[1]}
+
+
+def budget_shown(attrs: dict[str, Any]) -> tuple[int, float]:
+    """A trial's budget as bytes and percent of the total: the one the engine applied (engines
+    round down to whole units), else the one asked for (trials never run)."""
+    if "budget_applied_pct" in attrs:
+        return attrs["budget_applied_bytes"], attrs["budget_applied_pct"]
+    return attrs["budget_bytes"], attrs["budget_pct"]
 
 
 def run_study(
@@ -397,7 +409,7 @@ def run_study(
                         done = budget.spent(study)
                     if progress is not None:
                         progress(TrialEvent(trial.number, done, options.trials, trial.params,
-                                            outcome, best_summary(study)))
+                                            outcome, best_summary(study), total))
                 with lock:  # the last worker to finish confirms the best, on its engine
                     state["serving"] -= 1
                     last = state["serving"] == 0

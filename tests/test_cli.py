@@ -165,3 +165,26 @@ def test_run_and_export_with_no_completed_trial(tmp_path: Path, storage_url: str
     assert not out.exists()
     r = autotune(*RUN, "--engine-option", "novalue", env=cli_env, cwd=tmp_path)
     _error(r, "KEY=VALUE")
+
+
+def test_budgets_shown_are_the_ones_applied(storage_url: str, cli_env) -> None:
+    """The test engine applies budgets in whole 12.5% units, as real engines round to theirs:
+    progress lines say what a budget asked for became, and the table, the best line and the
+    JSON all show the applied one."""
+    import re
+
+    r = autotune(*RUN, "--trials", "4", "--no-early-stop", "--sampler", "random",
+                 "--storage", storage_url, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    applied = re.findall(r"budget (\d+)% \((\d+)% applied\)", r.stderr)
+    assert applied, r.stderr  # random fractions are rarely whole units
+    def whole_units(pct: str) -> bool:  # 12.5% steps, printed rounded
+        return min(abs(int(pct) - 12.5 * k) for k in range(9)) <= 0.5
+
+    for asked, got in applied:
+        assert int(got) <= int(asked) and whole_units(got)
+    best = re.search(r"best: batch \d+, budget .* \((\d+)%\)", r.stdout)
+    first_row = re.search(r"│\s+\d+\s+│\s+\d+\s+│\s+(\d+)% ", r.stdout)
+    assert best and first_row, r.stdout
+    assert best.group(1) == first_row.group(1)
+    assert whole_units(best.group(1))
