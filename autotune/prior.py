@@ -193,6 +193,7 @@ class Observation:
     ttft_s: float | None = None
     streamed: float | None = None  # bytes per step
     feasible: bool = False  # ran and met every constraint
+    applied: int | None = None  # the budget the engine applied (bytes), where it ran
 
     @classmethod
     def from_trial(cls, t: Any) -> Observation | None:
@@ -201,13 +202,14 @@ class Observation:
             return None
         batch, fraction = int(params["batch"]), float(params["budget_fraction"])
         status = a.get("status", t.state.name.lower())  # "running": asked, not finished
+        applied = a.get("budget_applied_bytes")
         if status != "ok" or "tpot_ms" not in a:
-            return cls(batch, fraction, status)
+            return cls(batch, fraction, status, applied=applied)
         return cls(
             batch, fraction, "ok",
             throughput=float(a["throughput_tok_s"]), tpot_s=a["tpot_ms"] / 1e3,
             ttft_s=a["ttft_ms"] / 1e3, streamed=float(a.get("streamed_bytes_per_step") or 0),
-            feasible=all(v <= 0 for v in t.constraints.values()),
+            feasible=all(v <= 0 for v in t.constraints.values()), applied=applied,
         )
 
 
@@ -231,10 +233,16 @@ class Prior:
 
     def __init__(self, *, calibration: Calibration, plans: np.ndarray, available: int | None,
                  total: int, isl: int, osl: int, max_batch: int, limits: Limits | None = None,
-                 batches: np.ndarray | None = None, fractions: np.ndarray | None = None) -> None:
+                 batches: np.ndarray | None = None, fractions: np.ndarray | None = None,
+                 applied: np.ndarray | None = None) -> None:
         self.calibration = calibration
         self.batches = candidate_batches(max_batch) if batches is None else batches
         self.fractions = candidate_fractions() if fractions is None else fractions
+        # The budget (bytes) each candidate fraction becomes: engines round down to whole
+        # units, so neighbouring fractions may be one configuration, measured once.
+        self.applied = (np.round(self.fractions * total).astype(np.int64) if applied is None
+                        else np.asarray(applied, dtype=np.int64))
+        assert self.applied.shape == self.fractions.shape
         self.plans = np.asarray(plans, dtype=float)  # [nb, nf] predicted peak bytes
         assert self.plans.shape == (len(self.batches), len(self.fractions))
         self.available, self.total = available, total
@@ -413,10 +421,14 @@ class Prior:
         pred = self.corrected()
         masks = self.pruned(obs)
         untried = np.ones(self.plans.shape, dtype=bool)
-        for o in obs:  # never the same configuration twice
+        for o in obs:  # never the same configuration twice: same batch, same applied budget
             i, j = self._index(o.batch, o.fraction)
-            if self.batches[i] == o.batch and abs(self.fractions[j] - o.fraction) < 1e-9:
-                untried[i, j] = False
+            if self.batches[i] != o.batch:
+                continue
+            if o.applied is not None:
+                untried[i, self.applied == o.applied] = False
+            if abs(self.fractions[j] - o.fraction) < 1e-9:
+                untried[i, self.applied == self.applied[j]] = False
         can_run = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
         allowed = can_run & ~masks["cannot_win"]
         c = self.constants
@@ -601,8 +613,11 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
     calibration = runner.calibrate()
     reply = runner.plan(plan_requests(batches, fractions, total), isl, osl, margin)
     plans = np.array(reply["totals"], float).reshape(len(batches), len(fractions))
+    # The same for every batch (plan_requests is batch-major): one row is enough.
+    applied = (np.array(reply["applied"], np.int64).reshape(plans.shape)[0]
+               if "applied" in reply else None)
     cal = Calibration.from_dict({"h2d_gb_s": calibration.get("h2d_gb_s", h2d_gb_s),
                                  **{k: v for k, v in calibration.items() if k != "h2d_gb_s"}})
     return Prior(calibration=cal, plans=plans, available=reply["available"], total=total,
                  isl=isl, osl=osl, max_batch=max_batch, limits=limits, batches=batches,
-                 fractions=fractions)
+                 fractions=fractions, applied=applied)

@@ -176,9 +176,16 @@ def _first_line(e: BaseException) -> str:
 
 def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int,
                  margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
-    """Memory plans of many (batch, budget) pairs in one round trip, and the headroom now."""
+    """Memory plans of many (batch, budget) pairs in one round trip, the budgets the engine
+    would apply (engines round to whole units) and the headroom now."""
     totals = [engine.memory_plan(b, isl, osl, budget).total for b, budget in configs]
-    return {"totals": totals, "available": _available_bytes(engine.config, margin)}
+    rounding = getattr(engine, "applied_budget", None)
+    applied: dict[int, int] = {}
+    for _, budget in configs:
+        if budget not in applied:
+            applied[budget] = int(rounding(budget)) if rounding else budget
+    return {"totals": totals, "applied": [applied[budget] for _, budget in configs],
+            "available": _available_bytes(engine.config, margin)}
 
 
 def calibrate(engine: Any) -> dict[str, Any]:

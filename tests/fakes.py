@@ -68,6 +68,9 @@ class AnalyticEngine:
         time.sleep(self.budget_sleep_s)
         self._budget = value // UNIT * UNIT  # unit granularity, like a real engine
 
+    def applied_budget(self, value: int) -> int:
+        return clamp_budget(value, self.total_device_budget, log) // UNIT * UNIT
+
     def get_automatic_weight_streaming_budget(self) -> int:
         return self.total_device_budget
 

@@ -86,6 +86,21 @@ def test_assigned_budget_reads_back_as_applied(engine: Any) -> None:
 
 
 @pytest.mark.usefixtures("restore_budget")
+def test_applied_budget_foretells_the_assignment(engine: Any) -> None:
+    """Engines that round budgets say what a budget becomes before it is applied (the search
+    uses it never to measure one configuration twice); the others apply what they are given."""
+    foretell = getattr(engine, "applied_budget", None)
+    if foretell is None:
+        pytest.skip(f"{engine.name} declares no rounding")
+    total = engine.total_device_budget
+    for fraction in (0.0, 0.13, 0.37, 0.5, 0.61, 0.9, 1.0):
+        requested = int(fraction * total)
+        expected = foretell(requested)
+        engine.device_budget = requested
+        assert engine.device_budget == expected
+
+
+@pytest.mark.usefixtures("restore_budget")
 def test_budget_above_total_is_clamped_with_logged_error(
     engine: Any, caplog: pytest.LogCaptureFixture,
 ) -> None:

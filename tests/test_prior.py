@@ -151,3 +151,28 @@ def test_refit_recovers_the_link_from_stream_bound_trials() -> None:
     c = prior.refit(obs)
     assert c.bw == pytest.approx(40e9)
     assert c.fitted_on == 2
+
+
+def test_a_configuration_the_engine_applies_alike_is_measured_once() -> None:
+    """Engines round budgets down to whole units: fractions 0.5 and 0.75 below are one
+    configuration (5 GB resident), so measuring one of them rules out the other."""
+    fractions = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    applied = np.array([0, 0, 5 * 10**9, 5 * 10**9, 10**10])
+    cal = Calibration(53.0, (1, 64, 2048), (4e-3, 5e-3, 50e-3))
+    prior = Prior(calibration=cal, plans=np.zeros((1, 5)), available=None, total=10**10,
+                  isl=128, osl=256, max_batch=1, batches=np.arange(1, 2), fractions=fractions,
+                  applied=applied)
+
+    def ran(fraction: float, applied: int | None = None) -> Observation:
+        # Measured but over a limit (not feasible): every untried point may still win.
+        streamed = 10**10 - (applied if applied is not None else int(fraction * 10**10))
+        t = max(streamed / 53e9, 5e-3)
+        return Observation(1, fraction, "ok", throughput=256 / (256 * t), tpot_s=t, ttft_s=t,
+                           streamed=float(streamed), feasible=False, applied=applied)
+
+    assert prior.suggest([]) == (1, 1.0)
+    # On the grid: 0.75 (predicted faster than 0.25) is 0.5's configuration.
+    assert prior.suggest([ran(1.0), ran(0.5)]) == (1, 0.25)
+    # Off the grid, the applied budget the trial recorded says which configuration it was.
+    assert prior.suggest([ran(1.0), ran(0.6, applied=5 * 10**9)]) == (1, 0.25)
+    assert prior.suggest([ran(1.0), ran(0.6, applied=5 * 10**9), ran(0.1, applied=0)]) is None

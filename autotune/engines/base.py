@@ -69,7 +69,9 @@ class Engine(Protocol):
     # decode step does the same work, so a measurement may time a few and extrapolate; see
     # autotune.measure), ``budget_change_cost`` ("high" when a change reloads the engine) and
     # the class method ``host_bytes(config)`` (peak host memory one loaded worker holds, checked
-    # against the host before a run starts: autotune.host).
+    # against the host before a run starts: autotune.host) and ``applied_budget(budget)`` (what
+    # assigning ``budget`` would apply, without applying it: engines that round budgets to
+    # whole units say so, and the search never measures one configuration twice).
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:

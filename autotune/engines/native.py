@@ -130,6 +130,11 @@ class NativeEngine:
         if self._store.cuda:
             torch.cuda.empty_cache()  # freed buffers go back, so peaks describe this budget
 
+    def applied_budget(self, budget: int) -> int:
+        """The budget that assigning ``budget`` would apply (whole units), without applying it."""
+        want = select_resident(self._store.sizes, clamp_budget(budget, self.total_device_budget, log))
+        return sum(s for s, r in zip(self._store.sizes, want, strict=True) if r)
+
     def get_automatic_weight_streaming_budget(self) -> int:
         """Free device memory now (within ``gpu_memory_limit``), counting the weights this
         engine would free, minus what a batch of 1 at ``max_seq_len`` needs besides resident
