@@ -5,9 +5,10 @@ process's start time ``pid_start``, so a reused pid is not mistaken for ours) an
 ``heartbeat_unix`` that a thread refreshes while the trial runs. Optuna's own heartbeat only
 runs inside ``study.optimize``; autotune uses ask/tell, hence this one.
 
-When a run or a worker starts, :func:`recover` looks at the study's RUNNING trials. One whose
-process is known to be gone on this host is failed at once; one from another host (or whose
-pid cannot be checked) is failed when its heartbeat is older than ``stale_after_s``. A failed
+When a run or a worker starts, and before each trial it claims, :func:`recover` looks at
+the study's RUNNING trials. One whose process is known to be gone on this host is failed at
+once; one from another host (or whose pid cannot be checked) is failed when its heartbeat is
+older than ``stale_after_s``. A failed
 trial gets ``status`` ``interrupted`` (it does not count against the budget, see
 :mod:`autotune.budget`) and its configuration is enqueued once more, unless it was itself
 such a retry. Two processes recovering at once cannot both retry a trial: only the one whose

@@ -365,6 +365,12 @@ def run_study(
 
     def claim() -> Any:
         """A trial inside the study's budget, or None: exact across processes and hosts."""
+        # Workers elsewhere may have died since this run started: their trials would hold a
+        # place in the budget, RUNNING, until the next run. Fail and retry them now.
+        for number in resume.recover(study):
+            with lock:
+                result.notes.append(f"trial {number} was interrupted by a dead process; "
+                                    f"retrying it")
         reason = stop_reason(study, options, state.get("prior"))
         if reason is not None:
             with lock:

@@ -363,3 +363,39 @@ def test_exported_json_truncated_or_of_another_schema(tmp_path: Path, finished_d
         recommend.read(path)
     with pytest.raises(SchemaError, match="cannot read"):
         recommend.read(tmp_path / "missing.json")
+
+
+def test_a_worker_dying_elsewhere_mid_study_is_retried_by_the_running_one(
+        storage_url: str) -> None:
+    """Another host's worker dies while this run goes on: its trial's heartbeat goes stale and
+    the running study fails and retries it at its next claim, not at the next start."""
+    injected: list[int] = []
+
+    def die_elsewhere(event) -> None:
+        if injected:
+            return
+        other = load_study(open_storage(storage_url, create=False), None)  # "another process"
+        trial = other.ask()
+        trial.suggest_int("batch", 1, 64, log=True)
+        trial.suggest_float("budget_fraction", 0.0, 1.0)
+        for key, value in {"host": "elsewhere", "pid": 1,
+                           "heartbeat_unix": time.time() - 2 * resume.STALE_AFTER_S}.items():
+            trial.set_user_attr(key, value)
+        injected.append(trial.number)
+
+    options = RunOptions(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=4, isl=8,
+                         osl=4, max_batch=64, storage=storage_url, dtype="float32", repeats=1,
+                         early_stop=False, confirm=False)
+    result = run_study(options, progress=die_elsewhere)
+    assert f"trial {injected[0]} was interrupted by a dead process; retrying it" in result.notes
+    trials = {t.number: t for t in load_study(open_storage(storage_url), None).trials}
+    dead = trials[injected[0]]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    assert dead.user_attrs["status"] == budget.INTERRUPTED
+    assert "no heartbeat on elsewhere" in dead.user_attrs["reason"]
+    retried = [t for t in trials.values() if t.user_attrs.get("retry_of") == dead.number]
+    assert len(retried) == 1 and retried[0].state == optuna.trial.TrialState.COMPLETE
+    assert retried[0].params == dead.params
+    # The budget still holds exactly: 4 trials besides the interrupted one, none RUNNING.
+    assert budget.spent(load_study(open_storage(storage_url), None)) == 4
+    assert not [t for t in trials.values() if t.state == optuna.trial.TrialState.RUNNING]
