@@ -50,14 +50,17 @@ def _digest(path: Path) -> str:
 
 
 def _running_trial(db: Path) -> bool:
-    """A trial has completed and another runs, its process recorded (resume.mark_started)."""
+    """A trial has completed and another runs, its process recorded (resume.mark_started) and
+    its configuration chosen (a trial killed before that has nothing to retry)."""
     try:
         with sqlite3.connect(db, timeout=5) as conn:  # not mode=ro: it can fail beside WAL
             conn.execute("PRAGMA query_only = ON")
             states = [r[0] for r in conn.execute("SELECT state FROM trials")]
             marked = conn.execute(
                 "SELECT count(*) FROM trials t JOIN trial_user_attributes a "
-                "ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'pid'"
+                "ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'pid' "
+                "AND EXISTS (SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id "
+                "AND p.param_name = 'budget_fraction')"
             ).fetchone()[0]
     except sqlite3.Error:
         return False
