@@ -1,0 +1,86 @@
+"""Serving a recommendation (autotune.deploy): a real study's JSON applied to engines and to a
+Torch-TensorRT module (the double: TensorRT cannot be installed here)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from conftest import ANALYTIC
+from doubles import install_torch_tensorrt, uninstall_torch_tensorrt
+
+from autotune import deploy, recommend
+from autotune.engines import EngineConfig, load_engine
+from autotune.errors import UserInputError
+from autotune.storage import load_study, open_storage
+from autotune.study import RunOptions, run_study
+
+
+@pytest.fixture(scope="module")
+def rec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The recommendation of a short study on the analytic test engine (8 units of 64 MiB)."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    url = f"sqlite:///{tmp / 'study.db'}"
+    run_study(RunOptions(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=4, isl=8,
+                         osl=4, max_batch=16, storage=url, dtype="float32", repeats=1,
+                         early_stop=False, confirm=False))
+    rec = recommend.build(load_study(open_storage(url, create=False), None))
+    return recommend.write(rec, tmp / "rec.json")
+
+
+def _engine(engine: str, **kw: Any) -> Any:
+    return load_engine(EngineConfig(model="tiny-llama", engine=engine, dtype="float32",
+                                    device="cpu", max_batch=4, max_seq_len=32, **kw))
+
+
+def test_the_tuned_build_gets_the_recommended_bytes(rec_path: Path) -> None:
+    best = recommend.read(rec_path)["best"]
+    engine = _engine(ANALYTIC)
+    engine.device_budget = engine.total_device_budget  # serving starts elsewhere
+    done = deploy.apply(rec_path, engine)
+    assert done.batch == best["batch"]
+    assert done.device_budget == best["device_budget_bytes"] == engine.device_budget
+    assert done.budget_fraction == pytest.approx(best["budget_fraction"], abs=1e-4)
+    assert done.notes == ()
+
+
+def test_another_build_gets_the_recommended_fraction_and_a_note(rec_path: Path) -> None:
+    rec = recommend.read(rec_path)
+    engine = _engine("native")  # tiny-llama's own units: another total than the tuned engine's
+    assert engine.total_device_budget != rec["total_device_budget"]
+    done = deploy.apply(rec, engine)
+    wanted = round(rec["best"]["budget_fraction"] * engine.total_device_budget)
+    assert done.device_budget == engine.device_budget == engine.applied_budget(wanted)
+    assert len(done.notes) == 1 and "applied the recommended fraction" in done.notes[0]
+
+
+@pytest.fixture
+def trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    yield install_torch_tensorrt(monkeypatch, "2.13.0")
+    uninstall_torch_tensorrt()
+
+
+def test_a_torch_tensorrt_module_keeps_the_budget(rec_path: Path, trt: Any,
+                                                  tmp_path: Path) -> None:
+    engine = _engine("tensorrt", options=(("trt_cache_dir", str(tmp_path)),))
+    module = engine._module  # what a user serves: the compiled Torch-TensorRT module
+    total = trt.runtime.weight_streaming(module).total_device_budget
+    rec = recommend.read(rec_path)
+    rec["best"]["budget_fraction"] = 0.3  # a fraction that the module's total makes whole
+    rec["total_device_budget"] = total
+    rec["best"]["device_budget_bytes"] = int(0.3 * total)
+    done = deploy.apply(rec, module)
+    assert done.total_device_budget == total and done.batch == rec["best"]["batch"]
+    # A new handle reads the budget back: nothing restored it (as a `with` block's exit would).
+    assert trt.runtime.weight_streaming(module).device_budget == done.device_budget
+    assert abs(done.device_budget - int(0.3 * total)) <= len(
+        trt.runtime.weight_streaming(module).rt_mods)  # per-engine int() split
+
+
+def test_a_model_without_streamable_weights_is_refused(rec_path: Path) -> None:
+    unstreamed = SimpleNamespace(device_budget=0, total_device_budget=0)
+    with pytest.raises(UserInputError, match="enable_weight_streaming=True"):
+        deploy.apply(rec_path, unstreamed)
