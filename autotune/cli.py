@@ -175,7 +175,7 @@ def run(
     )
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
-    result = run_study(options, progress=_print_progress)
+    result = run_study(options, progress=_print_progress, on_ready=_print_ready)
     for note in result.notes:
         err.print(note)
     from autotune.storage import load_study, open_storage
@@ -203,7 +203,7 @@ def worker(
     from autotune.join import join_study
 
     result = join_study(storage, study, device=_resolve_device(device), gpus=_gpus(gpus),
-                        progress=_print_progress)
+                        progress=_print_progress, on_ready=_print_ready)
     for note in result.notes:
         err.print(note)
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
@@ -213,6 +213,13 @@ def _decode_steps(steps: int) -> int | None:
     if steps < 0:
         raise UserInputError(f"--decode-steps: expected 0 (every step) or more; got {steps}")
     return steps or None
+
+
+def _print_ready(device: str, info: Any) -> None:
+    link = info.environment.get("h2d_gb_s")
+    err.print(f"{device}: engine loaded in {info.load_s:.1f} s, "
+              f"{format_bytes(info.total_device_budget)} of streamable weights"
+              + (f"; host-to-device {link:.1f} GB/s" if link else ""), highlight=False)
 
 
 def _print_progress(event: Any) -> None:

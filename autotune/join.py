@@ -20,6 +20,7 @@ from typing import Any
 from autotune.errors import UserInputError
 from autotune.storage import load_study, open_storage, redact
 from autotune.study import RunOptions, RunResult, TrialEvent, resolve_gpu_name, run_study
+from autotune.worker import WorkerInfo
 
 
 def joined_options(run_options: dict[str, Any], *, storage: str, study_name: str, device: str,
@@ -40,6 +41,7 @@ def join_study(
     device: str = "cuda",
     gpus: tuple[int, ...] = (),
     progress: Callable[[TrialEvent], None] | None = None,
+    on_ready: Callable[[str, WorkerInfo], None] | None = None,
 ) -> RunResult:
     """Runs trials of an existing study, from this host's devices, until its budget is spent."""
     study = load_study(open_storage(storage, create=False), study_name)
@@ -61,4 +63,4 @@ def join_study(
             f"{study_gpu!r}; trials of one study must be comparable: join from a "
             f"{study_gpu} (--gpus/--device), or start a study of your own with `autotune run`"
         )
-    return run_study(options, progress=progress)
+    return run_study(options, progress=progress, on_ready=on_ready)

@@ -335,8 +335,12 @@ def budget_shown(attrs: dict[str, Any]) -> tuple[int, float]:
 def run_study(
     options: RunOptions,
     progress: Callable[[TrialEvent], None] | None = None,
+    on_ready: Callable[[str, WorkerInfo], None] | None = None,
 ) -> RunResult:
-    """Runs (or resumes) the study until it has ``options.trials`` finished trials."""
+    """Runs (or resumes) the study until it has ``options.trials`` finished trials.
+
+    ``progress`` hears of every finished trial; ``on_ready`` of every worker that has loaded
+    its engine (device, what it loaded), which can take minutes for a large model."""
     gpu_name = resolve_gpu_name(options)
     # Before anything is written: a model the host cannot hold would kill its workers.
     warning = host.check_engine(options.engine_config(options.devices[0]), len(options.devices))
@@ -390,6 +394,8 @@ def run_study(
             with Worker(options.engine_config(device),
                         trial_timeout_s=options.trial_timeout_s) as worker:
                 info = worker.start()
+                if on_ready is not None:
+                    on_ready(device, info)
                 with lock:
                     if result.info is None:
                         result.info = info

@@ -31,6 +31,7 @@ def test_run_show_export(tmp_path: Path, storage_url: str, cli_env) -> None:
                  str(out), env=cli_env)
     assert r.returncode == 0, r.stderr
     assert "trial 4/4" in r.stderr and "best" in r.stderr
+    assert "cpu: engine loaded in " in r.stderr and "512 MiB of streamable weights" in r.stderr
     assert "recommendation written to" in r.stdout
     rec = recommend.read(out)
     assert rec["workload"]["model"] == "tiny-llama" and sum(rec["trials"].values()) == 4
