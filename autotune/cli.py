@@ -243,11 +243,14 @@ def _print_progress(event: Any) -> None:
     err.print(line, highlight=False, soft_wrap=True)
 
 
-def _budget(attrs: dict[str, Any]) -> tuple[str, float]:
+def _budget_cell(attrs: dict[str, Any]) -> str:
+    """A trial's budget as applied ("71% 3.00 MiB"); empty for a trial that has none."""
     from autotune.study import budget_shown
 
+    if "budget_pct" not in attrs:
+        return ""
     nbytes, pct = budget_shown(attrs)
-    return format_bytes(nbytes), pct
+    return f"{pct:.0f}% {format_bytes(nbytes)}"
 
 
 def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None:
@@ -267,7 +270,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
         a = t.user_attrs
         table.add_row(
             str(t.number), str(a.get("batch", "")),
-            "{1:.0f}% {0}".format(*_budget(a)) if "budget_pct" in a else "",
+            _budget_cell(a),
             a.get("status", t.state.name.lower())
             + (f" (over {', '.join(over(t))} limit)" if over(t) else ""),
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",

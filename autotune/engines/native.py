@@ -132,7 +132,8 @@ class NativeEngine:
 
     def applied_budget(self, budget: int) -> int:
         """The budget that assigning ``budget`` would apply (whole units), without applying it."""
-        want = select_resident(self._store.sizes, clamp_budget(budget, self.total_device_budget, log))
+        budget = clamp_budget(budget, self.total_device_budget, log)
+        want = select_resident(self._store.sizes, budget)
         return sum(s for s, r in zip(self._store.sizes, want, strict=True) if r)
 
     def get_automatic_weight_streaming_budget(self) -> int:
