@@ -70,12 +70,13 @@ def available_bytes() -> int | None:
 
 
 def check_room(per_worker: int, workers: int, what: str,
-               available: int | None = None) -> str | None:
+               available: int | None = None, smaller: str = "a smaller model") -> str | None:
     """Raises UserInputError when ``workers`` x ``per_worker`` bytes exceed the host memory
     available; returns a warning when they take most of it; None otherwise.
 
     ``what`` names the holder in messages ("llama2-70b (float16) on the native engine").
     ``available``: bytes available (default: :func:`available_bytes`; None there: unchecked).
+    ``smaller``: the other way out, in words.
     """
     if per_worker <= 0:
         return None
@@ -90,7 +91,7 @@ def check_room(per_worker: int, workers: int, what: str,
         raise UserInputError(
             f"host memory: {what} keeps its weights in host memory: {each}"
             f"{format_bytes(needed)}, but this host has {format_bytes(available)} available; "
-            f"use a host with more memory{fewer} or a smaller model"
+            f"use a host with more memory{fewer} or {smaller}"
         )
     if needed > WARN_SHARE * available:
         return (f"host memory: {what} will take {format_bytes(needed)} of the "
@@ -107,5 +108,8 @@ def check_engine(config: EngineConfig, workers: int) -> str | None:
     host_bytes = getattr(engine_class(config.engine), "host_bytes", None)
     if host_bytes is None:
         return None
+    smaller = ("--dtype float16 (half the bytes) or a smaller model" if config.dtype == "float32"
+               else "a smaller model")
     return check_room(host_bytes(config), workers,
-                      f"{config.model} ({config.dtype}) on the {config.engine} engine")
+                      f"{config.model} ({config.dtype}) on the {config.engine} engine",
+                      smaller=smaller)

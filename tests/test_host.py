@@ -90,6 +90,7 @@ def test_run_refuses_a_model_the_host_cannot_hold(tmp_path: Path, cli_env) -> No
     assert r.returncode == 2, r.stderr
     assert "error: host memory: llama2-70b (float32) on the native engine keeps its weights " \
            "in host memory: 257 GiB, but this host has" in r.stderr.replace("\n", " ")
+    assert "--dtype float16 (half the bytes)" in r.stderr.replace("\n", " ")
     assert not db.exists()  # refused before anything was written
 
 
