@@ -175,7 +175,7 @@ def run(
     )
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
-    result = run_study(options, progress=_print_progress, on_ready=_print_ready)
+    result = run_study(options, progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)
     from autotune.storage import load_study, open_storage
@@ -203,7 +203,7 @@ def worker(
     from autotune.join import join_study
 
     result = join_study(storage, study, device=_resolve_device(device), gpus=_gpus(gpus),
-                        progress=_print_progress, on_ready=_print_ready)
+                        progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
@@ -215,7 +215,10 @@ def _decode_steps(steps: int) -> int | None:
     return steps or None
 
 
-def _print_ready(device: str, info: Any) -> None:
+def _print_worker(device: str, seconds: float, info: Any) -> None:
+    if info is None:
+        err.print(f"{device}: still loading the model ({seconds:.0f} s)...", highlight=False)
+        return
     link = info.environment.get("h2d_gb_s")
     err.print(f"{device}: engine loaded in {info.load_s:.1f} s, "
               f"{format_bytes(info.total_device_budget)} of streamable weights"

@@ -41,7 +41,7 @@ def join_study(
     device: str = "cuda",
     gpus: tuple[int, ...] = (),
     progress: Callable[[TrialEvent], None] | None = None,
-    on_ready: Callable[[str, WorkerInfo], None] | None = None,
+    on_worker: Callable[[str, float, WorkerInfo | None], None] | None = None,
 ) -> RunResult:
     """Runs trials of an existing study, from this host's devices, until its budget is spent."""
     study = load_study(open_storage(storage, create=False), study_name)
@@ -63,4 +63,4 @@ def join_study(
             f"{study_gpu!r}; trials of one study must be comparable: join from a "
             f"{study_gpu} (--gpus/--device), or start a study of your own with `autotune run`"
         )
-    return run_study(options, progress=progress, on_ready=on_ready)
+    return run_study(options, progress=progress, on_worker=on_worker)

@@ -335,12 +335,13 @@ def budget_shown(attrs: dict[str, Any]) -> tuple[int, float]:
 def run_study(
     options: RunOptions,
     progress: Callable[[TrialEvent], None] | None = None,
-    on_ready: Callable[[str, WorkerInfo], None] | None = None,
+    on_worker: Callable[[str, float, WorkerInfo | None], None] | None = None,
 ) -> RunResult:
     """Runs (or resumes) the study until it has ``options.trials`` finished trials.
 
-    ``progress`` hears of every finished trial; ``on_ready`` of every worker that has loaded
-    its engine (device, what it loaded), which can take minutes for a large model."""
+    ``progress`` hears of every finished trial. ``on_worker(device, seconds, info)`` hears of
+    each worker's load, which takes minutes for a large model: every 30 s while it loads
+    (``info`` None), then once loaded (``info``: what it loaded)."""
     gpu_name = resolve_gpu_name(options)
     # Before anything is written: a model the host cannot hold would kill its workers.
     warning = host.check_engine(options.engine_config(options.devices[0]), len(options.devices))
@@ -393,9 +394,11 @@ def run_study(
         try:
             with Worker(options.engine_config(device),
                         trial_timeout_s=options.trial_timeout_s) as worker:
-                info = worker.start()
-                if on_ready is not None:
-                    on_ready(device, info)
+                loading = None if on_worker is None else (
+                    lambda seconds: on_worker(device, seconds, None))
+                info = worker.start(on_wait=loading)
+                if on_worker is not None:
+                    on_worker(device, info.load_s, info)
                 with lock:
                     if result.info is None:
                         result.info = info

@@ -22,6 +22,7 @@ import multiprocessing as mp
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -305,8 +306,10 @@ class Worker:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def start(self) -> WorkerInfo:
-        """Spawns the process and waits for the engine to load."""
+    def start(self, on_wait: Callable[[float], None] | None = None,
+              every_s: float = 30.0) -> WorkerInfo:
+        """Spawns the process and waits for the engine to load, calling ``on_wait(seconds)``
+        every ``every_s`` while it loads (a large model takes minutes to pin)."""
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
         # The pipe carries pickles (Connection.send/recv), which is safe only because it is an
         # anonymous pipe between this process and the child it spawns: no one else can write
@@ -319,7 +322,14 @@ class Worker:
         self._proc.start()
         child.close()
         self._conn = parent
-        reply = self._receive(self.load_timeout_s)
+        began = time.monotonic()
+        deadline = began + self.load_timeout_s
+        while True:
+            reply = self._receive(min(every_s, max(deadline - time.monotonic(), 0.0)))
+            if reply is not None or not self._proc.is_alive() or time.monotonic() >= deadline:
+                break
+            if on_wait is not None:
+                on_wait(time.monotonic() - began)
         if reply is None or reply[0] != "ready":
             what = self._death_reason() if reply is None else reply[2]
             self.stop()

@@ -49,6 +49,7 @@ class AnalyticEngine:
         self.budget_sleep_s = float(config.option("budget_sleep_s", 0))
         if config.option("fault_at_load"):
             raise RuntimeError("simulated load failure")
+        time.sleep(float(config.option("load_sleep_s", 0)))  # a large model pinning its weights
 
     @classmethod
     def load(cls, config: EngineConfig) -> AnalyticEngine:

@@ -185,3 +185,22 @@ def test_bad_options_fail_before_anything_is_written(storage_url: str, kw) -> No
     with pytest.raises(UserInputError):
         _options(storage_url, **kw)
     assert not os.path.exists(storage_url.removeprefix("sqlite:///"))
+
+
+def test_a_slow_load_is_reported_while_it_lasts(storage_url: str) -> None:
+    """A large model takes minutes to load: the run hears of it every so often, then once more
+    with what was loaded (the CLI prints both)."""
+    from autotune.engines import EngineConfig
+    from autotune.worker import Worker
+
+    config = EngineConfig(model="tiny-llama", engine=ANALYTIC, dtype="float32", device="cpu",
+                          options=(("load_sleep_s", 1.5),))
+    waited: list[float] = []
+    with Worker(config) as worker:
+        info = worker.start(on_wait=waited.append, every_s=0.3)
+    assert info.load_s >= 1.5
+    assert len(waited) >= 2 and waited == sorted(waited) and waited[-1] < info.load_s + 5
+
+    events: list[tuple[str, float, object]] = []
+    run_study(_options(storage_url, trials=1), on_worker=lambda *e: events.append(e))
+    assert [(device, info is not None) for device, _, info in events] == [("cpu", True)]
