@@ -7,10 +7,12 @@ stdout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +177,8 @@ def run(
     )
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
-    result = run_study(options, progress=_print_progress, on_worker=_print_worker)
+    with _stoppable(storage):
+        result = run_study(options, progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)
     from autotune.storage import load_study, open_storage
@@ -202,8 +205,9 @@ def worker(
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
     from autotune.join import join_study
 
-    result = join_study(storage, study, device=_resolve_device(device), gpus=_gpus(gpus),
-                        progress=_print_progress, on_worker=_print_worker)
+    with _stoppable(storage):
+        result = join_study(storage, study, device=_resolve_device(device), gpus=_gpus(gpus),
+                            progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
@@ -213,6 +217,21 @@ def _decode_steps(steps: int) -> int | None:
     if steps < 0:
         raise UserInputError(f"--decode-steps: expected 0 (every step) or more; got {steps}")
     return steps or None
+
+
+@contextlib.contextmanager
+def _stoppable(storage: str) -> Iterator[None]:
+    """Ctrl-C stops a study cleanly: say what is kept and how to go on (typer would exit 130
+    without a word)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from autotune.storage import redact
+
+        err.print(f"interrupted: every finished trial is kept in {redact(storage)}; rerun the "
+                  f"same command to resume (the trial that was running runs again)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _print_worker(device: str, seconds: float, info: Any) -> None:

@@ -122,17 +122,39 @@ def recover(study: Any, *, stale_after_s: float = STALE_AFTER_S) -> list[int]:
         reason = why_dead(trial, stale_after_s=stale_after_s)
         if reason is None:
             continue
-        storage = study._storage  # attributes of another process's trial: no Trial object
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
-            storage.set_trial_user_attr(trial._trial_id, "reason", f"interrupted: {reason}")
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
-            continue  # it finished meanwhile, or another process failed it first
-        failed.append(trial.number)
-        retry = trial.user_attrs.get("retry_of") is None and bool(trial.params)
-        log.warning("trial %d was interrupted (%s); %s", trial.number, reason,
-                    "retrying its configuration" if retry else "not retried again")
-        if retry:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        if _interrupt(study, trial, reason):
+            failed.append(trial.number)
     return failed
+
+
+def interrupt_own(study: Any, reason: str = "the run was stopped") -> list[int]:
+    """Fails the RUNNING trials this process runs (it is being stopped, by Ctrl-C say) and
+    enqueues each one's configuration once, as :func:`recover` would after it died."""
+    import optuna
+
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        a = trial.user_attrs
+        if a.get("host") == HOST and a.get("pid") == os.getpid() and _interrupt(study, trial, reason):
+            failed.append(trial.number)
+    return failed
+
+
+def _interrupt(study: Any, trial: Any, reason: str) -> bool:
+    """Tells ``trial`` FAIL with status ``interrupted`` and enqueues its configuration once;
+    False when it finished meanwhile or another process failed it first."""
+    import optuna
+
+    storage = study._storage  # attributes of another thread's or process's trial
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "status", INTERRUPTED)
+        storage.set_trial_user_attr(trial._trial_id, "reason", f"interrupted: {reason}")
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError):
+        return False
+    retry = trial.user_attrs.get("retry_of") is None and bool(trial.params)
+    log.warning("trial %d was interrupted (%s); %s", trial.number, reason,
+                "its configuration will run again" if retry else "not retried again")
+    if retry:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return True

@@ -438,8 +438,13 @@ def run_study(
     threads = [threading.Thread(target=serve, args=(d,), daemon=True) for d in options.devices]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:  # Ctrl-C: the running trials are failed now and run again later
+        for number in resume.interrupt_own(study, "the run was stopped (Ctrl-C)"):
+            result.notes.append(f"trial {number} was interrupted; it runs again on resume")
+        raise
     result.ran = state["ran"]
     if errors:
         raise errors[0]

@@ -238,6 +238,9 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
 
 def _serve(conn: Any, config: EngineConfig) -> None:
     """The worker's main loop (child process)."""
+    # Ctrl-C reaches the whole process group: the parent stops the study and this process
+    # with it; a traceback from here would only bury the parent's message.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(message)s")
     try:
         if config.device.startswith("cuda"):

@@ -402,3 +402,38 @@ def test_a_worker_dying_elsewhere_mid_study_is_retried_by_the_running_one(
     # The budget still holds exactly: 4 trials besides the interrupted one, none RUNNING.
     assert budget.spent(load_study(open_storage(storage_url), None)) == 4
     assert not [t for t in trials.values() if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    """Ctrl-C reaches the tuner and its worker (one process group): one line says what is
+    kept, no traceback, the running trial is interrupted at once and runs again on resume."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "4", "--no-early-stop", "--storage", storage_url, "--study", "c",
+            "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not _running_trial(db):
+        assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted: every finished trial is kept in" in stderr
+    assert "rerun the same command to resume" in stderr
+    assert "Traceback" not in stderr, stderr
+    trials = {t.number: t for t in _study(storage_url).trials}
+    stopped = [t for t in trials.values() if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 1 and stopped[0].user_attrs["status"] == budget.INTERRUPTED
+    assert "Ctrl-C" in stopped[0].user_attrs["reason"]
+    assert not [t for t in trials.values() if t.state == optuna.trial.TrialState.RUNNING]
+
+    r = autotune(*args, env=cli_env)
+    assert r.returncode == 0, r.stderr
+    trials = {t.number: t for t in _study(storage_url).trials}
+    retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == stopped[0].number]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert retries[0].params == stopped[0].params
+    assert budget.spent(_study(storage_url)) == 4
