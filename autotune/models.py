@@ -38,6 +38,9 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Rotary scaling as Hugging Face configs give it, as sorted (key, value) pairs (hashable):
+    # ("rope_type", "llama3" | "linear") and its factors; () for none.
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
     description: str = ""
     weights_dir: str | None = None  # set when built from a local checkpoint
 
@@ -52,6 +55,11 @@ class ModelSpec:
                 f"model {self.name}: num_attention_heads {self.num_attention_heads} is not a "
                 f"multiple of num_key_value_heads {self.num_key_value_heads}"
             )
+        kind = dict(self.rope_scaling).get("rope_type", "default") if self.rope_scaling else None
+        if kind not in (None, *ROPE_SCALINGS):
+            raise UserInputError(
+                f"model {self.name}: rope scaling {kind!r} is not implemented (autotune runs "
+                f"{', '.join(ROPE_SCALINGS)})")
 
     @property
     def head_dim(self) -> int:
@@ -116,6 +124,7 @@ class ModelSpec:
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
+            rope_scaling=dict(self.rope_scaling) or None,
             tie_word_embeddings=False,
             attention_bias=False,
             mlp_bias=False,
@@ -147,7 +156,13 @@ def torch_dtype(dtype: str) -> Any:
     return getattr(torch, check_dtype(dtype))
 
 
-# The public Llama-2 configs (meta-llama/Llama-2-*-hf config.json), plus a tiny model for
+# Rotary scalings the native runtime implements (autotune.streaming.llama.rope_frequencies).
+ROPE_SCALINGS = ("linear", "llama3")
+# Llama 3.1's: low frequencies slowed down by 8, a smooth band between (its config.json).
+_LLAMA31_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                 ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+
+# The public Llama-2 and Llama-3.1 configs (meta-llama/*/config.json), plus a tiny model for
 # CPU tests and demos. tiny-llama has grouped-query attention so that path is tested too.
 PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -158,6 +173,12 @@ PRESETS: dict[str, ModelSpec] = {
                   description="Llama-2 13B (public config, random weights unless --weights)"),
         ModelSpec("llama2-70b", 8192, 28672, 80, 64, 8, 32000,
                   description="Llama-2 70B, grouped-query attention (public config)"),
+        ModelSpec("llama3-8b", 4096, 14336, 32, 32, 8, 128256, max_position_embeddings=131072,
+                  rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                  description="Llama-3.1 8B, grouped-query attention (public config)"),
+        ModelSpec("llama3-70b", 8192, 28672, 80, 64, 8, 128256, max_position_embeddings=131072,
+                  rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+                  description="Llama-3.1 70B, grouped-query attention (public config)"),
         ModelSpec("tiny-llama", 128, 352, 6, 4, 2, 512, max_position_embeddings=1024,
                   description="6 layers, hidden 128: the CPU demo and test model"),
     )
@@ -270,6 +291,7 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
             f"--weights {weights}: model_type {cfg.get('model_type')!r} is not supported; "
             "autotune runs Llama-family checkpoints (model_type 'llama')"
         )
+    _check_supported(cfg, weights)
     rope = cfg.get("rope_parameters") or {}
     try:
         return ModelSpec(
@@ -283,11 +305,43 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(cfg),
             description=f"checkpoint {directory}",
             weights_dir=str(directory),
         )
     except KeyError as e:
         raise UserInputError(f"--weights {weights}: config.json lacks {e.args[0]}") from e
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The checkpoint's rotary scaling: transformers 4's ``rope_scaling`` (``type`` in old
+    files) or transformers 5's ``rope_parameters`` (which also holds ``rope_theta``)."""
+    scaling = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    scaling.pop("rope_theta", None)
+    if "type" in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        return ()
+    return tuple(sorted(scaling.items()))
+
+
+def _check_supported(cfg: dict[str, Any], weights: str | Path) -> None:
+    """Refuses what the native runtime would compute differently from the checkpoint's own
+    model: biases, another activation, a head size that is not hidden / heads."""
+    unsupported = []
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            unsupported.append(f"{key}=true")
+    if cfg.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={cfg['hidden_act']!r}")
+    head_dim = cfg.get("head_dim")
+    heads, hidden = cfg.get("num_attention_heads"), cfg.get("hidden_size")
+    if head_dim is not None and heads and hidden and head_dim * heads != hidden:
+        unsupported.append(f"head_dim={head_dim} (not hidden_size / num_attention_heads)")
+    if unsupported:
+        raise UserInputError(
+            f"--weights {weights}: {', '.join(unsupported)} is not supported; autotune runs "
+            "Llama checkpoints without biases, with SiLU and head_dim = hidden_size / heads")
 
 
 def weight_source(spec: ModelSpec, seed: int = 0) -> WeightSource:

@@ -49,7 +49,7 @@ def test_run_show_export(tmp_path: Path, storage_url: str, cli_env) -> None:
 def test_python_m_and_models(cli_env) -> None:
     r = autotune("models", env=cli_env)
     assert r.returncode == 0
-    for name in ("llama2-7b", "llama2-13b", "llama2-70b", "tiny-llama"):
+    for name in ("llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b", "tiny-llama"):
         assert name in r.stdout
     assert "12.55 GiB" in r.stdout  # llama2-7b fp16: 13.48 GB
 

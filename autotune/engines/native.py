@@ -62,7 +62,9 @@ class NativeEngine:
         self.config, self.spec = config, spec
         self.device = store.device
         self._store = store
-        self._model = Llama(spec, store)
+        # The longest sequence this engine serves (the study's isl + osl), within the model's.
+        self.positions = min(spec.max_position_embeddings, config.max_seq_len)
+        self._model = Llama(spec, store, self.positions)
         self.cuda_graphs = bool(config.option("cuda_graphs", True)) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
@@ -166,10 +168,11 @@ class NativeEngine:
             raise UserInputError(f"osl: expected a positive integer; got {osl!r}")
         batch, isl = prompt.shape
         length = isl + osl
-        if length > self.spec.max_position_embeddings:
+        if length > self.positions:
             raise UserInputError(
-                f"isl + osl: expected at most {self.spec.max_position_embeddings} for "
-                f"{self.spec.name}; got {length}")
+                f"isl + osl: expected at most {self.positions} for {self.spec.name} as loaded "
+                f"(max_seq_len {self.config.max_seq_len}, the model's "
+                f"{self.spec.max_position_embeddings} positions); got {length}")
         st = self._static_for(batch, length)
         with torch.inference_mode():
             logits = self._model.prefill(prompt.to(self.device), st.cache)

@@ -17,6 +17,7 @@ and no CUDA graph: :mod:`autotune.engines.native` does.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -66,23 +67,50 @@ def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
 
-class Llama:
-    """The forward pass: ``prefill`` of a prompt, ``decode`` of one token per sequence."""
+def rope_frequencies(spec: ModelSpec, device: Any) -> torch.Tensor:
+    """The rotary inverse frequencies ``[head_dim / 2]`` (float32), scaled as the spec says.
 
-    def __init__(self, spec: ModelSpec, store: WeightStore) -> None:
+    ``linear`` divides every frequency by ``factor``. ``llama3`` (Llama 3.1) leaves the high
+    frequencies (wavelength below original context / high_freq_factor) alone, divides the low
+    ones (wavelength above original context / low_freq_factor) by ``factor``, and blends the
+    two linearly in original context / wavelength between them."""
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (
+        torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = dict(spec.rope_scaling)
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        cycles = context * inv_freq / (2 * math.pi)  # original context / wavelength
+        blend = ((cycles - low) / (high - low)).clamp(0.0, 1.0)  # 0: low band, 1: high band
+        return inv_freq / factor * (1.0 - blend) + inv_freq * blend
+    return inv_freq
+
+
+class Llama:
+    """The forward pass: ``prefill`` of a prompt, ``decode`` of one token per sequence.
+
+    ``positions``: how many positions the rotary tables cover (the engine's longest
+    sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB)."""
+
+    def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None) -> None:
         self.spec, self.store = spec, store
         device, dtype = store.device, store.tdtype
         d = spec.head_dim
-        inv_freq = 1.0 / (spec.rope_theta ** (
-            torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
-        t = torch.arange(spec.max_position_embeddings, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # [max_pos, d/2], float32 as in transformers
+        positions = spec.max_position_embeddings if positions is None else positions
+        inv_freq = rope_frequencies(spec, device)
+        t = torch.arange(positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # [positions, d/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype).unsqueeze(1)  # [max_pos, 1, d]: broadcast over heads
         sin = emb.sin().to(dtype)
         half = d // 2
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).unsqueeze(1)
-        self.arange = torch.arange(_pad16(spec.max_position_embeddings), device=device)
+        self.arange = torch.arange(_pad16(positions), device=device)
         self.visible = torch.zeros((), dtype=dtype, device=device)
         self.hidden = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.gqa = spec.num_attention_heads != spec.num_key_value_heads

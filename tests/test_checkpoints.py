@@ -1,0 +1,109 @@
+"""Local checkpoints (``--weights DIR``): Llama 3 style ones (grouped-query attention, llama3 or
+linear rotary scaling, tied embeddings) run as transformers runs them; what the native runtime
+does not implement is refused by name.
+
+Each checkpoint is written by transformers itself (``save_pretrained``, safetensors), tiny, with
+weights of std 0.1 so that greedy tokens change from step to step; the reference is the same
+model in transformers, float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from autotune.engines import EngineConfig, load_engine
+from autotune.errors import UserInputError
+from autotune.models import get_spec
+from autotune.streaming.llama import rope_frequencies
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _checkpoint(directory: Path, rope_scaling: dict[str, Any] | None, tied: bool) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling=rope_scaling, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+def _hf_tokens(model: Any, prompt: torch.Tensor, osl: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1)
+        tokens = [nxt]
+        for _ in range(osl - 1):
+            out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values,
+                        use_cache=True)
+            nxt = out.logits[:, -1].argmax(-1)
+            tokens.append(nxt)
+    return torch.stack(tokens, dim=1)
+
+
+@pytest.mark.parametrize("rope_scaling, tied", [
+    (LLAMA3_ROPE, False),  # Llama 3.1
+    (LLAMA3_ROPE, True),  # Llama 3.2 1B/3B: lm_head is the embedding
+    ({"rope_type": "linear", "factor": 4.0}, False),
+    (None, False),
+], ids=["llama3", "llama3-tied", "linear", "plain"])
+def test_checkpoint_runs_as_transformers_runs_it(tmp_path: Path, rope_scaling, tied) -> None:
+    model = _checkpoint(tmp_path, rope_scaling, tied)
+    spec = get_spec("ckpt", tmp_path)
+    assert spec.num_key_value_heads == 2 and spec.rope_theta == 500000.0
+    # The rotary frequencies are transformers' own, scaling included.
+    torch.testing.assert_close(rope_frequencies(spec, "cpu"), model.model.rotary_emb.inv_freq,
+                               rtol=1e-6, atol=0)
+    engine = load_engine(EngineConfig(model="ckpt", weights=str(tmp_path), dtype="float32",
+                                      device="cpu", max_seq_len=64))
+    try:
+        prompt = torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+        expected = _hf_tokens(model, prompt, 40)
+        assert len(set(expected[0].tolist())) > 5  # the tokens move: a slip would show
+        for fraction in (0.0, 0.5, 1.0):  # streamed or resident, the same tokens
+            engine.device_budget = int(fraction * engine.total_device_budget)
+            gen = engine.prefill(prompt, 40)
+            engine.decode(gen, 39)
+            assert torch.equal(gen.tokens, expected), fraction
+    finally:
+        engine.close()
+
+
+def test_scaling_changes_the_frequencies_it_should() -> None:
+    spec = get_spec("llama3-8b")
+    plain = rope_frequencies(spec.__class__(**{**spec.__dict__, "rope_scaling": ()}), "cpu")
+    scaled = rope_frequencies(spec, "cpu")
+    assert torch.equal(scaled[:10], plain[:10])  # high frequencies untouched
+    torch.testing.assert_close(scaled[-5:], plain[-5:] / 8.0)  # low ones slowed by the factor
+    assert ((scaled < plain) & (scaled > plain / 8.0)).any()  # and a band blended between
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"attention_bias": True}, "attention_bias=true"),
+    ({"mlp_bias": True}, "mlp_bias=true"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"head_dim": 64}, "head_dim=64"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
+])
+def test_what_the_runtime_does_not_implement_is_refused(tmp_path: Path, change, words) -> None:
+    _checkpoint(tmp_path, None, False)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **change}))
+    with pytest.raises(UserInputError, match="not (supported|implemented)") as info:
+        get_spec("ckpt", tmp_path)
+    assert words in str(info.value)
