@@ -286,10 +286,10 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
         cfg = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserInputError(f"--weights {weights}: config.json is not valid JSON ({e})") from e
-    if cfg.get("model_type") != "llama":
+    if cfg.get("model_type") not in ("llama", "mistral"):
         raise UserInputError(
             f"--weights {weights}: model_type {cfg.get('model_type')!r} is not supported; "
-            "autotune runs Llama-family checkpoints (model_type 'llama')"
+            "autotune runs Llama-family checkpoints (model_type 'llama' or 'mistral')"
         )
     _check_supported(cfg, weights)
     rope = cfg.get("rope_parameters") or {}
@@ -302,7 +302,7 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
             num_attention_heads=cfg["num_attention_heads"],
             num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
             vocab_size=cfg["vocab_size"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            max_position_embeddings=_positions(cfg),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
             rope_scaling=_rope_scaling(cfg),
@@ -311,6 +311,14 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
         )
     except KeyError as e:
         raise UserInputError(f"--weights {weights}: config.json lacks {e.args[0]}") from e
+
+
+def _positions(cfg: dict[str, Any]) -> int:
+    """The longest sequence autotune runs: Mistral's sliding window, where it has one, bounds
+    it (within the window, its attention is Llama's; beyond, it would differ)."""
+    positions = cfg.get("max_position_embeddings", 4096)
+    window = cfg.get("sliding_window") if cfg.get("model_type") == "mistral" else None
+    return min(positions, window) if window else positions
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

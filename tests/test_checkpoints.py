@@ -25,15 +25,20 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 
 
-def _checkpoint(directory: Path, rope_scaling: dict[str, Any] | None, tied: bool) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _checkpoint(directory: Path, rope_scaling: dict[str, Any] | None, tied: bool,
+                family: str = "llama", **extra: Any) -> Any:
+    import transformers
 
-    config = LlamaConfig(
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[family]
+    config = config_class(
         hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=500000.0, rope_scaling=rope_scaling, tie_word_embeddings=tied)
+        rope_theta=500000.0, rope_scaling=rope_scaling, tie_word_embeddings=tied, **extra)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -55,14 +60,17 @@ def _hf_tokens(model: Any, prompt: torch.Tensor, osl: int) -> torch.Tensor:
     return torch.stack(tokens, dim=1)
 
 
-@pytest.mark.parametrize("rope_scaling, tied", [
-    (LLAMA3_ROPE, False),  # Llama 3.1
-    (LLAMA3_ROPE, True),  # Llama 3.2 1B/3B: lm_head is the embedding
-    ({"rope_type": "linear", "factor": 4.0}, False),
-    (None, False),
-], ids=["llama3", "llama3-tied", "linear", "plain"])
-def test_checkpoint_runs_as_transformers_runs_it(tmp_path: Path, rope_scaling, tied) -> None:
-    model = _checkpoint(tmp_path, rope_scaling, tied)
+@pytest.mark.parametrize("rope_scaling, tied, family", [
+    (LLAMA3_ROPE, False, "llama"),  # Llama 3.1
+    (LLAMA3_ROPE, True, "llama"),  # Llama 3.2 1B/3B: lm_head is the embedding
+    ({"rope_type": "linear", "factor": 4.0}, False, "llama"),
+    (None, False, "llama"),
+    (None, False, "mistral"),  # Mistral 7B v0.2/v0.3: Llama's layers, no sliding window
+], ids=["llama3", "llama3-tied", "linear", "plain", "mistral"])
+def test_checkpoint_runs_as_transformers_runs_it(tmp_path: Path, rope_scaling, tied,
+                                                 family) -> None:
+    model = _checkpoint(tmp_path, rope_scaling, tied, family,
+                        **({"sliding_window": None} if family == "mistral" else {}))
     spec = get_spec("ckpt", tmp_path)
     assert spec.num_key_value_heads == 2 and spec.rope_theta == 500000.0
     # The rotary frequencies are transformers' own, scaling included.
@@ -107,3 +115,23 @@ def test_what_the_runtime_does_not_implement_is_refused(tmp_path: Path, change, 
     with pytest.raises(UserInputError, match="not (supported|implemented)") as info:
         get_spec("ckpt", tmp_path)
     assert words in str(info.value)
+
+
+def test_a_sliding_window_bounds_the_sequences(tmp_path: Path) -> None:
+    """Within Mistral's window its attention is Llama's; longer sequences would differ, so
+    they are refused (a run's --isl + --osl is checked against the model's positions)."""
+    from autotune.study import RunOptions
+
+    _checkpoint(tmp_path, None, False, "mistral", sliding_window=48)
+    assert get_spec("ckpt", tmp_path).max_position_embeddings == 48
+    with pytest.raises(UserInputError, match="exceeds ckpt's 48 positions"):
+        RunOptions(model="ckpt", weights=str(tmp_path), device="cpu", isl=40, osl=16)
+
+
+def test_other_model_types_are_refused(tmp_path: Path) -> None:
+    _checkpoint(tmp_path, None, False)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "model_type": "qwen2"}))
+    with pytest.raises(UserInputError, match="model_type 'qwen2' is not supported"):
+        get_spec("ckpt", tmp_path)
