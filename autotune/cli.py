@@ -59,9 +59,11 @@ def _resolve_device(device: str) -> str:
     return "cuda" if gpu.inventory() else "cpu"
 
 
-def _resolve_model(model: str, device: str) -> str:
+def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
     if model != "auto":
         return model
+    if weights is not None:  # a checkpoint names itself (studies and JSON carry the name)
+        return Path(weights).expanduser().resolve().name or "checkpoint"
     chosen = "tiny-llama" if device == "cpu" else "llama2-7b"
     err.print(f"--model auto: {chosen} ({'no GPU here: a CPU demo' if device == 'cpu' else 'GPU'})")
     return chosen
@@ -108,7 +110,8 @@ def _engine_options(items: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command()
 def run(
     model: str = typer.Option("auto", help="Model preset (see `autotune models`); auto: "
-                              "llama2-7b on a GPU, tiny-llama on CPU."),
+                              "llama2-7b on a GPU, tiny-llama on CPU, the checkpoint's folder "
+                              "name with --weights."),
     engine: str = typer.Option("native", help="native, tensorrt, or package.module:Class."),
     trials: int = typer.Option(20, help="Finished trials the study should have."),
     isl: int = typer.Option(128, help="Input (prompt) length, tokens."),
@@ -163,7 +166,7 @@ def run(
         model = recorded.get("model", model) if model == "auto" else model
         dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
     device = _resolve_device(device)
-    model = _resolve_model(model, device)
+    model = _resolve_model(model, device, weights)
     dtype = _resolve_dtype(dtype, device)
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl,

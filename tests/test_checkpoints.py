@@ -135,3 +135,25 @@ def test_other_model_types_are_refused(tmp_path: Path) -> None:
                                        "model_type": "qwen2"}))
     with pytest.raises(UserInputError, match="model_type 'qwen2' is not supported"):
         get_spec("ckpt", tmp_path)
+
+
+def test_cli_tunes_a_checkpoint_named_after_its_folder(tmp_path: Path, cli_env) -> None:
+    """`autotune run --weights DIR` end to end: the native engine streams the checkpoint's own
+    weights, and the study and its JSON are named after the folder, not a preset."""
+    from test_cli import autotune
+
+    from autotune import recommend
+
+    directory = tmp_path / "My-Llama-3.2-Tiny"
+    _checkpoint(directory, LLAMA3_ROPE, True)
+    out = tmp_path / "rec.json"
+    r = autotune("run", "--weights", str(directory), "--device", "cpu", "--trials", "2",
+                 "--isl", "8", "--osl", "4", "--max-batch", "4", "--repeats", "1",
+                 "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--out", str(out),
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "autotune: My-Llama-3.2-Tiny on cpu" in r.stderr
+    rec = recommend.read(out)
+    assert rec["workload"]["model"] == "My-Llama-3.2-Tiny"
+    assert rec["workload"]["weights"] == str(directory)
+    assert rec["study"]["name"].startswith("My-Llama-3.2-Tiny-native-float32")
