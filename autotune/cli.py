@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from autotune.errors import AutotuneError, UserInputError
+from autotune.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
 
@@ -69,9 +70,22 @@ def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
     return chosen
 
 
-def _default_max_batch(device: str) -> int:
-    """CPU runs are demos and tests: their time grows with the batch, and nothing caps it."""
-    return 64 if device == "cpu" else 256
+def _default_max_batch(device: str, engine: str, model: str, weights: str | None, dtype: str,
+                       seq_len: int, gpu_memory_limit: int | None, gpus: tuple[int, ...]) -> int:
+    """CPU runs are demos and tests: their time grows with the batch, and nothing caps it.
+    On a GPU, the native engine searches as far as the KV cache could fit (a grouped-query
+    model on a large GPU runs well past 256); other engines build for the batch range
+    (Torch-TensorRT's profiles), so they keep 256."""
+    if device == "cpu":
+        return 64
+    if engine != "native":
+        return MIN_AUTO_BATCH
+    from autotune import gpu
+    from autotune.models import get_spec
+
+    first = f"cuda:{gpus[0]}" if gpus else device
+    memory = gpu_memory_limit or gpu.device_info(first).total_bytes
+    return auto_max_batch(get_spec(model, weights), dtype, seq_len, memory)
 
 
 def _resolve_dtype(dtype: str, device: str) -> str:
@@ -119,7 +133,9 @@ def run(
     gpu_memory_limit: str | None = typer.Option(
         None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB."),
     max_batch: int | None = typer.Option(
-        None, help="Largest batch size searched (default: 256 on a GPU, 64 on CPU)."),
+        None, help="Largest batch size searched (default on a GPU: as many sequences as "
+                   "the KV cache could hold in the memory, 256 to 2048, native engine; 256 "
+                   "for others; 64 on CPU; a landscape's own)."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: from the workload)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
@@ -165,13 +181,16 @@ def run(
         recorded = read(landscape).workload
         model = recorded.get("model", model) if model == "auto" else model
         dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
+        max_batch = max_batch or recorded.get("max_batch")  # the recorded grid's reach
     device = _resolve_device(device)
     model = _resolve_model(model, device, weights)
     dtype = _resolve_dtype(dtype, device)
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl,
         gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
-        max_batch=max_batch or _default_max_batch(device),
+        max_batch=max_batch or _default_max_batch(
+            device, engine, model, weights, dtype, isl + osl,
+            _memory(gpu_memory_limit, "--gpu-memory-limit"), _gpus(gpus)),
         storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,

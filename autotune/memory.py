@@ -53,6 +53,20 @@ def kv_cache_bytes(spec: ModelSpec, dtype: str, batch: int, seq_len: int) -> int
     return spec.kv_bytes_per_token(dtype) * batch * seq_len
 
 
+# The default --max-batch on a GPU: at least the long-standing 256, more where the KV cache of
+# more sequences fits in the memory (grouped-query models on large GPUs), at most this.
+MAX_AUTO_BATCH = 2048
+MIN_AUTO_BATCH = 256
+
+
+def auto_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> int:
+    """The largest batch worth searching in ``memory`` bytes: the KV cache alone of more
+    sequences of ``seq_len`` would not fit, whatever else the configuration keeps resident.
+    Clamped to [MIN_AUTO_BATCH, MAX_AUTO_BATCH]."""
+    fits = memory // kv_cache_bytes(spec, dtype, 1, seq_len)
+    return int(min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, fits)))
+
+
 def prefill_activation_bytes(spec: ModelSpec, dtype: str, batch: int, isl: int) -> int:
     """Peak transient memory of one decoder layer during prefill of ``[batch, isl]``.
 

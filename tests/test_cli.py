@@ -189,3 +189,16 @@ def test_budgets_shown_are_the_ones_applied(storage_url: str, cli_env) -> None:
     assert best and first_row, r.stdout
     assert best.group(1) == first_row.group(1)
     assert whole_units(best.group(1))
+
+
+def test_auto_max_batch_follows_the_kv_cache() -> None:
+    from autotune.memory import auto_max_batch
+    from autotune.models import get_spec
+    from autotune.units import GiB
+
+    # llama2-7b at 8 GiB: 42 sequences of 384 tokens would fill it; the floor stands.
+    assert auto_max_batch(get_spec("llama2-7b"), "float16", 384, 8 * GiB) == 256
+    # llama3-8b (8 KV heads: 48 MiB a sequence) on a 24 GiB card: 512 sequences.
+    assert auto_max_batch(get_spec("llama3-8b"), "float16", 384, 24 * GiB) == 512
+    assert auto_max_batch(get_spec("llama3-8b"), "float16", 384, 80 * GiB) == 1706
+    assert auto_max_batch(get_spec("llama3-8b"), "float16", 128, 80 * GiB) == 2048  # the cap
