@@ -181,14 +181,15 @@ def run(
         recorded = read(landscape).workload
         model = recorded.get("model", model) if model == "auto" else model
         dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
-        max_batch = max_batch or recorded.get("max_batch")  # the recorded grid's reach
+        if max_batch is None:  # the recorded grid's reach
+            max_batch = recorded.get("max_batch")
     device = _resolve_device(device)
     model = _resolve_model(model, device, weights)
     dtype = _resolve_dtype(dtype, device)
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl,
         gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
-        max_batch=max_batch or _default_max_batch(
+        max_batch=max_batch if max_batch is not None else _default_max_batch(
             device, engine, model, weights, dtype, isl + osl,
             _memory(gpu_memory_limit, "--gpu-memory-limit"), _gpus(gpus)),
         storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,

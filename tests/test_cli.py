@@ -83,6 +83,8 @@ def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
          ("--gpu-memory-limit", "8GiB")),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--trials", "0"), ("--trials",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--osl", "-3"), ("--osl",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--max-batch", "0"),
+         ("--max-batch: expected a positive integer; got 0",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--decode-steps", "-1"),
          ("--decode-steps", "every step")),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--storage", "nonsense"),
