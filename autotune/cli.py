@@ -183,6 +183,8 @@ def run(
         dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
         if max_batch is None:  # the recorded grid's reach
             max_batch = recorded.get("max_batch")
+    if gpus and device == "auto":
+        device = "cuda"  # GPUs were named: no quiet fallback to the CPU
     device = _resolve_device(device)
     model = _resolve_model(model, device, weights)
     dtype = _resolve_dtype(dtype, device)
@@ -229,7 +231,8 @@ def worker(
     from autotune.join import join_study
 
     with _stoppable(storage):
-        result = join_study(storage, study, device=_resolve_device(device), gpus=_gpus(gpus),
+        device = "cuda" if gpus and device == "auto" else _resolve_device(device)
+        result = join_study(storage, study, device=device, gpus=_gpus(gpus),
                             progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)

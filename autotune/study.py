@@ -89,6 +89,12 @@ class RunOptions:
                                      f"got {value!r}")
         if self.warmup < 0:
             raise UserInputError(f"--warmup: expected 0 or more; got {self.warmup}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UserInputError(f"--seed: expected an integer from 0 to 2**32 - 1; got "
+                                 f"{self.seed!r}")
+        if self.gpus and self.device == "cpu":
+            raise UserInputError("--gpus names GPUs, but --device is cpu: give --device cuda "
+                                 "(or leave --device out)")
         if self.trial_timeout_s <= 0:
             raise UserInputError(f"--trial-timeout: expected seconds > 0; got {self.trial_timeout_s}")
         if self.gpu_memory_limit is not None and self.gpu_memory_limit <= 0:

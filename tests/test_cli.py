@@ -85,6 +85,10 @@ def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
         (("run", "--model", "tiny-llama", "--device", "cpu", "--osl", "-3"), ("--osl",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--max-batch", "0"),
          ("--max-batch: expected a positive integer; got 0",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--seed", "-1"),
+         ("--seed: expected an integer from 0 to 2**32 - 1; got -1",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--gpus", "0"),
+         ("--gpus names GPUs, but --device is cpu",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--decode-steps", "-1"),
          ("--decode-steps", "every step")),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--storage", "nonsense"),
@@ -204,3 +208,11 @@ def test_auto_max_batch_follows_the_kv_cache() -> None:
     assert auto_max_batch(get_spec("llama3-8b"), "float16", 384, 24 * GiB) == 512
     assert auto_max_batch(get_spec("llama3-8b"), "float16", 384, 80 * GiB) == 1706
     assert auto_max_batch(get_spec("llama3-8b"), "float16", 128, 80 * GiB) == 2048  # the cap
+
+
+@pytest.mark.skipif(has_cuda(), reason="needs a machine without a GPU")
+def test_gpus_without_a_gpu_never_fall_back_to_the_cpu(tmp_path: Path, cli_env) -> None:
+    r = autotune("run", "--model", "tiny-llama", "--gpus", "0", "--trials", "1", env=cli_env,
+                 cwd=tmp_path)
+    _error(r, "no NVIDIA GPU is usable here")
+    assert not (tmp_path / "studies").exists()
