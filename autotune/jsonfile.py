@@ -8,19 +8,28 @@ caller's job.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import SchemaError
+from autotune.errors import SchemaError, UserInputError
 
 
 def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    if path.is_dir():
+        raise UserInputError(f"{path} is a directory; give a file name, such as "
+                             f"{path / 'recommendation.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:  # said as "the disk is full" by the CLI
+            raise
+        raise UserInputError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=indent)

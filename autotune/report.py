@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import recommend
-from autotune.errors import AutotuneError, NoCompletedTrialError
+from autotune.errors import AutotuneError, NoCompletedTrialError, UserInputError
 from autotune.units import GiB, format_bytes
 
 FIGURES = ("landscape", "pareto", "progress")
@@ -374,7 +374,10 @@ def write_report(study: Any, out_dir: str | Path) -> ReportFiles:
             f"study {study.study_name} has no finished trial to draw yet; run some first "
             "(autotune run ... --trials N)")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"--out {out}: cannot make that folder ({e.strerror or e})") from e
     rec = recommendation(study)
     images, pngs = {}, {}
     for name, fig in figures(study, rec).items():

@@ -260,8 +260,10 @@ def _serve(conn: Any, config: EngineConfig) -> None:
             load_s=time.perf_counter() - t0,
         )
     except Exception as e:
-        kind = "user" if isinstance(e, AutotuneError) else "load"
-        conn.send(("failed", kind, f"{type(e).__name__}: {_first_line(e)}"))
+        if isinstance(e, AutotuneError):  # the user's to fix: their words, as the CLI says them
+            conn.send(("failed", "user", _first_line(e)))
+        else:
+            conn.send(("failed", "load", f"{type(e).__name__}: {_first_line(e)}"))
         return
     conn.send(("ready", info))
     while True:

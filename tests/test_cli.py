@@ -216,3 +216,20 @@ def test_gpus_without_a_gpu_never_fall_back_to_the_cpu(tmp_path: Path, cli_env) 
                  cwd=tmp_path)
     _error(r, "no NVIDIA GPU is usable here")
     assert not (tmp_path / "studies").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path: Path, storage_url: str,
+                                                     cli_env) -> None:
+    r = autotune(*RUN, "--trials", "1", "--storage", storage_url, "--out",
+                 str(tmp_path / "rec.json"), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    r = autotune("export", "--storage", storage_url, "--out", str(tmp_path), env=cli_env)
+    _error(r, "is a directory; give a file name")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = autotune("export", "--storage", storage_url, "--out", str(blocker / "rec.json"),
+                 env=cli_env)
+    _error(r, f"cannot write {blocker / 'rec.json'}")
+    r = autotune("report", "--storage", storage_url, "--out", str(blocker), env=cli_env)
+    _error(r, f"--out {blocker}: cannot make that folder")
+    assert blocker.read_text() == "not a folder"  # untouched

@@ -168,11 +168,14 @@ class NativeEngine:
             raise UserInputError(f"osl: expected a positive integer; got {osl!r}")
         batch, isl = prompt.shape
         length = isl + osl
+        if length > self.spec.max_position_embeddings:
+            raise UserInputError(
+                f"isl + osl: {length} exceeds {self.spec.name}'s "
+                f"{self.spec.max_position_embeddings} positions")
         if length > self.positions:
             raise UserInputError(
-                f"isl + osl: expected at most {self.positions} for {self.spec.name} as loaded "
-                f"(max_seq_len {self.config.max_seq_len}, the model's "
-                f"{self.spec.max_position_embeddings} positions); got {length}")
+                f"isl + osl: {length} exceeds the {self.positions} positions this engine was "
+                f"loaded for (EngineConfig.max_seq_len)")
         st = self._static_for(batch, length)
         with torch.inference_mode():
             logits = self._model.prefill(prompt.to(self.device), st.cache)
