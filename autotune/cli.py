@@ -146,7 +146,9 @@ def run(
     weights: str | None = typer.Option(None, help="Local Hugging Face checkpoint dir."),
     repeats: int = typer.Option(3, help="Timed repeats per trial (median reported)."),
     trial_timeout: float = typer.Option(900.0, help="Seconds before a trial counts as hung."),
-    out_file: Path | None = typer.Option(None, "--out", help="Recommendation JSON path."),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="Recommendation JSON path (default, unless only --landscape is "
+        "asked for: studies/<study>.json, where autotune run writes it)."),
     engine_option: list[str] = typer.Option(
         [], "--engine-option", help="KEY=VALUE passed to the engine (repeatable)."),
     max_tpot_ms: float | None = typer.Option(
@@ -425,7 +427,9 @@ def show(
 def export(
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: the only one)."),
-    out_file: Path | None = typer.Option(None, "--out", help="Recommendation JSON path."),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="Recommendation JSON path (default, unless only --landscape is "
+        "asked for: studies/<study>.json, where autotune run writes it)."),
     landscape: Path | None = typer.Option(
         None, "--landscape", help="Also (or instead) write the study's grid as a landscape "
         "file (a grid study: autotune run --sampler grid)."),
@@ -434,9 +438,9 @@ def export(
     from autotune import recommend
     from autotune.storage import load_study, open_storage
 
-    if out_file is None and landscape is None:
-        raise UserInputError("export: give --out REC.json, --landscape FILE.json, or both")
     stored = load_study(open_storage(storage, create=False), study)
+    if out_file is None and landscape is None:
+        out_file = Path("studies") / f"{stored.study_name}.json"
     if landscape is not None:
         from autotune import landscape as landscape_mod
 

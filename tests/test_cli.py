@@ -45,6 +45,12 @@ def test_run_show_export(tmp_path: Path, storage_url: str, cli_env) -> None:
     assert r.returncode == 0, r.stderr
     assert recommend.read(out2)["best"] == rec["best"]
 
+    # Without --out, export writes where run writes by default: studies/<study>.json.
+    r = autotune("export", "--storage", storage_url, env=cli_env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert recommend.read(tmp_path / "studies" / f"{rec['study']['name']}.json")["best"] == \
+        rec["best"]
+
 
 def test_python_m_and_models(cli_env) -> None:
     r = autotune("models", env=cli_env)
