@@ -518,6 +518,17 @@ class Prior:
             "measured_bandwidth": self.measured_bw,
         }
 
+    def nothing_fits(self) -> str | None:
+        """Why no trial can run, when not even the smallest configuration fits; else None."""
+        if self.available is None or self.fits.any():
+            return None
+        i, j = np.unravel_index(int(np.argmin(self.plans)), self.plans.shape)
+        return (f"nothing fits: the smallest configuration (batch {int(self.batches[i])}, "
+                f"{100 * self.fractions[j]:.0f}% resident) needs {self.plans[i, j] / 2**30:.2f} "
+                f"GiB of device memory and {max(self.available, 0) / 2**30:.2f} GiB is available "
+                "(free memory and --gpu-memory-limit, minus a margin); raise --gpu-memory-limit, "
+                "free the GPU, or use a smaller --dtype or model")
+
     def notes(self) -> list[str]:
         """Warnings about the settings, for the user."""
         out = []
@@ -528,9 +539,6 @@ class Prior:
                 f"{self.plans[top, -1] / 2**30:.2f} GiB of {self.available / 2**30:.2f} GiB "
                 "available): streaming is pointless here; expect the best at budget 100% "
                 "(raise --max-batch or lower --gpu-memory-limit to study streaming)")
-        if not self.fits.any():
-            out.append("no configuration is predicted to fit in the available memory, not even "
-                       "batch 1 streaming everything")
         if self.limits.any:
             meetable = ~self.pruned([])["cannot_meet"] & self.fits
             if not meetable.any():

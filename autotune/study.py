@@ -418,6 +418,8 @@ def run_study(
                             max_batch=options.max_batch, limits=options.limits,
                             h2d_gb_s=info.environment.get("h2d_gb_s"))
                 prior = state["prior"]
+                if prior is not None and (why := prior.nothing_fits()):
+                    raise UserInputError(why)  # before any trial: none could run
                 while (trial := claim()) is not None:
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = options.trial_request(batch, int(round(fraction * total)))

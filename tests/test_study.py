@@ -99,21 +99,21 @@ def test_full_measurements_need_no_confirmation(storage_url: str) -> None:
 
 
 def test_memory_limit_records_infeasible_without_running(storage_url: str) -> None:
-    # 64 MiB: nothing beyond a handful of sequences fits (16 MiB of KV cache each).
+    # 600 MiB: nothing beyond a handful of sequences fits (16 MiB of KV cache each).
     # TPE proposes what does not fit (autotune's sampler never does): the worker must refuse it.
-    run_study(_options(storage_url, trials=8, gpu_memory_limit=400 * MiB, max_batch=256,
+    run_study(_options(storage_url, trials=8, gpu_memory_limit=600 * MiB, max_batch=256,
                        sampler="tpe"))
     study = _study(storage_url)
     infeasible = [t for t in study.trials if t.user_attrs["status"] == "infeasible"]
     ran = [t for t in study.trials if t.user_attrs["status"] == "ok"]
-    assert infeasible, "a 400 MiB limit must make large batches infeasible"
+    assert infeasible, "a 600 MiB limit must make large batches infeasible"
     for t in infeasible:
         assert t.constraints["memory_gib"] > 0
         assert "e2e_s" not in t.user_attrs  # never run
         assert t.user_attrs["predicted_peak_bytes"] > t.user_attrs["available_bytes"]
         assert "exceeds" in t.user_attrs["reason"]
     for t in ran:
-        assert t.user_attrs["batch"] * KV_PER_SEQ < 400 * MiB
+        assert t.user_attrs["batch"] * KV_PER_SEQ < 600 * MiB
     if ran:
         assert study.best_trial.user_attrs["status"] == "ok"
 
@@ -204,3 +204,12 @@ def test_a_slow_load_is_reported_while_it_lasts(storage_url: str) -> None:
     events: list[tuple[str, float, object]] = []
     run_study(_options(storage_url, trials=1), on_worker=lambda *e: events.append(e))
     assert [(device, info is not None) for device, _, info in events] == [("cpu", True)]
+
+
+def test_a_limit_nothing_fits_in_is_an_error_before_any_trial(storage_url: str) -> None:
+    """Below the smallest configuration no trial could run: the study says so at once instead
+    of spending its trials on configurations the memory plan refuses."""
+    with pytest.raises(UserInputError, match=r"nothing fits: the smallest configuration "
+                                             r"\(batch 1, 0% resident\) needs"):
+        run_study(_options(storage_url, gpu_memory_limit=300 * MiB))
+    assert _study(storage_url).trials == []
