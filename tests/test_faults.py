@@ -69,7 +69,8 @@ def _running_trial(db: Path) -> bool:
 
 def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env) -> None:
     db = Path(storage_url.removeprefix("sqlite:///"))
-    args = (*RUN, "--trials", "4", "--no-early-stop", "--storage", storage_url, "--study", "k",
+    # 10 trials of 0.6 s: the run is still going when it is killed, even on a busy machine.
+    args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "k",
             "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
     proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -101,7 +102,7 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == dead[0]]
     assert len(retries) == 1 and retries[0].params == failed.params  # retried once
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
-    assert budget.spent(_study(storage_url)) == 4  # the budget, interrupted trial aside
+    assert budget.spent(_study(storage_url)) == 10  # the budget, interrupted trial aside
 
 
 def _running(study: optuna.Study, **attrs) -> optuna.trial.Trial:
@@ -409,7 +410,8 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     """Ctrl-C reaches the tuner and its worker (one process group): one line says what is
     kept, no traceback, the running trial is interrupted at once and runs again on resume."""
     db = Path(storage_url.removeprefix("sqlite:///"))
-    args = (*RUN, "--trials", "4", "--no-early-stop", "--storage", storage_url, "--study", "c",
+    # 10 trials of 0.6 s: the run is still going when the signal comes, even on a busy machine.
+    args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "c",
             "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
     proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -436,4 +438,4 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == stopped[0].number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == stopped[0].params
-    assert budget.spent(_study(storage_url)) == 4
+    assert budget.spent(_study(storage_url)) == 10
