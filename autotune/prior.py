@@ -615,10 +615,17 @@ def plan_requests(batches: np.ndarray, fractions: np.ndarray, total: int) -> lis
 
 
 def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits: Limits,
-          h2d_gb_s: float | None, margin: int) -> Prior:
-    """Measures (through ``runner``: a Worker or an in-process runner) and builds the prior."""
+          h2d_gb_s: float | None, margin: int, compute: dict[str, Any] | None = None) -> Prior:
+    """Measures (through ``runner``: a Worker or an in-process runner) and builds the prior.
+
+    ``compute``: the study's stored calibration, reused (its matmul times) when a run resumes
+    or a worker joins, so that every prior of a study reasons from the same measurements (and
+    a resumed study that had converged stays converged); the link is this worker's own."""
     batches, fractions = candidate_batches(max_batch), candidate_fractions()
-    calibration = runner.calibrate()
+    if compute is not None and compute.get("gemm_rows"):
+        calibration = {**compute, "h2d_gb_s": h2d_gb_s or compute.get("h2d_gb_s")}
+    else:
+        calibration = runner.calibrate()
     reply = runner.plan(plan_requests(batches, fractions, total), isl, osl, margin)
     plans = np.array(reply["totals"], float).reshape(len(batches), len(fractions))
     # The same for every batch (plan_requests is batch-major): one row is enough.

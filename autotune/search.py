@@ -175,8 +175,10 @@ def suggest(study: Any, trial: Any, max_batch: int, prior: Prior | None = None
 
 def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_batch: int,
                 limits: Limits, h2d_gb_s: float | None) -> Prior | None:
-    """Measures the hardware through ``runner``, builds the prior, stores its calibration with
-    the study (a landscape exported later carries it) and hands it to an autotune sampler.
+    """Measures the hardware through ``runner`` (the matmuls only once per study: a resumed
+    run or a joining worker reuses the stored calibration), builds the prior, stores its
+    calibration with the study (a landscape exported later carries it) and hands it to an
+    autotune sampler.
 
     A failed measurement is not the study's end: without a prior, the autotune sampler is TPE.
     """
@@ -185,7 +187,8 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
 
     try:
         prior = prior_mod.build(runner, total=total, isl=isl, osl=osl, max_batch=max_batch,
-                                limits=limits, h2d_gb_s=h2d_gb_s, margin=DEFAULT_MARGIN)
+                                limits=limits, h2d_gb_s=h2d_gb_s, margin=DEFAULT_MARGIN,
+                                compute=study.user_attrs.get("calibration"))
     except WorkerError as e:
         log.warning("no prior (%s); the search goes on without it", e)
         study.set_user_attr("prior", {"error": str(e)})
