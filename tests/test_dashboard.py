@@ -131,12 +131,13 @@ def test_dashboard_serves_while_a_study_writes(tmp_path: Path, storage_url: str,
         status, body = _get_json(base + "/api/studies")
         (summary,) = body["study_summaries"]
         assert summary["study_name"] == "concurrent"
-        # optuna-dashboard caches a study's trials for 2 s (under 100 trials): the last ones
-        # show up within that time after the run ends.
+        # optuna-dashboard caches a study's trials for 2 s (under 100 trials): the last ones,
+        # and the last one's final state, show up within that time after the run ends.
         deadline = time.monotonic() + 10
         while True:
             _, detail = _get_json(f"{base}/api/studies/{summary['study_id']}")
-            if len(detail["trials"]) == trials or time.monotonic() > deadline:
+            done = {t["state"] for t in detail["trials"]} == {"Complete"}
+            if (len(detail["trials"]) == trials and done) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert len(detail["trials"]) == trials
