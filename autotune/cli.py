@@ -190,13 +190,12 @@ def run(
     device = _resolve_device(device)
     model = _resolve_model(model, device, weights)
     dtype = _resolve_dtype(dtype, device)
+    limit, gpu_ids = _memory(gpu_memory_limit, "--gpu-memory-limit"), _gpus(gpus)
     options = RunOptions(
-        model=model, engine=engine, trials=trials, isl=isl, osl=osl,
-        gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
+        model=model, engine=engine, trials=trials, isl=isl, osl=osl, gpu_memory_limit=limit,
         max_batch=max_batch if max_batch is not None else _default_max_batch(
-            device, engine, model, weights, dtype, isl + osl,
-            _memory(gpu_memory_limit, "--gpu-memory-limit"), _gpus(gpus)),
-        storage=storage, study_name=study, device=device, gpus=_gpus(gpus), dtype=dtype,
+            device, engine, model, weights, dtype, isl + osl, limit, gpu_ids),
+        storage=storage, study_name=study, device=device, gpus=gpu_ids, dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,
         max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,

@@ -423,12 +423,11 @@ class Prior:
         untried = np.ones(self.plans.shape, dtype=bool)
         for o in obs:  # never the same configuration twice: same batch, same applied budget
             i, j = self._index(o.batch, o.fraction)
-            if self.batches[i] != o.batch:
-                continue
-            if o.applied is not None:
-                untried[i, self.applied == o.applied] = False
-            if abs(self.fractions[j] - o.fraction) < 1e-9:
-                untried[i, self.applied == self.applied[j]] = False
+            on_grid = abs(self.fractions[j] - o.fraction) < 1e-9
+            applied = o.applied if o.applied is not None else (
+                self.applied[j] if on_grid else None)  # a trial not run: the candidate's own
+            if self.batches[i] == o.batch and applied is not None:
+                untried[i, self.applied == applied] = False
         can_run = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
         allowed = can_run & ~masks["cannot_win"]
         c = self.constants

@@ -8,10 +8,9 @@ runs inside ``study.optimize``; autotune uses ask/tell, hence this one.
 When a run or a worker starts, and before each trial it claims, :func:`recover` looks at
 the study's RUNNING trials. One whose process is known to be gone on this host is failed at
 once; one from another host (or whose pid cannot be checked) is failed when its heartbeat is
-older than ``stale_after_s``. A failed
-trial gets ``status`` ``interrupted`` (it does not count against the budget, see
-:mod:`autotune.budget`) and its configuration is enqueued once more, unless it was itself
-such a retry. Two processes recovering at once cannot both retry a trial: only the one whose
+older than ``stale_after_s``. A failed trial gets ``status`` ``interrupted`` (it does not
+count against the budget, see :mod:`autotune.budget`) and its configuration is enqueued once
+more, unless it was itself such a retry. Two processes recovering at once cannot both retry a trial: only the one whose
 ``tell`` moves it out of RUNNING enqueues.
 
 This module does not run trials or decide what a trial's outcome is.
@@ -134,8 +133,8 @@ def interrupt_own(study: Any, reason: str = "the run was stopped") -> list[int]:
 
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        a = trial.user_attrs
-        if a.get("host") == HOST and a.get("pid") == os.getpid() and _interrupt(study, trial, reason):
+        ours = trial.user_attrs.get("host") == HOST and trial.user_attrs.get("pid") == os.getpid()
+        if ours and _interrupt(study, trial, reason):
             failed.append(trial.number)
     return failed
 

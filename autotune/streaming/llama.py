@@ -106,7 +106,7 @@ class Llama:
         t = torch.arange(positions, device=device, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # [positions, d/2], float32 as in transformers
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype).unsqueeze(1)  # [max_pos, 1, d]: broadcast over heads
+        self.cos = emb.cos().to(dtype).unsqueeze(1)  # [positions, 1, d]: broadcast over heads
         sin = emb.sin().to(dtype)
         half = d // 2
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).unsqueeze(1)
