@@ -30,8 +30,9 @@ app = typer.Typer(
     help="Find the best batch size and weight-streaming budget for LLM inference.",
 )
 # Wide enough for the tables when piped (rich assumes 80 columns without a terminal).
-out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# markup off: our messages are plain text, and rich would eat "[tensorrt]" in an install hint.
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 _state = {"debug": False}
 
 
@@ -71,21 +72,30 @@ def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
 
 
 def _default_max_batch(device: str, engine: str, model: str, weights: str | None, dtype: str,
-                       seq_len: int, gpu_memory_limit: int | None, gpus: tuple[int, ...]) -> int:
+                       isl: int, osl: int, gpu_memory_limit: int | None,
+                       gpus: tuple[int, ...]) -> int:
     """CPU runs are demos and tests: their time grows with the batch, and nothing caps it.
     On a GPU, the native engine searches as far as the KV cache could fit (a grouped-query
-    model on a large GPU runs well past 256); other engines build for the batch range
-    (Torch-TensorRT's profiles), so they keep 256."""
+    model on a large GPU runs well past 256). The tensorrt engine builds for its batch range
+    and TensorRT reserves activations for the largest batch whatever the batch run (§2 of the
+    research note): as many sequences as their cache and the prefill's new keys and values
+    could hold, at most 256, so no memory is reserved for batches that cannot fit. Other
+    engines keep 256."""
     if device == "cpu":
         return 64
-    if engine != "native":
+    if engine not in ("native", "tensorrt"):
         return MIN_AUTO_BATCH
     from autotune import gpu
+    from autotune.memory import kv_cache_bytes
     from autotune.models import get_spec
 
     first = f"cuda:{gpus[0]}" if gpus else device
     memory = gpu_memory_limit or gpu.device_info(first).total_bytes
-    return auto_max_batch(get_spec(model, weights), dtype, seq_len, memory)
+    spec = get_spec(model, weights)
+    if engine == "tensorrt":
+        per_sequence = kv_cache_bytes(spec, dtype, 1, isl + osl) + kv_cache_bytes(spec, dtype, 1, isl)
+        return int(max(1, min(MIN_AUTO_BATCH, memory // per_sequence)))
+    return auto_max_batch(spec, dtype, isl + osl, memory)
 
 
 def _resolve_dtype(dtype: str, device: str) -> str:
@@ -194,7 +204,7 @@ def run(
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl, gpu_memory_limit=limit,
         max_batch=max_batch if max_batch is not None else _default_max_batch(
-            device, engine, model, weights, dtype, isl + osl, limit, gpu_ids),
+            device, engine, model, weights, dtype, isl, osl, limit, gpu_ids),
         storage=storage, study_name=study, device=device, gpus=gpu_ids, dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,

@@ -100,9 +100,12 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
 
 
-def _available_bytes(config: EngineConfig, margin: int) -> int | None:
+def _available_bytes(engine: Any, margin: int) -> int | None:
     """Device memory this worker may use now: what NVML says is free plus what we already
-    hold (our allocator's reservation), capped by the user's limit, minus a margin."""
+    hold (the engine's ``device_bytes_held()`` where it has memory outside PyTorch's
+    allocator, as TensorRT does; else the allocator's reservation), capped by the user's
+    limit, minus a margin."""
+    config: EngineConfig = engine.config
     caps = []
     if config.gpu_memory_limit is not None:
         caps.append(config.gpu_memory_limit)
@@ -111,7 +114,9 @@ def _available_bytes(config: EngineConfig, margin: int) -> int | None:
 
         from autotune import gpu
 
-        caps.append(gpu.free_bytes(config.device) + torch.cuda.memory_reserved(config.device))
+        held = getattr(engine, "device_bytes_held", None)
+        held_bytes = held() if held else torch.cuda.memory_reserved(config.device)
+        caps.append(gpu.free_bytes(config.device) + held_bytes)
     return min(caps) - margin if caps else None
 
 
@@ -133,7 +138,7 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
     start = time.perf_counter()
     plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
     try:
-        available = _available_bytes(config, request.margin_bytes)
+        available = _available_bytes(engine, request.margin_bytes)
     except EngineUnavailableError as e:  # NVML failed mid-study: this trial's error, not ours
         return TrialOutcome(status="error", reason=f"free memory unknown: {e}",
                             plan=plan.as_dict(), elapsed_s=time.perf_counter() - start)
@@ -186,7 +191,7 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
         if budget not in applied:
             applied[budget] = int(rounding(budget)) if rounding else budget
     return {"totals": totals, "applied": [applied[budget] for _, budget in configs],
-            "available": _available_bytes(engine.config, margin)}
+            "available": _available_bytes(engine, margin)}
 
 
 def calibrate(engine: Any) -> dict[str, Any]:
@@ -241,7 +246,9 @@ def _serve(conn: Any, config: EngineConfig) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the study and this process
     # with it; a traceback from here would only bury the parent's message.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="worker: %(levelname)s %(message)s")
+    # The logger's name says whose message it is (a library's, or autotune's own).
+    logging.basicConfig(level=logging.WARNING,
+                        format="worker: %(levelname)s %(name)s: %(message)s")
     try:
         if config.device.startswith("cuda"):
             import torch

@@ -1,13 +1,15 @@
 """The engine contract, one suite run against every engine (like Optuna's storage tests).
 
-``tensorrt`` runs against the torch_tensorrt test double (tests/doubles) at several versions;
-``native`` is the real native engine. All on CPU with tiny-llama in float32. An engine whose
+``tensorrt`` runs against the torch_tensorrt test double (tests/doubles) at several versions,
+and (marked ``gpu``) against the real Torch-TensorRT where it is installed with a GPU;
+``native`` is the real native engine. On CPU, or that GPU, with tiny-llama in float32. An engine whose
 module is not importable yet is skipped with the reason, never failed.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 from collections.abc import Iterator
@@ -22,7 +24,15 @@ from autotune.errors import UserInputError
 from autotune.measure import random_prompt
 from autotune.streaming import weight_streaming
 
-PARAMS = ["tensorrt-2.6.0", "tensorrt-2.13.0", "tensorrt-2.14.0a0", "native"]
+
+def _real_torch_tensorrt() -> bool:
+    """The real package (not the double, which is importable only once installed) with a GPU."""
+    return importlib.util.find_spec("torch_tensorrt") is not None and torch.cuda.is_available()
+
+
+# The double at several versions; the real Torch-TensorRT where it is installed (GPU machine).
+PARAMS = ["tensorrt-2.6.0", "tensorrt-2.13.0", "tensorrt-2.14.0a0", "native",
+          pytest.param("tensorrt-real", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module", params=PARAMS)
@@ -30,23 +40,32 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
            ) -> Iterator[Any]:
     name, _, version = request.param.partition("-")
     options: tuple[tuple[str, Any], ...] = ()
+    device = "cpu"
     with pytest.MonkeyPatch.context() as mp:
-        if name == "tensorrt":
-            install_torch_tensorrt(mp, version)
-            # cos in PyTorch splits the graph into two engines and one PyTorch child.
+        if version == "real":
+            if not _real_torch_tensorrt():
+                pytest.skip("the real torch_tensorrt is not installed here (or no GPU)")
+            device = "cuda"
             options = (("trt_cache_dir", str(tmp_path_factory.mktemp("trt"))),
-                       ("torch_executed_ops", ("torch.ops.aten.cos.default",)))
+                       ("torch_executed_ops", ("torch.ops.aten.lt.Tensor",)))
+        elif name == "tensorrt":
+            install_torch_tensorrt(mp, version)
+            # The cache mask's comparison in PyTorch splits the graph into two engines and
+            # one PyTorch child.
+            options = (("trt_cache_dir", str(tmp_path_factory.mktemp("trt"))),
+                       ("torch_executed_ops", ("torch.ops.aten.lt.Tensor",)))
         else:
             try:
                 importlib.import_module(f"autotune.engines.{name}")
             except ImportError as e:
                 pytest.skip(f"engine {name!r} is not importable yet: {e}")
-        config = EngineConfig(model="tiny-llama", engine=name, dtype="float32", device="cpu",
+        config = EngineConfig(model="tiny-llama", engine=name, dtype="float32", device=device,
                               max_batch=4, max_seq_len=32, options=options)
         eng = load_engine(config)
         yield eng
         eng.close()
-    uninstall_torch_tensorrt()
+    if name == "tensorrt" and version != "real":
+        uninstall_torch_tensorrt()  # the real package stays: its extension loads once
 
 
 @pytest.fixture
@@ -57,7 +76,7 @@ def restore_budget(engine: Any) -> Iterator[None]:
 
 
 def _generate(engine: Any, batch: int, isl: int, osl: int, seed: int = 0) -> torch.Tensor:
-    prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, "cpu")
+    prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, engine.config.device)
     gen = engine.prefill(prompt, osl)
     if osl > 1:
         engine.decode(gen, osl - 1)

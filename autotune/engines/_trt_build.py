@@ -7,23 +7,31 @@ and torch_tensorrt is imported only inside :func:`import_torch_tensorrt`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from autotune.engines.base import EngineConfig
 from autotune.errors import EngineUnavailableError, UserInputError
-from autotune.models import ModelSpec, build_hf_model, weight_source
+from autotune.models import ModelSpec, torch_dtype, weight_source
 
 MIN_VERSION = (2, 6)  # weight streaming appeared in 2.6 (§0)
+# Both builds serve one engine: Torch-TensorRT loads either backend behind one ``tensorrt``
+# module (its _TensorRTProxyModule), and the study records which one ran.
 _INSTALL = (
-    "pip install 'autotune[tensorrt]' (TensorRT's wheels come from NVIDIA's index: add "
-    "--extra-index-url https://pypi.nvidia.com if pip cannot find them)"
+    "pip install 'autotune[tensorrt-rtx]' (TensorRT-RTX, from PyPI), or pip install "
+    "'autotune[tensorrt]' --extra-index-url https://pypi.nvidia.com (data-center TensorRT, "
+    "whose wheels come from NVIDIA's index); the torch_tensorrt build must match your torch"
 )
 
 
 @dataclass(frozen=True)
 class BuildShapes:
-    """The optimization profile one compiled module serves (§2: min/opt/max)."""
+    """The optimization profile one compiled module serves (§2: min/opt/max).
+
+    ``seq`` is the tokens of one call: with the KV cache, 1 (a decode step) up to the longest
+    prompt, against a static cache of ``cache_len`` slots; without it, the whole sequence so
+    far (up to ``cache_len`` tokens), as Torch-TensorRT's example runs."""
 
     min_batch: int
     opt_batch: int
@@ -31,32 +39,65 @@ class BuildShapes:
     min_seq: int
     opt_seq: int
     max_seq: int
+    cache_len: int
+    kv_cache: bool
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> BuildShapes:
-        # TensorRT tunes kernels for opt, which is the example shape seen at export (§2).
+    def from_config(cls, config: EngineConfig, kv_cache: bool) -> BuildShapes:
+        length = config.max_seq_len
+        # The longest call: the prompt (at most the sequence less one generated token).
+        max_seq = int(config.option("max_prompt_len", length - 1)) if kv_cache else length
+        # TensorRT tunes kernels for opt (§2). With a cache nearly every call is a decode
+        # step (T = 1), so that is where the kernels should be fast.
         opt_batch = int(config.option("opt_batch", config.max_batch))
-        opt_seq = int(config.option("opt_seq_len", config.max_seq_len))
-        if not (1 <= opt_batch <= config.max_batch and 1 <= opt_seq <= config.max_seq_len):
+        opt_seq = int(config.option("opt_seq_len", 1 if kv_cache else max_seq))
+        if not (1 <= opt_batch <= config.max_batch and 1 <= opt_seq <= max_seq < length + 1):
             raise UserInputError(
-                f"opt_batch/opt_seq_len: expected 1..{config.max_batch} and "
-                f"1..{config.max_seq_len}; got {opt_batch} and {opt_seq}"
+                f"opt_batch/opt_seq_len/max_prompt_len: expected 1..{config.max_batch} and "
+                f"1 <= opt_seq_len <= max_prompt_len <= {length}; got {opt_batch}, {opt_seq} "
+                f"and {max_seq}"
             )
-        return cls(1, opt_batch, config.max_batch, 1, opt_seq, config.max_seq_len)
+        return cls(1, opt_batch, config.max_batch, 1, opt_seq, max_seq, length, kv_cache)
 
-    def as_dict(self) -> dict[str, dict[str, int]]:
+    def as_dict(self) -> dict[str, Any]:
         return {"batch": {"min": self.min_batch, "opt": self.opt_batch, "max": self.max_batch},
-                "seq": {"min": self.min_seq, "opt": self.opt_seq, "max": self.max_seq}}
+                "seq": {"min": self.min_seq, "opt": self.opt_seq, "max": self.max_seq},
+                "cache_len": self.cache_len, "kv_cache": self.kv_cache}
+
+    def inputs(self, trt: Any, spec: ModelSpec, dtype: str) -> list[Any]:
+        """Torch-TensorRT's ``Input`` of each argument of the exported forward."""
+        import torch
+
+        b, s = (self.min_batch, self.opt_batch, self.max_batch), (self.min_seq, self.opt_seq,
+                                                                  self.max_seq)
+        found = [trt.Input(min_shape=(b[0], s[0]), opt_shape=(b[1], s[1]),
+                           max_shape=(b[2], s[2]), dtype=torch.int64),
+                 trt.Input(min_shape=(s[0],), opt_shape=(s[1],), max_shape=(s[2],),
+                           dtype=torch.int64)]
+        if self.kv_cache:
+            def cache(batch: int) -> tuple[int, ...]:
+                return (spec.num_hidden_layers, 2, batch, spec.num_key_value_heads,
+                        self.cache_len, spec.head_dim)
+
+            found.append(trt.Input(min_shape=cache(b[0]), opt_shape=cache(b[1]),
+                                   max_shape=cache(b[2]), dtype=torch_dtype(dtype)))
+        return found
 
 
 def import_torch_tensorrt() -> Any:
     """torch_tensorrt, or EngineUnavailableError saying how to install it (or a newer one)."""
+    # Its import logs errors about TensorRT-LLM plugins (CUDA 13 builds) and modelopt that
+    # concern features autotune never uses; in a worker they read as autotune's own errors.
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
     try:
         import torch_tensorrt
     except ImportError as e:
         raise EngineUnavailableError(
             f"engine 'tensorrt' needs torch_tensorrt >= 2.6, which is not installed: {_INSTALL}"
         ) from e
+    finally:
+        logging.disable(previous)
     version = parse_version(torch_tensorrt.__version__)
     if version < MIN_VERSION or not hasattr(torch_tensorrt.runtime, "weight_streaming"):
         raise EngineUnavailableError(
@@ -94,60 +135,54 @@ def compile_options(version: tuple[int, int], dtype: str) -> dict[str, Any]:
     return options
 
 
-class _Logits:
-    """``input_ids, position_ids -> logits [B, S, vocab]``: a plain-tensor signature to export."""
-
-    @staticmethod
-    def wrap(model: Any) -> Any:
-        import torch
-
-        class LogitsOnly(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, input_ids: Any, position_ids: Any) -> Any:
-                return self.model(
-                    input_ids=input_ids, position_ids=position_ids, use_cache=False
-                ).logits
-
-        return LogitsOnly().eval()
-
-
 def export_model(spec: ModelSpec, config: EngineConfig, shapes: BuildShapes) -> Any:
-    """The ExportedProgram of the model with batch and sequence dynamic on both inputs (§2)."""
+    """The ExportedProgram of :class:`ExportLlama`, batch and call length dynamic (§2).
+
+    Built on the engine's device: Torch-TensorRT's constant folding wants the weights where
+    the engine will run (it moves them to the host afterwards, ``offload_module_to_cpu``)."""
     import torch
 
-    model = build_hf_model(spec, config.dtype, config.device, weight_source(spec, config.seed))
-    model.config.use_cache = False
-    model.set_attn_implementation("eager")  # as Torch-TRT's example; sdpa does not convert
-    example = torch.randint(1, spec.vocab_size, (shapes.opt_batch, shapes.opt_seq),
-                            device=config.device)
-    positions = torch.arange(shapes.opt_seq, device=config.device).expand(shapes.opt_batch, -1)
-    dims: dict[int, Any] = {}
-    # A dimension whose example is 1 would be specialized to 1 by export: keep it static.
-    if shapes.max_batch > 1 and shapes.opt_batch > 1:
-        dims[0] = torch.export.Dim("batch", min=shapes.min_batch, max=shapes.max_batch)
-    if shapes.max_seq > 1 and shapes.opt_seq > 1:
-        dims[1] = torch.export.Dim("seq_len", min=shapes.min_seq, max=shapes.max_seq)
+    from autotune.engines._trt_model import ExportLlama
+
+    model = ExportLlama(spec, config.dtype, config.device, weight_source(spec, config.seed),
+                        shapes.cache_len if shapes.kv_cache else None, shapes.cache_len).eval()
+    b = s = 2  # examples above 1: export specializes a dimension whose example is 1
+    batch = torch.export.Dim("batch", min=shapes.min_batch, max=max(shapes.max_batch, 2))
+    seq = torch.export.Dim("seq", min=shapes.min_seq, max=max(shapes.max_seq, 2))
+    tokens = torch.randint(1, spec.vocab_size, (b, s), device=config.device)
+    positions = torch.arange(s, device=config.device)
+    args: tuple[Any, ...] = (tokens, positions)
+    dims: tuple[Any, ...] = ({0: batch, 1: seq}, {0: seq})
+    if shapes.kv_cache:
+        args += (cache_tensor(spec, config.dtype, b, shapes.cache_len, config.device),)
+        dims += ({2: batch},)
     with torch.no_grad():
-        return torch.export.export(
-            _Logits.wrap(model), (example, positions.contiguous()),
-            dynamic_shapes=(dims, dims), strict=False,
-        )
+        return torch.export.export(model, args, dynamic_shapes=dims, strict=False)
+
+
+def cache_tensor(spec: ModelSpec, dtype: str, batch: int, length: int, device: Any) -> Any:
+    """A zeroed static KV cache ``[L, 2, B, KV, length, d]`` (zeros: masked slots still enter
+    q.k, and garbage there may be NaN)."""
+    import torch
+
+    shape = (spec.num_hidden_layers, 2, batch, spec.num_key_value_heads, length, spec.head_dim)
+    return torch.zeros(shape, dtype=torch_dtype(dtype), device=device)
 
 
 def versions(trt: Any) -> dict[str, str]:
+    """What ran: torch, torch_tensorrt, and the TensorRT backend behind Torch-TensorRT's
+    ``tensorrt`` alias (``_package_name``: 'tensorrt' or 'tensorrt_rtx') with its version."""
     import torch
 
     try:
         import tensorrt
 
+        backend = str(getattr(tensorrt, "_package_name", "") or "tensorrt")
         trt_version = str(tensorrt.__version__)
     except ImportError:
-        trt_version = "unknown"
+        backend, trt_version = "unknown", "unknown"
     return {"torch": torch.__version__, "torch_tensorrt": str(trt.__version__),
-            "tensorrt": trt_version}
+            "tensorrt_backend": backend, "tensorrt": trt_version}
 
 
 def device_identity(device: str) -> str:

@@ -1,22 +1,27 @@
-"""The Torch-TensorRT engine: TensorRT's own weight streaming, driven as its docs describe.
+"""The Torch-TensorRT engine: TensorRT's own weight streaming, with a KV cache.
 
-``load`` exports the Hugging Face model (no KV cache, eager attention, the study's dtype) with
-``torch.export`` and a dynamic batch and sequence dimension, compiles it once with
-``torch_tensorrt.dynamo.compile(..., enable_weight_streaming=True)`` (or reloads it from the
-on-disk cache), and sets budgets through ``torch_tensorrt.runtime.weight_streaming``, reading
-every applied budget back. Generation follows Torch-TensorRT's example: without a KV cache,
-every step is a forward over the whole sequence so far, greedy argmax of the last position.
+``load`` exports :class:`~autotune.engines._trt_model.ExportLlama` (the model as one function
+of plain tensors; the KV cache an explicit input and output) with ``torch.export``, batch and
+call length dynamic, compiles it once with ``torch_tensorrt.dynamo.compile(...,
+enable_weight_streaming=True)`` (or reloads it from the on-disk cache), and sets budgets
+through ``torch_tensorrt.runtime.weight_streaming``, reading every applied budget back. A
+generation is one prefill call and one call per decode step against a static cache, so every
+decode step does the same work (``uniform_decode_steps``). Option ``kv_cache=False`` runs
+Torch-TensorRT's example instead: no cache, every step a forward over the whole sequence.
 
-Written from ``research/torch-tensorrt-weight-streaming.md`` (section numbers below refer to
-it) and tested only against the test double in ``tests/doubles``: TensorRT cannot be installed
-where autotune is developed (see docs/tensorrt.md). torch_tensorrt is imported inside ``load``
-only, so ``import autotune.engines`` never needs it. This module does not time anything
-(:mod:`autotune.measure` does) and does not use CUDA graphs.
+TensorRT allocates its memory outside PyTorch's allocator, so on a GPU the engine measures,
+once at load, what NVML sees at the two ends of the budget range, and plans from that
+(:meth:`TensorRTEngine.memory_plan`). torch_tensorrt is imported inside ``load`` only, so
+``import autotune.engines`` never needs it. Section numbers refer to
+``research/torch-tensorrt-weight-streaming.md``. This module does not time generation
+(:mod:`autotune.measure` does) and does not use CUDA graphs (TensorRT-RTX does not support
+them with weight streaming, §1.6).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import warnings
@@ -25,6 +30,7 @@ from typing import Any, ClassVar
 
 from autotune.engines._trt_build import (
     BuildShapes,
+    cache_tensor,
     compile_options,
     device_identity,
     export_model,
@@ -35,31 +41,53 @@ from autotune.engines._trt_build import (
 from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir
 from autotune.engines.base import EngineConfig, Generation, clamp_budget
 from autotune.errors import EngineUnavailableError, UserInputError
-from autotune.memory import MemoryPlan, prefill_activation_bytes
+from autotune.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.models import ModelSpec, dtype_bytes, get_spec
 
 log = logging.getLogger(__name__)
 
-# TensorRT's tactic workspace and the execution context's own bookkeeping: an estimate, since
-# Torch-TRT exposes neither (§5, "API gaps").
+# Where nothing was measured (CPU, the test double): TensorRT's tactic workspace and the
+# context's bookkeeping, an estimate (Torch-TensorRT exposes neither, §5).
 _WORKSPACE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class MemoryCalibration:
+    """What NVML saw this process hold after a batch-1 generation, its PyTorch cache freed:
+    ``at_total`` with nothing streamed, ``at_zero`` with everything streamed (bytes)."""
+
+    at_total: int
+    at_zero: int
+    total: int  # the streamable bytes at the time
+
+    @property
+    def fixed(self) -> int:
+        """Everything but the resident streamable weights and the staging for streaming: the
+        CUDA context, weights TensorRT never streams, the context's activation memory."""
+        return self.at_total - self.total
+
+    @property
+    def scratch(self) -> int:
+        """What streaming adds: TensorRT's staging of streamed weights (§6)."""
+        return max(0, self.at_zero - self.fixed)
 
 
 class TensorRTEngine:
     """A Torch-TensorRT module compiled with weight streaming, behind the Engine contract."""
 
     name: ClassVar[str] = "tensorrt"
-    # Each budget change destroys and re-creates every engine's execution context, re-uploads
-    # the resident weights and resets captured graphs (§1.5): group trials by budget.
+    # Each budget change re-creates every engine's execution context and re-uploads the
+    # resident weights (§1.5): the search avoids changes it need not make.
     budget_change_cost: ClassVar[str] = "high"
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, trt: Any, module: Any,
-                 facts: dict[str, Any]) -> None:
-        self.config = config
-        self.spec = spec
-        self._trt = trt
-        self._module = module
+                 shapes: BuildShapes, facts: dict[str, Any]) -> None:
+        self.config, self.spec = config, spec
+        self._trt, self._module, self._shapes = trt, module, shapes
         self._facts = facts
+        self.kv_cache = shapes.kv_cache
+        # A static cache makes every decode step the same work: time a few, extrapolate.
+        self.uniform_decode_steps = self.kv_cache
         # One weight_streaming object for the engine's life: its device_budget is a cached
         # sum that other objects would not see change (§1.2).
         self._ws = trt.runtime.weight_streaming(module)
@@ -73,7 +101,10 @@ class TensorRTEngine:
         # Torch-TRT applied TensorRT's automatic budget on deserialization (§1.4).
         self.automatic_budget_at_load = int(self._ws.device_budget)
         self.budget_changes = 0
-        self.needs_warmup = True  # the first generation after load or a budget change
+        self.budget_change_s = 0.0  # the setter's own time, summed (eager rebuilds show here)
+        self.calibration: MemoryCalibration | None = None
+        self._cache: Any = None  # [L, 2, B, KV, S, d], reused while the batch is the same
+        self._positions: Any = None  # [S] int64 on the device: sliced, never re-created
 
     @classmethod
     def host_bytes(cls, config: EngineConfig) -> int:
@@ -86,24 +117,26 @@ class TensorRTEngine:
         trt = import_torch_tensorrt()
         version = parse_version(trt.__version__)
         spec = get_spec(config.model, config.weights)
-        shapes = BuildShapes.from_config(config)
+        shapes = BuildShapes.from_config(config, kv_cache=bool(config.option("kv_cache", True)))
         torch_ops = sorted(map(str, config.option("torch_executed_ops", ()) or ()))
         found = versions(trt)
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
             "shapes": shapes.as_dict(), "torch_executed_ops": torch_ops, "versions": found,
-            "device": device_identity(config.device),
+            "device": device_identity(config.device), "export": _EXPORT_FORMAT,
         })
         cache = ModuleCache(config.option("trt_cache_dir") or default_cache_dir())
         use_cache = bool(config.option("trt_cache", True))
         engine_class = trt.dynamo.runtime.TorchTensorRTModule
         hit = cache.load(key) if use_cache else None
         start = time.perf_counter()
+        compile_s = 0.0
         if hit is not None:
             module, _ = hit
             log.info("loaded compiled TensorRT module from %s", cache.path(key))
         else:
             module = cls._compile(trt, version, spec, config, shapes, torch_ops)
+            compile_s = time.perf_counter() - start
             if use_cache:
                 cache.save(key, module, engine_class, {"versions": found})
         if config.device.startswith("cuda"):
@@ -111,12 +144,16 @@ class TensorRTEngine:
         facts = {
             "versions": found, "built_for": shapes.as_dict(), "cache_hit": hit is not None,
             "cache_path": str(cache.path(key)) if use_cache else None,
-            "load_s": time.perf_counter() - start, "compile_options": {
+            "compile_s": round(compile_s, 2), "load_s": time.perf_counter() - start,
+            "compile_options": {
                 k: sorted(map(str, v)) if isinstance(v, set) else v
                 for k, v in compile_options(version, config.dtype).items()
             }, "torch_executed_ops": torch_ops,
         }
-        return cls(config, spec, trt, module, facts)
+        engine = cls(config, spec, trt, module, shapes, facts)
+        if config.device.startswith("cuda"):
+            engine.calibrate_memory()
+        return engine
 
     @staticmethod
     def _compile(trt: Any, version: tuple[int, int], spec: ModelSpec, config: EngineConfig,
@@ -124,21 +161,26 @@ class TensorRTEngine:
         import torch
 
         ep = export_model(spec, config, shapes)
-        profile = trt.Input(min_shape=(shapes.min_batch, shapes.min_seq),
-                            opt_shape=(shapes.opt_batch, shapes.opt_seq),
-                            max_shape=(shapes.max_batch, shapes.max_seq), dtype=torch.int64)
         options = compile_options(version, config.dtype)
         if torch_ops:
             options["torch_executed_ops"] = set(torch_ops)
         if config.device.startswith("cuda"):
             options["device"] = torch.device(config.device)
+            # The exported weights leave the GPU once lowered, so the build has it to itself.
+            if "offload_module_to_cpu" in inspect.signature(trt.dynamo.compile).parameters:
+                options["offload_module_to_cpu"] = True
         log.info("compiling %s (%s) with Torch-TensorRT %s", spec.name, config.dtype,
                  trt.__version__)
         with warnings.catch_warnings():
             # 2.10-2.12 warn on every call that use_explicit_typing is deprecated, even when
             # it is required (§2); the note explains it, the user cannot act on it.
             warnings.filterwarnings("ignore", ".*use_explicit_typing.*", DeprecationWarning)
-            return trt.dynamo.compile(ep, inputs=[profile, profile], **options)
+            module = trt.dynamo.compile(ep, inputs=shapes.inputs(trt, spec, config.dtype),
+                                        **options)
+        del ep
+        if config.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the exported model's weights: TensorRT has its own
+        return module
 
     # -- budget (§1.2, §7.1) ---------------------------------------------------------------
 
@@ -155,8 +197,11 @@ class TensorRTEngine:
         requested = clamp_budget(value, self._total, log)
         if requested == self.device_budget:
             return  # setting the same sum would only rebuild contexts for nothing
+        start = time.perf_counter()
         self._ws.device_budget = requested
         applied = self.device_budget  # the sum the engines really applied (§5: read it back)
+        self.synchronize()
+        self.budget_change_s += time.perf_counter() - start
         if applied != requested:
             log.warning(
                 "TensorRT applied a device budget of %d bytes, not the %d requested "
@@ -164,53 +209,102 @@ class TensorRTEngine:
                 "budget was rejected)", applied, requested, len(self._engines) - 1,
             )
         self.budget_changes += 1
-        self.needs_warmup = True
+
+    def applied_budget(self, budget: int) -> int:
+        """What assigning ``budget`` applies: the proportional split rounds each engine's
+        share down (§1.2), without applying it."""
+        budget = clamp_budget(budget, self._total, log)
+        return sum(int(s / self._total * budget) for s in self._ws.streamable_budget)
 
     def get_automatic_weight_streaming_budget(self) -> int:
         # Sum of per-engine heuristics: non-deterministic, may over-commit (§5). A reference
         # point, never an Optuna parameter.
         return min(int(self._ws.get_automatic_weight_streaming_budget()), self._total)
 
-    # -- generation (no KV cache: each step runs the whole sequence, as Torch-TRT's example) --
+    # -- generation --------------------------------------------------------------------------
 
-    def _next_token(self, seq: Any) -> Any:
+    def _check(self, prompt: Any, osl: int) -> tuple[int, int]:
+        if prompt.dim() != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1:
+            raise UserInputError(
+                f"prompt: expected token ids [batch, isl]; got {tuple(prompt.shape)}")
+        batch, isl = (int(d) for d in prompt.shape)
+        if not 1 <= batch <= self._shapes.max_batch:
+            raise UserInputError(
+                f"batch: the TensorRT module was built for 1..{self._shapes.max_batch}; "
+                f"got {batch}")
+        longest = self._shapes.max_seq if self.kv_cache else self._shapes.cache_len
+        if not isinstance(osl, int) or osl < 1 or isl + osl > self._shapes.cache_len or (
+                self.kv_cache and isl > longest):
+            raise UserInputError(
+                f"isl + osl: the TensorRT module was built for prompts up to {longest} and "
+                f"sequences up to {self._shapes.cache_len} tokens; got isl {isl} + osl {osl}")
+        return batch, isl
+
+    def _call(self, *args: Any) -> Any:
         import torch
 
-        batch, length = seq.shape
-        positions = torch.arange(length, device=seq.device).expand(batch, -1).contiguous()
         with torch.inference_mode():
-            out = self._module(seq, positions)
-        logits = out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-        return logits[:, -1, :].argmax(dim=-1)  # [B]
+            return self._module(*args)
+
+    def _positions_for(self, device: Any) -> Any:
+        import torch
+
+        if self._positions is None:
+            self._positions = torch.arange(self._shapes.cache_len, device=device)
+        return self._positions
 
     def prefill(self, prompt: Any, osl: int) -> Generation:
-        batch, isl = (int(d) for d in prompt.shape)
-        if not 1 <= batch <= self.config.max_batch:
-            raise UserInputError(
-                f"batch: the TensorRT module was built for 1..{self.config.max_batch}; got {batch}"
-            )
-        if osl < 1 or isl + osl - 1 > self.config.max_seq_len:
-            raise UserInputError(
-                f"isl + osl: the TensorRT module was built for sequences up to "
-                f"{self.config.max_seq_len} tokens; got isl {isl} + osl {osl}"
-            )
-        first = self._next_token(prompt)
-        self.needs_warmup = False
-        return Generation(batch=batch, isl=isl, osl=osl, tokens=first[:, None],
-                          state=_Sequence(prompt))
+        import torch
+
+        batch, isl = self._check(prompt, osl)
+        positions = self._positions_for(prompt.device)
+        out = torch.empty(batch, osl, dtype=torch.long, device=prompt.device)
+        if self.kv_cache:
+            if self._cache is None or self._cache.shape[2] != batch:
+                self._new_cache(batch, prompt.device)
+            # A reused cache keeps the last generation's keys beyond the prompt: finite values
+            # the mask hides, so nothing needs clearing on the timed path.
+            logits, kv = self._call(prompt, positions[:isl], self._cache)
+            self._cache[:, :, :, :, :isl].copy_(kv)
+            state: Any = None
+        else:
+            logits = self._call(prompt, positions[:isl])
+            state = prompt
+        out[:, 0] = logits.argmax(dim=-1)
+        return Generation(batch=batch, isl=isl, osl=osl, tokens=out[:, :1],
+                          state=_State(out, 1, state))
 
     def decode(self, gen: Generation, steps: int) -> None:
         import torch
 
-        if gen.tokens.shape[1] + steps > gen.osl:
+        st: _State = gen.state
+        if steps < 0 or st.n + steps > gen.osl:
             raise UserInputError(
-                f"decode: {steps} steps would pass osl {gen.osl} "
-                f"({gen.tokens.shape[1]} tokens generated)"
-            )
+                f"decode: {steps} steps would pass osl {gen.osl} ({st.n} tokens generated)")
+        positions = self._positions_for(st.out.device)
         for _ in range(steps):
-            seq = torch.cat([gen.state.prompt, gen.tokens], dim=1)  # [B, isl + n]
-            token = self._next_token(seq)
-            gen.tokens = torch.cat([gen.tokens, token[:, None]], dim=1)
+            p = gen.isl + st.n - 1  # the position of the token fed in
+            tok = st.out[:, st.n - 1:st.n]  # [B, 1]
+            if self.kv_cache:
+                logits, kv = self._call(tok, positions[p:p + 1], self._cache)
+                self._cache[:, :, :, :, p:p + 1].copy_(kv)
+            else:
+                seq = torch.cat([st.prompt, st.out[:, :st.n]], dim=1)  # [B, isl + n]
+                logits = self._call(seq, positions[:p + 1])
+            st.out[:, st.n] = logits.argmax(dim=-1)
+            st.n += 1
+        gen.tokens = st.out[:, :st.n]
+
+    def _new_cache(self, batch: int, device: Any) -> None:
+        self._cache = None
+        if self.config.device.startswith("cuda"):
+            import torch
+
+            # The previous batch's cache goes back, so the process holds what this batch
+            # needs (the memory plan's figure), not the largest batch seen so far.
+            torch.cuda.empty_cache()
+        self._cache = cache_tensor(self.spec, self.config.dtype, batch, self._shapes.cache_len,
+                                   device)
 
     def synchronize(self) -> None:
         if self.config.device.startswith("cuda"):
@@ -220,25 +314,79 @@ class TensorRTEngine:
 
     # -- memory and reporting ----------------------------------------------------------------
 
+    def calibrate_memory(self) -> MemoryCalibration:
+        """Measures what NVML sees at both ends of the budget range (one batch-1 generation
+        each, then PyTorch's cache freed): TensorRT's own allocations (context memory, staging,
+        weights it never streams) are not predictable from outside (§5)."""
+        import torch
+
+        from autotune.measure import random_prompt
+
+        before = self.device_budget
+        seen = {}
+        prompt = random_prompt(1, 2, self.spec.vocab_size, 0, self.config.device)
+        for budget in (self._total, 0):
+            self.device_budget = budget
+            gen = self.prefill(prompt, 2)
+            self.decode(gen, 1)
+            self.synchronize()
+            del gen
+            self._cache = None
+            torch.cuda.empty_cache()
+            seen[budget] = self.device_used_bytes()
+        self.calibration = MemoryCalibration(at_total=seen[self._total], at_zero=seen[0],
+                                             total=self._total)
+        self.device_budget = before
+        return self.calibration
+
+    def device_used_bytes(self) -> int:
+        """This process's device memory by NVML (the whole device's use where NVML cannot
+        attribute memory to processes, as in some containers)."""
+        import torch
+
+        from autotune import gpu
+
+        used = gpu.process_used_bytes(self.config.device)
+        if used is None:
+            free, total = torch.cuda.mem_get_info(self.config.device)
+            used = total - free
+        return int(used)
+
+    def device_bytes_held(self) -> int:
+        """What this process holds on the device now, which a configuration would reuse: the
+        worker adds it to NVML's free memory (TensorRT's memory is not PyTorch's)."""
+        return self.device_used_bytes()
+
     def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
-        """Resident = non-streamable weights + budget; scratch = an estimate of TensorRT's
-        streaming staging (not exposed, §5); activations = the context's static allocation for
-        the max shape it was built for (§2) plus the logits output PyTorch allocates for the
-        actual shape; no KV cache."""
+        """Peak device memory as NVML sees it. Resident = weights TensorRT never streams +
+        budget; scratch = its staging when anything streams; the KV cache and the prefill's
+        new keys and values are PyTorch tensors; activations = the context's static memory,
+        sized for the largest shape the module was built for, whatever the batch (§2), plus
+        the logits. On a GPU the fixed parts come from :meth:`calibrate_memory`; elsewhere
+        they are estimates."""
         budget = clamp_budget(budget, self._total, log)
         dt = self.config.dtype
+        seq = self._shapes.cache_len
+        if self.kv_cache:
+            kv = (kv_cache_bytes(self.spec, dt, batch, seq)
+                  + kv_cache_bytes(self.spec, dt, batch, isl))  # the cache + prefill's output
+        else:
+            kv = 0
+        outputs = batch * self.spec.vocab_size * dtype_bytes(dt) * 2
         nonstreamable = max(0, self.spec.weight_bytes(dt) - self._total)
+        cal = self.calibration
+        if cal is not None:
+            scratch = cal.scratch if budget < self._total else 0
+            context = max(0, cal.fixed - nonstreamable)  # CUDA context + TensorRT context
+            return MemoryPlan(resident_weights=nonstreamable + budget, streaming_scratch=scratch,
+                              kv_cache=kv, activations=outputs, workspace=context)
         layer = self.spec.layer_params() * dtype_bytes(dt)
         # Staging for the streamed weights: about two layers in flight (an assumption).
         scratch = min(self._total - budget, 2 * layer) if budget < self._total else 0
-        max_b, max_s = self.config.max_batch, self.config.max_seq_len
-        context = (prefill_activation_bytes(self.spec, dt, max_b, max_s)
-                   + max_b * max_s * self.spec.vocab_size * dtype_bytes(dt))
-        seq = isl + osl - 1
-        outputs = batch * seq * self.spec.vocab_size * dtype_bytes(dt) + batch * seq * 8 * 2
+        tokens = self._shapes.max_seq
+        context = prefill_activation_bytes(self.spec, dt, self._shapes.max_batch, tokens)
         return MemoryPlan(resident_weights=nonstreamable + budget, streaming_scratch=scratch,
-                          kv_cache=0, activations=context + outputs,
-                          workspace=_WORKSPACE_BYTES)
+                          kv_cache=kv, activations=context + outputs, workspace=_WORKSPACE_BYTES)
 
     def streamed_bytes_per_step(self) -> int:
         # Every forward moves the non-resident streamable weights once per engine (§7.3).
@@ -254,29 +402,42 @@ class TensorRTEngine:
             "device_budget": self.device_budget,
             "automatic_budget_at_load": self.automatic_budget_at_load,  # TensorRT's own choice
             "budget_changes": self.budget_changes,
+            "budget_change_s": round(self.budget_change_s, 3),
             # Each change re-creates every engine's execution context (§1.5).
             "context_rebuilds": self.budget_changes * len(self._engines),
             "budget_change_cost": self.budget_change_cost,
-            "needs_warmup": self.needs_warmup,
-            "kv_cache": False,
+            "kv_cache": self.kv_cache,
+            "memory_calibration": (dataclasses.asdict(self.calibration)
+                                   if self.calibration else None),
             "memory_plan_note": (
-                "activations are sized for the max shape the module was built for "
-                f"(batch {self.config.max_batch}, seq {self.config.max_seq_len}): TensorRT "
-                "allocates a context's memory statically, so smaller batches free none of it; "
-                "streaming scratch and workspace are estimates (TensorRT does not expose them)"
+                "measured at load with NVML at budgets 0 and total (TensorRT's context memory "
+                "is sized for the largest shape it was built for: batch "
+                f"{self._shapes.max_batch}, {self._shapes.max_seq} tokens a call)"
+                if self.calibration else
+                "estimated: streaming scratch, context memory and workspace are not exposed "
+                "by TensorRT and were not measured here"
             ),
         }
 
     def close(self) -> None:
         self._module = None
+        self._cache = None
         if self.config.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
 
 
-@dataclass
-class _Sequence:
-    """Generation state: the prompt; the full sequence is prompt + generated tokens."""
+# Part of the cache key: a change to what is exported (ExportLlama's signature or math) must
+# not reload modules compiled from the old one.
+_EXPORT_FORMAT = 2
 
-    prompt: Any  # [B, isl] int64
+
+@dataclass
+class _State:
+    """One generation: the tokens so far in a preallocated ``[B, osl]`` buffer; without a
+    KV cache, the prompt too (every step re-reads prompt + tokens)."""
+
+    out: Any
+    n: int
+    prompt: Any = None

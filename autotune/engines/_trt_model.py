@@ -1,0 +1,144 @@
+"""The Llama forward that the Torch-TensorRT engine exports: plain tensors in, plain tensors out.
+
+Hugging Face's model does not export well for TensorRT: its mask machinery puts guards on the
+dynamic sequence length (``Constraints violated (seq_len)`` on the GPU machine's torch 2.11),
+and its cache is a Python object, not tensors. This module computes what transformers'
+LlamaForCausalLM computes (float32 RMSNorm and softmax, rotary tables in float32 cast to the
+model dtype, rotate-half RoPE, grouped-query attention, SwiGLU) with only the operations
+TensorRT converts, and with the KV cache as an explicit input and output:
+
+    forward(tokens [B, T], positions [T], cache [L, 2, B, KV, S, d])
+        -> logits of the last position [B, V], new keys and values [L, 2, B, KV, T, d]
+
+The cache is static (S = the longest sequence the engine serves): slots at or beyond
+``positions[0]`` are masked, so a decode step (T = 1) does the same work at every position,
+as the native engine's does. The caller writes the new keys and values into the cache at
+``positions`` (one copy) before the next step; TensorRT cannot update an input in place.
+Prefill is the same call with T = the prompt, against an all-masked cache. Without a cache
+(``cache_len=None``, the seed's and Torch-TensorRT's example mode) the signature is
+``forward(tokens, positions) -> logits [B, V]`` and every step recomputes the whole sequence.
+
+This module builds and runs no engine; :mod:`autotune.engines.tensorrt` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from autotune.models import ModelSpec, WeightSource, torch_dtype
+from autotune.streaming.llama import rope_frequencies
+
+
+class _Layer(nn.Module):
+    """One decoder layer's weights, Hugging Face's shapes ([out, in])."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        for name, tensor in weights.items():
+            self.register_buffer(name, tensor)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ExportLlama(nn.Module):
+    """The model as one exportable function (see the module docstring)."""
+
+    def __init__(self, spec: ModelSpec, dtype: str, device: str, source: WeightSource,
+                 cache_len: int | None, positions: int) -> None:
+        super().__init__()
+        self.spec, self.cache_len = spec, cache_len
+        tdtype = torch_dtype(dtype)
+
+        def get(name: str) -> torch.Tensor:
+            return source.get(name, spec.all_shapes()[name], tdtype, device)
+
+        # Buffers, not parameters: an engine's weights are constants (and export keeps
+        # buffers as inputs of the graph it lifts, which Torch-TensorRT folds in).
+        self.register_buffer("embed", get("model.embed_tokens.weight"))
+        self.register_buffer("norm", get("model.norm.weight"))
+        self.register_buffer("lm_head", get("lm_head.weight"))
+        short = {"input_layernorm": "attn_norm", "self_attn.q_proj": "q",
+                 "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+                 "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "gate",
+                 "mlp.up_proj": "up", "mlp.down_proj": "down"}
+        self.layers = nn.ModuleList(
+            _Layer({s: get(f"model.layers.{i}.{n}.weight") for n, s in short.items()})
+            for i in range(spec.num_hidden_layers))
+        # Rotary tables for every position served, float32 then cast, as transformers does.
+        t = torch.arange(positions, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, rope_frequencies(spec, device))
+        emb = torch.cat((freqs, freqs), dim=-1)  # [positions, d]
+        self.register_buffer("cos", emb.cos().to(tdtype))
+        self.register_buffer("sin", emb.sin().to(tdtype))
+        if cache_len is not None:
+            self.register_buffer("slots", torch.arange(cache_len, device=device))
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                cache: torch.Tensor | None = None) -> Any:
+        x = self.embed[tokens]  # [B, T, h]
+        cos = self.cos[positions][:, None, :]  # [T, 1, d]: broadcast over heads
+        sin = self.sin[positions][:, None, :]
+        # Masks [T, keys]: a new token sees the new tokens at or before it, and the cache's
+        # slots before the first new position (the filled ones).
+        causal = positions[None, :] <= positions[:, None]
+        filled = None if cache is None else self.slots[None, :] < positions[:1, None]
+        new_kv = []
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.attn_norm)
+            past = None if cache is None else (cache[i, 0], cache[i, 1])
+            o, k, v = self._attention(h, layer, cos, sin, causal, filled, past)
+            x = x + o
+            new_kv.append(torch.stack((k, v)))  # [2, B, KV, T, d]
+            h = self._rms_norm(x, layer.mlp_norm)
+            gate = torch.nn.functional.silu(h @ layer.gate.t())
+            x = x + (gate * (h @ layer.up.t())) @ layer.down.t()
+        last = self._rms_norm(x[:, -1], self.norm)  # [B, h]
+        logits = last @ self.lm_head.t()  # [B, V]
+        if cache is None:
+            return logits
+        return logits, torch.stack(new_kv)  # [L, 2, B, KV, T, d]
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
+        return weight * h.to(x.dtype)
+
+    def _attention(self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor,
+                   causal: torch.Tensor, filled: torch.Tensor | None,
+                   past: tuple[torch.Tensor, torch.Tensor] | None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec = self.spec
+        b, t = h.shape[0], h.shape[1]
+        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        q = (h @ layer.q.t()).view(b, t, nh, d)
+        k = (h @ layer.k.t()).view(b, t, nkv, d)
+        v = (h @ layer.v.t()).view(b, t, nkv, d)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        # Grouped-query attention without repeating keys: queries [B, KV, G, T, d] against
+        # keys [B, KV, 1, S, d], broadcast over the group.
+        q = q.view(b, t, nkv, nh // nkv, d).permute(0, 2, 3, 1, 4)
+        k = k.permute(0, 2, 1, 3)  # [B, KV, T, d]
+        v = v.permute(0, 2, 1, 3)
+        scale = d ** -0.5
+        minus_inf = torch.finfo(h.dtype).min
+        scores = (q @ k[:, :, None].transpose(-1, -2)) * scale  # [B, KV, G, T, T]
+        scores = scores.masked_fill(~causal, minus_inf)
+        if past is not None:
+            past_k, past_v = past  # [B, KV, S, d]
+            old = (q @ past_k[:, :, None].transpose(-1, -2)) * scale  # [B, KV, G, T, S]
+            scores = torch.cat((old.masked_fill(~filled, minus_inf), scores), dim=-1)
+        probs = scores.float().softmax(dim=-1).to(h.dtype)
+        if past is None:
+            o = probs @ v[:, :, None]
+        else:
+            s = past_k.shape[2]
+            o = probs[..., :s] @ past_v[:, :, None] + probs[..., s:] @ v[:, :, None]
+        o = o.permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)  # [B, T, H * d]
+        return o @ layer.o.t(), k, v
