@@ -46,6 +46,19 @@ def cache_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def _engine_state(child: Any) -> Any:
+    """``child.get_extra_state()``, which Torch-TensorRT 2.11 cannot give for a live C++
+    engine: its ``if self.engine:`` asks a TorchScript object for ``__len__`` (raising
+    NotImplementedError). Then the tuple ``set_extra_state`` reads is built from the engine's
+    own ``__getstate__()``, whose first item is the engine info list with the serialized
+    engine in base64 (as Torch-TensorRT's refit reads it)."""
+    try:
+        return child.get_extra_state()
+    except NotImplementedError:
+        info = list(child.engine.__getstate__()[0])
+        return (child.name, info, child.input_binding_names, child.output_binding_names)
+
+
 def _engine_children(module: Any) -> list[str]:
     return [name for name, _ in module.named_children() if "_run_on_acc" in name]
 
@@ -84,7 +97,7 @@ class ModuleCache:
         import torch
 
         names = _engine_children(module)
-        engines = {name: getattr(module, name).get_extra_state() for name in names}
+        engines = {name: _engine_state(getattr(module, name)) for name in names}
         originals = {name: getattr(module, name) for name in names}
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
