@@ -93,8 +93,8 @@ def lower(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         elif node.target in _REMOVED:
             gm.graph.erase_node(node)
         elif node.op == "call_module" and node.target == "_guards_fn":
-            # export's input-guard module (torch >= 2.9) is not an op; an unlifted real
-            # program keeps it outside the partitions too.
+            # export's input-guard module (newer torch) is not an op. The double drops it; the
+            # 2.11 source has no rule for it (not verified against the real package).
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
