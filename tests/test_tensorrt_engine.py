@@ -240,6 +240,6 @@ def test_double_asserts_like_old_versions(trt: Any) -> None:
     else:
         with pytest.warns(DeprecationWarning):
             trt.dynamo.compile(ep, inputs=inputs, enable_weight_streaming=True)
-    with pytest.raises(AssertionError, match="float32"):
+    with pytest.raises(AssertionError, match="enabled_precisions"):
         trt.dynamo.compile(ep, inputs=inputs, enable_weight_streaming=True,
                            use_explicit_typing=True, enabled_precisions={torch.half})

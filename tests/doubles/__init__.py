@@ -1,8 +1,9 @@
 """Test doubles of packages that cannot be installed here, and how to put them in place.
 
-``install_torch_tensorrt(monkeypatch, version)`` makes ``import torch_tensorrt`` and ``import
-tensorrt`` resolve to the doubles in this folder at the given Torch-TensorRT
-version, with TensorRT's version set to the one that release pins (research note §0); call
+``install_torch_tensorrt(monkeypatch, version, package)`` makes ``import torch_tensorrt`` and
+``import tensorrt`` resolve to the doubles in this folder at the given Torch-TensorRT version,
+with TensorRT's version set to the one that release pins (research note §0) and
+``tensorrt._package_name`` to ``package`` ("tensorrt" or "tensorrt_rtx"); call
 ``uninstall_torch_tensorrt()`` after the test. The doubles never ship in the package.
 """
 
@@ -27,8 +28,11 @@ def _forget() -> None:
             del sys.modules[name]
 
 
-def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0") -> Any:
+def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0",
+                           package: str = "tensorrt") -> Any:
     """Imports the doubles at ``version``; undone with the monkeypatch (modules forgotten)."""
+    if package not in ("tensorrt", "tensorrt_rtx"):
+        raise ValueError(f"package: expected 'tensorrt' or 'tensorrt_rtx'; got {package!r}")
     _forget()
     monkeypatch.syspath_prepend(str(DOUBLES_DIR))
     import tensorrt
@@ -37,6 +41,7 @@ def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0") -> Any:
     torch_tensorrt._state.reset()
     monkeypatch.setattr(torch_tensorrt, "__version__", version)
     monkeypatch.setattr(tensorrt, "__version__", TENSORRT_FOR[".".join(version.split(".")[:2])])
+    monkeypatch.setattr(tensorrt, "_package_name", package)
     return torch_tensorrt
 
 

@@ -1,9 +1,12 @@
-"""Test double of the ``tensorrt`` package: only ``__version__``, which autotune records.
-
-The builder and runtime live in ``torch_tensorrt``'s double; the version is set to the one the
-chosen Torch-TensorRT release pins (research note §0) by ``doubles.install_torch_tensorrt``.
+"""Test double of the ``tensorrt`` module as Torch-TensorRT exposes it: ``__version__`` (which
+autotune records) and ``_package_name``. The real ``torch_tensorrt`` replaces
+``sys.modules["tensorrt"]`` with a proxy whose ``_package_name`` is ``"tensorrt"`` or, for the
+RTX wheel, ``"tensorrt_rtx"`` (2.11 ``_TensorRTProxyModule.py::alias_tensorrt``). Both are set
+by ``doubles.install_torch_tensorrt``; the builder and runtime live in ``torch_tensorrt``'s
+double.
 """
 
 from __future__ import annotations
 
 __version__ = "11.0.0"
+_package_name = "tensorrt"

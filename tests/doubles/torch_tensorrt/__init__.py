@@ -1,22 +1,20 @@
-"""A faithful test double of ``torch_tensorrt``'s weight-streaming surface, for CPU tests.
+"""A test double of ``torch_tensorrt``'s weight-streaming surface, for CPU tests.
 
 TensorRT cannot be installed where autotune is developed, so the Torch-TensorRT engine is
-tested against this package instead. It models, from the research note
-(``research/torch-tensorrt-weight-streaming.md``), what autotune relies on:
+tested against this package instead. Each rule cites the real file it follows (the 2.11 wheel
+source, or the v2.6/v2.7/v2.13 tags and main where versions differ):
 
-- ``dynamo.compile`` with the per-version option rules (§2): ``use_explicit_typing`` and
-  ``enabled_precisions`` assertions on 2.6-2.12, their silent removal in 2.13+, partitioning
-  by ``torch_executed_ops`` into ``_run_on_acc_N`` engines and ``_run_on_gpu_N`` PyTorch
-  children; each engine runs the real PyTorch forward of its part of the exported graph, so
-  generation is numerically right on CPU;
-- the engine layer (§1.3-1.5): streamable size, the automatic budget applied at
-  deserialization, budget set and read-back, context invalidation and re-creation (eager
-  before 2.13, lazy in 2.13, eager again in 2.14), CUDA-graph resets;
-- ``runtime.weight_streaming`` (§1.1-1.2), copied rule by rule;
-- engine state through ``get_extra_state``/``set_extra_state`` (how torch.save works).
+- ``dynamo.compile`` (``dynamo/_compiler.py``): per-version option rules, then decompositions
+  (``dynamo/lowering.py``), lowering passes, and torch's splitter as the fast partitioner
+  (``dynamo/partitioning.py``) into ``_run_on_acc_N`` engines and ``_run_on_gpu_N`` PyTorch
+  children; the result keeps the exported program's args/kwargs and output pytree;
+- the engine layer (``dynamo/runtime/_modules.py``): streamable size, the automatic budget
+  applied at deserialization, budget set and read-back, context lifetime per version (eager
+  2.6-2.12, lazy 2.13 and main), extra state in the real 11-field shape;
+- the CUDA-graph wrapper and ``runtime.weight_streaming`` per version.
 
-It deliberately does not model speed, device memory, or TensorRT's optimizations; the version
-gates are those of §0 (2.5 has no weight streaming at all).
+It deliberately does not model speed, device memory, converter coverage or TensorRT's
+optimizations; 2.5 has no weight streaming at all.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""``torch_tensorrt.dynamo`` of the double: ``compile`` and the ``runtime`` modules."""
+"""``torch_tensorrt.dynamo`` of the double: ``compile``, lowering, partitioning, ``runtime``."""
 
 from __future__ import annotations
 
-from torch_tensorrt.dynamo import runtime
+from torch_tensorrt.dynamo import lowering, partitioning, runtime
 from torch_tensorrt.dynamo._compiler import compile
 
-__all__ = ["compile", "runtime"]
+__all__ = ["compile", "lowering", "partitioning", "runtime"]

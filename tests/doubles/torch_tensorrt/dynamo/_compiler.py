@@ -1,17 +1,25 @@
-"""``torch_tensorrt.dynamo.compile`` of the double: option rules per version, partitioning.
+"""``torch_tensorrt.dynamo.compile`` of the double: option rules per version, then the real
+pipeline's order (2.11 ``dynamo/_compiler.py`` L674-807): inputs, decompositions, lowering,
+partitioning of the *decomposed* graph, one engine per ``_run_on_acc_N`` block.
 
-Option rules (research note §2, table): on 2.6-2.9 ``use_explicit_typing`` defaults to False
-and must be True with weight streaming; on 2.10-2.12 it defaults to True and warns
-(DeprecationWarning) on every call; with explicit typing, ``enabled_precisions`` may only be
-{float32}; on 2.13+ both options are gone from the signature and are silently ignored. 2.5
-has no ``enable_weight_streaming``: it lands in ``**kwargs`` and the engines stream nothing.
+Option rules (research note §2, checked against the v2.6-v2.12 tags): 2.6-2.9
+``use_explicit_typing`` defaults to False; 2.10-2.12 it defaults to True and a
+DeprecationWarning fires on every call (the check reads ``kwargs``); with explicit typing
+``enabled_precisions`` must be exactly one of {float32} (2.8+ also float4), an AssertionError
+(2.6-2.7 and 2.8+ texts differ) raised *before* the weight-streaming assertion; 2.13+ dropped
+both options, so they land in ``**kwargs`` and are ignored. 2.5 has no
+``enable_weight_streaming``: it is swallowed by ``**kwargs`` and the engines stream nothing.
 
-Partitioning: nodes whose op is in ``torch_executed_ops`` run in PyTorch children
-``_run_on_gpu_N``, maximal runs of the others become engines ``_run_on_acc_N`` (N counts all
-partitions, as Torch-TRT names them). Each engine's weights move into it, as TensorRT embeds
-them. The precision of an engine is the dtype of its weights (strong typing).
+Inputs (2.11 L683-704): ``inputs`` and ``arg_inputs`` are aliases, at least one of them or
+``kwarg_inputs`` is required (AssertionError texts as in the real file). They are recorded but,
+as in the real partitioned path, the engines' shapes come from the exported program.
 
-Not modelled: converter coverage, ``min_block_size``, kernel selection, build time.
+The result is the partitioned GraphModule itself: it keeps the exported module's pytree
+calling convention (``_in_spec``/``_out_spec`` and the pytree codegen), so it is called with the
+same args/kwargs as ``exported_program.module()`` and returns the same output structure.
+
+Not modelled: converter coverage, kernels, build time, the engine cache, ``dryrun``, the
+global partitioner, ``lazy_engine_init``.
 """
 
 from __future__ import annotations
@@ -22,12 +30,22 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.passes.split_module import split_module
 from torch_tensorrt import _state
-from torch_tensorrt.dynamo.runtime._modules import PythonTorchTensorRTModule, TorchTensorRTModule
+from torch_tensorrt.dynamo import lowering, partitioning
+from torch_tensorrt.dynamo.runtime._modules import (
+    CompilationSettings,
+    PythonTorchTensorRTModule,
+    TorchTensorRTModule,
+)
 
 _UNSET: Any = object()
-_WS_ASSERT = "When enable_weight_streaming is enabled, it requires use_explicit_typing to be set to True"
+_WS_ASSERT = ("When enable_weight_streaming is enabled, it requires use_explicit_typing to be "
+              "set to True")
+_DEPRECATED_2_10 = ("`use_explicit_typing` is deprecated. This setting will be removed and you "
+                    "should enable autocast instead.")
+_DEPRECATED_2_11 = ("`use_explicit_typing` is deprecated. use_explicit_types is now on by "
+                    "default, this setting will be removed and you should enable autocast to "
+                    "recover weak typing behavior.")
 
 
 def compile(  # noqa: A001 - the real function's name
@@ -35,11 +53,13 @@ def compile(  # noqa: A001 - the real function's name
     inputs: Any = None,
     *,
     arg_inputs: Any = None,
+    kwarg_inputs: Any = None,
     device: Any = None,
     enabled_precisions: Any = _UNSET,
     use_explicit_typing: Any = _UNSET,
     enable_weight_streaming: Any = _UNSET,
     torch_executed_ops: Any = None,
+    min_block_size: int = partitioning.MIN_BLOCK_SIZE,
     truncate_double: bool = False,
     use_python_runtime: bool = False,
     **kwargs: Any,
@@ -48,130 +68,102 @@ def compile(  # noqa: A001 - the real function's name
     given = {k: v for k, v in locals().items() if k not in ("exported_program", "kwargs")
              and v is not _UNSET}
     _state.COMPILE_CALLS.append({"version": version, **given, **kwargs})
-    if version < (2, 6):
-        # No such option before 2.6 (§0): it is swallowed by **kwargs and ignored.
-        enable_weight_streaming = False
-    elif version < (2, 13):
-        if version >= (2, 10):
-            warnings.warn("`use_explicit_typing` is deprecated", DeprecationWarning, stacklevel=2)
-            explicit = True if use_explicit_typing is _UNSET else use_explicit_typing
-        else:
-            explicit = False if use_explicit_typing is _UNSET else use_explicit_typing
-        if enable_weight_streaming is True:
-            assert explicit, _WS_ASSERT
-        if explicit:
-            precisions = {torch.float32} if enabled_precisions is _UNSET else set(enabled_precisions)
-            assert precisions <= {torch.float32}, (
-                "When use_explicit_typing is enabled, only torch.float32 is allowed in the "
-                "enabled_precisions"
-            )
-    # 2.13+: use_explicit_typing and enabled_precisions were removed; ignored if passed.
-    streaming = enable_weight_streaming is True
+    streaming = _check_options(version, enable_weight_streaming, use_explicit_typing,
+                               enabled_precisions)
     if use_python_runtime and version >= (2, 13):
         use_python_runtime = False  # deprecated no-op in 2.13+ (§1.3)
-    arg_inputs = arg_inputs if arg_inputs is not None else inputs
-    gm = exported_program.module()
-    _check_inputs(gm, arg_inputs)
-    return _partition(gm, set(map(str, torch_executed_ops or ())), streaming, use_python_runtime)
+    _check_inputs(inputs, arg_inputs, kwarg_inputs)
 
-
-def _check_inputs(gm: fx.GraphModule, arg_inputs: Any) -> None:
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if arg_inputs is None or len(arg_inputs) != len(placeholders):
-        raise ValueError(
-            f"expected {len(placeholders)} inputs for the exported program; got {arg_inputs!r}"
-        )
-
-
-def _op_name(target: Any) -> str:
-    return f"torch.ops.{target}" if hasattr(target, "_schema") else str(target)
-
-
-def _partition(
-    gm: fx.GraphModule, torch_ops: set[str], streaming: bool, python_runtime: bool,
-) -> fx.GraphModule:
-    for node in list(gm.graph.nodes):  # export's runtime guard module is not an op
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-    gm.recompile()
-
-    parts: dict[fx.Node, int] = {}
-    kinds: list[str] = []
-    for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        kind = "gpu" if node.op == "call_function" and _op_name(node.target) in torch_ops else "acc"
-        if not kinds or kinds[-1] != kind:
-            kinds.append(kind)
-        parts[node] = len(kinds) - 1
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            parts[node] = min([parts[u] for u in node.users if u in parts] or [0])
-
-    split = split_module(gm, gm, lambda n: parts[n], keep_original_order=True)
-    _move_weights_into_partitions(split)
-
-    engine_cls = PythonTorchTensorRTModule if python_runtime else TorchTensorRTModule
-    for node in split.graph.nodes:
-        if node.op != "call_module" or not str(node.target).startswith("submod_"):
-            continue
-        index = int(str(node.target).removeprefix("submod_"))
-        sub = split.get_submodule(node.target)
-        new_name = f"_run_on_{kinds[index]}_{index}"
-        if kinds[index] == "acc":
+    program = exported_program.run_decompositions(lowering.get_decompositions())
+    gm = lowering.lower(program.module())
+    in_spec, out_spec = getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
+    split = partitioning.fast_partition(gm, min_block_size, set(torch_executed_ops or ()))
+    if in_spec is not None:  # compile_module's preserve_module_specs
+        split._in_spec = in_spec
+    if out_spec is not None:
+        split._out_spec = out_spec
+    settings = CompilationSettings(enable_weight_streaming=streaming,
+                                   use_python_runtime=use_python_runtime,
+                                   torch_executed_ops=set(torch_executed_ops or ()))
+    engine_cls = PythonTorchTensorRTModule if use_python_runtime else TorchTensorRTModule
+    for name, sub in list(split.named_children()):
+        if "_run_on_acc" in name:
             _state.COUNTERS["engines_built"] += 1
-            child: torch.nn.Module = engine_cls(_serialize(sub, streaming), name=new_name)
-        else:
-            child = sub
-        split.add_submodule(new_name, child)
-        node.target = new_name
-    split.delete_all_unused_submodules()
-    split.recompile()
+            setattr(split, name, engine_cls(
+                _serialize(sub, streaming), _input_names(sub), _output_names(sub),
+                name=name, settings=settings))
+    # The engines whose outputs reach the user hand out unowned tensors (2.11 L1107-1114).
+    outputs = next(n for n in reversed(split.graph.nodes) if n.op == "output")
+    for node in _flat_nodes(outputs.args):
+        if node.op == "call_module" and "_run_on_acc" in str(node.target):
+            split.get_submodule(str(node.target)).set_output_tensors_as_unowned(True)
     return split
 
 
-def _move_weights_into_partitions(split: fx.GraphModule) -> None:
-    """split_module leaves weights in the parent and passes them in; put them inside."""
-    for node in split.graph.nodes:
-        if node.op != "call_module":
-            continue
-        sub = split.get_submodule(node.target)
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        first_op = next(n for n in sub.graph.nodes if n.op != "placeholder")
-        kept = []
-        for arg, ph in zip(node.args, placeholders, strict=True):
-            if isinstance(arg, fx.Node) and arg.op == "get_attr":
-                attr = "w_" + str(arg.target).replace(".", "_")
-                # Plain tensors (not Parameters): an engine's weights are constants.
-                sub.register_buffer(attr, _fetch(split, str(arg.target)).detach())
-                with sub.graph.inserting_before(first_op):
-                    got = sub.graph.get_attr(attr)
-                ph.replace_all_uses_with(got)
-                sub.graph.erase_node(ph)
-            else:
-                kept.append(arg)
-        node.args = tuple(kept)
-        sub.recompile()
-    for node in list(split.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            split.graph.erase_node(node)
-    split.delete_all_unused_submodules()
-    split.recompile()
+def _check_options(version: tuple[int, int], enable_weight_streaming: Any,
+                   use_explicit_typing: Any, enabled_precisions: Any) -> bool:
+    if version < (2, 6):
+        return False  # no such option before 2.6 (§0): swallowed by **kwargs
+    if version < (2, 13):
+        if version >= (2, 10):
+            text = _DEPRECATED_2_11 if version >= (2, 11) else _DEPRECATED_2_10
+            warnings.warn(text, DeprecationWarning, stacklevel=3)
+            explicit = True if use_explicit_typing is _UNSET else use_explicit_typing
+        else:
+            explicit = False if use_explicit_typing is _UNSET else use_explicit_typing
+        precisions = {torch.float32} if enabled_precisions is _UNSET else set(enabled_precisions)
+        allowed = {torch.float32} | ({torch.float4_e2m1fn_x2} if version >= (2, 8) else set())
+        if explicit and (len(precisions) != 1 or not precisions & allowed):
+            if version < (2, 8):
+                raise AssertionError(
+                    "When use_explicit_typing is enabled, only torch.float32 is allowed in the "
+                    f"enabled_precisions but found {precisions}")
+            raise AssertionError(
+                "use_explicit_typing was set to True, however found that enabled_precisions was "
+                f"also specified (saw: {precisions}, expected: dtype.f32, dtype.f4). "
+                "enabled_precisions should not be used when use_explicit_typing=True")
+        if enable_weight_streaming is True and not explicit:
+            raise AssertionError(_WS_ASSERT)
+    # 2.13+: use_explicit_typing and enabled_precisions were removed; ignored if passed.
+    return enable_weight_streaming is True
 
 
-def _fetch(module: torch.nn.Module, target: str) -> torch.Tensor:
-    owner, _, attr = target.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, attr)
+def _check_inputs(inputs: Any, arg_inputs: Any, kwarg_inputs: Any) -> None:
+    if arg_inputs is None and kwarg_inputs is None and inputs is None:
+        raise AssertionError("'arg_inputs', 'kwarg_inputs' and 'inputs' should not all be None.")
+    if arg_inputs is not None and inputs is not None:
+        raise AssertionError("'arg_inputs' and 'inputs' should not be used at the same time.")
+
+
+def _flat_nodes(args: Any) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+def _input_names(sub: fx.GraphModule) -> list[str]:
+    # TRTInterpreter names input bindings after the placeholders' targets.
+    return [str(n.target) for n in sub.graph.nodes if n.op == "placeholder"]
+
+
+def _output_names(sub: fx.GraphModule) -> list[str]:
+    out = next(n for n in reversed(sub.graph.nodes) if n.op == "output").args[0]
+    count = len(out) if isinstance(out, (tuple, list)) else 1
+    return [f"output{i}" for i in range(count)]
 
 
 def _serialize(sub: fx.GraphModule, streaming: bool) -> bytes:
-    tensors = list(sub.buffers()) + list(sub.parameters())
+    """The "engine": the block's graph with its weights as constants (TensorRT embeds them)."""
+    for name, param in list(sub.named_parameters()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = sub.get_submodule(owner_name)
+        delattr(owner, attr)
+        owner.register_buffer(attr, param.detach())
+    tensors = list(sub.buffers())
+    # Streamable: weights of two or more dimensions; norm scales and the like stay resident.
     streamable = sum(t.numel() * t.element_size() for t in tensors if t.dim() >= 2)
     total = sum(t.numel() * t.element_size() for t in tensors)
     buf = io.BytesIO()
-    torch.save(
-        {"graph": sub, "streamable": streamable if streaming else 0,
-         "nonstreamable": total - streamable if streaming else total},
-        buf,
-    )
+    torch.save({"graph": sub, "streamable": streamable if streaming else 0,
+                "nonstreamable": total - streamable if streaming else total}, buf)
     return buf.getvalue()

@@ -1,12 +1,25 @@
-"""The engine layer of the double: ``TorchTensorRTModule`` and the engine it wraps.
+"""The engine layer of the double: ``TorchTensorRTModule``, ``PythonTorchTensorRTModule`` and
+the engine they wrap (real 2.11 ``dynamo/runtime/_TorchTensorRTModule.py``,
+``_PythonTorchTensorRTModule.py``, C++ ``core/runtime/TRTEngine.cpp``; 2.13/main from the tags).
 
-Models research note §1.3-1.5. An engine holds one partition of the exported graph (run with
-PyTorch, standing in for TensorRT's kernels), its streamable bytes ``S`` (weights with two or
-more dimensions; the rest, norm scales and buffers, TensorRT keeps resident), its budget, and
-an execution context whose lifetime follows the version's rules. The "serialized engine" is
-``torch.save`` of that state, so the state-dict path (``get_extra_state``/``set_extra_state``)
-is exercised like the real one. Speed, device memory and TensorRT's own optimizations are not
-modelled.
+An engine holds one ``_run_on_acc`` block of the decomposed graph (run with PyTorch, standing in
+for TensorRT's kernels), its streamable bytes ``S`` (weights of two or more dimensions), its
+budget and an execution context. Context lifetime, per version (TRTEngine.cpp):
+
+- 2.6-2.12 (C++ engine): the context is created with the engine; a budget change resets it,
+  sets the budget and creates a new one *eagerly*, then flags ``context_changed``;
+- 2.13 and main (C++ engine): the context is created lazily on the first forward;
+  a budget change calls ``invalidate_exec_ctx()`` and the next forward re-creates it (eager only
+  with profiling, not modelled). The Python-only ``TRTEngine`` of main re-creates eagerly, but it
+  is used only where the C++ runtime is missing, which the double does not model;
+- ``PythonTorchTensorRTModule`` (2.6-2.12): ``del self.context``, set, eager re-create.
+
+Also as in 2.11: the automatic budget is applied at deserialization when ``S > 0``; the extra
+state is ``(name, engine_info, input_binding_names, output_binding_names)`` with
+``engine_info`` the 11-field serialized list whose field 3 is the base64 engine (decoded in place
+by ``set_extra_state``); ``forward`` asserts the input count against the binding names and
+returns one tensor for one output, else a tuple. Not modelled: speed, device memory, devices and
+platforms, profiling, output allocators, the Python module's state-dict hooks.
 """
 
 from __future__ import annotations
@@ -14,47 +27,65 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import pickle
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch_tensorrt import _state
 
-logger = logging.getLogger("torch_tensorrt.dynamo.runtime")
+logger = logging.getLogger("torch_tensorrt.dynamo.runtime._TorchTensorRTModule")
+_py_logger = logging.getLogger("torch_tensorrt.dynamo.runtime._PythonTorchTensorRTModule")
+
+# Field indices of the serialized engine info (core/runtime/runtime.h, v2.11).
+NAME_IDX, ENGINE_IDX, INPUT_BINDING_NAMES_IDX, OUTPUT_BINDING_NAMES_IDX = 1, 3, 4, 5
+HW_COMPATIBLE_IDX, SERIALIZED_METADATA_IDX = 6, 7
+REQUIRES_OUTPUT_ALLOCATOR_IDX, RESOURCE_ALLOCATION_STRATEGY_IDX, SERIALIZATION_LEN = 9, 10, 11
+_BINDING_DELIM = "%"
+
+
+@dataclass
+class CompilationSettings:
+    """The few ``dynamo._settings.CompilationSettings`` fields the double uses."""
+
+    enable_weight_streaming: bool = False
+    use_python_runtime: bool = False
+    lazy_engine_init: bool = False
+    torch_executed_ops: set[Any] = field(default_factory=set)
 
 
 class _Engine:
-    """Stands in for ``torch.classes.tensorrt.Engine`` / the Python ``TRTEngine``."""
+    """Stands in for ``torch.classes.tensorrt.Engine`` (or the Python runtime's engine)."""
 
-    def __init__(self, serialized: bytes) -> None:
+    def __init__(self, serialized: bytes, eager_context: bool) -> None:
         payload = torch.load(io.BytesIO(serialized), weights_only=False)
         self.graph = payload["graph"]
         self.streamable = int(payload["streamable"])  # bytes; 0 without enable_weight_streaming
         self.nonstreamable = int(payload["nonstreamable"])
         self.serialized = serialized
         self._budget = self.streamable  # TensorRT's default: >= S, streaming off (§6)
+        self.eager_context = eager_context
         self.context_alive = False
         self.contexts_created = 0
         self.context_changed = False
         self.graph_captured = False
         self.graph_resets = 0
         self.executions = 0
+        self.output_tensors_unowned = False
         _state.COUNTERS["engines_deserialized"] += 1
         if self.streamable > 0:
-            # Torch-TRT applies TensorRT's automatic budget on deserialization, before any
-            # context exists (§1.4).
+            # Applied on deserialization, before any context exists (TRTEngine.cpp v2.11 L128).
             self._budget = self.automatic_device_memory_budget
-        if _state.version() < (2, 13):
-            self._create_context()  # 2.6-2.12 create the context with the engine
+        if eager_context:
+            self._create_context()
 
-    # The TorchScript properties (§1.4).
     @property
     def streamable_device_memory_budget(self) -> int:
         return self.streamable
 
     @property
     def automatic_device_memory_budget(self) -> int:
-        # Computed independently per engine at call time from "free memory", capped at S;
-        # summed over engines it may count the same free memory twice (§1.2).
+        # TensorRT's free-memory heuristic per engine at call time, capped at S (§1.2).
         free = max(0, _state.FREE_DEVICE_MEMORY - _state.AUTO_RESERVE)
         return min(self.streamable, free)
 
@@ -65,38 +96,75 @@ class _Engine:
     @device_memory_budget.setter
     def device_memory_budget(self, value: int) -> None:
         if not _state.FAULTS["keep_context_on_set"]:
-            self._invalidate_context()
-        if self.context_alive:
-            return  # TensorRT refuses a budget change while a context is alive (§1.5, #4333)
-        self._budget = int(value)
+            self.context_alive = False  # exec_ctx.reset() / invalidate_exec_ctx()
+        if not self.context_alive:  # TensorRT refuses a change under a live context (#4333)
+            self._budget = int(value)
+        if self.eager_context:
+            self._create_context()
         self.context_changed = True
-        if _state.version() != (2, 13):
-            self._create_context()  # eager before 2.13 and again in 2.14 (§1.5)
 
     def reset_captured_graph(self) -> None:
         self.graph_captured = False
         self.graph_resets += 1
 
-    def _invalidate_context(self) -> None:
-        self.context_alive = False
-
     def _create_context(self) -> None:
         self.context_alive = True
         self.contexts_created += 1
 
-    def execute(self, inputs: list[Any]) -> Any:
+    def execute(self, inputs: list[Any]) -> list[Any]:
         if not self.context_alive:
-            self._create_context()  # lazy creation on the next forward (2.13)
+            self._create_context()  # 2.13+: lazily, on the first forward after load or a change
         if self.context_changed:
             # Shapes and addresses are re-bound and a per-engine graph re-recorded (§1.5).
             self.graph_captured = False
             self.context_changed = False
         self.executions += 1
-        return self.graph(*inputs)
+        out = self.graph(*inputs)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-class TorchTensorRTModule(torch.nn.Module):
-    """``nn.Module`` around one engine; the four budget methods of §1.3."""
+class _BudgetMethods(torch.nn.Module):
+    """The four budget methods both runtime modules have (2.11, identical bodies)."""
+
+    engine: _Engine | None
+    _log = logger
+
+    def get_streamable_device_memory_budget(self) -> int:
+        return self.engine.streamable_device_memory_budget  # type: ignore[union-attr]
+
+    def get_automatic_device_memory_budget(self) -> int:
+        return self.engine.automatic_device_memory_budget  # type: ignore[union-attr]
+
+    def get_device_memory_budget(self) -> int:
+        return self.engine.device_memory_budget  # type: ignore[union-attr]
+
+    def set_device_memory_budget(self, budget_bytes: int) -> int:
+        if budget_bytes < 0:  # negative means the streamable size: streaming off
+            budget_bytes = self.get_streamable_device_memory_budget()
+        self.engine.device_memory_budget = budget_bytes  # type: ignore[union-attr]
+        if self.engine.device_memory_budget != budget_bytes:  # type: ignore[union-attr]
+            self._log.error(f"Failed to set weight streaming budget to {budget_bytes}")
+            budget_bytes = self.engine.device_memory_budget  # type: ignore[union-attr]
+        if self.get_streamable_device_memory_budget() == budget_bytes:
+            self._log.warning("Weight streaming is disabled")
+        return budget_bytes
+
+    def _reset_captured_graph(self) -> None:
+        self.engine.reset_captured_graph()  # type: ignore[union-attr]
+
+    def set_output_tensors_as_unowned(self, enabled: bool) -> None:
+        self.engine.output_tensors_unowned = enabled  # type: ignore[union-attr]
+
+    def _run(self, inputs: tuple[Any, ...], expected: int) -> Any:
+        assert len(inputs) == expected, (
+            f"Wrong number of inputs, expected {expected} got {len(inputs)}."
+        )
+        outputs = self.engine.execute(list(inputs))  # type: ignore[union-attr]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+class TorchTensorRTModule(_BudgetMethods):
+    """``nn.Module`` around one engine (C++ runtime in the real package)."""
 
     def __init__(
         self,
@@ -105,63 +173,93 @@ class TorchTensorRTModule(torch.nn.Module):
         output_binding_names: list[str] | None = None,
         *,
         name: str = "",
-        settings: Any = None,
+        settings: CompilationSettings | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        self.input_binding_names = input_binding_names if input_binding_names is not None else []
+        self.output_binding_names = (output_binding_names if output_binding_names is not None
+                                     else [])
+        self.name = name
+        self.settings = settings if settings is not None else CompilationSettings()
+        self.serialized_engine = serialized_engine
+        self.engine: _Engine | None = None
+        if serialized_engine and not self.settings.lazy_engine_init:
+            self.setup_engine()
+
+    def setup_engine(self) -> None:
+        if self.engine is None:
+            self.engine = _Engine(self.serialized_engine,  # type: ignore[arg-type]
+                                  eager_context=_state.version() < (2, 13))
+
+    def _pack_engine_info(self, engine: bytes) -> list[Any]:
+        info: list[Any] = [""] * SERIALIZATION_LEN
+        info[NAME_IDX] = self.name + "_engine" if self.name != "" else "tensorrt_engine"
+        info[ENGINE_IDX] = base64.b64encode(engine)
+        info[INPUT_BINDING_NAMES_IDX] = _BINDING_DELIM.join(self.input_binding_names)
+        info[OUTPUT_BINDING_NAMES_IDX] = _BINDING_DELIM.join(self.output_binding_names)
+        info[HW_COMPATIBLE_IDX] = "0"
+        info[SERIALIZED_METADATA_IDX] = base64.b64encode(pickle.dumps({"settings": self.settings}))
+        info[REQUIRES_OUTPUT_ALLOCATOR_IDX] = "0"
+        info[RESOURCE_ALLOCATION_STRATEGY_IDX] = "0"
+        return info
+
+    def get_extra_state(self) -> tuple[str, list[Any] | None, list[str], list[str]]:
+        engine = self.engine.serialized if self.engine else self.serialized_engine
+        info = self._pack_engine_info(engine) if engine else None
+        return (self.name, info, self.input_binding_names, self.output_binding_names)
+
+    def set_extra_state(self, state: tuple[str, list[Any] | None, list[str], list[str]]) -> None:
+        self.name = state[0]
+        info = state[1]
+        if info is not None:
+            # Decoded in place, like the real one: the same state cannot be applied twice.
+            info[ENGINE_IDX] = base64.b64decode(info[ENGINE_IDX])
+            self.serialized_engine = info[ENGINE_IDX]
+            self.engine = _Engine(info[ENGINE_IDX], eager_context=_state.version() < (2, 13))
+            self.settings = pickle.loads(base64.b64decode(info[SERIALIZED_METADATA_IDX]))[
+                "settings"]
+        else:
+            self.engine = None
+            self.settings = CompilationSettings()
+        self.input_binding_names = state[2]
+        self.output_binding_names = state[3]
+
+    def forward(self, *inputs: Any) -> Any:
+        if self.engine is None:
+            raise RuntimeError("Engine has not been setup yet.")
+        return self._run(inputs, len(self.input_binding_names))
+
+
+class PythonTorchTensorRTModule(_BudgetMethods):
+    """The Python-runtime module of 2.6-2.12 (``use_python_runtime=True``), not a subclass of
+    ``TorchTensorRTModule``. Its context is always re-created eagerly, and at load it applies
+    the automatic budget through its own setter (so it may log "Weight streaming is disabled").
+    Its state travels by state-dict hooks, which the double does not model."""
+
+    _log = _py_logger
+
+    def __init__(
+        self,
+        serialized_engine: bytes | None = None,
+        input_binding_names: list[str] | None = None,
+        output_binding_names: list[str] | None = None,
+        *,
+        name: str = "",
+        settings: CompilationSettings | None = None,
+        **_: Any,
     ) -> None:
         super().__init__()
         self.name = name
-        self.input_binding_names = list(input_binding_names or [])
-        self.output_binding_names = list(output_binding_names or [])
-        self.settings = settings
+        self.input_names = input_binding_names if input_binding_names is not None else []
+        self.output_names = output_binding_names if output_binding_names is not None else []
+        self.settings = settings if settings is not None else CompilationSettings()
         self.serialized_engine = serialized_engine
-        self.engine: _Engine | None = _Engine(serialized_engine) if serialized_engine else None
-
-    def _get_engine(self) -> _Engine:
-        if self.engine is None:
-            raise RuntimeError("Engine has not been setup yet.")
-        return self.engine
-
-    def get_streamable_device_memory_budget(self) -> int:
-        return self._get_engine().streamable_device_memory_budget
-
-    def get_automatic_device_memory_budget(self) -> int:
-        return self._get_engine().automatic_device_memory_budget
-
-    def get_device_memory_budget(self) -> int:
-        return self._get_engine().device_memory_budget
-
-    def set_device_memory_budget(self, budget_bytes: int) -> int:
-        engine = self._get_engine()
-        if budget_bytes < 0:  # negative means the streamable size: streaming off
-            budget_bytes = self.get_streamable_device_memory_budget()
-        engine.device_memory_budget = budget_bytes
-        if engine.device_memory_budget != budget_bytes:
-            logger.error("Failed to set weight streaming budget to %s", budget_bytes)
-            budget_bytes = engine.device_memory_budget
-        if self.get_streamable_device_memory_budget() == budget_bytes:
-            logger.warning("Weight streaming is disabled")
-        return budget_bytes
-
-    def _reset_captured_graph(self) -> None:
-        self._get_engine().reset_captured_graph()
-
-    def get_extra_state(self) -> tuple[str, Any, list[str], list[str]]:
-        blob = base64.b64encode(self.serialized_engine) if self.serialized_engine else None
-        return (self.name, blob, self.input_binding_names, self.output_binding_names)
-
-    def set_extra_state(self, state: tuple[str, Any, list[str], list[str]]) -> None:
-        self.name = state[0]
-        self.serialized_engine = base64.b64decode(state[1]) if state[1] is not None else None
-        self.engine = _Engine(self.serialized_engine) if self.serialized_engine else None
-        self.input_binding_names = list(state[2])
-        self.output_binding_names = list(state[3])
+        self.engine: _Engine | None = None
+        if serialized_engine is not None and not self.settings.lazy_engine_init:
+            self.engine = _Engine(serialized_engine, eager_context=True)
+            if self.settings.enable_weight_streaming:
+                self.set_device_memory_budget(self.get_automatic_device_memory_budget())
 
     def forward(self, *inputs: Any) -> Any:
-        outputs = self._get_engine().execute(list(inputs))
-        if isinstance(outputs, (tuple, list)) and len(outputs) == 1:
-            return outputs[0]
-        return outputs
-
-
-class PythonTorchTensorRTModule(TorchTensorRTModule):
-    """The separate Python-runtime module of 2.6-2.12 (``use_python_runtime=True``); same four
-    methods (§1.3). Gone in 2.13, where the runtimes merged."""
+        return self._run(inputs, len(self.input_names))
