@@ -166,7 +166,12 @@ def test_error_texts_and_logger_names(trt: Any, caplog: pytest.LogCaptureFixture
 def test_extra_state_has_the_real_shape(trt: Any) -> None:
     gm, *_ = _compile(trt)
     engine = gm._run_on_acc_0
-    name, info, ins, outs = engine.get_extra_state()
+    # 2.11: get_extra_state of a live C++ engine asks a TorchScript object for truthiness,
+    # which raises; the engine's own __getstate__ holds the same info list.
+    with pytest.raises(NotImplementedError, match="__len__"):
+        engine.get_extra_state()
+    name, info, ins, outs = (engine.name, engine.engine.__getstate__()[0],
+                             engine.input_binding_names, engine.output_binding_names)
     assert name == "_run_on_acc_0" and len(info) == 11
     assert info[1] == "_run_on_acc_0_engine"
     assert base64.b64decode(info[3]) == engine.engine.serialized

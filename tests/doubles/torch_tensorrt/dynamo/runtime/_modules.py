@@ -163,6 +163,22 @@ class _BudgetMethods(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+class _ScriptEngine(_Engine):
+    """The C++ runtime's engine is a TorchScript object (``torch.classes.tensorrt.Engine``):
+    asking it for truthiness raises, as its ``__len__`` is not implemented, so 2.11's
+    ``get_extra_state`` (``if self.engine:``) fails for a live engine; its ``__getstate__()``
+    gives ``[engine info]``, the serialized engine in base64 (as 2.11's refit reads it)."""
+
+    packed: list[Any] | None = None  # set by the module that owns it
+
+    def __len__(self) -> int:
+        raise NotImplementedError(
+            "'__len__' is not implemented for __torch__.torch.classes.tensorrt.Engine")
+
+    def __getstate__(self) -> list[Any]:
+        return [list(self.packed or [])]
+
+
 class TorchTensorRTModule(_BudgetMethods):
     """``nn.Module`` around one engine (C++ runtime in the real package)."""
 
@@ -189,8 +205,9 @@ class TorchTensorRTModule(_BudgetMethods):
 
     def setup_engine(self) -> None:
         if self.engine is None:
-            self.engine = _Engine(self.serialized_engine,  # type: ignore[arg-type]
-                                  eager_context=_state.version() < (2, 13))
+            self.engine = _ScriptEngine(self.serialized_engine,  # type: ignore[arg-type]
+                                        eager_context=_state.version() < (2, 13))
+            self.engine.packed = self._pack_engine_info(self.serialized_engine)
 
     def _pack_engine_info(self, engine: bytes) -> list[Any]:
         info: list[Any] = [""] * SERIALIZATION_LEN
@@ -216,7 +233,8 @@ class TorchTensorRTModule(_BudgetMethods):
             # Decoded in place, like the real one: the same state cannot be applied twice.
             info[ENGINE_IDX] = base64.b64decode(info[ENGINE_IDX])
             self.serialized_engine = info[ENGINE_IDX]
-            self.engine = _Engine(info[ENGINE_IDX], eager_context=_state.version() < (2, 13))
+            self.engine = _ScriptEngine(info[ENGINE_IDX],
+                                        eager_context=_state.version() < (2, 13))
             self.settings = pickle.loads(base64.b64decode(info[SERIALIZED_METADATA_IDX]))[
                 "settings"]
         else:
@@ -224,6 +242,8 @@ class TorchTensorRTModule(_BudgetMethods):
             self.settings = CompilationSettings()
         self.input_binding_names = state[2]
         self.output_binding_names = state[3]
+        if isinstance(self.engine, _ScriptEngine):
+            self.engine.packed = self._pack_engine_info(self.serialized_engine)
 
     def forward(self, *inputs: Any) -> Any:
         if self.engine is None:
