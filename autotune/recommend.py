@@ -119,11 +119,30 @@ def build(study: Any) -> dict[str, Any]:
         "if_you_can_give": by_memory(front),
         "trials": counts,
         "reproduce": _bench_command(workload, best),
+        "engine": _engine_summary(attrs.get("engine", {})),
+        "costs": _costs(study, attrs.get("engine", {})),
     }
     confirmation = attrs.get("confirmation")
     if confirmation and confirmation.get("trial") == best["trial"]:
         rec["confirmation"] = confirmation  # the best, measured over every decode step
     return rec
+
+
+def _engine_summary(engine: dict[str, Any]) -> dict[str, Any]:
+    """Which engine ran, in which versions (for Torch-TensorRT: which TensorRT backend) and
+    how it was built: where the recommendation holds."""
+    keys = ("engine", "versions", "kv_cache", "built_for", "budget_change_cost")
+    return {k: engine[k] for k in keys if k in engine}
+
+
+def _costs(study: Any, engine: dict[str, Any]) -> dict[str, Any]:
+    """What the study paid besides measuring: compiling (0 when the on-disk cache served)
+    and budget changes (on TensorRT each rebuilds every execution context)."""
+    trials = [t.user_attrs for t in study.get_trials(deepcopy=False)]
+    changed = [a for a in trials if a.get("budget_changed")]
+    return {"compile_s": engine.get("compile_s"), "compile_cache_hit": engine.get("cache_hit"),
+            "budget_changes": len(changed),
+            "budget_change_s": round(sum(a.get("budget_change_s", 0.0) for a in changed), 3)}
 
 
 def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:

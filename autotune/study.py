@@ -289,6 +289,8 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dic
         attrs["budget_applied_pct"] = (round(100 * outcome.applied_budget / total, 2) if total
                                        else 100.0)
         attrs["budget_change_s"] = round(outcome.budget_change_s or 0.0, 4)
+        if outcome.budget_changed is not None:
+            attrs["budget_changed"] = outcome.budget_changed
     m = outcome.measurement
     if m:
         attrs.update({

@@ -66,6 +66,7 @@ class TrialOutcome:
     available_bytes: int | None = None
     applied_budget: int | None = None
     budget_change_s: float | None = None  # time to apply the budget (not in the measurement)
+    budget_changed: bool | None = None  # whether the engine's budget differed before the trial
     elapsed_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -152,11 +153,14 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
         )
         return outcome
     try:
+        before = engine.device_budget
         t0 = time.perf_counter()
         engine.device_budget = request.budget
         engine.synchronize()
         outcome.budget_change_s = time.perf_counter() - t0
         outcome.applied_budget = engine.device_budget
+        # What the trial paid besides measuring: on TensorRT a change rebuilds every context.
+        outcome.budget_changed = outcome.applied_budget != before
         m = measure(
             engine, request.batch, request.isl, request.osl,
             repeats=request.repeats, warmup=request.warmup, seed=request.seed,
