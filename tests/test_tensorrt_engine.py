@@ -22,7 +22,7 @@ import torch
 from doubles import DOUBLES_DIR, install_torch_tensorrt, uninstall_torch_tensorrt
 
 from autotune.engines import EngineConfig, load_engine
-from autotune.errors import EngineUnavailableError
+from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.memory import prefill_activation_bytes
 from autotune.models import build_hf_model, get_spec, weight_source
 
@@ -243,3 +243,20 @@ def test_double_asserts_like_old_versions(trt: Any) -> None:
     with pytest.raises(AssertionError, match="enabled_precisions"):
         trt.dynamo.compile(ep, inputs=inputs, enable_weight_streaming=True,
                            use_explicit_typing=True, enabled_precisions={torch.half})
+
+
+def test_without_kv_cache_the_tutorial_mode_gives_the_same_tokens(trt: Any,
+                                                                  tmp_path: Path) -> None:
+    cached = load_engine(_config(tmp_path))
+    plain = load_engine(_config(tmp_path, ("kv_cache", "false")))  # as --engine-option gives it
+    assert cached.uniform_decode_steps and not plain.uniform_decode_steps
+    tokens, positions = trt._state.COMPILE_CALLS[-1]["inputs"]  # no cache input
+    assert tokens.shape["max_shape"] == (4, 32) and positions.shape["max_shape"] == (32,)
+    assert plain.memory_plan(2, 8, 8, 0).kv_cache == 0
+    prompt = torch.randint(1, 500, (2, 7), generator=torch.Generator().manual_seed(3))
+    a, b = cached.prefill(prompt, 9), plain.prefill(prompt, 9)
+    cached.decode(a, 8)
+    plain.decode(b, 8)
+    assert torch.equal(a.tokens, b.tokens)
+    with pytest.raises(UserInputError, match="kv_cache: expected true or false"):
+        load_engine(_config(tmp_path, ("kv_cache", "maybe")))

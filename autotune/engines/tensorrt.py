@@ -34,6 +34,7 @@ from autotune.engines._trt_build import (
     compile_options,
     device_identity,
     export_model,
+    flag,
     import_torch_tensorrt,
     parse_version,
     versions,
@@ -117,7 +118,7 @@ class TensorRTEngine:
         trt = import_torch_tensorrt()
         version = parse_version(trt.__version__)
         spec = get_spec(config.model, config.weights)
-        shapes = BuildShapes.from_config(config, kv_cache=bool(config.option("kv_cache", True)))
+        shapes = BuildShapes.from_config(config, kv_cache=flag(config, "kv_cache", True))
         torch_ops = sorted(map(str, config.option("torch_executed_ops", ()) or ()))
         found = versions(trt)
         key = cache_key({
@@ -126,7 +127,7 @@ class TensorRTEngine:
             "device": device_identity(config.device), "export": _EXPORT_FORMAT,
         })
         cache = ModuleCache(config.option("trt_cache_dir") or default_cache_dir())
-        use_cache = bool(config.option("trt_cache", True))
+        use_cache = flag(config, "trt_cache", True)
         engine_class = trt.dynamo.runtime.TorchTensorRTModule
         hit = cache.load(key) if use_cache else None
         start = time.perf_counter()
