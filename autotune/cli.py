@@ -405,7 +405,7 @@ def bench(
         f"/step at {m['stream_gb_s']:.1f} GB/s"
     )
     plan = result["memory_plan"]
-    peak = m["peak_reserved_bytes"]
+    peak = m.get("peak_device_bytes") or m["peak_reserved_bytes"]
     out.print(f"memory: predicted {format_bytes(plan['total'])}"
               + (f", measured peak {format_bytes(peak)}" if peak else ""))
     out.print(f"tokens sha256 {m['tokens_sha256']}")

@@ -282,7 +282,8 @@ def from_study(study: Any, command: str | None = None) -> dict[str, Any]:
             point.update({
                 "throughput_tok_s": a.get("throughput_tok_s"), "ttft_ms": a.get("ttft_ms"),
                 "tpot_ms": a.get("tpot_ms"),
-                "peak_memory_bytes": a.get("peak_reserved_bytes") or a.get("predicted_peak_bytes"),
+                "peak_memory_bytes": (a.get("peak_device_bytes") or a.get("peak_reserved_bytes")
+                                      or a.get("predicted_peak_bytes")),
                 "streamed_bytes_per_step": a.get("streamed_bytes_per_step"),
                 "measurement": a.get("measurement", "full"),  # estimated, or every step
             })

@@ -51,6 +51,9 @@ class Measurement:
     warmup: int = 1
     decode_steps_timed: int = 0  # per repeat; osl - 1 unless estimated
     estimated: bool = False  # e2e and throughput extrapolated from decode_steps_timed steps
+    # The peak the engine's memory plan predicts: PyTorch's reserved peak, or for an engine
+    # whose memory lies outside PyTorch's allocator (TensorRT), what NVML sees it hold.
+    peak_device_bytes: int | None = None
 
     @property
     def budget_fraction(self) -> float:
@@ -169,6 +172,7 @@ def measure(
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=reserved,
         nvml_used_bytes=_nvml_used(engine),
+        peak_device_bytes=_device_peak(engine, reserved),
         tokens_sha256=tokens_digest(tokens),
         e2e_samples_s=e2e,
         ttft_samples_s=ttft,
@@ -217,9 +221,19 @@ def _torch_peaks(engine: Engine) -> tuple[int | None, int | None]:
 def _nvml_used(engine: Engine) -> int | None:
     if not _is_cuda(engine):
         return None
+    outside = getattr(engine, "device_used_bytes", None)
+    if outside is not None:  # the engine's own reading (NVML, or the device's use without it)
+        return int(outside())
     from autotune import gpu
 
     return gpu.process_used_bytes(engine.config.device)
+
+
+def _device_peak(engine: Engine, reserved: int | None) -> int | None:
+    """See ``Measurement.peak_device_bytes``."""
+    if getattr(engine, "device_used_bytes", None) is not None and _is_cuda(engine):
+        return _nvml_used(engine)
+    return reserved
 
 
 def measure_h2d_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:

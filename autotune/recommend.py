@@ -28,7 +28,8 @@ _CONFIG_KEYS = ("batch", "device_budget_bytes", "budget_fraction", "throughput_t
 
 def _config(trial: Any, total: int | None) -> dict[str, Any]:
     a = trial.user_attrs
-    peak = a.get("peak_reserved_bytes") or a.get("predicted_peak_bytes")
+    peak = (a.get("peak_device_bytes") or a.get("peak_reserved_bytes")
+            or a.get("predicted_peak_bytes"))
     applied = a.get("budget_applied_bytes", a["budget_bytes"])
     # The fraction applied, not the one asked for: engines round budgets down to their units.
     fraction = applied / total if total else trial.params.get("budget_fraction", 0.0)

@@ -75,7 +75,7 @@ def points(study: Any) -> list[TrialPoint]:
             continue
         budget = a.get("budget_applied_bytes", a["budget_bytes"])
         pct = 100 * budget / total if total else a.get("budget_pct", 0.0)
-        measured = a.get("peak_reserved_bytes")
+        measured = a.get("peak_device_bytes") or a.get("peak_reserved_bytes")
         peak = measured or a.get("predicted_peak_bytes")
         out.append(TrialPoint(
             number=t.number, status=a["status"], batch=int(a["batch"]), budget_pct=pct,

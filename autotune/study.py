@@ -303,8 +303,9 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dic
             "stream_gb_s": round(m["stream_gb_s"], 2),
             "tokens_sha256": m["tokens_sha256"],
         })
-        peak = m["peak_reserved_bytes"]
-        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes"):
+        peak = m.get("peak_device_bytes") or m["peak_reserved_bytes"]
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes",
+                    "peak_device_bytes"):
             if m[key] is not None:
                 attrs[key] = m[key]
         if peak:
