@@ -50,7 +50,19 @@ def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) ->
         load_engine(_config(Path("unused")))
     message = str(info.value)
     assert "pip install 'autotune[tensorrt]'" in message and "pypi.nvidia.com" in message
+    assert "pip install 'autotune[tensorrt-rtx]'" in message
     assert "\n" not in message
+
+
+def test_the_cli_prints_the_install_hint_with_its_brackets(cli_env: dict[str, str]) -> None:
+    # rich would read "[tensorrt]" as markup and print "pip install 'autotune'".
+    done = subprocess.run(
+        [sys.executable, "-m", "autotune", "bench", "--model", "tiny-llama", "--device", "cpu",
+         "--engine", "tensorrt", "--batch", "1", "--budget-fraction", "0"],
+        env=cli_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'autotune[tensorrt-rtx]'" in done.stderr
+    assert "pip install 'autotune[tensorrt]'" in done.stderr
 
 
 def test_importing_autotune_never_imports_torch_tensorrt() -> None:
