@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autotune.errors import AutotuneError, UserInputError
+from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
 from autotune.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
@@ -252,13 +253,14 @@ def _stoppable(storage: str) -> Iterator[None]:
     without a word)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         from autotune.storage import redact
 
-        err.print(f"interrupted: every finished trial is kept in {redact(storage)}; rerun the "
-                  f"same command to resume (the trial that was running runs again)",
+        why = "" if stop_name(e) == "Ctrl-C" else f" ({stop_name(e)})"
+        err.print(f"interrupted{why}: every finished trial is kept in {redact(storage)}; rerun "
+                  f"the same command to resume (the trial that was running runs again)",
                   highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_exit_code(e)) from None
 
 
 def _print_worker(device: str, seconds: float, info: Any) -> None:
@@ -482,7 +484,17 @@ def report(
     out.print(f"report written to {files.html}")
 
 
+def _stop_on(signum: int, frame: Any) -> None:
+    """SIGTERM (``timeout``, docker, systemd) and SIGHUP stop a run as Ctrl-C does: the
+    running trial is failed and retried on resume, the workers are stopped, one line is
+    said. Python's default would exit at once, leaving the trial RUNNING and the worker on."""
+    signal.signal(signum, signal.SIG_IGN)  # once: a second signal must not cut the cleanup
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on)
     try:
         # Standalone mode: typer reports its own usage errors (exit code 2) and --help.
         app(args=argv, standalone_mode=True, prog_name="autotune")
@@ -491,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err.print("interrupted; completed trials are stored, rerun the command to resume")
-        return 130
+        return stop_exit_code(e)
     except Exception as e:  # a database's own words (locked, disk full...) made clear
         from autotune.storage import explain
 

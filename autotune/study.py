@@ -29,7 +29,7 @@ from typing import Any
 
 from autotune import budget, host, resume
 from autotune.engines import EngineConfig, engine_class
-from autotune.errors import UserInputError
+from autotune.errors import UserInputError, stop_name
 from autotune.models import check_dtype, get_spec
 from autotune.prior import Limits
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
@@ -449,8 +449,9 @@ def run_study(
     try:
         for t in threads:
             t.join()
-    except KeyboardInterrupt:  # Ctrl-C: the running trials are failed now and run again later
-        for number in resume.interrupt_own(study, "the run was stopped (Ctrl-C)"):
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the running trials are failed now and
+        # run again later
+        for number in resume.interrupt_own(study, f"the run was stopped ({stop_name(e)})"):
             result.notes.append(f"trial {number} was interrupted; it runs again on resume")
         raise
     result.ran = state["ran"]

@@ -7,6 +7,7 @@ overwritten, the rerun resumes. Worker crashes, hangs and OOMs are in test_study
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,9 +80,15 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     while not _running_trial(db):
         assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
         time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers, "the tuner has no worker process"
     os.kill(proc.pid, signal.SIGKILL)  # the tuner, mid-trial
     proc.wait()
-    os.killpg(proc.pid, signal.SIGKILL)  # its orphaned worker: not part of what is tested
+    try:  # its worker dies with it: an orphan would measure beside the rerun's worker
+        _wait_gone(workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     before = {t.number: t for t in _study(storage_url).trials}
     dead = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
     completed = {n: t.value for n, t in before.items()
@@ -103,6 +110,114 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     assert len(retries) == 1 and retries[0].params == failed.params  # retried once
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     assert budget.spent(_study(storage_url)) == 10  # the budget, interrupted trial aside
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux /proc), the worker among them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    return resume._process_start(pid) is None  # no such process, or a zombie
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, f"worker(s) {pids} outlived the tuner"
+        time.sleep(0.1)
+
+
+def test_a_killed_tuner_leaves_no_worker_behind(storage_url: str, cli_env) -> None:
+    """The worker is mid-trial (a 30 s budget change) when its tuner is SIGKILLed: it must
+    die with it, not finish the trial beside whatever runs next."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
+            "--engine-option", "budget_sleep_s=30", "--trial-timeout", "120")
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(proc.pid) or not _started(db):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_gone(workers, timeout_s=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _started(db: Path) -> bool:
+    """A trial is RUNNING with its configuration chosen."""
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            conn.execute("PRAGMA query_only = ON")
+            return conn.execute(
+                "SELECT count(*) FROM trials t JOIN trial_params p ON p.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING'").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_worker_goes_with_it(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    """SIGTERM (timeout, docker, systemd) to the tuner alone: one line, exit 143, the trial
+    failed and retried on resume, and no worker left behind."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "t",
+            "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _running_trial(db):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert workers
+        proc.send_signal(signal.SIGTERM)  # to the tuner only, as `timeout` sends it
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert "interrupted (SIGTERM): every finished trial is kept in" in stderr
+        assert "Traceback" not in stderr, stderr
+        _wait_gone(workers, timeout_s=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    trials = _study(storage_url).trials
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0].user_attrs["reason"]
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_a_late_reply_is_dropped_not_taken_for_the_next_answer(monkeypatch) -> None:
+    """A worker stalls past a query's wait, then answers it: that answer must not be read as
+    the outcome of the next trial (the pipe's messages are tagged)."""
+    from autotune import worker as worker_mod
+    from autotune.engines import EngineConfig
+    from autotune.errors import WorkerError
+    from autotune.worker import TrialRequest, Worker
+
+    monkeypatch.setattr(worker_mod, "_QUERY_TIMEOUT_S", 0.5)
+    config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                          max_batch=4, max_seq_len=12, options=(("first_plan_sleep_s", 2.0),))
+    with Worker(config, trial_timeout_s=0.5) as w:
+        w.start()
+        with pytest.raises(WorkerError, match="could not plan"):
+            w.plan([(1, 0)], 8, 4)
+        w.trial_timeout_s = 30.0
+        outcome = w.run(TrialRequest(batch=1, budget=0, isl=8, osl=4, repeats=1, warmup=0))
+        assert outcome.status == "ok", outcome
+        assert w.plan([(2, 0)], 8, 4)["totals"]  # and the pipe stays in step after it
 
 
 def _running(study: optuna.Study, **attrs) -> optuna.trial.Trial:
