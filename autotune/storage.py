@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +212,35 @@ def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True) -> Any:
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _rdb_storage(url, engine_kwargs)
     except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if parsed.password:
             first = first.replace(str(parsed.password), "***")
         raise StorageError(f"storage {redact(url)}: cannot open it ({_scrub(first)})") from e
+
+
+_SCHEMA_RACE = ("already exists", "unique constraint failed: alembic_version",
+                "duplicate key value")
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], attempts: int = 6) -> Any:
+    """Optuna's RDBStorage, whose first open creates the schema without a lock: two runs
+    starting at once on a new database both create tables, and the loser fails ("table
+    studies already exists", a duplicate alembic version). The winner's tables are whole once
+    its transaction commits, so the loser opens again and finds them."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except SQLAlchemyError as e:
+            if attempt == attempts - 1 or not any(k in str(e).lower() for k in _SCHEMA_RACE):
+                raise
+            log.debug("schema created by another process meanwhile (%s); opening again", e)
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def study_names(storage: Any) -> list[str]:

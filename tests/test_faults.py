@@ -554,3 +554,27 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == stopped[0].params
     assert budget.spent(_study(storage_url)) == 10
+
+
+_OPEN_AT = """
+import sys, time
+import optuna
+from autotune.storage import open_storage
+start = float(sys.argv[2])
+while time.time() < start:  # all at once: the schema is created by whoever gets there
+    pass
+optuna.create_study(storage=open_storage(sys.argv[1]), study_name="s", load_if_exists=True)
+print("opened")
+"""
+
+
+def test_runs_starting_at_once_on_a_new_sqlite_file(tmp_path: Path, cli_env) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    start = str(time.time() + 4)  # after every interpreter has imported optuna
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, start], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0 and stdout.strip() == "opened", stderr
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
