@@ -357,7 +357,9 @@ def run_study(
     result = RunResult(study.study_name, redact(options.storage), 0, None)
     for number in resume.recover(study):  # the trials of a killed run: failed, retried once
         result.notes.append(f"trial {number} was interrupted by a dead process; retrying it")
-    if not budget.has_work(study, options.trials):
+    work = budget.has_work(study, options.trials)
+    # A run killed during the final measurement left the best estimated: finish it now.
+    if not work and not (options.confirm and needs_confirmation(study)):
         result.notes.append(
             f"study {study.study_name} already has {budget.spent(study)} finished trials; "
             f"give --trials above that to run more"
@@ -390,10 +392,9 @@ def run_study(
         # A cheap check right before asking (no PRUNED trial unless another worker races us).
         if not budget.has_work(study, options.trials):
             return None
-        trial = study.ask()
-        # Who runs it, at once: a run killed before this leaves a trial only a stale
-        # heartbeat can fail (resume.py), minutes later.
-        resume.mark_started(trial)
+        with resume.asking(study):  # a run killed in between leaves a record of it
+            trial = study.ask()
+            resume.mark_started(trial)  # who runs it, at once
         return trial if budget.claim(study, trial, options.trials) else None
 
     def serve(device: str) -> None:
@@ -412,15 +413,15 @@ def run_study(
                             _record_study_attrs(study, options, gpu_name, info)
                 total = info.total_device_budget
                 with lock:  # one prior per run, measured by the first worker
-                    if "prior" not in state:
+                    if "prior" not in state and work:
                         state["prior"] = search.start_prior(
                             study, worker, total=total, isl=options.isl, osl=options.osl,
                             max_batch=options.max_batch, limits=options.limits,
                             h2d_gb_s=info.environment.get("h2d_gb_s"))
-                prior = state["prior"]
+                prior = state.get("prior")
                 if prior is not None and (why := prior.nothing_fits()):
                     raise UserInputError(why)  # before any trial: none could run
-                while (trial := claim()) is not None:
+                while work and (trial := claim()) is not None:
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = options.trial_request(batch, int(round(fraction * total)))
                     with resume.heartbeat(trial):
@@ -436,7 +437,7 @@ def run_study(
                 with lock:  # the last worker to finish confirms the best, on its engine
                     state["serving"] -= 1
                     last = state["serving"] == 0
-                if last and options.confirm and state["ran"] and not errors:
+                if last and options.confirm and not errors and needs_confirmation(study):
                     note = confirm_best(study, worker, options, total)
                     if note:
                         result.notes.append(note)
@@ -474,6 +475,18 @@ def stop_reason(study: Any, options: RunOptions, prior: Any) -> str | None:
     from autotune.search import observations
 
     return prior.stop_reason(observations(study))
+
+
+def needs_confirmation(study: Any) -> bool:
+    """Whether the best trial was estimated and has not been measured over every step yet
+    (a run stopped or killed before its final measurement leaves it so)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return False
+    done = study.user_attrs.get("confirmation")
+    return (str(best.user_attrs.get("measurement", "")).startswith("estimated")
+            and not (isinstance(done, dict) and done.get("trial") == best.number))
 
 
 CONFIRM_TOLERANCE = 0.03  # the shortcut's allowed error (issue 5): beyond it, say so

@@ -578,3 +578,52 @@ def test_runs_starting_at_once_on_a_new_sqlite_file(tmp_path: Path, cli_env) -> 
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0 and stdout.strip() == "opened", stderr
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
+
+
+_KILLED_AT = """
+import os, signal, sys
+from autotune import resume, study
+from test_faults import _options
+point = sys.argv[2]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "ask":  # between asking for a trial and recording who runs it
+    resume.mark_started = die
+else:  # during the final full measurement of the best
+    study.confirm_best = die
+study.run_study(_options(sys.argv[1], trials=3, decode_steps=1, warmup=1))
+"""
+
+
+def _killed_at(url: str, point: str, env: dict[str, str]) -> None:
+    p = subprocess.run([sys.executable, "-c", _KILLED_AT, url, point], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+def test_tuner_killed_between_ask_and_recording_itself(storage_url: str, cli_env) -> None:
+    _killed_at(storage_url, "ask", cli_env)
+    (unnamed,) = _study(storage_url).trials
+    assert unnamed.state == optuna.trial.TrialState.RUNNING and "pid" not in unnamed.user_attrs
+    result = run_study(_options(storage_url, trials=3))
+    assert f"trial {unnamed.number} was interrupted by a dead process; retrying it" in \
+        result.notes
+    study = _study(storage_url)
+    assert budget.spent(study) == 3  # not one short
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert "died before recording itself" in study.trials[unnamed.number].user_attrs["reason"]
+
+
+def test_tuner_killed_during_the_confirmation_confirms_on_resume(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    _killed_at(storage_url, "confirm", cli_env)
+    study = _study(storage_url)
+    assert budget.spent(study) == 3 and "confirmation" not in study.user_attrs
+    out = tmp_path / "rec.json"
+    r = autotune(*RUN, "--trials", "3", "--no-early-stop", "--decode-steps", "1",
+                 "--storage", storage_url, "--out", str(out), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "confirmed trial" in r.stderr, r.stderr
+    rec = recommend.read(out)
+    assert rec["confirmation"]["trial"] == rec["best"]["trial"]
+    assert budget.spent(_study(storage_url)) == 3  # no trial run for it
