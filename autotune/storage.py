@@ -195,7 +195,6 @@ def _scrub(text: str) -> str:
 
 def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True) -> Any:
     """An Optuna RDBStorage for ``url``; ``create=False`` only opens existing storage."""
-    import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
     parsed = parse_url(url)

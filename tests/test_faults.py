@@ -575,7 +575,7 @@ def test_runs_starting_at_once_on_a_new_sqlite_file(tmp_path: Path, cli_env) -> 
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(6)]
     results = [p.communicate(timeout=120) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0 and stdout.strip() == "opened", stderr
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
 
