@@ -228,6 +228,13 @@ def worker(
     study: str | None = typer.Option(None, help="Study name (default: the only one)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
     gpus: str | None = typer.Option(None, help="GPU indices, one worker each: 0,1,2"),
+    engine: list[str] = typer.Option(
+        [], "--engine", help="An engine beyond the built-in ones (package.module:Class) this "
+        "worker may run when the study names it (repeatable): the storage never chooses code "
+        "to import on its own."),
+    engine_option: list[str] = typer.Option(
+        [], "--engine-option", help="KEY=VALUE of this host (a cache directory: "
+        "trt_cache_dir), never taken from the storage (repeatable)."),
 ) -> None:
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
     from autotune.join import join_study
@@ -235,6 +242,7 @@ def worker(
     with _stoppable(storage):
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
         result = join_study(storage, study, device=device, gpus=_gpus(gpus),
+                            engines=tuple(engine), host_options=_engine_options(engine_option),
                             progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)

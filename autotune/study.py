@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from autotune import budget, host, resume
-from autotune.engines import EngineConfig, engine_class
+from autotune.engines import EngineConfig, check_options, engine_class
 from autotune.errors import UserInputError, stop_name
 from autotune.models import check_dtype, get_spec
 from autotune.prior import Limits
@@ -108,7 +108,8 @@ class RunOptions:
             raise UserInputError(f"--sampler: expected one of {', '.join(SAMPLERS)}; got "
                                  f"{self.sampler!r}")
         get_spec(self.model, self.weights)  # unknown model / bad --weights fail here
-        engine_class(self.engine)  # unknown engine fails here; missing extras fail at load
+        # Unknown engine or option keys fail here; missing extras fail at load.
+        check_options(engine_class(self.engine), self.engine_options)
         parse_url(self.storage)
         if self.study_name is not None and not self.study_name.strip():
             raise UserInputError("--study: expected a non-empty name")

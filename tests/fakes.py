@@ -40,6 +40,10 @@ PER_SEQ_S = 2e-5
 class AnalyticEngine:
     name: ClassVar[str] = "analytic"
     uniform_decode_steps: ClassVar[bool] = True  # every step sleeps the same modelled time
+    engine_options: ClassVar[dict[str, str]] = {
+        k: "a test fault or delay" for k in ("fault", "fault_batch", "budget_sleep_s",
+                                             "fault_at_load", "load_sleep_s",
+                                             "first_plan_sleep_s")}
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config

@@ -105,6 +105,8 @@ def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
           "cpu", "--budget", "99TiB", "--isl", "4", "--osl", "2"), ("expected 0..",)),
         (("bench", "--model", "tiny-llama", "--batch", "1", "--device", "cpu"),
          ("exactly one of",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--engine-option", "frobnicate=3"),
+         ("--engine-option frobnicate", "native engine does not take it", "slots")),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, cli_env, args, needles) -> None:

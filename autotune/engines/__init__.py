@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import importlib
 
-from autotune.engines.base import Engine, EngineConfig, Generation, clamp_budget
+from autotune.engines.base import (
+    Engine,
+    EngineConfig,
+    Generation,
+    check_options,
+    clamp_budget,
+    declared_options,
+)
 from autotune.errors import UserInputError
 
 __all__ = [
-    "ENGINES", "Engine", "EngineConfig", "Generation", "clamp_budget", "engine_class",
-    "engine_names", "load_engine", "register_engine",
+    "BUILTIN", "ENGINES", "Engine", "EngineConfig", "Generation", "check_options",
+    "clamp_budget", "declared_options", "engine_class", "engine_names", "load_engine",
+    "register_engine",
 ]
 
 # name -> "module:Class", imported on first use.
@@ -20,6 +28,22 @@ ENGINES: dict[str, str] = {
     "native": "autotune.engines.native:NativeEngine",
     "tensorrt": "autotune.engines.tensorrt:TensorRTEngine",
     "landscape": "autotune.engines.landscape:LandscapeEngine",
+}
+
+# The engines autotune ships: `autotune worker` runs these, and no other, unless its own
+# command line names another (--engine): a study's storage must not choose code to import.
+BUILTIN = frozenset(ENGINES)
+
+# Option declarations (see the Engine protocol) of a built-in engine whose class does not carry
+# them yet, by its "module:Class": the Torch-TensorRT engine's, to move onto its class.
+BUILTIN_DECLARATIONS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "autotune.engines.tensorrt:TensorRTEngine": ({
+        "opt_batch": "batch the TensorRT profile is optimized for",
+        "opt_seq_len": "sequence length the TensorRT profile is optimized for",
+        "torch_executed_ops": "operators left to PyTorch",
+        "trt_cache": "reuse compiled engines from the on-disk cache (default true)",
+        "trt_cache_dir": "the compiled-engine cache directory (this host's)",
+    }, ("trt_cache_dir",)),
 }
 
 
