@@ -429,7 +429,7 @@ def show(
     """The trials of a stored study, best first."""
     from autotune.storage import load_study, open_storage
 
-    _print_trials(load_study(open_storage(storage, create=False), study))
+    _print_trials(load_study(open_storage(storage, create=False, read_only=True), study))
 
 
 @app.command()
@@ -447,7 +447,7 @@ def export(
     from autotune import recommend
     from autotune.storage import load_study, open_storage
 
-    stored = load_study(open_storage(storage, create=False), study)
+    stored = load_study(open_storage(storage, create=False, read_only=True), study)
     if out_file is None and landscape is None:
         out_file = Path("studies") / f"{stored.study_name}.json"
     if landscape is not None:
@@ -486,7 +486,8 @@ def report(
     from autotune.report import write_report
     from autotune.storage import load_study, open_storage
 
-    files = write_report(load_study(open_storage(storage, create=False), study), out_dir)
+    stored = load_study(open_storage(storage, create=False, read_only=True), study)
+    files = write_report(stored, out_dir)
     for path in files.pngs.values():
         out.print(f"wrote {path}")
     out.print(f"report written to {files.html}")

@@ -627,3 +627,82 @@ def test_tuner_killed_during_the_confirmation_confirms_on_resume(
     rec = recommend.read(out)
     assert rec["confirmation"]["trial"] == rec["best"]["trial"]
     assert budget.spent(_study(storage_url)) == 3  # no trial run for it
+
+
+_WRITE_THEN_DIE = """
+import os, signal, sys
+from test_faults import _options
+from autotune.study import run_study
+run_study(_options(sys.argv[1], trials=int(sys.argv[2])))
+os.kill(os.getpid(), signal.SIGKILL)  # its last writes stay in the -wal, not the file
+"""
+
+
+def _write_then_die(url: str, trials: int, env: dict[str, str]) -> None:
+    p = subprocess.run([sys.executable, "-c", _WRITE_THEN_DIE, url, str(trials)], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+def test_a_damaged_file_with_a_wal_beside_it_is_left_untouched(
+        tmp_path: Path, finished_db: Path, cli_env) -> None:
+    db = tmp_path / "done.db"
+    shutil.copy(finished_db, db)
+    _write_then_die(f"sqlite:///{db}", 3, cli_env)  # a trial more, in the -wal
+    wal = Path(f"{db}-wal")
+    assert wal.stat().st_size > 0
+    with open(db, "r+b") as f:  # every page but the header: the -wal holds a few of them
+        f.seek(4096)
+        f.write(b"\xa5" * (db.stat().st_size - 4096))
+    digests = (_digest(db), _digest(wal))
+    for args in (("show",), ("export", "--out", str(tmp_path / "r.json")), RUN):
+        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        _error(r, "is damaged", "untouched")
+        assert wal.exists() and (_digest(db), _digest(wal)) == digests  # nor checkpointed
+
+
+def test_a_deleted_wal_is_said_as_such_not_as_damage(tmp_path: Path, cli_env) -> None:
+    db = tmp_path / "w.db"
+    _write_then_die(f"sqlite:///{db}", 1, cli_env)
+    Path(f"{db}-wal").unlink()
+    digest = _digest(db)
+    for args in (("show",), RUN):
+        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        _error(r, "w.db-wal is missing", "put w.db-wal back")
+        assert "damaged" not in r.stderr.replace("not damaged", "")
+    assert _digest(db) == digest
+
+
+def test_no_space_left_is_said_as_such_not_as_damage(tiny_tmpfs: Path, tmp_path: Path,
+                                                     cli_env) -> None:
+    url = f"sqlite:///{tiny_tmpfs / 'full.db'}"
+    r = autotune(*RUN, "--trials", "1", "--storage", url, "--out", str(tmp_path / "r.json"),
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert not Path(f"{tiny_tmpfs}/full.db-wal").exists()  # closed cleanly: no index left
+    filler = _fill(tiny_tmpfs)
+    try:
+        for args in (("show",), RUN):
+            r = autotune(*args, "--storage", url, env=cli_env, cwd=tmp_path)
+            _error(r, "is full")
+            assert "damaged" not in r.stderr.replace("not damaged", "")
+    finally:
+        filler.unlink()
+
+
+def test_read_only_database_serves_show_export_and_report(tiny_tmpfs: Path, tmp_path: Path,
+                                                          cli_env) -> None:
+    url = f"sqlite:///{tiny_tmpfs / 'ro.db'}"
+    r = autotune(*RUN, "--trials", "2", "--storage", url, "--out", str(tmp_path / "a.json"),
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    r = autotune("show", "--storage", url, env=cli_env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    r = autotune("export", "--storage", url, "--out", str(tmp_path / "b.json"), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert recommend.read(tmp_path / "b.json")["best"] == recommend.read(tmp_path / "a.json")["best"]
+    r = autotune("report", "--storage", url, "--out", str(tmp_path / "rep"), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    r = autotune(*RUN, "--storage", url, env=cli_env, cwd=tmp_path)  # a run must write: refused
+    _error(r, "not writable")
