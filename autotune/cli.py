@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autotune.errors import AutotuneError, UserInputError
+from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
 from autotune.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
@@ -36,9 +37,19 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=Fa
 _state = {"debug": False}
 
 
+def _version(value: bool) -> None:
+    if value:
+        from autotune import __version__
+
+        out.print(f"autotune {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                 help="Print the version and exit."),
 ) -> None:
     _state["debug"] = debug
     logging.basicConfig(
@@ -181,7 +192,7 @@ def run(
         True, help="Measure the best over every decode step at the end, when it was estimated."),
 ) -> None:
     """Tune batch size x weight-streaming budget; resumes the study if it exists."""
-    from autotune import recommend
+    from autotune import jsonfile, recommend
     from autotune.study import RunOptions, run_study
 
     if landscape is not None:  # shorthand for --engine landscape --engine-option landscape=F
@@ -211,10 +222,14 @@ def run(
         max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,
         decode_steps=_decode_steps(decode_steps), early_stop=early_stop, confirm=confirm,
     )
+    # Before any trial: an export that cannot be written is found now, not after the study.
+    if out_file is not None or study is not None:
+        jsonfile.check_writable(out_file or recommend.default_path(study))
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
     with _stoppable(storage):
-        result = run_study(options, progress=_print_progress, on_worker=_print_worker)
+        result = run_study(options, progress=_print_progress, on_worker=_print_worker,
+                           on_step=lambda text: err.print(text, highlight=False))
     for note in result.notes:
         err.print(note)
     from autotune.storage import load_study, open_storage
@@ -222,7 +237,7 @@ def run(
     stored = load_study(open_storage(storage, create=False), result.study_name)
     _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
     rec = recommend.build(stored)
-    path = recommend.write(rec, out_file or Path("studies") / f"{result.study_name}.json")
+    path = recommend.write(rec, out_file or recommend.default_path(result.study_name))
     best = rec["best"]
     out.print(
         f"best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
@@ -237,6 +252,13 @@ def worker(
     study: str | None = typer.Option(None, help="Study name (default: the only one)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
     gpus: str | None = typer.Option(None, help="GPU indices, one worker each: 0,1,2"),
+    engine: list[str] = typer.Option(
+        [], "--engine", help="An engine beyond the built-in ones (package.module:Class) this "
+        "worker may run when the study names it (repeatable): the storage never chooses code "
+        "to import on its own."),
+    engine_option: list[str] = typer.Option(
+        [], "--engine-option", help="KEY=VALUE of this host (a cache directory: "
+        "trt_cache_dir), never taken from the storage (repeatable)."),
 ) -> None:
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
     from autotune.join import join_study
@@ -244,6 +266,7 @@ def worker(
     with _stoppable(storage):
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
         result = join_study(storage, study, device=device, gpus=_gpus(gpus),
+                            engines=tuple(engine), host_options=_engine_options(engine_option),
                             progress=_print_progress, on_worker=_print_worker)
     for note in result.notes:
         err.print(note)
@@ -262,13 +285,14 @@ def _stoppable(storage: str) -> Iterator[None]:
     without a word)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         from autotune.storage import redact
 
-        err.print(f"interrupted: every finished trial is kept in {redact(storage)}; rerun the "
-                  f"same command to resume (the trial that was running runs again)",
+        why = "" if stop_name(e) == "Ctrl-C" else f" ({stop_name(e)})"
+        err.print(f"interrupted{why}: every finished trial is kept in {redact(storage)}; rerun "
+                  f"the same command to resume (the trial that was running runs again)",
                   highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop_exit_code(e)) from None
 
 
 def _print_worker(device: str, seconds: float, info: Any) -> None:
@@ -361,20 +385,22 @@ def models() -> None:
 
 @app.command()
 def bench(
-    model: str = typer.Option(..., help="Model preset."),
-    batch: int = typer.Option(..., help="Batch size."),
+    model: str = typer.Option(..., help="Model preset (see `autotune models`)."),
+    batch: int = typer.Option(..., help="Batch size (sequences generated at once)."),
     budget: str | None = typer.Option(None, help="Device budget: bytes or a size (4GiB)."),
     budget_fraction: float | None = typer.Option(None, help="Budget as a fraction 0..1."),
-    engine: str = typer.Option("native"),
-    isl: int = typer.Option(128),
-    osl: int = typer.Option(256),
+    engine: str = typer.Option("native", help="native, tensorrt, or package.module:Class."),
+    isl: int = typer.Option(128, help="Input (prompt) length, tokens."),
+    osl: int = typer.Option(256, help="Output length, tokens (exactly; no stop at EOS)."),
     dtype: str = typer.Option("auto", help="float16, bfloat16, float32, or auto."),
-    device: str = typer.Option("auto"),
-    gpu_memory_limit: str | None = typer.Option(None),
-    weights: str | None = typer.Option(None),
-    seed: int = typer.Option(0),
-    repeats: int = typer.Option(3),
-    warmup: int = typer.Option(1),
+    device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
+    gpu_memory_limit: str | None = typer.Option(
+        None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB."),
+    weights: str | None = typer.Option(None, help="Local Hugging Face checkpoint dir "
+                                       "(default: random weights, the same speed)."),
+    seed: int = typer.Option(0, help="Seed of the weights and the prompts."),
+    repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
+    warmup: int = typer.Option(1, help="Untimed warm-up generations before timing."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
 ) -> None:
     """Measure one configuration (prints a SHA-256 of the generated token ids)."""
@@ -425,11 +451,32 @@ def _budget_bytes(text: str) -> int:
 def show(
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: the only one)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the study and its trials as "
+                                 "JSON (every attribute) instead of a table."),
 ) -> None:
     """The trials of a stored study, best first."""
     from autotune.storage import load_study, open_storage
 
-    _print_trials(load_study(open_storage(storage, create=False), study))
+    stored = load_study(open_storage(storage, create=False, read_only=True), study)
+    if as_json:
+        sys.stdout.write(json.dumps(_study_json(stored), indent=1) + "\n")
+        return
+    _print_trials(stored)
+
+
+def _study_json(study: Any) -> dict[str, Any]:
+    """A study as plain JSON: its attributes and every trial, in trial order."""
+    from autotune import __version__
+
+    trials = [{
+        "number": t.number, "state": t.state.name,
+        "value": t.value, "params": t.params, "constraints": t.constraints,
+        "started": t.datetime_start.isoformat() if t.datetime_start else None,
+        "completed": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        "attrs": t.user_attrs,
+    } for t in study.get_trials(deepcopy=False)]
+    return {"autotune_version": __version__, "study": study.study_name,
+            "attrs": study.user_attrs, "trials": trials}
 
 
 @app.command()
@@ -444,12 +491,15 @@ def export(
         "file (a grid study: autotune run --sampler grid)."),
 ) -> None:
     """Write the JSON recommendation of a stored study, or its landscape."""
-    from autotune import recommend
+    from autotune import jsonfile, recommend
     from autotune.storage import load_study, open_storage
 
-    stored = load_study(open_storage(storage, create=False), study)
+    for path in (out_file, landscape):
+        if path is not None:
+            jsonfile.check_writable(path)
+    stored = load_study(open_storage(storage, create=False, read_only=True), study)
     if out_file is None and landscape is None:
-        out_file = Path("studies") / f"{stored.study_name}.json"
+        out_file = recommend.default_path(stored.study_name)
     if landscape is not None:
         from autotune import landscape as landscape_mod
 
@@ -486,13 +536,24 @@ def report(
     from autotune.report import write_report
     from autotune.storage import load_study, open_storage
 
-    files = write_report(load_study(open_storage(storage, create=False), study), out_dir)
+    stored = load_study(open_storage(storage, create=False, read_only=True), study)
+    files = write_report(stored, out_dir)
     for path in files.pngs.values():
         out.print(f"wrote {path}")
     out.print(f"report written to {files.html}")
 
 
+def _stop_on(signum: int, frame: Any) -> None:
+    """SIGTERM (``timeout``, docker, systemd) and SIGHUP stop a run as Ctrl-C does: the
+    running trial is failed and retried on resume, the workers are stopped, one line is
+    said. Python's default would exit at once, leaving the trial RUNNING and the worker on."""
+    signal.signal(signum, signal.SIG_IGN)  # once: a second signal must not cut the cleanup
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on)
     try:
         # Standalone mode: typer reports its own usage errors (exit code 2) and --help.
         app(args=argv, standalone_mode=True, prog_name="autotune")
@@ -501,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         err.print(f"error: {e}", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err.print("interrupted; completed trials are stored, rerun the command to resume")
-        return 130
+        return stop_exit_code(e)
     except Exception as e:  # a database's own words (locked, disk full...) made clear
         from autotune.storage import explain
 

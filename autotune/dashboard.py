@@ -13,6 +13,7 @@ This module does not draw anything itself (see :mod:`autotune.report` for static
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Callable
 
 from autotune.errors import UserInputError
@@ -36,7 +37,8 @@ def serve(storage: str, host: str = "127.0.0.1", port: int = 8080,
     try:
         optuna_dashboard.run_server(opened, host=host, port=port)
     except OSError as e:
-        if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+        if isinstance(e, socket.gaierror) or e.errno in (errno.EADDRINUSE, errno.EACCES,
+                                                         errno.EADDRNOTAVAIL):
             raise UserInputError(
                 f"cannot serve on {host}:{port} ({e.strerror}); give another --port or --host"
             ) from e

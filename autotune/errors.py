@@ -7,6 +7,8 @@ Internal invariants use ``assert`` instead and are bugs when they fire.
 
 from __future__ import annotations
 
+import signal
+
 
 class AutotuneError(Exception):
     """Base class of the errors autotune raises on purpose."""
@@ -38,3 +40,23 @@ class SchemaError(AutotuneError):
 
 class WorkerError(AutotuneError):
     """A worker process crashed, hung or answered something unexpected."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM from ``timeout``, docker or systemd; SIGHUP) raised as Ctrl-C's
+    KeyboardInterrupt is, so that it gets every cleanup Ctrl-C gets."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+def stop_name(e: BaseException) -> str:
+    """What stopped the run, in words: the signal's name, or Ctrl-C."""
+    return e.name if isinstance(e, Interrupted) else "Ctrl-C"
+
+
+def stop_exit_code(e: BaseException) -> int:
+    """The shell's convention: 128 + the signal's number (130 for Ctrl-C)."""
+    return 128 + (e.signum if isinstance(e, Interrupted) else signal.SIGINT)

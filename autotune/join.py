@@ -8,6 +8,11 @@ join from a GPU of another model than the study's (trials of one study must be c
 then runs trials until the budget is spent, claiming them exactly as :mod:`autotune.budget`
 describes.
 
+Whoever can write the storage must not be able to run code on the workers: a joiner runs
+only the engines autotune ships, plus those its own command line names (``--engine``), and
+never takes from the storage an engine option naming something on its host (a cache
+directory: where a pickle would be read from); it gives those itself (``--engine-option``).
+
 This module does not create studies (``autotune run`` does).
 """
 
@@ -17,6 +22,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from autotune.engines import BUILTIN, declared_options, engine_class
 from autotune.errors import UserInputError
 from autotune.storage import load_study, open_storage, redact
 from autotune.study import RunOptions, RunResult, TrialEvent, resolve_gpu_name, run_study
@@ -24,11 +30,28 @@ from autotune.worker import WorkerInfo
 
 
 def joined_options(run_options: dict[str, Any], *, storage: str, study_name: str, device: str,
-                   gpus: tuple[int, ...], trials: int) -> RunOptions:
-    """The study's stored options with this worker's storage URL and devices."""
+                   gpus: tuple[int, ...], trials: int, engines: tuple[str, ...] = (),
+                   host_options: tuple[tuple[str, Any], ...] = ()) -> RunOptions:
+    """The study's stored options with this worker's storage URL, devices and host options.
+
+    ``engines``: engines beyond the built-in ones this worker may run (its --engine)."""
     known = {f.name for f in dataclasses.fields(RunOptions)}
     kw = {k: v for k, v in run_options.items() if k in known}
-    kw["engine_options"] = tuple(tuple(pair) for pair in kw.get("engine_options", ()))
+    engine = kw.get("engine")
+    if engine not in BUILTIN and engine not in engines:
+        raise UserInputError(
+            f"study {study_name!r} runs the engine {engine!r}, which this worker runs only if "
+            f"its own command line allows it: autotune worker --engine {engine} ... (the "
+            "storage alone never chooses code to import)")
+    _, local = declared_options(engine_class(engine))
+    given = [key for key, _ in host_options if key not in local]
+    if given:
+        raise UserInputError(
+            f"--engine-option {given[0]}: a worker gives only its own host's options "
+            f"({', '.join(sorted(local)) or 'none for this engine'}); the rest are the "
+            "study's")
+    stored = [tuple(pair) for pair in kw.get("engine_options", ()) if pair[0] not in local]
+    kw["engine_options"] = (*stored, *host_options)
     kw.update(storage=storage, study_name=study_name, device=device, gpus=tuple(gpus),
               trials=trials, joined=True)
     return RunOptions(**kw)
@@ -40,6 +63,8 @@ def join_study(
     *,
     device: str = "cuda",
     gpus: tuple[int, ...] = (),
+    engines: tuple[str, ...] = (),
+    host_options: tuple[tuple[str, Any], ...] = (),
     progress: Callable[[TrialEvent], None] | None = None,
     on_worker: Callable[[str, float, WorkerInfo | None], None] | None = None,
 ) -> RunResult:
@@ -54,7 +79,8 @@ def join_study(
         )
     options = joined_options(attrs["run_options"], storage=storage,
                              study_name=study.study_name, device=device, gpus=gpus,
-                             trials=int(attrs["trials"]))
+                             trials=int(attrs["trials"]), engines=engines,
+                             host_options=host_options)
     gpu_name = resolve_gpu_name(options)
     study_gpu = attrs.get("workload", {}).get("gpu")
     if gpu_name != study_gpu:

@@ -42,6 +42,27 @@ def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
     return path
 
 
+def check_writable(path: str | Path, what: str = "--out") -> Path:
+    """Refuses, before any work, a path :func:`write_atomic` could not write: a folder, a
+    name too long, a parent that is a file or not writable. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{path} is a directory; give a file name, such as "
+                             f"{path / 'recommendation.json'}")
+    if len(path.name.encode()) > 255 - 16:  # the temporary file beside it adds a suffix
+        raise UserInputError(f"{what} {path}: the file name is too long "
+                             f"({len(path.name.encode())} bytes)")
+    existing = path.parent if str(path.parent) else Path(".")
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError(f"cannot write {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK) or (
+            path.exists() and not os.access(path, os.W_OK)):
+        raise UserInputError(f"cannot write {path}: permission denied (or a read-only disk)")
+    return path
+
+
 def read(path: str | Path, what: str) -> Any:
     """The parsed JSON of ``path``; ``what`` names the kind of file in the errors."""
     try:

@@ -207,6 +207,13 @@ def _int(x: float | None) -> int | None:
 
 def validate(data: Any, where: str = "landscape") -> dict[str, Any]:
     """Checks a landscape's structure; SchemaError says what is wrong."""
+    try:
+        return _validate(data, where)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # a part of the wrong type
+        raise SchemaError(f"{where}: malformed ({type(e).__name__}: {e})") from e
+
+
+def _validate(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SchemaError(f"{where}: a landscape is a JSON object; got {type(data).__name__}")
     if data.get("kind") != KIND:
@@ -217,6 +224,14 @@ def validate(data: Any, where: str = "landscape") -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise SchemaError(f"{where}: lacks {', '.join(missing)}")
+    for key, kind in (("workload", dict), ("batches", list), ("budget_fractions", list),
+                      ("points", list)):
+        if not isinstance(data[key], kind):
+            json_kind = "object" if kind is dict else "array"
+            raise SchemaError(f"{where}: {key} must be a JSON {json_kind}; got "
+                              f"{type(data[key]).__name__}")
+    if not all(isinstance(p, dict) for p in data["points"]):
+        raise SchemaError(f"{where}: every point must be a JSON object")
     batches, fractions = data["batches"], data["budget_fractions"]
     if not batches or batches != sorted(set(batches)) or batches[0] < 1:
         raise SchemaError(f"{where}: batches must be increasing positive integers")
@@ -243,6 +258,10 @@ def validate(data: Any, where: str = "landscape") -> dict[str, Any]:
 
 
 def read(path: str | Path) -> Landscape:
+    """Reads and checks a landscape file."""
+    if Path(path).is_dir():
+        raise UserInputError(f"--landscape {path}: is a directory; give a landscape file "
+                             "(autotune export --landscape FILE writes one)")
     if not Path(path).is_file():
         raise UserInputError(f"cannot read landscape {path}: no such file")
     return Landscape(jsonfile.read(path, "landscape"), str(path))

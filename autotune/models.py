@@ -275,6 +275,9 @@ class CheckpointWeights:
 def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelSpec:
     """Reads ``config.json`` of a local Llama checkpoint (no remote code, no network)."""
     directory = Path(weights)
+    if directory.exists() and not directory.is_dir():
+        raise UserInputError(f"--weights {weights}: is a file; give the checkpoint's folder "
+                             "(the one holding config.json and *.safetensors)")
     if not directory.is_dir():
         raise UserInputError(f"--weights {weights}: no such directory")
     config_file = directory / "config.json"

@@ -11,6 +11,7 @@ This module does not run anything.
 
 from __future__ import annotations
 
+import datetime
 import math
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,7 @@ def build(study: Any) -> dict[str, Any]:
     if not feasible:
         raise NoCompletedTrialError(
             f"study {study.study_name} has no completed feasible trial to recommend from; "
-            "run more trials (autotune run ... --trials N) or relax the memory limit"
-        )
+            + _why_none(study))
     configs = [_config(t, study.user_attrs.get("total_device_budget")) for t in feasible]
     best = max(configs, key=lambda c: c["throughput_tok_s"])
     front = pareto_front(configs)
@@ -107,9 +107,14 @@ def build(study: Any) -> dict[str, Any]:
             continue
         counts[status] = counts.get(status, 0) + 1
     automatic = attrs.get("automatic_budget")
+    from autotune import __version__
+
     rec = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
+        "autotune_version": __version__,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
         "study": {"name": study.study_name, "storage": attrs.get("storage")},
         "workload": workload,
         "environment": attrs.get("environment", {}),
@@ -146,6 +151,45 @@ def _costs(study: Any, engine: dict[str, Any]) -> dict[str, Any]:
             "budget_change_s": round(sum(a.get("budget_change_s", 0.0) for a in changed), 3)}
 
 
+def _why_none(study: Any) -> str:
+    """What kept every trial from counting, and so what to change: only the limits that
+    were given are named."""
+    import optuna
+
+    workload = study.user_attrs.get("workload", {})
+    statuses: dict[str, int] = {}
+    over_latency = 0
+    for t in study.get_trials(deepcopy=False):
+        status = t.user_attrs.get("status", t.state.name.lower())
+        statuses[status] = statuses.get(status, 0) + 1
+        if (t.state == optuna.trial.TrialState.COMPLETE and status == "ok"
+                and any(v > 0 for k, v in (t.constraints or {}).items() if k != "memory_gib")):
+            over_latency += 1
+    if not statuses:
+        return "no trial has run yet (autotune run ... --trials N)"
+    seen = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    advice = []
+    if over_latency:
+        limits = ", ".join(f"--{k.replace('_', '-')} {v:g}"
+                           for k, v in (workload.get("limits") or {}).items())
+        advice.append(f"{over_latency} measured configurations broke the latency limits "
+                      f"({limits or 'as set'}): relax them")
+    if statuses.get("infeasible") or statuses.get("oom"):
+        advice.append("raise --gpu-memory-limit" if workload.get("gpu_memory_limit")
+                      else "free GPU memory (other processes hold it) or use a larger GPU")
+    if any(statuses.get(s) for s in ("error", "crash", "timeout")):
+        advice.append("see each trial's reason (autotune show)")
+    return f"its trials: {seen}" + (f"; {'; '.join(advice)}" if advice else "") + \
+        " (autotune run ... --trials N runs more)"
+
+
+def default_path(study_name: str) -> Path:
+    """Where run and export write a study's recommendation by default: studies/<name>.json,
+    the name made a plain file name (a study made elsewhere may hold a '/')."""
+    safe = "".join("_" if c in "/\\" or ord(c) < 32 else c for c in study_name)
+    return Path("studies") / f"{safe.lstrip('.') or 'study'}.json"
+
+
 def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
     parts = [
         "autotune bench", f"--model {workload.get('model')}", f"--engine {workload.get('engine')}",
@@ -178,10 +222,39 @@ def validate(rec: Any) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in rec]
     if missing:
         raise SchemaError(f"recommendation lacks {', '.join(missing)}")
-    best_missing = [k for k in _CONFIG_KEYS if k not in (rec["best"] or {})]
+    if not isinstance(rec["best"], dict):
+        raise SchemaError(f"recommendation's best is a JSON object; got "
+                          f"{type(rec['best']).__name__}")
+    best_missing = [k for k in _CONFIG_KEYS if k not in rec["best"]]
     if best_missing:
         raise SchemaError(f"recommendation's best configuration lacks {', '.join(best_missing)}")
+    best = rec["best"]
+    # Hand-edited files: a batch of 3.9 or "8" is not silently served as 3 or refused late.
+    _check(best, "batch", _is_int, "a whole number of sequences, 1 or more", lambda v: v >= 1)
+    _check(best, "device_budget_bytes", _is_int, "a whole number of bytes, 0 or more",
+           lambda v: v >= 0)
+    _check(best, "budget_fraction", _is_number, "a number from 0 to 1", lambda v: 0 <= v <= 1)
+    _check(best, "throughput_tok_s", _is_number, "a number of tokens/s, 0 or more",
+           lambda v: v >= 0)
+    total = rec.get("total_device_budget")
+    if total is not None and not (_is_int(total) and total >= 0):
+        raise SchemaError(f"recommendation's total_device_budget: expected a whole number of "
+                          f"bytes; got {total!r}")
     return rec
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _check(best: dict[str, Any], key: str, kind: Any, expected: str, ok: Any) -> None:
+    value = best[key]
+    if not kind(value) or not ok(value):
+        raise SchemaError(f"recommendation's best {key}: expected {expected}; got {value!r}")
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,12 @@ process's start time ``pid_start``, so a reused pid is not mistaken for ours) an
 ``heartbeat_unix`` that a thread refreshes while the trial runs. Optuna's own heartbeat only
 runs inside ``study.optimize``; autotune uses ask/tell, hence this one.
 
+Asking for a trial and recording who runs it are two writes: a process killed between them
+leaves a RUNNING trial that names no one. So before asking, a process records itself as an
+*asker* in the study's system attributes (:func:`asking`), and clears that record once the
+trial carries its name. A RUNNING trial naming no one is dead when no pending asker is alive
+(on this host: its pid; elsewhere: its record younger than ``stale_after_s``).
+
 When a run or a worker starts, and before each trial it claims, :func:`recover` looks at
 the study's RUNNING trials. One whose process is known to be gone on this host is failed at
 once; one from another host (or whose pid cannot be checked) is failed when its heartbeat is
@@ -91,8 +97,40 @@ def heartbeat(trial: Any, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
         thread.join()  # before the caller tells the trial: a finished trial takes no attribute
 
 
-def why_dead(trial: Any, *, stale_after_s: float, now: float | None = None) -> str | None:
-    """Why a RUNNING trial is known dead, or None while it may still be running."""
+_ASKER = "autotune:asking:"
+
+
+def _me() -> dict[str, Any]:
+    return {"host": HOST, "pid": os.getpid(), "pid_start": _process_start(os.getpid())}
+
+
+@contextlib.contextmanager
+def asking(study: Any) -> Iterator[None]:
+    """Around ``study.ask()`` and :func:`mark_started`: says a process of ours may hold a
+    trial that does not name us yet. Left set if we die in between, which is the point."""
+    key = f"{_ASKER}{HOST}:{os.getpid()}:{threading.get_ident()}"
+    storage = study._storage  # Study.set_system_attr is deprecated; the storage's is not
+    storage.set_study_system_attr(study._study_id, key, {**_me(), "since_unix": time.time()})
+    yield
+    storage.set_study_system_attr(study._study_id, key, None)
+
+
+def _askers(study: Any) -> list[dict[str, Any]]:
+    return [v for k, v in study._storage.get_study_system_attrs(study._study_id).items()
+            if k.startswith(_ASKER) and isinstance(v, dict)]
+
+
+def _asker_alive(asker: dict[str, Any], *, stale_after_s: float, now: float) -> bool:
+    if asker.get("host") == HOST and isinstance(asker.get("pid"), int):
+        return asker["pid"] == os.getpid() or _alive(asker["pid"], asker.get("pid_start"))
+    return now - float(asker.get("since_unix", 0)) <= stale_after_s
+
+
+def why_dead(trial: Any, *, stale_after_s: float, now: float | None = None,
+             askers: list[dict[str, Any]] | None = None) -> str | None:
+    """Why a RUNNING trial is known dead, or None while it may still be running.
+
+    ``askers``: the study's pending askers (see :func:`asking`); None where unknown."""
     a = trial.user_attrs
     if a.get("host") == HOST and isinstance(a.get("pid"), int):
         if a["pid"] == os.getpid():
@@ -101,6 +139,10 @@ def why_dead(trial: Any, *, stale_after_s: float, now: float | None = None) -> s
             return f"its process {a['pid']} on {HOST} is gone"
         return None
     now = time.time() if now is None else now
+    unnamed = "pid" not in a and "heartbeat_unix" not in a
+    if unnamed and askers is not None and not any(
+            _asker_alive(x, stale_after_s=stale_after_s, now=now) for x in askers):
+        return "the process that asked for it died before recording itself"
     last = a.get("heartbeat_unix")
     if last is None and trial.datetime_start is not None:
         last = trial.datetime_start.timestamp()  # a trial from before heartbeats
@@ -117,8 +159,10 @@ def recover(study: Any, *, stale_after_s: float = STALE_AFTER_S) -> list[int]:
     import optuna
 
     failed = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        reason = why_dead(trial, stale_after_s=stale_after_s)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    askers = _askers(study) if running else []
+    for trial in running:
+        reason = why_dead(trial, stale_after_s=stale_after_s, askers=askers)
         if reason is None:
             continue
         if _interrupt(study, trial, reason):

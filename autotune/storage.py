@@ -3,7 +3,11 @@
 SQLite is put in WAL mode (persistent in the file) and opened with a busy timeout, so that
 optuna-dashboard can read a study while it is being written. A file that is not a SQLite
 database is refused and never overwritten; a missing or unwritable directory is reported
-before anything is created. Passwords in URLs are redacted wherever a URL is shown.
+before anything is created. An existing file is first looked at through a read-only
+connection (one that cannot checkpoint a WAL into it), and what is wrong is said as it is:
+damaged, its write-ahead log lost, the disk full, or unreadable for another reason. Commands
+that only read (show, export, report) open the database read-only, so a read-only file or
+mount serves them. Passwords in URLs are redacted wherever a URL is shown.
 
 This module does not know about trials or studies' contents (see :mod:`autotune.study`).
 """
@@ -12,7 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
+import sys
+import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +70,54 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def _read_only_uri(path: Path) -> str:
+    """A SQLite URI that can only read ``path``: such a connection never checkpoints a WAL into
+    the file on closing (a normal one does, even with query_only). Immutable where nothing can
+    be writing it (its folder is read-only and no WAL is there): SQLite could not open a WAL
+    database read-only there otherwise, for want of its -shm index."""
+    query = "mode=ro"
+    folder = path.parent if str(path.parent) else Path(".")
+    if not os.access(folder, os.W_OK) and not Path(f"{path}-wal").exists():
+        query += "&immutable=1"
+    return f"file:{urllib.parse.quote(str(path.resolve()))}?{query}"
+
+
+def _query(path: Path, sql: str) -> list[Any]:
+    """The rows of a read-only query on ``path``. In the rare case a read-only connection fails
+    with an I/O error on the WAL index (it may beside a writer of this same process), asks
+    again through a normal connection with writes refused (query_only)."""
+    try:
+        conn = sqlite3.connect(_read_only_uri(path), uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            return conn.execute(sql).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        if not str(getattr(e, "sqlite_errorname", "")).startswith("SQLITE_IOERR") or _disk_full(
+                path):
+            raise
+    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path.parent if str(path.parent) else ".").free == 0
+    except OSError:
+        return False
+
+
+def _damage(e: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite's error says the file itself is damaged (not: unreadable here)."""
+    name = str(getattr(e, "sqlite_errorname", ""))
+    return (name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+            or "malformed" in str(e) or "not a database" in str(e))
+
+
 def _is_sqlite(path: Path) -> bool:
     """Whether a file is a SQLite database (or empty), asked through SQLite itself.
 
@@ -69,37 +125,42 @@ def _is_sqlite(path: Path) -> bool:
     lock this process holds on it, and so the locks of the SQLite connections this process
     may have open on the same database (another process could then checkpoint the WAL from
     under them and lose writes)."""
-    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
     try:
-        conn.execute("PRAGMA query_only = ON")
-        conn.execute("PRAGMA schema_version").fetchone()
+        _query(path, "PRAGMA schema_version")
     except sqlite3.DatabaseError as e:
         if "not a database" in str(e):
             return False
-        return True  # a damaged database: check_integrity says how
-    finally:
-        conn.close()
+        return True  # damaged or unreadable: check_integrity says which
     return True
 
 
-def check_sqlite_file(path: Path, *, create: bool) -> None:
+def check_sqlite_file(path: Path, *, create: bool, writable: bool = True) -> None:
     """Refuses a path that is not (and cannot become) a SQLite database, before any write."""
+    if path.is_symlink() and not path.exists():
+        raise StorageError(f"storage: {path} is a symbolic link to nothing "
+                           f"({os.readlink(path)}); give the database's real path")
     if path.exists():
         if path.is_dir():
             raise StorageError(f"storage: {path} is a directory, not a SQLite file")
+        _check_wal_kept(path)  # before any connection: opening one rebuilds the index
         if not _is_sqlite(path):
             raise StorageError(
                 f"storage: {path} is not a SQLite database (autotune never overwrites it); "
                 "give another --storage path"
             )
-        if not os.access(path, os.W_OK):
-            raise StorageError(f"storage: {path} is not writable")
+        if writable and not os.access(path, os.W_OK):
+            raise StorageError(f"storage: {path} is not writable (show, export and report "
+                               "read it as it is)")
         return
     if not create:
         raise StorageError(f"storage: {path} does not exist (no study has been run there)")
     parent = path.parent if str(path.parent) else Path(".")
     existing = parent
     while not existing.exists():
+        if existing.is_symlink():  # a dangling link where a folder should be
+            raise StorageError(
+                f"storage: cannot create {path}: {existing} is a symbolic link to nothing "
+                f"({os.readlink(existing)}); create its target or give another --storage path")
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise StorageError(
@@ -108,22 +169,41 @@ def check_sqlite_file(path: Path, *, create: bool) -> None:
         )
 
 
-def check_integrity(path: Path) -> None:
-    """Refuses a damaged (corrupted, truncated) database, reading it (writes refused): a damaged
-    file is never written to, so whatever can still be recovered from it stays there."""
-    # Not SQLite's mode=ro: a read-only connection beside a writer in the same process can
-    # fail with "disk I/O error" on the shared WAL index. query_only refuses every write.
-    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+def _check_wal_kept(path: Path) -> None:
+    """Refuses a database whose write-ahead log was deleted (or not copied with it): its
+    index (-shm) says the log held committed pages that the file itself lacks. Opened as it
+    is, those commits are lost for good; put back, nothing is."""
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    # Read only while no -wal exists: then no connection of this process holds a lock on
+    # the -shm that closing a descriptor of it would drop.
+    if wal.exists() or not shm.exists():
+        return
     try:
-        conn.execute("PRAGMA query_only = ON")
-        problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+        with open(shm, "rb") as f:
+            header = f.read(48)  # the WAL-index header, in the host's byte order
+    except OSError:
+        return
+    frames = int.from_bytes(header[16:20], sys.byteorder) if len(header) >= 48 else 0
+    if header[12:13] == b"\x01" and frames > 0:
+        raise StorageError(
+            f"storage: {path}'s write-ahead log {wal.name} is missing, while its index "
+            f"{shm.name} says it held {frames} pages of committed writes: it was deleted, or "
+            f"not copied with the database. The file is not damaged but lacks those writes; "
+            f"autotune leaves it untouched: put {wal.name} back beside it (or restore both "
+            "from a backup)")
+
+
+def check_integrity(path: Path) -> None:
+    """Refuses a damaged (corrupted, truncated) database, reading it through a read-only
+    connection: a damaged file is never written to, so whatever can still be recovered from
+    it stays there. A file that cannot be read (a full disk, a lost write-ahead log, an I/O
+    error) is not called damaged: the error says what is wrong."""
+    try:
+        problems = [row[0] for row in _query(path, "PRAGMA quick_check(3)")]
     except sqlite3.DatabaseError as e:
-        known = explain(e)
-        if known is not None and "locked" in str(known):
-            raise known from e
+        if not _damage(e):
+            raise _unreadable(path, e) from e
         problems = [str(e)]
-    finally:
-        conn.close()
     if problems != ["ok"]:
         problems = [" ".join(p.split()) for p in problems]  # one line, as errors are
         raise StorageError(
@@ -131,6 +211,23 @@ def check_integrity(path: Path) -> None:
             "leaves it untouched: restore it from a backup (`sqlite3 FILE .recover` may save "
             "its trials) or give another --storage path"
         )
+
+
+def _unreadable(path: Path, e: sqlite3.DatabaseError) -> StorageError:
+    """What keeps SQLite from reading a file that is not known to be damaged."""
+    if _disk_full(path) or getattr(e, "sqlite_errorname", "") == "SQLITE_FULL":
+        return StorageError(
+            f"storage: the disk holding {path} is full: SQLite cannot even make the index "
+            f"it reads through ({path.name}-shm); free some space and rerun the same command "
+            "(the file is not damaged)")
+    known = explain(e)
+    if known is not None and "locked" in str(known):
+        return known
+    return StorageError(
+        f"storage: cannot read {path}: SQLite says {e!s} "
+        f"({getattr(e, 'sqlite_errorname', type(e).__name__)}); the file is not known to be "
+        f"damaged: check the disk, the files beside it ({path.name}-wal, {path.name}-shm) "
+        "and their permissions")
 
 
 def _enable_wal(path: Path) -> None:
@@ -192,31 +289,66 @@ def _scrub(text: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
 
 
-def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True) -> Any:
-    """An Optuna RDBStorage for ``url``; ``create=False`` only opens existing storage."""
-    import optuna
+def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True,
+                 read_only: bool = False) -> Any:
+    """An Optuna RDBStorage for ``url``; ``create=False`` only opens existing storage;
+    ``read_only`` (SQLite) opens an existing file through a connection that cannot write it,
+    for the commands that only read (a read-only file or mount serves them)."""
     from sqlalchemy.exc import SQLAlchemyError
 
     parsed = parse_url(url)
     engine_kwargs: dict[str, Any] = {}
     path = sqlite_path(url)
+    open_url = url
     if parsed.drivername.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+        if not parsed.database:
+            raise UserInputError(
+                f"storage: {redact(url)!r} names no file; expected e.g. "
+                "sqlite:///studies/autotune.db")
         if path is not None:
-            check_sqlite_file(path, create=create)
+            check_sqlite_file(path, create=create and not read_only, writable=not read_only)
             if path.exists() and path.stat().st_size > 0:
                 check_integrity(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _enable_wal(path)
+            if read_only:
+                open_url = f"sqlite:///{_read_only_uri(path)}&uri=true"
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _enable_wal(path)
     else:
         engine_kwargs["pool_pre_ping"] = True
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return _rdb_storage(open_url, engine_kwargs, read_only=read_only)
     except (SQLAlchemyError, ImportError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if parsed.password:
             first = first.replace(str(parsed.password), "***")
         raise StorageError(f"storage {redact(url)}: cannot open it ({_scrub(first)})") from e
+
+
+_SCHEMA_RACE = ("already exists", "unique constraint failed: alembic_version",
+                "duplicate key value")
+
+
+def _rdb_storage(url: str, engine_kwargs: dict[str, Any], attempts: int = 6,
+                 read_only: bool = False) -> Any:
+    """Optuna's RDBStorage, whose first open creates the schema without a lock: two runs
+    starting at once on a new database both create tables, and the loser fails ("table
+    studies already exists", a duplicate alembic version). The winner's tables are whole once
+    its transaction commits, so the loser opens again and finds them."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                              skip_table_creation=read_only)
+        except SQLAlchemyError as e:
+            if attempt == attempts - 1 or not any(k in str(e).lower() for k in _SCHEMA_RACE):
+                raise
+            log.debug("schema created by another process meanwhile (%s); opening again", e)
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def study_names(storage: Any) -> list[str]:

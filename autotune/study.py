@@ -21,6 +21,7 @@ and tells against the same storage.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable
@@ -28,8 +29,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from autotune import budget, host, resume
-from autotune.engines import EngineConfig, engine_class
-from autotune.errors import UserInputError
+from autotune.engines import EngineConfig, check_options, engine_class
+from autotune.errors import UserInputError, stop_name
 from autotune.models import check_dtype, get_spec
 from autotune.prior import Limits
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
@@ -40,6 +41,27 @@ log = logging.getLogger(__name__)
 
 OBJECTIVE = "throughput_tok_s"
 FINISHED = ("COMPLETE", "FAIL", "PRUNED")
+
+
+# The most a run may ask for: beyond, a typo (a study of 10**20 trials never ends; a batch of
+# 10**7 sequences fits no GPU), refused before anything is written.
+_MOST = {"trials": 100_000, "isl": 1 << 24, "osl": 1 << 24, "max_batch": 1 << 20,
+         "repeats": 1000}
+_NAME_BYTES = 200  # a study's name is its export's file name: studies/<name>.json
+
+
+def check_study_name(name: str) -> None:
+    """Refuses a study name that could not be its export's file name in studies/."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserInputError("--study: expected a non-empty name")
+    if any(c in name for c in "/\\") or any(ord(c) < 32 for c in name):
+        raise UserInputError(
+            f"--study: a study's name is also its export's file name (studies/NAME.json): "
+            f"expected no '/', '\\' or control characters; got {name!r}")
+    if len(name.encode()) > _NAME_BYTES:
+        raise UserInputError(
+            f"--study: a study's name is also its export's file name: expected at most "
+            f"{_NAME_BYTES} bytes; got {len(name.encode())}")
 
 
 @dataclass(frozen=True)
@@ -82,11 +104,14 @@ class RunOptions:
                 not isinstance(self.decode_steps, int) or self.decode_steps < 1):
             raise UserInputError(f"--decode-steps: expected a positive integer (0: every step); "
                                  f"got {self.decode_steps!r}")
-        for name in ("trials", "isl", "osl", "max_batch", "repeats"):
+        for name, most in _MOST.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserInputError(f"--{name.replace('_', '-')}: expected a positive integer; "
                                      f"got {value!r}")
+            if value > most:
+                raise UserInputError(f"--{name.replace('_', '-')}: expected at most {most:,}; "
+                                     f"got {value:,}")
         if self.warmup < 0:
             raise UserInputError(f"--warmup: expected 0 or more; got {self.warmup}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
@@ -95,7 +120,7 @@ class RunOptions:
         if self.gpus and self.device == "cpu":
             raise UserInputError("--gpus names GPUs, but --device is cpu: give --device cuda "
                                  "(or leave --device out)")
-        if self.trial_timeout_s <= 0:
+        if not math.isfinite(self.trial_timeout_s) or self.trial_timeout_s <= 0:
             raise UserInputError(f"--trial-timeout: expected seconds > 0; got {self.trial_timeout_s}")
         if self.gpu_memory_limit is not None and self.gpu_memory_limit <= 0:
             raise UserInputError(f"--gpu-memory-limit: expected a positive size; got "
@@ -108,10 +133,11 @@ class RunOptions:
             raise UserInputError(f"--sampler: expected one of {', '.join(SAMPLERS)}; got "
                                  f"{self.sampler!r}")
         get_spec(self.model, self.weights)  # unknown model / bad --weights fail here
-        engine_class(self.engine)  # unknown engine fails here; missing extras fail at load
+        # Unknown engine or option keys fail here; missing extras fail at load.
+        check_options(engine_class(self.engine), self.engine_options)
         parse_url(self.storage)
-        if self.study_name is not None and not self.study_name.strip():
-            raise UserInputError("--study: expected a non-empty name")
+        if self.study_name is not None:
+            check_study_name(self.study_name)
         spec = get_spec(self.model, self.weights)
         if self.isl + self.osl > spec.max_position_embeddings:
             raise UserInputError(
@@ -214,11 +240,16 @@ def resolve_gpu_name(options: RunOptions) -> str:
     return names.pop()
 
 
-def create_or_load(options: RunOptions, gpu_name: str) -> Any:
+def create_or_load(options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
+    """The study, and whether this call created it."""
     import optuna
+
+    from autotune.storage import study_names
 
     storage = open_storage(options.storage, create=True)
     name = options.study_name or default_study_name(options, gpu_name)
+    check_study_name(name)  # a default name from a long checkpoint folder name, say
+    created = name not in study_names(storage)
     seed = None if options.joined else options.seed
     from autotune.search import make_sampler
 
@@ -229,7 +260,7 @@ def create_or_load(options: RunOptions, gpu_name: str) -> Any:
     )
     if study.metric_names is None:
         study.set_metric_names([OBJECTIVE])
-    return study
+    return study, created
 
 
 def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
@@ -345,22 +376,45 @@ def run_study(
     options: RunOptions,
     progress: Callable[[TrialEvent], None] | None = None,
     on_worker: Callable[[str, float, WorkerInfo | None], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Runs (or resumes) the study until it has ``options.trials`` finished trials.
 
     ``progress`` hears of every finished trial. ``on_worker(device, seconds, info)`` hears of
     each worker's load, which takes minutes for a large model: every 30 s while it loads
-    (``info`` None), then once loaded (``info``: what it loaded)."""
+    (``info`` None), then once loaded (``info``: what it loaded). ``on_step(text)`` hears
+    what a long silent step is doing (measuring the hardware, a first trial's warm-up)."""
     gpu_name = resolve_gpu_name(options)
     # Before anything is written: a model the host cannot hold would kill its workers.
     warning = host.check_engine(options.engine_config(options.devices[0]), len(options.devices))
     if warning:
         log.warning("%s", warning)
-    study = create_or_load(options, gpu_name)
+    study, created = create_or_load(options, gpu_name)
+    try:
+        return _run(study, options, gpu_name, progress, on_worker, on_step or (lambda _: None))
+    except BaseException:
+        # A run refused before its first trial (the engine will not load, nothing fits...)
+        # leaves no empty study behind: show and export would then ask which study to read.
+        if created and not study.get_trials(deepcopy=False):
+            import optuna
+
+            try:
+                optuna.delete_study(study_name=study.study_name, storage=study._storage)
+            except Exception as e:  # the refusal is what the user must hear, not this
+                log.warning("could not remove the empty study %s: %s", study.study_name, e)
+        raise
+
+
+def _run(study: Any, options: RunOptions, gpu_name: str,
+         progress: Callable[[TrialEvent], None] | None,
+         on_worker: Callable[[str, float, WorkerInfo | None], None] | None,
+         on_step: Callable[[str], None]) -> RunResult:
     result = RunResult(study.study_name, redact(options.storage), 0, None)
     for number in resume.recover(study):  # the trials of a killed run: failed, retried once
         result.notes.append(f"trial {number} was interrupted by a dead process; retrying it")
-    if not budget.has_work(study, options.trials):
+    work = budget.has_work(study, options.trials)
+    # A run killed during the final measurement left the best estimated: finish it now.
+    if not work and not (options.confirm and needs_confirmation(study)):
         result.notes.append(
             f"study {study.study_name} already has {budget.spent(study)} finished trials; "
             f"give --trials above that to run more"
@@ -393,10 +447,9 @@ def run_study(
         # A cheap check right before asking (no PRUNED trial unless another worker races us).
         if not budget.has_work(study, options.trials):
             return None
-        trial = study.ask()
-        # Who runs it, at once: a run killed before this leaves a trial only a stale
-        # heartbeat can fail (resume.py), minutes later.
-        resume.mark_started(trial)
+        with resume.asking(study):  # a run killed in between leaves a record of it
+            trial = study.ask()
+            resume.mark_started(trial)  # who runs it, at once
         return trial if budget.claim(study, trial, options.trials) else None
 
     def serve(device: str) -> None:
@@ -415,17 +468,26 @@ def run_study(
                             _record_study_attrs(study, options, gpu_name, info)
                 total = info.total_device_budget
                 with lock:  # one prior per run, measured by the first worker
-                    if "prior" not in state:
+                    if "prior" not in state and work:
+                        if options.sampler == "autotune":
+                            on_step(f"{device}: measuring the hardware for the search "
+                                    "(matmul timings, memory plans)...")
                         state["prior"] = search.start_prior(
                             study, worker, total=total, isl=options.isl, osl=options.osl,
                             max_batch=options.max_batch, limits=options.limits,
                             h2d_gb_s=info.environment.get("h2d_gb_s"))
-                prior = state["prior"]
+                prior = state.get("prior")
                 if prior is not None and (why := prior.nothing_fits()):
                     raise UserInputError(why)  # before any trial: none could run
-                while (trial := claim()) is not None:
+                first = True
+                while work and (trial := claim()) is not None:
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = options.trial_request(batch, int(round(fraction * total)))
+                    if first:  # the slow one: kernels compile and caches warm up in it
+                        on_step(f"{device}: trial #{trial.number} (batch {batch}, budget "
+                                f"{100 * fraction:.0f}%): warming up and measuring; a first "
+                                "trial also compiles and fills caches, so it takes longest...")
+                        first = False
                     with resume.heartbeat(trial):
                         outcome = worker.run(request)
                     record(study, trial, request, outcome, total, device, limits=options.limits)
@@ -439,7 +501,7 @@ def run_study(
                 with lock:  # the last worker to finish confirms the best, on its engine
                     state["serving"] -= 1
                     last = state["serving"] == 0
-                if last and options.confirm and state["ran"] and not errors:
+                if last and options.confirm and not errors and needs_confirmation(study):
                     note = confirm_best(study, worker, options, total)
                     if note:
                         result.notes.append(note)
@@ -452,8 +514,9 @@ def run_study(
     try:
         for t in threads:
             t.join()
-    except KeyboardInterrupt:  # Ctrl-C: the running trials are failed now and run again later
-        for number in resume.interrupt_own(study, "the run was stopped (Ctrl-C)"):
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the running trials are failed now and
+        # run again later
+        for number in resume.interrupt_own(study, f"the run was stopped ({stop_name(e)})"):
             result.notes.append(f"trial {number} was interrupted; it runs again on resume")
         raise
     result.ran = state["ran"]
@@ -476,6 +539,18 @@ def stop_reason(study: Any, options: RunOptions, prior: Any) -> str | None:
     from autotune.search import observations
 
     return prior.stop_reason(observations(study))
+
+
+def needs_confirmation(study: Any) -> bool:
+    """Whether the best trial was estimated and has not been measured over every step yet
+    (a run stopped or killed before its final measurement leaves it so)."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return False
+    done = study.user_attrs.get("confirmation")
+    return (str(best.user_attrs.get("measurement", "")).startswith("estimated")
+            and not (isinstance(done, dict) and done.get("trial") == best.number))
 
 
 CONFIRM_TOLERANCE = 0.03  # the shortcut's allowed error (issue 5): beyond it, say so

@@ -6,6 +6,7 @@ insensitively; a bare number is bytes.
 
 from __future__ import annotations
 
+import math
 import re
 
 from autotune.errors import UserInputError
@@ -31,7 +32,11 @@ def parse_bytes(text: str | int, *, what: str = "size") -> int:
                 f"{what}: expected a size such as 8GiB, 512MiB, 16GB or a number of bytes; "
                 f"got {text!r}"
             )
-        value = int(float(match.group(1)) * _UNITS[unit])
+        number = float(match.group(1)) * _UNITS[unit]
+        if not math.isfinite(number) or number >= 2**63:  # 1e400 is inf: no int holds it
+            raise UserInputError(f"{what}: {text!r} is beyond any memory; expected a size such "
+                                 "as 8GiB")
+        value = int(number)
     if value <= 0:
         raise UserInputError(f"{what}: expected a positive size; got {text!r}")
     return value

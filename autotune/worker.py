@@ -12,14 +12,24 @@ does to the worker, the parent survives it and turns it into data:
   worker is restarted for the next trial;
 - no answer within the timeout -> ``timeout``; the worker is killed and restarted.
 
+Every request carries a sequence number that its reply echoes: a reply that comes after its
+request was given up on (a stalled worker that resumes) is recognised and dropped, never read as
+the answer to a later request. A worker never outlives its parent: on Linux the kernel kills it
+when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread watches the parent's pid.
+
 This module does not choose configurations or store anything (see :mod:`autotune.study`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import logging
 import multiprocessing as mp
+import os
 import signal
+import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -245,10 +255,38 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
     return env
 
 
-def _serve(conn: Any, config: EngineConfig) -> None:
-    """The worker's main loop (child process)."""
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ends this worker when its parent dies, however it dies (SIGKILL included): an orphan
+    would go on loading the GPU and the host beside the next run's worker, spoiling its
+    figures."""
+    if sys.platform.startswith("linux"):
+        try:  # the kernel's way: no polling, works while this process is busy in C code
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the above took effect
+        os._exit(1)
+
+    def watch() -> None:  # elsewhere (and as a second line): reparented means orphaned
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> None:
+    """The worker's main loop (child process). Messages are ``(seq, op, payload)`` in and
+    ``(seq, kind, data)`` out; the load's messages carry seq 0."""
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the parent stops the study and this process
-    # with it; a traceback from here would only bury the parent's message.
+    # with it; a traceback from here would only bury the parent's message. SIGTERM is the
+    # parent's to handle too (it stops us through the pipe, or the kernel does as it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The logger's name says whose message it is (a library's, or autotune's own).
     logging.basicConfig(level=logging.WARNING,
@@ -272,27 +310,27 @@ def _serve(conn: Any, config: EngineConfig) -> None:
         )
     except Exception as e:
         if isinstance(e, AutotuneError):  # the user's to fix: their words, as the CLI says them
-            conn.send(("failed", "user", _first_line(e)))
+            conn.send((0, "failed", ("user", _first_line(e))))
         else:
-            conn.send(("failed", "load", f"{type(e).__name__}: {_first_line(e)}"))
+            conn.send((0, "failed", ("load", f"{type(e).__name__}: {_first_line(e)}")))
         return
-    conn.send(("ready", info))
+    conn.send((0, "ready", info))
     while True:
         try:
-            op, payload = conn.recv()
+            seq, op, payload = conn.recv()
         except EOFError:  # parent gone
             break
         if op == "stop":
             break
         if op == "trial":
-            conn.send(("outcome", run_trial(engine, payload)))
+            conn.send((seq, "outcome", run_trial(engine, payload)))
         elif op in _QUERIES:
             try:
-                conn.send(("answer", _QUERIES[op](engine, *payload)))
+                conn.send((seq, "answer", _QUERIES[op](engine, *payload)))
             except Exception as e:  # the parent decides; the worker goes on
-                conn.send(("error", f"{type(e).__name__}: {_first_line(e)}"))
+                conn.send((seq, "error", f"{type(e).__name__}: {_first_line(e)}"))
         else:
-            conn.send(("error", f"unknown op {op!r}"))
+            conn.send((seq, "error", f"unknown op {op!r}"))
     engine.close()
 
 
@@ -317,6 +355,7 @@ class Worker:
         self.restarts = 0
         self._proc: Any = None
         self._conn: Any = None
+        self._seq = itertools.count(1)  # request numbers; 0 is the load's
 
     @property
     def pid(self) -> int | None:
@@ -332,7 +371,7 @@ class Worker:
         # to it. Never hand this connection, or pickles from elsewhere, to anything else.
         parent, child = ctx.Pipe()
         self._proc = ctx.Process(
-            target=_serve, args=(child, self.config), name=f"autotune-worker-{self.config.device}",
+            target=_serve, args=(child, self.config, os.getpid()), name=f"autotune-worker-{self.config.device}",
             daemon=True,
         )
         self._proc.start()
@@ -341,15 +380,15 @@ class Worker:
         began = time.monotonic()
         deadline = began + self.load_timeout_s
         while True:
-            reply = self._receive(min(every_s, max(deadline - time.monotonic(), 0.0)))
+            reply = self._receive(min(every_s, max(deadline - time.monotonic(), 0.0)), seq=0)
             if reply is not None or not self._proc.is_alive() or time.monotonic() >= deadline:
                 break
             if on_wait is not None:
                 on_wait(time.monotonic() - began)
         if reply is None or reply[0] != "ready":
-            what = self._death_reason() if reply is None else reply[2]
+            what = self._death_reason() if reply is None else reply[1][1]
             self.stop()
-            if reply is not None and reply[1] == "user":
+            if reply is not None and reply[1][0] == "user":
                 raise WorkerError(what)
             raise WorkerError(f"the worker on {self.config.device} could not load the engine: {what}")
         self.info = reply[1]
@@ -360,14 +399,18 @@ class Worker:
         if self._proc is None or not self._proc.is_alive():
             self.restart()
         start = time.perf_counter()
+        seq = next(self._seq)
         try:
-            self._conn.send(("trial", request))
+            self._conn.send((seq, "trial", request))
         except (BrokenPipeError, OSError):
             reply = None
         else:
-            reply = self._receive(self.trial_timeout_s)
+            reply = self._receive(self.trial_timeout_s, seq=seq)
         if reply is not None:
-            return reply[1]
+            if reply[0] == "outcome":
+                return reply[1]
+            return TrialOutcome("error", f"the worker could not run the trial: {reply[1]}",
+                                elapsed_s=time.perf_counter() - start)
         elapsed = time.perf_counter() - start
         self._proc.join(timeout=2)  # a process that closed its pipe is dying: let it be reaped
         if self._proc.is_alive():  # no answer in time: a hang
@@ -393,9 +436,10 @@ class Worker:
     def _query(self, op: str, payload: tuple[Any, ...]) -> Any:
         if self._proc is None or not self._proc.is_alive():
             self.restart()
-        self._conn.send((op, payload))
+        seq = next(self._seq)
+        self._conn.send((seq, op, payload))
         # Short requests, but never judged by a tight trial timeout (a cold first matmul).
-        reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S))
+        reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S), seq=seq)
         if reply is None or reply[0] != "answer":
             what = reply[1] if reply is not None else self._death_reason()
             raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")
@@ -412,7 +456,7 @@ class Worker:
             return
         if self._proc.is_alive():
             try:
-                self._conn.send(("stop", None))
+                self._conn.send((next(self._seq), "stop", None))
             except (BrokenPipeError, OSError):
                 pass
             self._proc.join(timeout=30)
@@ -427,18 +471,28 @@ class Worker:
         self._proc.kill()
         self._proc.join(timeout=10)
 
-    def _receive(self, timeout_s: float) -> Any:
-        """The next message, or None if the process died or the time ran out."""
+    def _receive(self, timeout_s: float, *, seq: int) -> Any:
+        """The reply ``(kind, data)`` to request ``seq``, or None if the process died or the
+        time ran out. Replies to earlier requests (given up on: a worker that stalled, then
+        went on) are dropped."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._conn.poll(_POLL_S):
                 try:
-                    return self._conn.recv()
+                    message = self._conn.recv()
                 except (EOFError, OSError):
                     return None
-            if not self._proc.is_alive():
+            elif not self._proc.is_alive():
                 # It may have sent its last words before dying.
-                return self._conn.recv() if self._conn.poll(0) else None
+                if not self._conn.poll(0):
+                    return None
+                message = self._conn.recv()
+            else:
+                continue
+            if message[0] == seq:
+                return message[1:]
+            log.warning("dropped a late reply of the worker on %s (request %s, %s)",
+                        self.config.device, message[0], message[1])
         return None
 
     def _death_reason(self) -> str:

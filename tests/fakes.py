@@ -7,7 +7,8 @@ prompt. Faults are switched on through ``EngineConfig.options`` (the same path a
 engine options take): ``fault`` = abort | kill | oom | hang | error, from batch
 ``fault_batch`` upward, so the parent sees what a real worker would do. ``budget_sleep_s``
 makes every budget change take that long (outside the timed region), so that trials last long
-enough for fault tests to kill a process mid-trial.
+enough for fault tests to kill a process mid-trial; ``first_plan_sleep_s`` stalls the first
+memory plan (a worker that stalls past a query's wait, then goes on).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ PER_SEQ_S = 2e-5
 class AnalyticEngine:
     name: ClassVar[str] = "analytic"
     uniform_decode_steps: ClassVar[bool] = True  # every step sleeps the same modelled time
+    engine_options: ClassVar[dict[str, str]] = {
+        k: "a test fault or delay" for k in ("fault", "fault_batch", "budget_sleep_s",
+                                             "fault_at_load", "load_sleep_s",
+                                             "first_plan_sleep_s")}
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -47,6 +52,7 @@ class AnalyticEngine:
         self.fault = config.option("fault")
         self.fault_batch = int(config.option("fault_batch", 1))
         self.budget_sleep_s = float(config.option("budget_sleep_s", 0))
+        self.first_plan_sleep_s = float(config.option("first_plan_sleep_s", 0))
         if config.option("fault_at_load"):
             raise RuntimeError("simulated load failure")
         time.sleep(float(config.option("load_sleep_s", 0)))  # a large model pinning its weights
@@ -111,6 +117,8 @@ class AnalyticEngine:
         pass
 
     def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
+        time.sleep(self.first_plan_sleep_s)  # a worker that stalls once, then goes on
+        self.first_plan_sleep_s = 0.0
         return MemoryPlan(
             resident_weights=NON_STREAMABLE + budget // UNIT * UNIT,
             streaming_scratch=2 * UNIT if budget < self.total_device_budget else 0,

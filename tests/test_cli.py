@@ -105,6 +105,22 @@ def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
           "cpu", "--budget", "99TiB", "--isl", "4", "--osl", "2"), ("expected 0..",)),
         (("bench", "--model", "tiny-llama", "--batch", "1", "--device", "cpu"),
          ("exactly one of",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--engine-option", "frobnicate=3"),
+         ("--engine-option frobnicate", "native engine does not take it", "slots")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--study", "../../x"),
+         ("--study", "file name", "'../../x'")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--study", "n" * 300),
+         ("--study", "at most 200 bytes")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--gpu-memory-limit", "1e400"),
+         ("--gpu-memory-limit", "beyond any memory")),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--trials",
+          "99999999999999999999"), ("--trials: expected at most",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--trial-timeout", "nan"),
+         ("--trial-timeout",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--storage", "sqlite:///"),
+         ("names no file",)),
+        (("run", "--model", "tiny-llama", "--device", "cpu", "--landscape", "."),
+         ("--landscape .: is a directory",)),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, cli_env, args, needles) -> None:
@@ -239,3 +255,83 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path: Path, storage_url
     r = autotune("report", "--storage", storage_url, "--out", str(blocker), env=cli_env)
     _error(r, f"--out {blocker}: cannot make that folder")
     assert blocker.read_text() == "not a folder"  # untouched
+
+
+def test_inputs_that_are_the_wrong_kind_of_thing(tmp_path: Path, cli_env) -> None:
+    """A file where a folder is wanted, a dangling link, a malformed landscape: each one line,
+    saying what it is."""
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"not a folder")
+    r = autotune("run", "--model", "tiny-llama", "--device", "cpu", "--weights", str(a_file),
+                 env=cli_env, cwd=tmp_path)
+    _error(r, "is a file; give the checkpoint's folder")
+    (tmp_path / "studies").symlink_to(tmp_path / "gone")
+    r = autotune(*RUN, env=cli_env, cwd=tmp_path)
+    _error(r, "symbolic link to nothing")
+    (tmp_path / "studies").unlink()
+    landscape = tmp_path / "l.json"
+    landscape.write_text(json.dumps({
+        "schema_version": 1, "kind": "autotune.landscape", "workload": "tiny-llama",
+        "total_device_budget": 1, "batches": [1], "budget_fractions": [0.0], "points": []}))
+    r = autotune("run", "--landscape", str(landscape), env=cli_env, cwd=tmp_path)
+    _error(r, "workload must be a JSON object; got str")
+    assert not (tmp_path / "studies").exists()
+
+
+def test_an_unwritable_out_is_refused_before_the_first_trial(tmp_path: Path, cli_env) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker / "rec.json", tmp_path / ("x" * 250 + ".json")):
+        r = autotune(*RUN, "--out", str(out), env=cli_env, cwd=tmp_path)
+        _error(r, str(out.name)[:20])
+        assert "trial" not in r.stderr  # refused before any
+        assert not (tmp_path / "studies").exists()  # nothing written
+
+
+def test_a_refused_run_leaves_no_empty_study(tmp_path: Path, storage_url: str, cli_env) -> None:
+    r = autotune(*RUN, "--trials", "1", "--storage", storage_url, "--study", "s1",
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    r = autotune(*RUN, "--storage", storage_url, "--study", "s2", "--engine-option",
+                 "fault_at_load=1", env=cli_env)
+    _error(r, "could not load the engine")
+    r = autotune("show", "--storage", storage_url, env=cli_env)  # s1 is still the only one
+    assert r.returncode == 0 and "s1" in r.stdout, r.stderr
+
+
+def test_dashboard_on_a_host_that_does_not_exist(storage_url: str, cli_env) -> None:
+    autotune(*RUN, "--trials", "1", "--storage", storage_url, env=cli_env)
+    r = autotune("dashboard", "--storage", storage_url, "--host", "999.1.1.1", "--port",
+                 "18089", env=cli_env)
+    _error(r, "cannot serve on 999.1.1.1")
+
+
+def test_no_feasible_trial_names_the_limit_that_was_set(storage_url: str, cli_env) -> None:
+    r = autotune(*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
+                 "--max-tpot-ms", "0.001", env=cli_env)
+    _error(r, "no completed feasible trial", "--max-tpot-ms 0.001")
+    assert "memory limit" not in r.stderr and "--gpu-memory-limit" not in r.stderr
+
+
+def test_version_show_json_and_help(storage_url: str, cli_env) -> None:
+    from autotune import __version__
+
+    r = autotune("--version", env=cli_env)
+    assert r.returncode == 0 and r.stdout.strip() == f"autotune {__version__}"
+    r = autotune(*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "warming up and measuring" in r.stderr  # the first trial says what it does
+    r = autotune("show", "--storage", storage_url, "--json", env=cli_env)
+    assert r.returncode == 0, r.stderr
+    shown = json.loads(r.stdout)
+    assert shown["autotune_version"] == __version__
+    assert [t["number"] for t in shown["trials"]] == [0, 1]
+    assert all(t["state"] == "COMPLETE" and "batch" in t["attrs"] for t in shown["trials"])
+    import typer.main
+
+    from autotune.cli import app
+
+    for command in typer.main.get_command(app).commands.values():
+        for param in command.params:
+            assert getattr(param, "help", None), f"{command.name} --{param.name} has no help"

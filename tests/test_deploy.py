@@ -84,3 +84,36 @@ def test_a_model_without_streamable_weights_is_refused(rec_path: Path) -> None:
     unstreamed = SimpleNamespace(device_budget=0, total_device_budget=0)
     with pytest.raises(UserInputError, match="enable_weight_streaming=True"):
         deploy.apply(rec_path, unstreamed)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("batch", 3.9), ("batch", 0), ("batch", -8), ("batch", "8"), ("batch", True),
+    ("device_budget_bytes", -1), ("device_budget_bytes", 1.5), ("device_budget_bytes", None),
+    ("budget_fraction", 2.0), ("budget_fraction", "half"), ("throughput_tok_s", [1]),
+])
+def test_a_hand_edited_recommendation_is_refused_by_its_schema(rec_path: Path, key: str,
+                                                               value: Any) -> None:
+    """A batch of 3.9 is not served as 3, nor a negative one at all; a value of the wrong
+    type is the file's fault (SchemaError), not a raw ValueError or TypeError."""
+    from autotune.errors import SchemaError
+
+    rec = recommend.read(rec_path)
+    rec["best"][key] = value
+    engine = _engine(ANALYTIC)
+    with pytest.raises(SchemaError, match=f"best {key}: expected"):
+        deploy.apply(rec, engine)
+    rec["best"] = "not an object"
+    with pytest.raises(SchemaError, match="best is a JSON object"):
+        deploy.apply(rec, engine)
+
+
+def test_the_recommendation_says_which_autotune_wrote_it_and_when(rec_path: Path) -> None:
+    import datetime
+
+    from autotune import __version__
+
+    rec = recommend.read(rec_path)
+    assert rec["autotune_version"] == __version__
+    written = datetime.datetime.fromisoformat(rec["created_utc"])
+    age = datetime.datetime.now(datetime.timezone.utc) - written
+    assert datetime.timedelta(0) <= age < datetime.timedelta(hours=1)

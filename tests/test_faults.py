@@ -7,6 +7,7 @@ overwritten, the rerun resumes. Worker crashes, hangs and OOMs are in test_study
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,9 +80,15 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     while not _running_trial(db):
         assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
         time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers, "the tuner has no worker process"
     os.kill(proc.pid, signal.SIGKILL)  # the tuner, mid-trial
     proc.wait()
-    os.killpg(proc.pid, signal.SIGKILL)  # its orphaned worker: not part of what is tested
+    try:  # its worker dies with it: an orphan would measure beside the rerun's worker
+        _wait_gone(workers)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     before = {t.number: t for t in _study(storage_url).trials}
     dead = [n for n, t in before.items() if t.state == optuna.trial.TrialState.RUNNING]
     completed = {n: t.value for n, t in before.items()
@@ -103,6 +110,114 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     assert len(retries) == 1 and retries[0].params == failed.params  # retried once
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     assert budget.spent(_study(storage_url)) == 10  # the budget, interrupted trial aside
+
+
+def _children(pid: int) -> list[int]:
+    """The processes ``pid`` started (Linux /proc), the worker among them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    return resume._process_start(pid) is None  # no such process, or a zombie
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, f"worker(s) {pids} outlived the tuner"
+        time.sleep(0.1)
+
+
+def test_a_killed_tuner_leaves_no_worker_behind(storage_url: str, cli_env) -> None:
+    """The worker is mid-trial (a 30 s budget change) when its tuner is SIGKILLed: it must
+    die with it, not finish the trial beside whatever runs next."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
+            "--engine-option", "budget_sleep_s=30", "--trial-timeout", "120")
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _children(proc.pid) or not _started(db):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _wait_gone(workers, timeout_s=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _started(db: Path) -> bool:
+    """A trial is RUNNING with its configuration chosen."""
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            conn.execute("PRAGMA query_only = ON")
+            return conn.execute(
+                "SELECT count(*) FROM trials t JOIN trial_params p ON p.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING'").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_worker_goes_with_it(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    """SIGTERM (timeout, docker, systemd) to the tuner alone: one line, exit 143, the trial
+    failed and retried on resume, and no worker left behind."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "t",
+            "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _running_trial(db):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert workers
+        proc.send_signal(signal.SIGTERM)  # to the tuner only, as `timeout` sends it
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert "interrupted (SIGTERM): every finished trial is kept in" in stderr
+        assert "Traceback" not in stderr, stderr
+        _wait_gone(workers, timeout_s=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    trials = _study(storage_url).trials
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0].user_attrs["reason"]
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+def test_a_late_reply_is_dropped_not_taken_for_the_next_answer(monkeypatch) -> None:
+    """A worker stalls past a query's wait, then answers it: that answer must not be read as
+    the outcome of the next trial (the pipe's messages are tagged)."""
+    from autotune import worker as worker_mod
+    from autotune.engines import EngineConfig
+    from autotune.errors import WorkerError
+    from autotune.worker import TrialRequest, Worker
+
+    monkeypatch.setattr(worker_mod, "_QUERY_TIMEOUT_S", 0.5)
+    config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                          max_batch=4, max_seq_len=12, options=(("first_plan_sleep_s", 2.0),))
+    with Worker(config, trial_timeout_s=0.5) as w:
+        w.start()
+        with pytest.raises(WorkerError, match="could not plan"):
+            w.plan([(1, 0)], 8, 4)
+        w.trial_timeout_s = 30.0
+        outcome = w.run(TrialRequest(batch=1, budget=0, isl=8, osl=4, repeats=1, warmup=0))
+        assert outcome.status == "ok", outcome
+        assert w.plan([(2, 0)], 8, 4)["totals"]  # and the pipe stays in step after it
 
 
 def _running(study: optuna.Study, **attrs) -> optuna.trial.Trial:
@@ -439,3 +554,155 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == stopped[0].params
     assert budget.spent(_study(storage_url)) == 10
+
+
+_OPEN_AT = """
+import sys, time
+import optuna
+from autotune.storage import open_storage
+start = float(sys.argv[2])
+while time.time() < start:  # all at once: the schema is created by whoever gets there
+    pass
+optuna.create_study(storage=open_storage(sys.argv[1]), study_name="s", load_if_exists=True)
+print("opened")
+"""
+
+
+def test_runs_starting_at_once_on_a_new_sqlite_file(tmp_path: Path, cli_env) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    start = str(time.time() + 4)  # after every interpreter has imported optuna
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, start], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(6)]
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
+        assert p.returncode == 0 and stdout.strip() == "opened", stderr
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["s"]
+
+
+_KILLED_AT = """
+import os, signal, sys
+from autotune import resume, study
+from test_faults import _options
+point = sys.argv[2]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "ask":  # between asking for a trial and recording who runs it
+    resume.mark_started = die
+else:  # during the final full measurement of the best
+    study.confirm_best = die
+study.run_study(_options(sys.argv[1], trials=3, decode_steps=1, warmup=1))
+"""
+
+
+def _killed_at(url: str, point: str, env: dict[str, str]) -> None:
+    p = subprocess.run([sys.executable, "-c", _KILLED_AT, url, point], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+def test_tuner_killed_between_ask_and_recording_itself(storage_url: str, cli_env) -> None:
+    _killed_at(storage_url, "ask", cli_env)
+    (unnamed,) = _study(storage_url).trials
+    assert unnamed.state == optuna.trial.TrialState.RUNNING and "pid" not in unnamed.user_attrs
+    result = run_study(_options(storage_url, trials=3))
+    assert f"trial {unnamed.number} was interrupted by a dead process; retrying it" in \
+        result.notes
+    study = _study(storage_url)
+    assert budget.spent(study) == 3  # not one short
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert "died before recording itself" in study.trials[unnamed.number].user_attrs["reason"]
+
+
+def test_tuner_killed_during_the_confirmation_confirms_on_resume(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    _killed_at(storage_url, "confirm", cli_env)
+    study = _study(storage_url)
+    assert budget.spent(study) == 3 and "confirmation" not in study.user_attrs
+    out = tmp_path / "rec.json"
+    r = autotune(*RUN, "--trials", "3", "--no-early-stop", "--decode-steps", "1",
+                 "--storage", storage_url, "--out", str(out), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "confirmed trial" in r.stderr, r.stderr
+    rec = recommend.read(out)
+    assert rec["confirmation"]["trial"] == rec["best"]["trial"]
+    assert budget.spent(_study(storage_url)) == 3  # no trial run for it
+
+
+_WRITE_THEN_DIE = """
+import os, signal, sys
+from test_faults import _options
+from autotune.study import run_study
+run_study(_options(sys.argv[1], trials=int(sys.argv[2])))
+os.kill(os.getpid(), signal.SIGKILL)  # its last writes stay in the -wal, not the file
+"""
+
+
+def _write_then_die(url: str, trials: int, env: dict[str, str]) -> None:
+    p = subprocess.run([sys.executable, "-c", _WRITE_THEN_DIE, url, str(trials)], env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+def test_a_damaged_file_with_a_wal_beside_it_is_left_untouched(
+        tmp_path: Path, finished_db: Path, cli_env) -> None:
+    db = tmp_path / "done.db"
+    shutil.copy(finished_db, db)
+    _write_then_die(f"sqlite:///{db}", 3, cli_env)  # a trial more, in the -wal
+    wal = Path(f"{db}-wal")
+    assert wal.stat().st_size > 0
+    with open(db, "r+b") as f:  # every page but the header: the -wal holds a few of them
+        f.seek(4096)
+        f.write(b"\xa5" * (db.stat().st_size - 4096))
+    digests = (_digest(db), _digest(wal))
+    for args in (("show",), ("export", "--out", str(tmp_path / "r.json")), RUN):
+        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        _error(r, "is damaged", "untouched")
+        assert wal.exists() and (_digest(db), _digest(wal)) == digests  # nor checkpointed
+
+
+def test_a_deleted_wal_is_said_as_such_not_as_damage(tmp_path: Path, cli_env) -> None:
+    db = tmp_path / "w.db"
+    _write_then_die(f"sqlite:///{db}", 1, cli_env)
+    Path(f"{db}-wal").unlink()
+    digest = _digest(db)
+    for args in (("show",), RUN):
+        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        _error(r, "w.db-wal is missing", "put w.db-wal back")
+        assert "damaged" not in r.stderr.replace("not damaged", "")
+    assert _digest(db) == digest
+
+
+def test_no_space_left_is_said_as_such_not_as_damage(tiny_tmpfs: Path, tmp_path: Path,
+                                                     cli_env) -> None:
+    url = f"sqlite:///{tiny_tmpfs / 'full.db'}"
+    r = autotune(*RUN, "--trials", "1", "--storage", url, "--out", str(tmp_path / "r.json"),
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert not Path(f"{tiny_tmpfs}/full.db-wal").exists()  # closed cleanly: no index left
+    filler = _fill(tiny_tmpfs)
+    try:
+        for args in (("show",), RUN):
+            r = autotune(*args, "--storage", url, env=cli_env, cwd=tmp_path)
+            _error(r, "is full")
+            assert "damaged" not in r.stderr.replace("not damaged", "")
+    finally:
+        filler.unlink()
+
+
+def test_read_only_database_serves_show_export_and_report(tiny_tmpfs: Path, tmp_path: Path,
+                                                          cli_env) -> None:
+    url = f"sqlite:///{tiny_tmpfs / 'ro.db'}"
+    r = autotune(*RUN, "--trials", "2", "--storage", url, "--out", str(tmp_path / "a.json"),
+                 env=cli_env)
+    assert r.returncode == 0, r.stderr
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    r = autotune("show", "--storage", url, env=cli_env)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+    r = autotune("export", "--storage", url, "--out", str(tmp_path / "b.json"), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert recommend.read(tmp_path / "b.json")["best"] == recommend.read(tmp_path / "a.json")["best"]
+    r = autotune("report", "--storage", url, "--out", str(tmp_path / "rep"), env=cli_env)
+    assert r.returncode == 0, r.stderr
+    r = autotune(*RUN, "--storage", url, env=cli_env, cwd=tmp_path)  # a run must write: refused
+    _error(r, "not writable")

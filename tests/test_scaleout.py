@@ -21,6 +21,7 @@ from conftest import ANALYTIC
 from test_cli import RUN, _error, autotune
 
 from autotune import budget, recommend
+from autotune.errors import UserInputError
 from autotune.join import join_study
 from autotune.storage import load_study, open_storage
 from autotune.study import RunOptions, run_study
@@ -63,17 +64,18 @@ def test_worker_joins_with_the_study_options_and_refuses_another_gpu(
     study = load_study(open_storage(storage_url), None)
     assert study.user_attrs["trials"] == 2
     study.set_user_attr("trials", 3)  # room for one more trial: the joiner runs exactly that
-    result = join_study(storage_url, study.study_name, device="cpu")
+    result = join_study(storage_url, study.study_name, device="cpu", engines=(ANALYTIC,))
     assert result.ran == 1
     assert budget.spent(study) == 3
     assert study.user_attrs["run_options"]["seed"] == 7  # the study's options, kept as they were
-    r = autotune("worker", "--storage", storage_url, "--device", "cpu", env=cli_env)
+    r = autotune("worker", "--storage", storage_url, "--device", "cpu", "--engine", ANALYTIC,
+                 env=cli_env)
     assert r.returncode == 0 and "already has 3 finished trials" in r.stderr, r.stderr
 
     workload = dict(study.user_attrs["workload"], gpu="NVIDIA H100 80GB HBM3")
     study.set_user_attr("workload", workload)
     r = autotune("worker", "--storage", storage_url, "--study", study.study_name, "--device",
-                 "cpu", env=cli_env)
+                 "cpu", "--engine", ANALYTIC, env=cli_env)
     _error(r, "measures 'NVIDIA H100 80GB HBM3'", "must be comparable")
     optuna.create_study(storage=open_storage(storage_url), study_name="bare")
     r = autotune("worker", "--storage", storage_url, "--study", "bare", "--device", "cpu",
@@ -110,7 +112,8 @@ def test_three_workers_on_postgresql(tmp_path: Path, cli_env) -> None:
     while "run_options" not in optuna.load_study(study_name=name, storage=PG_URL).user_attrs:
         assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()
         time.sleep(0.2)
-    procs += [start("worker", "--storage", PG_URL, "--study", name, "--device", "cpu")
+    procs += [start("worker", "--storage", PG_URL, "--study", name, "--device", "cpu",
+                    "--engine", ANALYTIC)
               for _ in range(2)]
     logs = []
     for p in procs:
@@ -190,3 +193,35 @@ def test_pickled_checkpoint_is_refused_and_never_unpickled(tmp_path: Path) -> No
     with pytest.raises(UserInputError, match="no \\*.safetensors files"):
         CheckpointWeights(str(tmp_path))
     assert not canary.exists()
+
+
+def test_the_storage_chooses_no_code_and_no_pickle_path(tmp_path: Path, storage_url: str,
+                                                        cli_env) -> None:
+    """Whoever can write the database must not run code on the workers: an engine the
+    worker's own command line does not allow is refused before anything is imported, and a
+    host path option (the TensorRT cache, where a pickle is read) is never taken from it."""
+    run_study(_options(storage_url, trials=1))
+    study = load_study(open_storage(storage_url), None)
+    marker = tmp_path / "ran"
+    (tmp_path / "evilmod.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\nclass X: pass\n")
+    env = dict(cli_env, PYTHONPATH=f"{tmp_path}{os.pathsep}{cli_env['PYTHONPATH']}")
+    r = autotune("worker", "--storage", storage_url, "--device", "cpu", env=env)
+    _error(r, f"runs the engine '{ANALYTIC}'", f"--engine {ANALYTIC}")  # not allowed by default
+    stored = dict(study.user_attrs["run_options"], engine="evilmod:X")
+    study.set_user_attr("run_options", stored)
+    r = autotune("worker", "--storage", storage_url, "--device", "cpu", "--engine", ANALYTIC,
+                 env=env)
+    _error(r, "runs the engine 'evilmod:X'", "never chooses code")
+    assert not marker.exists()
+
+    from autotune.join import joined_options
+
+    trt = dict(stored, engine="tensorrt", model="tiny-llama",
+               engine_options=[["trt_cache_dir", "/from/the/storage"], ["opt_batch", "8"]])
+    kw = dict(storage=storage_url, study_name="s", device="cpu", gpus=(), trials=2)
+    assert joined_options(trt, **kw).engine_options == (("opt_batch", "8"),)
+    mine = joined_options(trt, **kw, host_options=(("trt_cache_dir", str(tmp_path)),))
+    assert dict(mine.engine_options) == {"opt_batch": "8", "trt_cache_dir": str(tmp_path)}
+    with pytest.raises(UserInputError, match="only its own host's options"):
+        joined_options(trt, **kw, host_options=(("opt_batch", "4"),))

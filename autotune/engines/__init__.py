@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import importlib
 
-from autotune.engines.base import Engine, EngineConfig, Generation, clamp_budget
+from autotune.engines.base import (
+    Engine,
+    EngineConfig,
+    Generation,
+    check_options,
+    clamp_budget,
+    declared_options,
+)
 from autotune.errors import UserInputError
 
 __all__ = [
-    "ENGINES", "Engine", "EngineConfig", "Generation", "clamp_budget", "engine_class",
-    "engine_names", "load_engine", "register_engine",
+    "BUILTIN", "ENGINES", "Engine", "EngineConfig", "Generation", "check_options",
+    "clamp_budget", "declared_options", "engine_class", "engine_names", "load_engine",
+    "register_engine",
 ]
 
 # name -> "module:Class", imported on first use.
@@ -22,6 +30,9 @@ ENGINES: dict[str, str] = {
     "landscape": "autotune.engines.landscape:LandscapeEngine",
 }
 
+# The engines autotune ships: `autotune worker` runs these, and no other, unless its own
+# command line names another (--engine): a study's storage must not choose code to import.
+BUILTIN = frozenset(ENGINES)
 
 def register_engine(name: str, target: str) -> None:
     """Makes ``--engine name`` load ``target`` ("package.module:Class")."""

@@ -72,6 +72,11 @@ class Engine(Protocol):
     # against the host before a run starts: autotune.host) and ``applied_budget(budget)`` (what
     # assigning ``budget`` would apply, without applying it: engines that round budgets to
     # whole units say so, and the search never measures one configuration twice).
+    # Engine options (``--engine-option KEY=VALUE``): ``engine_options``, a dict of the keys
+    # the engine takes -> what each does (any other key is refused by name), and
+    # ``host_options``, the keys that name something on the worker's own host (a cache
+    # directory): a joining worker never takes those from the study's storage. An engine that
+    # declares no ``engine_options`` gets its options unchecked.
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:
@@ -122,6 +127,27 @@ class Engine(Protocol):
     def close(self) -> None:
         """Frees device and pinned memory."""
         ...
+
+
+def declared_options(cls: type) -> tuple[dict[str, str] | None, frozenset[str]]:
+    """The option keys an engine class takes (None: undeclared, unchecked) and its host-local
+    ones (see the Engine protocol)."""
+    options = getattr(cls, "engine_options", None)
+    host = getattr(cls, "host_options", ())
+    return (dict(options) if options is not None else None), frozenset(host)
+
+
+def check_options(cls: type, options: tuple[tuple[str, Any], ...]) -> None:
+    """Refuses option keys the engine does not declare, naming the ones it takes."""
+    declared, _ = declared_options(cls)
+    if declared is None:
+        return
+    for key, _value in options:
+        if key not in declared:
+            takes = ", ".join(sorted(declared)) or "no options"
+            raise UserInputError(
+                f"--engine-option {key}: the {getattr(cls, 'name', cls.__name__)} engine does "
+                f"not take it; it takes {takes}")
 
 
 def clamp_budget(requested: int, total: int, log: Any) -> int:

@@ -38,6 +38,7 @@ class LandscapeEngine:
     """Replays a landscape file (see the module docstring)."""
 
     name: ClassVar[str] = "landscape"
+    engine_options: ClassVar[dict[str, str]] = {"landscape": "the landscape file to replay"}
 
     def __init__(self, config: EngineConfig, landscape: Landscape) -> None:
         self.landscape = landscape

@@ -57,6 +57,11 @@ class NativeEngine:
     """Weight-streaming Llama runtime (see the module docstring)."""
 
     name: ClassVar[str] = "native"
+    engine_options: ClassVar[dict[str, str]] = {
+        "slots": "device slots streamed units pass through (default 2)",
+        "cuda_graphs": "capture decode steps as CUDA graphs (default true; off on CPU)",
+        "workspace_bytes": "the memory plan's workspace term, bytes",
+    }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore) -> None:
         self.config, self.spec = config, spec

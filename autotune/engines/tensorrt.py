@@ -80,6 +80,17 @@ class TensorRTEngine:
     # Each budget change re-creates every engine's execution context and re-uploads the
     # resident weights (§1.5): the search avoids changes it need not make.
     budget_change_cost: ClassVar[str] = "high"
+    engine_options: ClassVar[dict[str, str]] = {
+        "kv_cache": "true (default): a static KV cache, one call per decode step; false: "
+                    "Torch-TensorRT's example, every step recomputes the whole sequence",
+        "opt_batch": "batch the TensorRT profile is optimized for (default: the largest)",
+        "opt_seq_len": "tokens per call the profile is optimized for (default 1 with the cache)",
+        "max_prompt_len": "longest prompt the profile serves (default isl + osl - 1)",
+        "torch_executed_ops": "operators left to PyTorch",
+        "trt_cache": "reuse compiled modules from the on-disk cache (default true)",
+        "trt_cache_dir": "the compiled-module cache directory (this host's)",
+    }
+    host_options: ClassVar[tuple[str, ...]] = ("trt_cache_dir",)
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, trt: Any, module: Any,
                  shapes: BuildShapes, facts: dict[str, Any]) -> None:
