@@ -177,7 +177,10 @@ class TensorRTEngine:
         if torch_ops:
             options["torch_executed_ops"] = set(torch_ops)
         if config.device.startswith("cuda"):
-            options["device"] = torch.device(config.device)
+            device = torch.device(config.device)
+            if device.index is None:  # Torch-TensorRT's Device needs the index ("cuda" fails)
+                device = torch.device("cuda", torch.cuda.current_device())
+            options["device"] = device
             # The exported weights leave the GPU once lowered, so the build has it to itself.
             if "offload_module_to_cpu" in inspect.signature(trt.dynamo.compile).parameters:
                 options["offload_module_to_cpu"] = True
@@ -327,29 +330,51 @@ class TensorRTEngine:
     # -- memory and reporting ----------------------------------------------------------------
 
     def calibrate_memory(self) -> MemoryCalibration:
-        """Measures what NVML sees at both ends of the budget range (one batch-1 generation
-        each, then PyTorch's cache freed): TensorRT's own allocations (context memory, staging,
-        weights it never streams) are not predictable from outside (§5)."""
+        """Measures what NVML sees at both ends of the budget range, after a generation of the
+        largest shape the module serves (TensorRT may allocate per shape) with PyTorch's cache
+        then freed: TensorRT's own allocations (context memory, staging, weights it never
+        streams) are not predictable from outside (§5). Nothing resident fits on a GPU smaller
+        than the model: then the staging is taken as 0 (the plan errs high at budget total)."""
         import torch
 
         from autotune.measure import random_prompt
 
         before = self.device_budget
         seen = {}
-        prompt = random_prompt(1, 2, self.spec.vocab_size, 0, self.config.device)
-        for budget in (self._total, 0):
+        longest = max(1, min(self._shapes.max_seq, self._shapes.cache_len - 2))
+        for budget in (0, self._total):
+            if budget and budget + seen[0] > self._usable_bytes():
+                break
             self.device_budget = budget
-            gen = self.prefill(prompt, 2)
-            self.decode(gen, 1)
-            self.synchronize()
-            del gen
+            for batch in dict.fromkeys((self._shapes.max_batch, 1)):
+                try:
+                    prompt = random_prompt(batch, longest, self.spec.vocab_size, 0,
+                                           self.config.device)
+                    gen = self.prefill(prompt, 2)
+                    self.decode(gen, 1)
+                    self.synchronize()
+                    del gen
+                    break
+                except torch.OutOfMemoryError:  # the largest batch does not fit here
+                    self._cache = None
+                    torch.cuda.empty_cache()
             self._cache = None
             torch.cuda.empty_cache()
             seen[budget] = self.device_used_bytes()
-        self.calibration = MemoryCalibration(at_total=seen[self._total], at_zero=seen[0],
+        at_total = seen.get(self._total, seen[0] + self._total)
+        self.calibration = MemoryCalibration(at_total=at_total, at_zero=seen[0],
                                              total=self._total)
         self.device_budget = before
         return self.calibration
+
+    def _usable_bytes(self) -> int:
+        """What this process could hold: what it holds plus NVML's free memory, within
+        ``gpu_memory_limit`` (the GPU being emulated)."""
+        from autotune import gpu
+
+        usable = self.device_used_bytes() + int(gpu.free_bytes(self.config.device))
+        limit = self.config.gpu_memory_limit
+        return min(usable, limit) if limit is not None else usable
 
     def device_used_bytes(self) -> int:
         """This process's device memory by NVML (the whole device's use where NVML cannot
