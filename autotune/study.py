@@ -424,9 +424,9 @@ def run_study(
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior)
                     request = options.trial_request(batch, int(round(fraction * total)))
                     with resume.heartbeat(trial):
-                        outcome = worker.run(request)
+                        outcome = search.measure(worker, request, trial)
                     record(study, trial, request, outcome, total, device, limits=options.limits)
-                    search.after_trial(study, prior)
+                    search.after_trial(study, prior, worker)
                     with lock:
                         state["ran"] += 1
                         done = budget.spent(study)
