@@ -27,8 +27,10 @@ interleaved sweeps, and is checked for the shape matmuls have (no faster with mo
 more than proportionally slower): a calibration that breaks it is measured again, and what
 still breaks it is repaired towards the lower figures (:func:`calibration_problem`).
 
-The search converges only with evidence from the far corner: the largest batch that can run
-has been measured (a disturbed calibration once made every large batch look hopeless).
+The search converges only with evidence from the far corner: the largest batch that can run,
+with the largest budget it can run with, has been measured (a disturbed calibration once made
+every large batch look hopeless; a model that takes copies to overlap compute misjudges the
+budget where they do not, on CPU).
 
 This module chooses points and predicts; it does not run trials or talk to Optuna's storage
 (:mod:`autotune.search` does).
@@ -579,27 +581,39 @@ class Prior:
         far = self._far_corner(obs, masks)
         stalled = c.fitted_on >= MIN_FIT_TRIALS and _stalled(obs)
         if (exhausted or stalled) and far is not None and can_run[far].any():
-            # Done by the model (or stalled), but nothing measured at the largest batch that
-            # can run: the model (and its calibration) has not been put to the test there.
-            row = np.full(score.shape, -np.inf)
-            row[far] = np.where(can_run[far], p_meet[far] * mu[far] + 1e-300, -np.inf)
-            score, exhausted = row, False
-        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+            # Done by the model (or stalled), but nothing measured in the far corner: the
+            # model (and its calibration) has not been put to the test there. Go there.
+            score = np.full(score.shape, -np.inf)
+            score[far] = 1.0
+            exhausted = False
+        # Among equals, the one that streams least: more resident weights are never slower,
+        # which a model that takes copies to overlap compute cannot see (on CPU they do not).
+        top = np.isfinite(score) & (score >= score.max() - 1e-9 * abs(score.max()))
+        if not top.any():
+            top = np.zeros(score.shape, dtype=bool)
+            top[np.unravel_index(int(np.argmax(score)), score.shape)] = True
+        j = int(np.flatnonzero(top.any(axis=0))[-1])
+        i = int(np.flatnonzero(top[:, j])[0])
         converged = exhausted and best > 0 and c.fitted_on >= MIN_FIT_TRIALS
         return (int(self.batches[i]), float(round(self.fractions[j], 6))), converged
 
-    def _far_corner(self, obs: list[Observation], masks: dict[str, np.ndarray]) -> int | None:
-        """The row of the largest batch that can run (it fits, lies below every failure and
-        could meet the limits), when no finished trial has been at that batch or beyond;
-        None when one has (or nothing can run)."""
+    def _far_corner(self, obs: list[Observation], masks: dict[str, np.ndarray]
+                    ) -> tuple[int, int] | None:
+        """The far corner of the space: the largest batch that can run (it fits, lies below
+        every failure and could meet the limits) with the largest budget it can run with;
+        None once a finished trial has been there or beyond (or nothing can run)."""
         runs = ~(masks["cannot_fit"] | masks["cannot_meet"])
         rows = np.flatnonzero(runs.any(axis=1))
         if not len(rows):
             return None
-        far = int(rows[-1])
-        if any(o.status != "running" and o.batch >= self.batches[far] for o in obs):
-            return None
-        return far
+        i = int(rows[-1])
+        j = int(np.flatnonzero(runs[i])[-1])
+        for o in obs:
+            applied = o.applied if o.applied is not None else round(o.fraction * self.total)
+            if (o.status != "running" and o.batch >= self.batches[i]
+                    and applied >= self.applied[j]):
+                return None
+        return i, j
 
     def _meet_probability(self, pred: dict[str, np.ndarray], c: Constants) -> np.ndarray:
         """Probability that each candidate meets every limit (each figure normal around the

@@ -4,6 +4,9 @@ a whole run beside a busy loop. Real SQLite files and real worker subprocesses t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import optuna
 import pytest
@@ -157,3 +160,62 @@ def test_a_trial_far_off_its_prediction_is_measured_again(storage_url: str) -> N
         assert again["kept"] > 0, again  # the spoiled first figure was not the one kept
         first, kept = again["throughputs_tok_s"][0], again["throughputs_tok_s"][again["kept"]]
         assert kept > 3 * first and t.value == pytest.approx(kept, rel=1e-3)
+
+
+# -- the CPU demo beside a busy loop ---------------------------------------------------------
+
+BUSY = """
+import random, time
+random.seed({seed})
+while True:  # bursts of work and rest: spoils some measurements, not all alike
+    end = time.perf_counter() + random.uniform(0.02, 0.4)
+    while time.perf_counter() < end:
+        pass
+    time.sleep(random.uniform(0.0, 0.2))
+"""
+
+
+def _quiet_throughputs(configs: list[tuple[int, float]], isl: int, osl: int) -> list[float]:
+    """Each configuration's throughput with the busy loops gone: interleaved rounds, the
+    fastest of each (the other tenants of a shared machine only ever slow a run down)."""
+    from autotune.engines import EngineConfig, load_engine
+    from autotune.measure import measure
+
+    engine = load_engine(EngineConfig(model="tiny-llama", engine="native", dtype="float32",
+                                      device="cpu", max_batch=64, max_seq_len=isl + osl))
+    best = [0.0] * len(configs)
+    for _ in range(12):
+        for k, (batch, fraction) in enumerate(configs):
+            engine.device_budget = int(round(fraction * engine.total_device_budget))
+            m = measure(engine, batch, isl, osl, repeats=1, warmup=1)
+            best[k] = max(best[k], m.as_dict()["throughput_tok_s"])
+    engine.close()
+    return best
+
+
+@pytest.mark.slow
+def test_the_cpu_demo_beside_a_busy_loop_ends_near_the_quiet_optimum(storage_url: str) -> None:
+    """Issue 13: a show/export/report loop beside one run ended at batch 1. Here a bursty busy
+    loop runs beside the whole CPU demo (tiny-llama, the native engine, short lengths); its
+    recommendation, measured afterwards without it, is within 10% of the best configuration
+    measured there."""
+    isl, osl = 16, 16
+    busy = subprocess.Popen([sys.executable, "-c", BUSY.format(seed=0)])
+    try:
+        run_study(RunOptions(model="tiny-llama", device="cpu", dtype="float32", isl=isl,
+                             osl=osl, max_batch=64, trials=10, storage=storage_url,
+                             study_name="demo", repeats=3))
+    finally:
+        busy.kill()
+        busy.wait()
+    study = load_study(open_storage(storage_url), "demo")
+    assert calibration_problem(ROWS, tuple(study.user_attrs["calibration"]["gemm_s"])) is None
+    best = recommend.build(study)["best"]
+    rec = (best["batch"], best["budget_fraction"])
+    # The candidates for the quiet optimum: large batches at both ends of the budget, and the
+    # recommendation itself.
+    candidates = [rec, *[(b, f) for b in (32, 48, 64) for f in (0.0, 1.0)]]
+    quiet = _quiet_throughputs(candidates, isl, osl)
+    tried = [(t.params["batch"], t.user_attrs.get("budget_applied_pct"), t.value,
+              t.user_attrs.get("remeasured")) for t in study.trials]
+    assert quiet[0] >= 0.9 * max(quiet), (dict(zip(candidates, quiet, strict=True)), tried)
