@@ -10,8 +10,10 @@ recorded landscapes are made of).
 A trial runner is anything with ``run(request) -> TrialOutcome``, ``plan(...)`` and
 ``calibrate()``: a :class:`autotune.worker.Worker` (a process per GPU) or an
 :class:`InProcessRunner` (an engine in this process; landscapes replay in microseconds, which
-is what the search benchmark and tests use). This module does not store anything beyond what
-Optuna's ``tell`` stores.
+is what the search benchmark and tests use). :func:`measure` runs a trial and measures it
+again when it lands far off its prediction; :func:`after_trial` sends a calibration that a
+trial contradicts back to be measured. This module does not store anything beyond what
+Optuna's ``tell`` stores and those two record.
 """
 
 from __future__ import annotations
