@@ -18,6 +18,19 @@ What it skips, and why that never skips the true optimum:
   the link's measured bandwidth (x 1.15) and the measured matmul time (x 0.8) give the fastest
   any configuration could possibly be. Physics, with slack for measurement noise, so a
   configuration that really meets the limits or really beats the best measured one is kept.
+  The bounds never rest on a figure a measured trial contradicts: a trial that ran faster than
+  a bound allows caps the bound there (and at every smaller batch), and the study re-measures
+  the calibration (:meth:`Prior.contradiction`).
+
+Noise only ever adds time, so the calibration keeps each row count's fastest pass of several
+interleaved sweeps, and is checked for the shape matmuls have (no faster with more rows, no
+more than proportionally slower): a calibration that breaks it is measured again, and what
+still breaks it is repaired towards the lower figures (:func:`calibration_problem`).
+
+The search converges only with evidence from the far corner: the largest batch that can run,
+with the largest budget it can run with, has been measured (a disturbed calibration once made
+every large batch look hopeless; a model that takes copies to overlap compute misjudges the
+budget where they do not, on CPU).
 
 This module chooses points and predicts; it does not run trials or talk to Optuna's storage
 (:mod:`autotune.search` does).
@@ -27,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +63,14 @@ FAILED = ("error", "crash", "timeout", "fail")
 MAX_CANDIDATE_BATCHES = 400
 # Rows of the matmul calibration: decode runs ``batch`` rows, prefill ``batch * isl``.
 CALIBRATION_ROWS = (1, 8, 32, 128, 512, 2048)
+# Interleaved sweeps over the rows per attempt (a burst of load spoils one sweep's points, not
+# every sample of one row count), and attempts while the figures break the matmul shape.
+CALIBRATION_ROUNDS = 5
+CALIBRATION_ATTEMPTS = 3
+# The shape checked: more rows are never faster by more than noise at tiny sizes (launch
+# overheads), nor slower by more than this factor over proportional (cache effects).
+MONOTONE_TOLERANCE = 0.75
+SUPERLINEAR = 2.0
 # Length scale of the local correction in the normalized (log2 batch, fraction) square.
 CORRECTION_SCALE = 0.08
 # The fitted model's relative error is taken to lie in this range (measurement noise is ~1%).
@@ -104,15 +124,40 @@ class Calibration:
     h2d_gb_s: float | None
     gemm_rows: tuple[int, ...]
     gemm_s: tuple[float, ...]  # seconds of all layers' + the head's matmuls for that many rows
+    history: tuple[str, ...] = ()  # what was rejected or re-measured, and why, in words
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
         return cls(d.get("h2d_gb_s"), tuple(d.get("gemm_rows", ())),
-                   tuple(float(x) for x in d.get("gemm_s", ())))
+                   tuple(float(x) for x in d.get("gemm_s", ())), tuple(d.get("history", ())))
 
     def as_dict(self) -> dict[str, Any]:
-        return {"h2d_gb_s": self.h2d_gb_s, "gemm_rows": list(self.gemm_rows),
-                "gemm_s": list(self.gemm_s)}
+        out = {"h2d_gb_s": self.h2d_gb_s, "gemm_rows": list(self.gemm_rows),
+               "gemm_s": list(self.gemm_s)}
+        if self.history:
+            out["history"] = list(self.history)
+        return out
+
+    def problem(self) -> str | None:
+        """What is physically wrong with these figures, in words (None: nothing)."""
+        return calibration_problem(self.gemm_rows, self.gemm_s)
+
+    def repaired(self) -> Calibration:
+        """The figures forced into the matmul shape, keeping the lower of two that disagree
+        (noise only adds time): a smaller row count never takes longer than a larger one, and
+        a larger one never more than ``SUPERLINEAR`` x proportionally longer. Figures with
+        nothing wrong (:meth:`problem`) are kept as they are."""
+        if self.problem() is None:
+            return self
+        t = [float(x) if math.isfinite(x) and x > 0 else math.inf for x in self.gemm_s]
+        for i in range(len(t) - 2, -1, -1):
+            t[i] = min(t[i], t[i + 1])
+        r = self.gemm_rows
+        for i in range(1, len(t)):
+            t[i] = min(t[i], t[i - 1] * SUPERLINEAR * r[i] / r[i - 1])
+        if not all(math.isfinite(x) for x in t):  # nothing usable measured
+            t = [0.0] * len(t)
+        return Calibration(self.h2d_gb_s, self.gemm_rows, tuple(t), self.history)
 
     def gemm(self, rows: np.ndarray | float) -> np.ndarray:
         """Matmul time for ``rows`` (piecewise linear; linear beyond the last point)."""
@@ -127,10 +172,33 @@ class Calibration:
         return out
 
 
+def calibration_problem(rows: tuple[int, ...], times: tuple[float, ...]) -> str | None:
+    """Why matmul times at ``rows`` cannot be right (None: they can): not positive, faster
+    with more rows, or more than ``SUPERLINEAR`` x proportionally slower."""
+    if len(rows) != len(times) or not rows:
+        return f"{len(rows)} row counts but {len(times)} times"
+    for r, t in zip(rows, times, strict=True):
+        if not (math.isfinite(t) and t > 0):
+            return f"{r} rows took {t!r} s"
+    for k in range(1, len(rows)):
+        (r0, t0), (r1, t1) = (rows[k - 1], times[k - 1]), (rows[k], times[k])
+        if t1 < MONOTONE_TOLERANCE * t0:
+            return f"{r1} rows took {t1:.3g} s, less than {r0} rows' {t0:.3g} s"
+        if t1 > SUPERLINEAR * t0 * r1 / r0:
+            return (f"{r1} rows took {t1 / t0:.3g}x as long as {r0} rows ({t1:.3g} s against "
+                    f"{t0:.3g} s): more than {SUPERLINEAR:g}x proportional")
+    return None
+
+
 def measure_compute(engine: Any, rows: tuple[int, ...] = CALIBRATION_ROWS,
-                    repeats: int = 3) -> dict[str, Any]:
+                    rounds: int = CALIBRATION_ROUNDS,
+                    attempts: int = CALIBRATION_ATTEMPTS) -> dict[str, Any]:
     """Times one forward pass's matmuls (all layers + LM head) at ``rows`` rows: in the worker.
 
+    ``rounds`` sweeps over the row counts, interleaved, keep each row count's fastest pass;
+    while the figures break the matmul shape (:func:`calibration_problem`: another process
+    competing for the device, typically), up to ``attempts`` times, more sweeps are pooled;
+    what still breaks it is repaired (:meth:`Calibration.repaired`) and said in ``rejected``.
     An engine that knows better (a replay) answers with ``compute_calibration()``. The engine's
     budget is set to 0 first, so that the matmuls' weights fit beside it; the next trial sets
     its own budget anyway.
@@ -165,20 +233,30 @@ def measure_compute(engine: Any, rows: tuple[int, ...] = CALIBRATION_ROWS,
             torch.mm(xi, down)
         torch.mm(xh[-1:], head)  # the LM head runs on the last position only
 
-    times = []
+    samples: dict[int, list[float]] = {m: [] for m in rows}
+    problem = None
     with torch.inference_mode():
+        inputs = {m: (rand(m, h), rand(m, i)) for m in rows}  # [m, hidden], [m, intermediate]
         for m in rows:
-            xh, xi = rand(m, h), rand(m, i)  # [m, hidden], [m, intermediate]
-            forward(xh, xi)  # warm-up: kernel selection, not counted
-            samples = []
-            for _ in range(repeats):
-                engine.synchronize()  # the clock reads only this pass's work
-                t0 = time.perf_counter()
-                forward(xh, xi)
-                engine.synchronize()
-                samples.append(time.perf_counter() - t0)
-            times.append(statistics.median(samples))
-    return {"gemm_rows": list(rows), "gemm_s": times}
+            forward(*inputs[m])  # warm-up: kernel selection, not counted
+        for attempt in range(1, attempts + 1):
+            for _ in range(rounds):
+                for m in rows:
+                    engine.synchronize()  # the clock reads only this pass's work
+                    t0 = time.perf_counter()
+                    forward(*inputs[m])
+                    engine.synchronize()
+                    samples[m].append(time.perf_counter() - t0)
+            times = tuple(min(samples[m]) for m in rows)
+            problem = calibration_problem(tuple(rows), times)
+            if problem is None:
+                break
+            log.info("matmul calibration, attempt %d: %s", attempt, problem)
+    history = () if problem is None else (
+        f"after {attempt * rounds} sweeps {problem}; repaired from {[f'{t:.3g}' for t in times]}",)
+    out = Calibration(None, tuple(rows), times, history).repaired().as_dict()
+    del out["h2d_gb_s"]  # the worker's link, measured elsewhere
+    return out
 
 
 @dataclass(frozen=True)
@@ -235,7 +313,6 @@ class Prior:
                  total: int, isl: int, osl: int, max_batch: int, limits: Limits | None = None,
                  batches: np.ndarray | None = None, fractions: np.ndarray | None = None,
                  applied: np.ndarray | None = None) -> None:
-        self.calibration = calibration
         self.batches = candidate_batches(max_batch) if batches is None else batches
         self.fractions = candidate_fractions() if fractions is None else fractions
         # The budget (bytes) each candidate fraction becomes: engines round down to whole
@@ -254,17 +331,26 @@ class Prior:
         self._streamed = total * (1.0 - self._f)  # [1, nf] bytes per step (units ignored)
         self.fits = (self.plans <= available) if available is not None else np.ones(
             self.plans.shape, dtype=bool)
+        self._correction: tuple[np.ndarray, np.ndarray] | None = None
+        self.recalibrations = 0  # times trials sent the calibration back to be measured
+        self.recalibrate(calibration)
+
+    def recalibrate(self, calibration: Calibration) -> None:
+        """Starts the model and the bounds over from new measurements (the shape forced, see
+        :meth:`Calibration.repaired`); the next refit brings the trials back in."""
+        calibration = calibration.repaired()
+        self.calibration = calibration
         self.measured_bw = calibration.h2d_gb_s is not None
         bw = (calibration.h2d_gb_s or ASSUMED_H2D_GB_S) * 1e9
         g = calibration.gemm
-        top = float(max(max_batch, 2))
+        top = float(max(self.max_batch, 2))
         beta = float((g(top) - g(1.0)) / (top - 1.0))
-        pi1 = float((g(top * isl) - g(float(isl))) / (top - 1.0))
-        self.initial = Constants(bw=bw, alpha=float(g(1.0)) - beta, beta=beta,
-                                 pi0=float(g(float(isl))) - pi1, pi1=pi1)
+        pi1 = float((g(top * self.isl) - g(float(self.isl))) / (top - 1.0))
+        # Times are never negative: a curved calibration's chord may cross zero.
+        self.initial = Constants(bw=bw, alpha=max(float(g(1.0)) - beta, 0.0), beta=beta,
+                                 pi0=max(float(g(float(self.isl))) - pi1, 0.0), pi1=pi1)
         self.constants = Constants(**asdict(self.initial))
-        self._bounds = self._lower_bounds(bw)
-        self._correction: tuple[np.ndarray, np.ndarray] | None = None
+        self._bounds = self._lower_bounds([])
 
     # -- the model ------------------------------------------------------------------------
 
@@ -278,14 +364,50 @@ class Prior:
         e2e = ttft + (self.osl - 1) * tpot
         return {"tpot_s": tpot, "ttft_s": ttft, "e2e_s": e2e, "throughput": b * self.osl / e2e}
 
-    def _lower_bounds(self, bw: float) -> dict[str, np.ndarray]:
-        """The fastest each candidate could possibly run (see the module docstring)."""
+    def _lower_bounds(self, obs: list[Observation]) -> dict[str, np.ndarray]:
+        """The fastest each candidate could possibly run (see the module docstring), never
+        above what a measured trial showed: a trial faster than the calibrated matmuls allow
+        lowers the whole calibration by that ratio (its other figures were measured alike),
+        compute grows with the batch, so a trial's step time caps the compute bound at its
+        batch and below, and the bytes it streamed per step time are a bandwidth the link has
+        reached."""
         b, g = self._b, self.calibration.gemm
+        bw = self.initial.bw
+        ran = [o for o in obs if o.status == "ok" and o.tpot_s and o.ttft_s]
+        scale = min([1.0, *(min(o.tpot_s / max(COMPUTE_SLACK * float(g(float(o.batch))), 1e-300),
+                                o.ttft_s / max(COMPUTE_SLACK * float(g(float(o.batch * self.isl))),
+                                               1e-300)) for o in ran)])
+        decode = scale * COMPUTE_SLACK * g(b)  # [nb, 1]
+        prefill = scale * COMPUTE_SLACK * g(b * self.isl)
+        for o in ran:
+            decode = np.where(b <= o.batch, np.minimum(decode, o.tpot_s), decode)
+            prefill = np.where(b <= o.batch, np.minimum(prefill, o.ttft_s), prefill)
+            if o.streamed:
+                bw = max(bw, o.streamed / o.tpot_s)
         stream = self._streamed / (bw * BW_SLACK)
-        tpot = np.maximum(stream, COMPUTE_SLACK * g(b))
-        ttft = np.maximum(stream, COMPUTE_SLACK * g(b * self.isl))
+        tpot = np.maximum(stream, decode)
+        ttft = np.maximum(stream, prefill)
         e2e = ttft + (self.osl - 1) * tpot
         return {"tpot_s": tpot, "ttft_s": ttft, "e2e_s": e2e, "throughput": b * self.osl / e2e}
+
+    def contradiction(self, obs: list[Observation]) -> str | None:
+        """A measured trial that ran faster than the calibration allows, in words (None: the
+        trials agree with it): the calibration is then wrong and should be measured again
+        (the bounds already step aside, see :meth:`_lower_bounds`)."""
+        g, bw = self.calibration.gemm, self.initial.bw
+        for o in obs:
+            if o.status != "ok" or not (o.tpot_s and o.ttft_s):
+                continue
+            for what, rows, took in (("a decode step", o.batch, o.tpot_s),
+                                     ("prefill", o.batch * self.isl, o.ttft_s)):
+                floor = COMPUTE_SLACK * float(g(float(rows)))
+                if took < floor:
+                    return (f"{what} at batch {o.batch} took {1e3 * took:.3g} ms, below the "
+                            f"{1e3 * floor:.3g} ms its calibrated matmuls allow")
+            if self.measured_bw and o.streamed and o.streamed / o.tpot_s > bw * BW_SLACK:
+                return (f"batch {o.batch} streamed {o.streamed / o.tpot_s / 1e9:.3g} GB/s, "
+                        f"above the link's measured {bw / 1e9:.3g} GB/s")
+        return None
 
     def refit(self, obs: list[Observation]) -> Constants:
         """Refits the constants on the measured trials (a few classification passes)."""
@@ -346,7 +468,8 @@ class Prior:
 
     def pruned(self, obs: list[Observation]) -> dict[str, np.ndarray]:
         """Masks over the candidate grid: why each candidate is skipped (True: skipped)."""
-        lb, lim = self._bounds, self.limits
+        lb = self._bounds = self._lower_bounds(obs)
+        lim = self.limits
         cannot_fit = ~self.fits
         for o in obs:
             if o.status in ("oom", "infeasible"):
@@ -410,6 +533,8 @@ class Prior:
             if self._choose(obs)[1]:
                 return ("no untried configuration is expected to beat the best by more than a "
                         "measurement can tell")
+            if self._far_corner(obs, self.pruned(obs)) is not None:
+                return None
             if self.constants.fitted_on >= MIN_FIT_TRIALS and _stalled(obs):
                 return (f"the last {PATIENCE} trials found nothing "
                         f"{100 * MIN_ERROR:g}% better than the best before them")
@@ -453,9 +578,42 @@ class Prior:
             score = np.where(likely if likely.any() else can_run, p_meet * mu, -np.inf)
         if not (score > 0).any():  # nothing predicted to meet: the nearest to meeting
             score = np.where(can_run, -self._limit_ratio(pred), -np.inf)
-        i, j = np.unravel_index(int(np.argmax(score)), score.shape)
+        far = self._far_corner(obs, masks)
+        stalled = c.fitted_on >= MIN_FIT_TRIALS and _stalled(obs)
+        if (exhausted or stalled) and far is not None and can_run[far].any():
+            # Done by the model (or stalled), but nothing measured in the far corner: the
+            # model (and its calibration) has not been put to the test there. Go there.
+            score = np.full(score.shape, -np.inf)
+            score[far] = 1.0
+            exhausted = False
+        # Among equals, the one that streams least: more resident weights are never slower,
+        # which a model that takes copies to overlap compute cannot see (on CPU they do not).
+        top = np.isfinite(score) & (score >= score.max() - 1e-9 * abs(score.max()))
+        if not top.any():
+            top = np.zeros(score.shape, dtype=bool)
+            top[np.unravel_index(int(np.argmax(score)), score.shape)] = True
+        j = int(np.flatnonzero(top.any(axis=0))[-1])
+        i = int(np.flatnonzero(top[:, j])[0])
         converged = exhausted and best > 0 and c.fitted_on >= MIN_FIT_TRIALS
         return (int(self.batches[i]), float(round(self.fractions[j], 6))), converged
+
+    def _far_corner(self, obs: list[Observation], masks: dict[str, np.ndarray]
+                    ) -> tuple[int, int] | None:
+        """The far corner of the space: the largest batch that can run (it fits, lies below
+        every failure and could meet the limits) with the largest budget it can run with;
+        None once a finished trial has been there or beyond (or nothing can run)."""
+        runs = ~(masks["cannot_fit"] | masks["cannot_meet"])
+        rows = np.flatnonzero(runs.any(axis=1))
+        if not len(rows):
+            return None
+        i = int(rows[-1])
+        j = int(np.flatnonzero(runs[i])[-1])
+        for o in obs:
+            applied = o.applied if o.applied is not None else round(o.fraction * self.total)
+            if (o.status != "running" and o.batch >= self.batches[i]
+                    and applied >= self.applied[j]):
+                return None
+        return i, j
 
     def _meet_probability(self, pred: dict[str, np.ndarray], c: Constants) -> np.ndarray:
         """Probability that each candidate meets every limit (each figure normal around the
@@ -591,8 +749,13 @@ def _fit_line(b: np.ndarray, t: np.ndarray, stream: np.ndarray, a0: float, a1: f
         a1n, a0n = np.polyfit(bb, tt, 1)
         if a1n >= 0 and a0n >= 0:
             return float(a0n), float(a1n)
-    k = float(np.median(tt / (a0 + a1 * bb)))
-    return a0 * k, a1 * k
+        # Both constants are times: the best line with the negative one at zero (a noisy
+        # trial tilts an unconstrained fit past the origin).
+        if a0n < 0:
+            return 0.0, float(np.dot(bb, tt) / np.dot(bb, bb))
+        return float(np.mean(tt)), 0.0
+    k = float(np.median(tt / np.maximum(a0 + a1 * bb, 1e-12)))
+    return max(a0 * k, 0.0), max(a1 * k, 0.0)
 
 
 def candidate_batches(max_batch: int) -> np.ndarray:
@@ -622,6 +785,12 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
     a resumed study that had converged stays converged); the link is this worker's own."""
     batches, fractions = candidate_batches(max_batch), candidate_fractions()
     if compute is not None and compute.get("gemm_rows"):
+        why = Calibration.from_dict(compute).problem()
+        if why is not None:  # stored by an older version, or edited: never trusted as it is
+            log.warning("the study's stored matmul calibration is not physical (%s); "
+                        "measuring it again", why)
+            compute = None
+    if compute is not None and compute.get("gemm_rows"):
         calibration = {**compute, "h2d_gb_s": h2d_gb_s or compute.get("h2d_gb_s")}
     else:
         calibration = runner.calibrate()
@@ -630,7 +799,7 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
     # The same for every batch (plan_requests is batch-major): one row is enough.
     applied = (np.array(reply["applied"], np.int64).reshape(plans.shape)[0]
                if "applied" in reply else None)
-    cal = Calibration.from_dict({"h2d_gb_s": calibration.get("h2d_gb_s", h2d_gb_s),
+    cal = Calibration.from_dict({"h2d_gb_s": calibration.get("h2d_gb_s") or h2d_gb_s,
                                  **{k: v for k, v in calibration.items() if k != "h2d_gb_s"}})
     return Prior(calibration=cal, plans=plans, available=reply["available"], total=total,
                  isl=isl, osl=osl, max_batch=max_batch, limits=limits, batches=batches,

@@ -1,6 +1,7 @@
 """The Optuna wiring: one study searches batch size x weight-streaming budget.
 
-Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study and names it;
+Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study and names it
+(resuming a study with another workload is refused, :func:`check_workload`);
 the parameters are ``batch`` (integer, log scale) and ``budget_fraction`` (of
 ``total_device_budget``; the bytes are recorded beside it). The objective is throughput.
 Every trial's outcome is data: a configuration predicted not to fit, or that ran out of memory,
@@ -258,9 +259,36 @@ def create_or_load(options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
         storage=storage, study_name=name, direction="maximize", sampler=sampler,
         load_if_exists=True,
     )
+    if not options.joined:  # a joiner takes the study's own options
+        check_workload(study, options, gpu_name)
     if study.metric_names is None:
         study.set_metric_names([OBJECTIVE])
     return study, created
+
+
+# What makes trials comparable: a study measures one workload (sampler, repeats, seed and the
+# decode-step shortcut only change how it is searched or timed).
+WORKLOAD_KEYS = ("model", "weights", "engine", "dtype", "isl", "osl", "gpu_memory_limit", "gpu",
+                 "max_batch", "limits")
+
+
+def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
+    """Refuses to resume a study that measured another workload, naming what differs (its
+    best would be reported for a workload it was never measured on)."""
+    stored = study.user_attrs.get("workload")
+    if not isinstance(stored, dict):
+        return  # nothing measured yet under any workload
+    mine = options.workload(gpu_name)
+    differs = [f"{key} {stored.get(key)!r} (this run: {mine[key]!r})" for key in WORKLOAD_KEYS
+               if key in stored and stored[key] != mine[key]]
+    ran = study.user_attrs.get("run_options", {}).get("engine_options")
+    if ran is not None and [list(p) for p in ran] != [list(p) for p in options.engine_options]:
+        differs.append(f"engine options {ran!r} (this run: {list(options.engine_options)!r})")
+    if differs:
+        raise UserInputError(
+            f"study {study.study_name!r} measured another workload: {', '.join(differs)}; "
+            "resume it with its own options, or give another --study"
+        )
 
 
 def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
@@ -489,9 +517,9 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                                 "trial also compiles and fills caches, so it takes longest...")
                         first = False
                     with resume.heartbeat(trial):
-                        outcome = worker.run(request)
+                        outcome = search.measure(worker, request, trial)
                     record(study, trial, request, outcome, total, device, limits=options.limits)
-                    search.after_trial(study, prior)
+                    search.after_trial(study, prior, worker)
                     with lock:
                         state["ran"] += 1
                         done = budget.spent(study)

@@ -8,7 +8,9 @@ engine options take): ``fault`` = abort | kill | oom | hang | error, from batch
 ``fault_batch`` upward, so the parent sees what a real worker would do. ``budget_sleep_s``
 makes every budget change take that long (outside the timed region), so that trials last long
 enough for fault tests to kill a process mid-trial; ``first_plan_sleep_s`` stalls the first
-memory plan (a worker that stalls past a query's wait, then goes on).
+memory plan (a worker that stalls past a query's wait, then goes on). ``spoil_batch`` emulates
+a neighbour busy during single trials: the first trial of each configuration from that batch
+upward runs ``spoil_factor`` (9) times slower; measured again, it runs at its own speed.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class AnalyticEngine:
     engine_options: ClassVar[dict[str, str]] = {
         k: "a test fault or delay" for k in ("fault", "fault_batch", "budget_sleep_s",
                                              "fault_at_load", "load_sleep_s",
-                                             "first_plan_sleep_s")}
+                                             "first_plan_sleep_s", "spoil_batch",
+                                             "spoil_factor")}
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -53,6 +56,10 @@ class AnalyticEngine:
         self.fault_batch = int(config.option("fault_batch", 1))
         self.budget_sleep_s = float(config.option("budget_sleep_s", 0))
         self.first_plan_sleep_s = float(config.option("first_plan_sleep_s", 0))
+        self.spoil_batch = int(config.option("spoil_batch", 0))
+        self.spoil_factor = float(config.option("spoil_factor", 9))
+        self._spoiled: set[tuple[int, int]] = set()  # configurations measured once, slowly
+        self._spoiling = False  # until the next budget change (the next trial)
         if config.option("fault_at_load"):
             raise RuntimeError("simulated load failure")
         time.sleep(float(config.option("load_sleep_s", 0)))  # a large model pinning its weights
@@ -74,6 +81,7 @@ class AnalyticEngine:
         value = clamp_budget(value, self.total_device_budget, log)
         time.sleep(self.budget_sleep_s)
         self._budget = value // UNIT * UNIT  # unit granularity, like a real engine
+        self._spoiling = False
 
     def applied_budget(self, value: int) -> int:
         return clamp_budget(value, self.total_device_budget, log) // UNIT * UNIT
@@ -83,7 +91,8 @@ class AnalyticEngine:
 
     def _step(self, batch: int) -> None:
         streamed = self.streamed_bytes_per_step()
-        time.sleep(max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch))
+        slow = self.spoil_factor if self._spoiling else 1.0
+        time.sleep(slow * max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch))
 
     def _maybe_fault(self, batch: int) -> None:
         if self.fault is None or batch < self.fault_batch:
@@ -102,6 +111,10 @@ class AnalyticEngine:
     def prefill(self, prompt: Any, osl: int) -> Generation:
         batch, isl = prompt.shape
         self._maybe_fault(batch)
+        if self.spoil_batch and batch >= self.spoil_batch and (
+                (batch, self._budget) not in self._spoiled):
+            self._spoiled.add((batch, self._budget))
+            self._spoiling = True
         self._step(batch)
         first = (prompt.sum(dim=1, keepdim=True) % self.spec.vocab_size).to(torch.long)
         return Generation(batch, isl, osl, first)
