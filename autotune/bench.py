@@ -32,7 +32,7 @@ def run_bench(
             raise UserInputError(f"--{name}: expected a positive integer; got {value}")
     config = EngineConfig(
         model=model, engine=engine, dtype=dtype, device=device, max_batch=batch,
-        max_seq_len=isl + osl, weights=weights, seed=seed, gpu_memory_limit=gpu_memory_limit,
+        max_seq_len=isl + osl, max_prompt_len=isl, weights=weights, seed=seed, gpu_memory_limit=gpu_memory_limit,
     )
     warning = host.check_engine(config, workers=1)
     if warning:

@@ -161,8 +161,8 @@ class RunOptions:
     def engine_config(self, device: str) -> EngineConfig:
         return EngineConfig(
             model=self.model, engine=self.engine, dtype=self.dtype, device=device,
-            max_batch=self.max_batch, max_seq_len=self.isl + self.osl, weights=self.weights,
-            seed=self.seed, gpu_memory_limit=self.gpu_memory_limit, options=self.engine_options,
+            max_batch=self.max_batch, max_seq_len=self.isl + self.osl, max_prompt_len=self.isl,
+            weights=self.weights, seed=self.seed, gpu_memory_limit=self.gpu_memory_limit, options=self.engine_options,
         )
 
     def workload(self, gpu_name: str) -> dict[str, Any]:

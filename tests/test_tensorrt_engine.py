@@ -272,3 +272,22 @@ def test_without_kv_cache_the_tutorial_mode_gives_the_same_tokens(trt: Any,
     assert torch.equal(a.tokens, b.tokens)
     with pytest.raises(UserInputError, match="kv_cache: expected true or false"):
         load_engine(_config(tmp_path, ("kv_cache", "maybe")))
+
+
+def test_profile_serves_prompts_up_to_the_studys_isl_only(trt: Any, tmp_path: Path) -> None:
+    # TensorRT reserves context memory for the longest call: a profile up to isl + osl - 1
+    # tokens made llama2-7b need 10.5 GiB at batch 1 on the H200 (isl 128 is what runs).
+    load_engine(_config(tmp_path, max_prompt_len=8))
+    tokens, positions, _ = trt._state.COMPILE_CALLS[-1]["inputs"]
+    assert tokens.shape["max_shape"] == (4, 8) and positions.shape["max_shape"] == (8,)
+
+
+def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_load(
+    trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache directory should be")
+    with caplog.at_level(logging.WARNING):
+        engine = load_engine(_config(blocked))
+    assert engine.total_device_budget > 0
+    assert any("could not write the TensorRT cache" in r.getMessage() for r in caplog.records)

@@ -46,7 +46,8 @@ class BuildShapes:
     def from_config(cls, config: EngineConfig, kv_cache: bool) -> BuildShapes:
         length = config.max_seq_len
         # The longest call: the prompt (at most the sequence less one generated token).
-        max_seq = int(config.option("max_prompt_len", length - 1)) if kv_cache else length
+        prompt = config.max_prompt_len or length - 1
+        max_seq = int(config.option("max_prompt_len", prompt)) if kv_cache else length
         # TensorRT tunes kernels for opt (§2). With a cache nearly every call is a decode
         # step (T = 1), so that is where the kernels should be fast.
         opt_batch = int(config.option("opt_batch", config.max_batch))

@@ -19,6 +19,8 @@ does.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +31,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
+_ENGINE_IDX = 3  # where Torch-TensorRT's engine info list holds the serialized engine
 
 
 def default_cache_dir() -> Path:
@@ -50,12 +53,15 @@ def _engine_state(child: Any) -> Any:
     """``child.get_extra_state()``, which Torch-TensorRT 2.11 cannot give for a live C++
     engine: its ``if self.engine:`` asks a TorchScript object for ``__len__`` (raising
     NotImplementedError). Then the tuple ``set_extra_state`` reads is built from the engine's
-    own ``__getstate__()``, whose first item is the engine info list with the serialized
-    engine in base64 (as Torch-TensorRT's refit reads it)."""
+    serialized engine, which the module keeps (``_pack_engine_info``), as its own
+    ``get_extra_state`` does for a module whose engine is not set up."""
     try:
         return child.get_extra_state()
     except NotImplementedError:
-        info = list(child.engine.__getstate__()[0])
+        # What get_extra_state gives for a module holding its serialized engine: the packed
+        # engine info, the engine base64-encoded (set_extra_state decodes it).
+        info = child._pack_engine_info()
+        info[_ENGINE_IDX] = base64.b64encode(info[_ENGINE_IDX])
         return (child.name, info, child.input_binding_names, child.output_binding_names)
 
 
@@ -108,9 +114,14 @@ class ModuleCache:
                 setattr(module, name, engine_class())
             fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
             os.close(fd)
+            # Protocol 4: a 7B engine in base64 is an 18 GB string (protocol 2 stops at 4 GiB).
             torch.save({"format": FORMAT, "key": key, "meta": meta, "skeleton": module,
-                        "engines": engines}, tmp)
+                        "engines": engines}, tmp, pickle_protocol=4)
             os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new
+        except Exception:
+            with contextlib.suppress(OSError, UnboundLocalError):
+                os.unlink(tmp)
+            raise
         finally:
             for name, child in originals.items():
                 setattr(module, name, child)

@@ -29,6 +29,9 @@ class EngineConfig:
     device: str = "cuda"  # "cpu", "cuda" or "cuda:N"
     max_batch: int = 256
     max_seq_len: int = 384  # isl + osl of the study
+    # The longest prompt (the study's isl); None: max_seq_len - 1. Engines that size memory
+    # for the longest call (TensorRT's profile) use it.
+    max_prompt_len: int | None = None
     weights: str | None = None  # local HF checkpoint dir; random weights when None
     seed: int = 0
     gpu_memory_limit: int | None = None  # bytes; caps the worker's allocator
@@ -40,6 +43,10 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise UserInputError(f"{name}: expected a positive integer; got {value!r}")
+        prompt = self.max_prompt_len
+        if prompt is not None and not (isinstance(prompt, int) and 1 <= prompt < self.max_seq_len):
+            raise UserInputError(
+                f"max_prompt_len: expected 1..{self.max_seq_len - 1}; got {prompt!r}")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise UserInputError(f"device: expected cpu, cuda or cuda:N; got {self.device!r}")
 

@@ -150,7 +150,11 @@ class TensorRTEngine:
             module = cls._compile(trt, version, spec, config, shapes, torch_ops)
             compile_s = time.perf_counter() - start
             if use_cache:
-                cache.save(key, module, engine_class, {"versions": found})
+                try:
+                    cache.save(key, module, engine_class, {"versions": found})
+                except Exception as e:  # a cache is a saving, never a reason to fail the load
+                    log.warning("could not write the TensorRT cache %s (%s: %s); the next "
+                                "load compiles again", cache.path(key), type(e).__name__, e)
         if config.device.startswith("cuda"):
             module = module.to(config.device)  # the PyTorch children; engines stay put
         facts = {

@@ -207,12 +207,14 @@ class TorchTensorRTModule(_BudgetMethods):
         if self.engine is None:
             self.engine = _ScriptEngine(self.serialized_engine,  # type: ignore[arg-type]
                                         eager_context=_state.version() < (2, 13))
-            self.engine.packed = self._pack_engine_info(self.serialized_engine)
+            self.engine.packed = self._encoded_info()
 
-    def _pack_engine_info(self, engine: bytes) -> list[Any]:
+    def _pack_engine_info(self) -> list[Any]:
+        """2.11: from the module's own ``serialized_engine`` (kept after setup), raw bytes."""
+        assert self.serialized_engine
         info: list[Any] = [""] * SERIALIZATION_LEN
         info[NAME_IDX] = self.name + "_engine" if self.name != "" else "tensorrt_engine"
-        info[ENGINE_IDX] = base64.b64encode(engine)
+        info[ENGINE_IDX] = self.serialized_engine
         info[INPUT_BINDING_NAMES_IDX] = _BINDING_DELIM.join(self.input_binding_names)
         info[OUTPUT_BINDING_NAMES_IDX] = _BINDING_DELIM.join(self.output_binding_names)
         info[HW_COMPATIBLE_IDX] = "0"
@@ -221,10 +223,21 @@ class TorchTensorRTModule(_BudgetMethods):
         info[RESOURCE_ALLOCATION_STRATEGY_IDX] = "0"
         return info
 
-    def get_extra_state(self) -> tuple[str, list[Any] | None, list[str], list[str]]:
-        engine = self.engine.serialized if self.engine else self.serialized_engine
-        info = self._pack_engine_info(engine) if engine else None
-        return (self.name, info, self.input_binding_names, self.output_binding_names)
+    def _encoded_info(self) -> list[Any]:
+        info = self._pack_engine_info()
+        info[ENGINE_IDX] = base64.b64encode(info[ENGINE_IDX])
+        return info
+
+    def get_extra_state(self) -> tuple[str, Any, list[str], list[str]]:
+        # The real branches: a live engine's own state (its truthiness raises first, for a
+        # C++ engine), a module holding only serialized bytes, or nothing.
+        if self.engine:
+            state: Any = self.engine.__getstate__()
+        elif self.serialized_engine:
+            state = self._encoded_info()
+        else:
+            state = None
+        return (self.name, state, self.input_binding_names, self.output_binding_names)
 
     def set_extra_state(self, state: tuple[str, list[Any] | None, list[str], list[str]]) -> None:
         self.name = state[0]
@@ -243,7 +256,7 @@ class TorchTensorRTModule(_BudgetMethods):
         self.input_binding_names = state[2]
         self.output_binding_names = state[3]
         if isinstance(self.engine, _ScriptEngine):
-            self.engine.packed = self._pack_engine_info(self.serialized_engine)
+            self.engine.packed = self._encoded_info()
 
     def forward(self, *inputs: Any) -> Any:
         if self.engine is None:
