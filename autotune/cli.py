@@ -523,6 +523,11 @@ def dashboard(
     """Serve optuna-dashboard on the study storage (readable while a study runs)."""
     from autotune.dashboard import serve
 
+    # The server holds no trial, so SIGTERM/SIGHUP keep their default (exit at once): raised as
+    # an exception inside optuna-dashboard's request code, a stop could be swallowed there, and
+    # the server, now ignoring the signal, would never stop.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
     serve(storage, host=host, port=port, log=err.print)
 
 
