@@ -530,6 +530,8 @@ class Prior:
     def stop_reason(self, obs: list[Observation]) -> str | None:
         """Why the search may stop now (see :meth:`converged`), in words; None: go on."""
         with self._lock:
+            if (why := self._limits_out_of_reach(obs)) is not None:
+                return why
             if self._choose(obs)[1]:
                 return ("no untried configuration is expected to beat the best by more than a "
                         "measurement can tell")
@@ -554,6 +556,8 @@ class Prior:
             if self.batches[i] == o.batch and applied is not None:
                 untried[i, self.applied == applied] = False
         can_run = untried & ~(masks["cannot_fit"] | masks["cannot_meet"])
+        if self._unmeetable(masks):  # nothing can: the least violating, as notes() says
+            can_run = untried & ~masks["cannot_fit"]
         allowed = can_run & ~masks["cannot_win"]
         c = self.constants
         best = max((o.throughput for o in obs if o.feasible), default=0.0)
@@ -596,6 +600,24 @@ class Prior:
         i = int(np.flatnonzero(top[:, j])[0])
         converged = exhausted and best > 0 and c.fitted_on >= MIN_FIT_TRIALS
         return (int(self.batches[i]), float(round(self.fractions[j], 6))), converged
+
+    def _unmeetable(self, masks: dict[str, np.ndarray]) -> bool:
+        """Whether no configuration that fits can meet the limits, by the lower bounds
+        (which step aside for what measured trials showed)."""
+        fits = ~masks["cannot_fit"]
+        return self.limits.any and fits.any() and not (fits & ~masks["cannot_meet"]).any()
+
+    def _limits_out_of_reach(self, obs: list[Observation]) -> str | None:
+        """Why the limits cannot be met, once a measured trial agrees with the bounds that
+        say so (the bounds alone may rest on a bad calibration); None: they may be."""
+        ran = [o for o in obs if o.status == "ok" and o.tpot_s is not None]
+        if not ran or any(o.feasible for o in ran) or not self._unmeetable(self.pruned(obs)):
+            return None
+        o = min(ran, key=lambda o: o.tpot_s)
+        return (f"no configuration that fits can meet the limits {self.limits.as_dict()}: the "
+                f"fastest step measured took {1e3 * o.tpot_s:.4g} ms (batch {o.batch}, "
+                f"{100 * o.fraction:.0f}% resident, TTFT {1e3 * o.ttft_s:.4g} ms) and by the "
+                "bounds nothing can do better; relax the limits")
 
     def _far_corner(self, obs: list[Observation], masks: dict[str, np.ndarray]
                     ) -> tuple[int, int] | None:

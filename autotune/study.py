@@ -552,7 +552,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         raise errors[0]
     if "stopped" in state:
         done, reason = state["stopped"]
-        result.notes.insert(0, f"converged after {done} trials: {reason} (--no-early-stop "
+        verb = "stopped" if reason.startswith("no configuration") else "converged"
+        result.notes.insert(0, f"{verb} after {done} trials: {reason} (--no-early-stop "
                                f"runs all {options.trials})")
     return result
 

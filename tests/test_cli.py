@@ -307,10 +307,13 @@ def test_dashboard_on_a_host_that_does_not_exist(storage_url: str, cli_env) -> N
 
 
 def test_no_feasible_trial_names_the_limit_that_was_set(storage_url: str, cli_env) -> None:
-    r = autotune(*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
-                 "--max-tpot-ms", "0.001", env=cli_env)
+    r = autotune(*RUN, "--trials", "6", "--storage", storage_url, "--max-tpot-ms", "0.001",
+                 env=cli_env)
     _error(r, "no completed feasible trial", "--max-tpot-ms 0.001")
     assert "memory limit" not in r.stderr and "--gpu-memory-limit" not in r.stderr
+    # One trial showed what the bounds said: the rest of the budget is not spent.
+    assert "stopped after 1 trials: no configuration that fits can meet" in r.stdout + r.stderr
+    assert "its trials: 1 ok" in r.stderr
 
 
 def test_version_show_json_and_help(storage_url: str, cli_env) -> None:

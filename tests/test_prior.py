@@ -176,3 +176,37 @@ def test_a_configuration_the_engine_applies_alike_is_measured_once() -> None:
     # Off the grid, the applied budget the trial recorded says which configuration it was.
     assert prior.suggest([ran(1.0), ran(0.6, applied=5 * 10**9)]) == (1, 0.25)
     assert prior.suggest([ran(1.0), ran(0.6, applied=5 * 10**9), ran(0.1, applied=0)]) is None
+
+
+def test_limits_out_of_reach_cost_one_trial_that_shows_it() -> None:
+    """An impossible --max-tpot-ms: the bounds say so before trial 1, but bounds rest on a
+    calibration; the search measures the configuration nearest to meeting the limit (never
+    one that cannot fit) and stops on that evidence, saying why."""
+    from autotune.search import run_in_process
+
+    runner, land = make_runner(str(SYNTHETIC))
+    limits = Limits(max_tpot_ms=0.001)
+    study = _study()
+    total = land.total_device_budget
+    prior = start_prior(study, runner, total=total, isl=land.isl, osl=land.osl,
+                        max_batch=land.batches[-1], limits=limits,
+                        h2d_gb_s=land.calibration.get("h2d_gb_s"))
+    assert prior.stop_reason(observations(study)) is None  # no trial yet: bounds alone
+    outcomes = run_in_process(study, runner, trials=6, max_batch=land.batches[-1],
+                              isl=land.isl, osl=land.osl, total=total, limits=limits,
+                              prior=prior, early_stop=True)
+    assert [o.status for o in outcomes] == ["ok"]
+    (trial,) = study.trials
+    fastest = min((p for p in land.grid_points() if p.status == "ok"), key=lambda p: p.tpot_ms)
+    assert trial.user_attrs["tpot_ms"] <= 1.05 * fastest.tpot_ms  # the nearest to meeting
+    why = prior.stop_reason(observations(study))
+    assert why.startswith("no configuration that fits can meet the limits"), why
+    # Without early stop the budget goes on the least violating ones, still none that OOM.
+    study = _study()
+    prior = start_prior(study, runner, total=total, isl=land.isl, osl=land.osl,
+                        max_batch=land.batches[-1], limits=limits,
+                        h2d_gb_s=land.calibration.get("h2d_gb_s"))
+    outcomes = run_in_process(study, runner, trials=4, max_batch=land.batches[-1],
+                              isl=land.isl, osl=land.osl, total=total, limits=limits,
+                              prior=prior, early_stop=False)
+    assert [o.status for o in outcomes] == ["ok"] * 4
