@@ -320,6 +320,8 @@ def _print_progress(event: Any) -> None:
             line += f" (est. from {o.measurement['decode_steps_timed']} steps)"
     else:
         line += f"{o.status}: {o.reason}"
+    if o.budget_changed and (o.budget_change_s or 0) >= 0.5:  # what the trial paid besides
+        line += f" (+{o.budget_change_s:.1f} s to change the budget)"
     if event.best:
         line += (f"  | best #{event.best['number']}: {event.best['throughput_tok_s']:.1f} tok/s "
                  f"(batch {event.best['batch']}, {event.best['budget_pct']:.0f}%)")

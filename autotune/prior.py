@@ -82,6 +82,10 @@ MIN_FIT_TRIALS = 3
 # has stalled (typically walking along a latency limit its model puts within noise of the
 # candidates; trying them all would end on a noisy winner).
 PATIENCE = 5
+# A budget change costing less than this fraction of a trial is noise: the search ignores it.
+# Above it (TensorRT rebuilds every execution context on a change), a candidate at another
+# budget than the worker's scores its expected gain per second, the change's included.
+MATERIAL_CHANGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,8 @@ class Observation:
     streamed: float | None = None  # bytes per step
     feasible: bool = False  # ran and met every constraint
     applied: int | None = None  # the budget the engine applied (bytes), where it ran
+    seconds: float | None = None  # the trial's wall time, budget change included
+    change_s: float | None = None  # what changing the engine's budget cost, where it changed
 
     @classmethod
     def from_trial(cls, t: Any) -> Observation | None:
@@ -281,13 +287,15 @@ class Observation:
         batch, fraction = int(params["batch"]), float(params["budget_fraction"])
         status = a.get("status", t.state.name.lower())  # "running": asked, not finished
         applied = a.get("budget_applied_bytes")
+        costs = {"seconds": a.get("elapsed_s"),
+                 "change_s": a.get("budget_change_s") if a.get("budget_changed") else None}
         if status != "ok" or "tpot_ms" not in a:
-            return cls(batch, fraction, status, applied=applied)
+            return cls(batch, fraction, status, applied=applied, **costs)
         return cls(
             batch, fraction, "ok",
             throughput=float(a["throughput_tok_s"]), tpot_s=a["tpot_ms"] / 1e3,
             ttft_s=a["ttft_ms"] / 1e3, streamed=float(a.get("streamed_bytes_per_step") or 0),
-            feasible=all(v <= 0 for v in t.constraints.values()), applied=applied,
+            feasible=all(v <= 0 for v in t.constraints.values()), applied=applied, **costs,
         )
 
 
@@ -514,10 +522,13 @@ class Prior:
 
     # -- choosing -------------------------------------------------------------------------
 
-    def suggest(self, obs: list[Observation]) -> tuple[int, float] | None:
-        """The next configuration: the best predicted one that is allowed and untried."""
+    def suggest(self, obs: list[Observation], at: int | None = None
+                ) -> tuple[int, float] | None:
+        """The next configuration: the best predicted one that is allowed and untried, for a
+        worker whose engine holds budget ``at`` (bytes; None: unknown) where changing it costs
+        what the trials measured."""
         with self._lock:
-            return self._choose(obs)[0]
+            return self._choose(obs, at)[0]
 
     def converged(self, obs: list[Observation]) -> bool:
         """Whether nothing is left worth a trial: a feasible best exists, the model was fitted
@@ -542,7 +553,8 @@ class Prior:
                         f"{100 * MIN_ERROR:g}% better than the best before them")
             return None
 
-    def _choose(self, obs: list[Observation]) -> tuple[tuple[int, float] | None, bool]:
+    def _choose(self, obs: list[Observation], at: int | None = None
+                ) -> tuple[tuple[int, float] | None, bool]:
         """The next configuration and whether the search has converged (see above)."""
         self.refit(obs)
         pred = self.corrected()
@@ -580,6 +592,7 @@ class Prior:
             # likeliest to meet the limits, never on what cannot fit.
             likely = can_run & (p_meet >= 0.5)
             score = np.where(likely if likely.any() else can_run, p_meet * mu, -np.inf)
+        score = np.where(score > 0, score / self._time_cost(obs, at), score)
         if not (score > 0).any():  # nothing predicted to meet: the nearest to meeting
             score = np.where(can_run, -self._limit_ratio(pred), -np.inf)
         far = self._far_corner(obs, masks)
@@ -600,6 +613,20 @@ class Prior:
         i = int(np.flatnonzero(top[:, j])[0])
         converged = exhausted and best > 0 and c.fitted_on >= MIN_FIT_TRIALS
         return (int(self.batches[i]), float(round(self.fractions[j], 6))), converged
+
+    def _time_cost(self, obs: list[Observation], at: int | None) -> np.ndarray:
+        """Each candidate budget's expected trial time, in trials: 1, plus the measured cost of
+        a budget change over the median trial's time where the candidate's applied budget
+        differs from ``at`` and that cost is material (``MATERIAL_CHANGE``)."""
+        changes = [o.change_s for o in obs if o.change_s is not None]
+        trials = [o.seconds for o in obs if o.seconds]
+        if at is None or not changes or not trials:
+            return np.ones(len(self.fractions))
+        ratio = float(np.mean(changes)) / max(float(np.median(trials)), 1e-9)
+        if ratio < MATERIAL_CHANGE:
+            return np.ones(len(self.fractions))
+        moves = np.abs(self.applied - at) > FRACTION_STEP * self.total / 2
+        return 1.0 + ratio * moves
 
     def _unmeetable(self, masks: dict[str, np.ndarray]) -> bool:
         """Whether no configuration that fits can meet the limits, by the lower bounds

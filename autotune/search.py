@@ -18,7 +18,11 @@ Optuna's ``tell`` stores and those two record.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import optuna
@@ -88,13 +92,26 @@ def observations(study: Any) -> list[Observation]:
 class AutotuneSampler(optuna.samplers.BaseSampler):
     """The prior's choice for batch x budget; TPE for anything else (see the module docstring).
 
-    Pruned configurations are never proposed, so they never cost a trial.
+    Pruned configurations are never proposed, so they never cost a trial. Where changing the
+    engine's budget costs time (TensorRT), a worker is offered what is worth most per second
+    from the budget its engine holds: each worker thread says which (:meth:`held_by`).
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self._fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5,
                                                     multivariate=True)
         self.prior: Prior | None = None
+        self._worker = threading.local()  # Optuna's ask() has no way to say who asks
+
+    @contextlib.contextmanager
+    def held_by(self, budget: int | None) -> Iterator[None]:
+        """Within the block, this thread's trials are asked for a worker whose engine holds
+        ``budget`` (bytes; None: unknown)."""
+        self._worker.budget = budget
+        try:
+            yield
+        finally:
+            self._worker.budget = None
 
     def attach(self, prior: Prior) -> None:
         self.prior = prior
@@ -111,7 +128,7 @@ class AutotuneSampler(optuna.samplers.BaseSampler):
                         ) -> dict[str, Any]:
         if self.prior is None or not search_space:
             return self._fallback.sample_relative(study, trial, search_space)
-        pick = self.prior.suggest(observations(study))
+        pick = self.prior.suggest(observations(study), getattr(self._worker, "budget", None))
         if pick is None:  # everything allowed was tried: let TPE refine
             log.info("the prior has no untried configuration left; TPE proposes")
             space = self._fallback.infer_relative_search_space(study, trial)
@@ -156,17 +173,14 @@ class InProcessRunner:
         return self._calibration
 
 
-def ask(study: Any, max_batch: int, prior: Prior | None = None) -> tuple[Any, int, float]:
-    """A new trial and its configuration (see :func:`suggest`)."""
-    trial = study.ask()
-    return (trial, *suggest(study, trial, max_batch, prior))
-
-
-def suggest(study: Any, trial: Any, max_batch: int, prior: Prior | None = None
-            ) -> tuple[int, float]:
-    """The trial's configuration, with the prior's prediction in its attributes."""
-    batch = trial.suggest_int("batch", 1, max_batch, log=True)
-    fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
+def suggest(study: Any, trial: Any, max_batch: int, prior: Prior | None = None,
+            held: int | None = None) -> tuple[int, float]:
+    """The trial's configuration, for a worker whose engine holds budget ``held`` (bytes;
+    None: unknown), with the prior's prediction in its attributes."""
+    sampler = study.sampler
+    with sampler.held_by(held) if isinstance(sampler, AutotuneSampler) else nullcontext():
+        batch = trial.suggest_int("batch", 1, max_batch, log=True)
+        fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
     if prior is not None:
         if not isinstance(study.sampler, AutotuneSampler):  # it refits when it samples
             prior.refit(observations(study))
@@ -297,11 +311,14 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
     with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
     from autotune.study import record
 
-    outcomes = []
+    outcomes: list[TrialOutcome] = []
     for _ in range(trials):
         if early_stop and prior is not None and prior.converged(observations(study)):
             break
-        trial, batch, fraction = ask(study, max_batch, prior)
+        held = next((o.applied_budget for o in reversed(outcomes)
+                     if o.applied_budget is not None), None)
+        trial = study.ask()
+        batch, fraction = suggest(study, trial, max_batch, prior, held)
         request = TrialRequest(batch=batch, budget=int(round(fraction * total)), isl=isl,
                                osl=osl, repeats=1, warmup=0, seed=seed)
         outcome = measure(runner, request, trial)

@@ -507,9 +507,10 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                 prior = state.get("prior")
                 if prior is not None and (why := prior.nothing_fits()):
                     raise UserInputError(why)  # before any trial: none could run
-                first = True
+                first, held = True, None  # held: the budget this worker's engine holds
                 while work and (trial := claim()) is not None:
-                    batch, fraction = search.suggest(study, trial, options.max_batch, prior)
+                    batch, fraction = search.suggest(study, trial, options.max_batch, prior,
+                                                     held)
                     request = options.trial_request(batch, int(round(fraction * total)))
                     if first:  # the slow one: kernels compile and caches warm up in it
                         on_step(f"{device}: trial #{trial.number} (batch {batch}, budget "
@@ -519,6 +520,10 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     with resume.heartbeat(trial):
                         outcome = search.measure(worker, request, trial)
                     record(study, trial, request, outcome, total, device, limits=options.limits)
+                    if outcome.status in ("crash", "timeout"):  # a new worker: budget unknown
+                        held = None
+                    elif outcome.applied_budget is not None:
+                        held = outcome.applied_budget
                     search.after_trial(study, prior, worker)
                     with lock:
                         state["ran"] += 1

@@ -210,3 +210,55 @@ def test_limits_out_of_reach_cost_one_trial_that_shows_it() -> None:
                               isl=land.isl, osl=land.osl, total=total, limits=limits,
                               prior=prior, early_stop=False)
     assert [o.status for o in outcomes] == ["ok"] * 4
+
+
+class _CostlyChanges:
+    """A runner whose engine pays ``change_s`` seconds whenever its budget changes, as a
+    TensorRT engine rebuilding its execution contexts does (the replayed trial itself takes
+    ``trial_s``); the time is accounted, not slept."""
+
+    def __init__(self, runner, change_s: float, trial_s: float) -> None:
+        self.runner, self.change_s, self.trial_s = runner, change_s, trial_s
+        self.changes = 0
+
+    def run(self, request):
+        outcome = self.runner.run(request)
+        outcome.elapsed_s = self.trial_s
+        if outcome.budget_changed:
+            self.changes += 1
+            outcome.budget_change_s = self.change_s
+            outcome.elapsed_s += self.change_s
+        return outcome
+
+    def plan(self, *args):
+        return self.runner.plan(*args)
+
+    def calibrate(self):
+        return self.runner.calibrate()
+
+
+@pytest.mark.parametrize("limits", [Limits(), Limits(max_tpot_ms=150.0)],
+                         ids=["none", "tpot150"])
+def test_costly_budget_changes_are_avoided_where_they_buy_little(limits: Limits) -> None:
+    """Where a budget change costs three trials' time, the search changes the budget fewer
+    times than where it is free, and still ends at the optimum."""
+    from autotune.search import run_in_process
+
+    def study_with(change_s: float) -> tuple[int, float]:
+        base, land = make_runner(str(SYNTHETIC))
+        runner = _CostlyChanges(base, change_s=change_s, trial_s=1.0)
+        study = _study()
+        total = land.total_device_budget
+        prior = start_prior(study, runner, total=total, isl=land.isl, osl=land.osl,
+                            max_batch=land.batches[-1], limits=limits,
+                            h2d_gb_s=land.calibration.get("h2d_gb_s"))
+        run_in_process(study, runner, trials=12, max_batch=land.batches[-1], isl=land.isl,
+                       osl=land.osl, total=total, limits=limits, prior=prior)
+        best = max(t.value for t in study.trials
+                   if t.value and all(v <= 0 for v in t.constraints.values()))
+        return runner.changes, best / land.best(limits).throughput_tok_s
+
+    free_changes, free_found = study_with(change_s=0.0)
+    costly_changes, costly_found = study_with(change_s=3.0)
+    assert costly_changes < free_changes, (costly_changes, free_changes)
+    assert costly_found >= 0.97 and free_found >= 0.97, (costly_found, free_found)
