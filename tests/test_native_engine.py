@@ -61,7 +61,8 @@ def test_it_is_an_engine_and_starts_at_the_automatic_budget(engine) -> None:
     assert engine.get_automatic_weight_streaming_budget() == engine.total_device_budget
     assert engine.device_budget == engine.total_device_budget  # on CPU everything fits
     facts = engine.describe()
-    assert facts["units"] == 2 * engine.spec.num_hidden_layers
+    assert facts["units"] == 2 * engine.spec.num_hidden_layers + 1 + facts["head_chunks"]
+    assert facts["embedding_in_budget"] and facts["head_in_budget"] and facts["fused"]
     assert facts["cuda_graphs"] is False
 
 
@@ -90,7 +91,9 @@ def test_budget_read_back_and_clamp(engine, caplog) -> None:
         engine.device_budget = requested
         applied = engine.device_budget
         assert applied <= requested
-        assert applied + engine.streamed_bytes_per_step() == total
+        gathered = engine._store.gathered_bytes  # the embedding, read on the host
+        assert applied + engine.streamed_bytes_per_step() + gathered == total
+        assert engine.streamed_bytes_at(requested) == engine.streamed_bytes_per_step()
         assert applied == sum(s for s, d in zip(sizes, engine._store.devices, strict=True) if d is not None)
     with caplog.at_level(logging.ERROR):
         engine.device_budget = total + 12345
@@ -130,7 +133,7 @@ def test_weight_streaming_context_mirrors_torch_tensorrt(engine) -> None:
         assert ws.device_budget == engine.device_budget <= total // 2 + 1
         assert ws.get_automatic_weight_streaming_budget() == total
         ws.device_budget = 0
-        assert engine.streamed_bytes_per_step() == total
+        assert engine.streamed_bytes_per_step() == total - engine._store.gathered_bytes
     assert engine.device_budget == total  # restored on exit
 
 
@@ -148,12 +151,49 @@ def test_decode_guards_and_bad_input(engine) -> None:
         _load(slots=0)
 
 
+@pytest.mark.parametrize("options", [{"fused": "false"}, {"stream_embed_head": "false"},
+                                     {"fused": "no", "stream_embed_head": "off"}])
+def test_the_older_layouts_give_the_same_tokens(engine, options) -> None:
+    prompt = random_prompt(2, 9, engine.spec.vocab_size, seed=6, device="cpu")
+    reference = _hf_tokens(prompt, 12)
+    old = _load(**options)
+    facts = old.describe()
+    assert facts["fused"] == ("fused" not in options)
+    assert facts["head_in_budget"] == ("stream_embed_head" not in options)
+    for fraction in (0.0, 0.5, 1.0):
+        old.device_budget = int(fraction * old.total_device_budget)
+        assert torch.equal(_generate(old, prompt, 12), reference), fraction
+    old.close()
+    with pytest.raises(UserInputError, match="true or false"):
+        _load(fused="maybe")
+
+
+def test_embedding_and_head_in_the_budget_free_memory_for_batch(engine) -> None:
+    """Below the total, their bytes leave the plan: the same memory holds a larger batch."""
+    old = _load(stream_embed_head="false")
+    store, old_store = engine._store, old._store
+    outer = store.sizes[store.embed.index] + sum(u.nbytes for u in store.head)
+    assert engine.total_device_budget == old.total_device_budget + outer
+    new_plan, old_plan = engine.memory_plan(4, 8, 8, 0), old.memory_plan(4, 8, 8, 0)
+    assert old_plan.resident_weights - new_plan.resident_weights == sum(
+        plan.alloc_size(old_store.sizes[u.index]) for u in (old_store.embed, *old_store.head)) > 0
+    assert new_plan.kv_cache == old_plan.kv_cache
+
+    def largest_batch(e, memory: int) -> int:
+        return max(b for b in range(1, 512) if e.memory_plan(b, 8, 40, 0).total <= memory)
+
+    memory = old.memory_plan(8, 8, 40, 0).total
+    assert largest_batch(old, memory) == 8 < largest_batch(engine, memory)
+    old.close()
+
+
 def test_measure_gives_the_same_tokens_at_every_budget(engine) -> None:
     digests = set()
     for fraction in (0.0, 0.5, 1.0):
         engine.device_budget = int(fraction * engine.total_device_budget)
         m = measure(engine, 2, 6, 5, repeats=1, warmup=1)
-        assert m.streamed_bytes_per_step == engine.total_device_budget - engine.device_budget
+        assert m.streamed_bytes_per_step == (engine.total_device_budget - engine.device_budget
+                                             - engine._store.gathered_bytes)
         digests.add(m.tokens_sha256)
     assert len(digests) == 1
 
