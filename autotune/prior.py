@@ -312,7 +312,7 @@ class Prior:
     def __init__(self, *, calibration: Calibration, plans: np.ndarray, available: int | None,
                  total: int, isl: int, osl: int, max_batch: int, limits: Limits | None = None,
                  batches: np.ndarray | None = None, fractions: np.ndarray | None = None,
-                 applied: np.ndarray | None = None) -> None:
+                 applied: np.ndarray | None = None, streamed: np.ndarray | None = None) -> None:
         self.batches = candidate_batches(max_batch) if batches is None else batches
         self.fractions = candidate_fractions() if fractions is None else fractions
         # The budget (bytes) each candidate fraction becomes: engines round down to whole
@@ -328,7 +328,11 @@ class Prior:
         self._lock = threading.Lock()
         self._b = self.batches.astype(float)[:, None]  # [nb, 1]
         self._f = self.fractions.astype(float)[None, :]  # [1, nf]
-        self._streamed = total * (1.0 - self._f)  # [1, nf] bytes per step (units ignored)
+        # [1, nf] bytes per step: the engine's own figures where it gives them (a budget below
+        # the total may leave weights on the host that are read, not streamed: the bounds
+        # must not count them), else every byte not resident.
+        self._streamed = (total * (1.0 - self._f) if streamed is None
+                          else np.asarray(streamed, dtype=float)[None, :])
         self.fits = (self.plans <= available) if available is not None else np.ones(
             self.plans.shape, dtype=bool)
         self._correction: tuple[np.ndarray, np.ndarray] | None = None
@@ -821,8 +825,10 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
     # The same for every batch (plan_requests is batch-major): one row is enough.
     applied = (np.array(reply["applied"], np.int64).reshape(plans.shape)[0]
                if "applied" in reply else None)
+    streamed = (np.array(reply["streamed"], float).reshape(plans.shape)[0]
+                if "streamed" in reply else None)
     cal = Calibration.from_dict({"h2d_gb_s": calibration.get("h2d_gb_s") or h2d_gb_s,
                                  **{k: v for k, v in calibration.items() if k != "h2d_gb_s"}})
     return Prior(calibration=cal, plans=plans, available=reply["available"], total=total,
                  isl=isl, osl=osl, max_batch=max_batch, limits=limits, batches=batches,
-                 fractions=fractions, applied=applied)
+                 fractions=fractions, applied=applied, streamed=streamed)

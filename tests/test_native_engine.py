@@ -6,7 +6,10 @@ slot or cache slip shows in the tokens. GPU tests (marked) check CUDA graphs aga
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -18,6 +21,7 @@ from autotune.engines import Engine, EngineConfig, load_engine
 from autotune.errors import UserInputError
 from autotune.measure import measure, random_prompt
 from autotune.streaming import plan, weight_streaming
+from autotune.worker import plan_configs
 
 SOURCE = models.RandomWeights(seed=0, std=0.1)
 
@@ -82,6 +86,16 @@ def test_a_batch_is_its_rows_generated_alone(engine) -> None:
     together = _generate(engine, prompt, 10)
     for row in range(3):
         assert torch.equal(_generate(engine, prompt[row:row + 1], 10)[0], together[row])
+
+
+def test_the_worker_plans_the_bytes_each_budget_streams(engine) -> None:
+    total = engine.total_device_budget
+    budgets = [0, total // 3, total - 1, total]
+    reply = plan_configs(engine, [(2, b) for b in budgets], 8, 8)
+    for budget, streamed in zip(budgets, reply["streamed"], strict=True):
+        engine.device_budget = budget
+        assert streamed == engine.streamed_bytes_per_step()
+    assert reply["streamed"][0] == total - engine._store.sizes[engine._store.embed.index]
 
 
 def test_budget_read_back_and_clamp(engine, caplog) -> None:
@@ -203,6 +217,27 @@ def test_cpu_steps_are_timed_in_full(engine) -> None:
     assert engine.uniform_decode_steps is False
     m = measure(engine, 1, 6, 5, repeats=1, warmup=0, decode_steps=2)
     assert not m.estimated and m.decode_steps_timed == 4
+
+
+def test_the_decode_benchmark_runs_on_cpu(tmp_path) -> None:
+    """benchmarks/decode.py's smoke check: both parts, every variant, the same tokens."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import decode
+
+    out = tmp_path / "decode.json"
+    assert decode.main(["--device", "cpu", "--dtype", "float32", "--model", "tiny-llama",
+                        "--stream-model", "tiny-llama", "--memory-limit", "300MiB", "--isl", "8",
+                        "--osl", "4", "--batches", "2", "--repeats", "1", "--max-batch", "6",
+                        "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    rows = figures["resident"]["rows"]
+    assert [r["variant"] for r in rows] == list(decode.RESIDENT)
+    assert len({r["tokens_sha256"] for r in rows}) == 1 and rows[0]["ratio"] == 1.0
+    rows = figures["streaming"]["rows"]
+    assert [r["describe"]["head_in_budget"] for r in rows] == [False, True]
+    assert [r["batch"] for r in rows] == [6, 6]  # the largest that fits: --max-batch here
+    assert rows[1]["streamed_bytes_per_step"] > rows[0]["streamed_bytes_per_step"]  # the head
+    assert len({r["tokens_sha256"] for r in rows}) == 1
 
 
 # -- GPU ---------------------------------------------------------------------------------------

@@ -210,3 +210,17 @@ def test_limits_out_of_reach_cost_one_trial_that_shows_it() -> None:
                               isl=land.isl, osl=land.osl, total=total, limits=limits,
                               prior=prior, early_stop=False)
     assert [o.status for o in outcomes] == ["ok"] * 4
+
+
+def test_the_bounds_count_only_the_bytes_the_engine_streams() -> None:
+    """A budget below the total may leave weights that are read where they lie, not streamed
+    (the native engine's embedding): the bounds take the bytes the engine says it streams."""
+    cal = Calibration(53.0, (1, 64, 2048), (4e-3, 5e-3, 50e-3))
+    common = dict(calibration=cal, plans=np.zeros((1, 3)), available=None, total=10**10,
+                  isl=128, osl=256, max_batch=1, batches=np.arange(1, 2),
+                  fractions=np.array([0.0, 0.5, 1.0]))
+    every_byte = Prior(**common)._lower_bounds([])["tpot_s"][0]
+    told = Prior(**common, streamed=np.array([9e9, 4e9, 0.0]))._lower_bounds([])["tpot_s"][0]
+    assert told[0] == pytest.approx(0.9 * every_byte[0])  # stream-bound: 10% fewer bytes
+    assert told[1] == pytest.approx(0.8 * every_byte[1])
+    assert told[2] == every_byte[2]  # nothing streamed: the matmuls bound it
