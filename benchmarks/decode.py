@@ -174,9 +174,19 @@ def streaming(args: argparse.Namespace) -> dict[str, Any]:
     for name, options in STREAMING.items():
         engine = load_engine(_config(args, args.stream_model, options, limit))
         engine.device_budget = 0
-        batch = largest_batch(engine, args)
-        m = _measure(engine, batch, args)
-        row = {"variant": name, **_row(m), "total_device_budget": engine.total_device_budget,
+        batch, oom_at = largest_batch(engine, args), []
+        while True:
+            try:
+                m = _measure(engine, batch, args)
+                break
+            except torch.OutOfMemoryError:  # the plan was short: record it, go 5% lower
+                if len(oom_at) == 3:
+                    raise
+                oom_at.append(batch)
+                engine.device_budget = 0  # frees the cache and graphs of the failed batch
+                batch = max(1, batch * 95 // 100)
+        row = {"variant": name, **_row(m), "planned_batch": (oom_at or [batch])[0],
+               "oom_at": oom_at, "total_device_budget": engine.total_device_budget,
                "describe": engine.describe()}
         if link:
             row["link_fraction"] = m.streamed_bytes_per_step / (link * 1e9) / m.tpot_s
