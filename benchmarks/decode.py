@@ -106,12 +106,18 @@ def _measure(engine: Any, batch: int, args: argparse.Namespace) -> Any:
                    decode_steps=args.decode_steps)
 
 
-def _row(m: Any) -> dict[str, Any]:
-    return {"batch": m.batch, "tok_s": m.throughput_tok_s, "tpot_ms": m.tpot_s * 1e3,
-            "ttft_ms": m.ttft_s * 1e3, "e2e_samples_s": m.e2e_samples_s,
-            "estimated": m.estimated, "decode_steps_timed": m.decode_steps_timed,
-            "streamed_bytes_per_step": m.streamed_bytes_per_step,
-            "peak_reserved_bytes": m.peak_reserved_bytes, "tokens_sha256": m.tokens_sha256}
+def _add(group: list[dict[str, Any]], variant: str, m: Any, **extra: Any) -> dict[str, Any]:
+    """Appends one variant's figures to ``group``; its ratio is to the group's first."""
+    row = {"variant": variant, "batch": m.batch, "tok_s": m.throughput_tok_s,
+           "tpot_ms": m.tpot_s * 1e3, "ttft_ms": m.ttft_s * 1e3,
+           "e2e_samples_s": m.e2e_samples_s, "estimated": m.estimated,
+           "decode_steps_timed": m.decode_steps_timed,
+           "streamed_bytes_per_step": m.streamed_bytes_per_step,
+           "peak_reserved_bytes": m.peak_reserved_bytes, "tokens_sha256": m.tokens_sha256,
+           **extra}
+    row["ratio"] = m.throughput_tok_s / (group[0]["tok_s"] if group else m.throughput_tok_s)
+    group.append(row)
+    return row
 
 
 def resident(args: argparse.Namespace) -> dict[str, Any]:
@@ -129,21 +135,19 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[resident] {args.model}: B_mem {bw:.0f} GB/s; weights {weights / 1e9:.2f} GB; "
           f"step bound {weights / bw / 1e6:.3f} ms", flush=True)
     for batch in args.batches:
-        base = None
+        group: list[dict[str, Any]] = []
         for name, engine in engines.items():
             m = _measure(engine, batch, args)
-            row = {"variant": name, **_row(m), "bound_fraction": weights / (bw * 1e9) / m.tpot_s}
+            row = _add(group, name, m, bound_fraction=weights / (bw * 1e9) / m.tpot_s)
             if args.device != "cpu":
                 kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
                 row["kernels_per_step"] = sum(kernels.values())
                 row["costliest"] = [(k, kernels[k], us) for k, us in times.most_common(8)]
-            base = base or m.throughput_tok_s
-            row["ratio"] = m.throughput_tok_s / base
-            out["rows"].append(row)
             print(f"  batch {batch:3d} {name:>10}: {m.throughput_tok_s:9.1f} tok/s "
                   f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.3f} ms/token = "
                   f"{row['bound_fraction']:.1%} of the HBM bound, kernels/step "
                   f"{row.get('kernels_per_step', 'n/a (CPU)')}", flush=True)
+        out["rows"] += group
     for engine in engines.values():
         engine.close()
     return out
@@ -170,7 +174,6 @@ def streaming(args: argparse.Namespace) -> dict[str, Any]:
                            "h2d_gb_s": link, "rows": []}
     print(f"[streaming] {args.stream_model} at {args.memory_limit}, budget 0: H2D "
           f"{link or float('nan'):.1f} GB/s", flush=True)
-    base = None
     for name, options in STREAMING.items():
         engine = load_engine(_config(args, args.stream_model, options, limit))
         engine.device_budget = 0
@@ -185,14 +188,10 @@ def streaming(args: argparse.Namespace) -> dict[str, Any]:
                 oom_at.append(batch)
                 engine.device_budget = 0  # frees the cache and graphs of the failed batch
                 batch = max(1, batch * 95 // 100)
-        row = {"variant": name, **_row(m), "planned_batch": (oom_at or [batch])[0],
-               "oom_at": oom_at, "total_device_budget": engine.total_device_budget,
-               "describe": engine.describe()}
+        row = _add(out["rows"], name, m, planned_batch=(oom_at or [batch])[0], oom_at=oom_at,
+                   total_device_budget=engine.total_device_budget, describe=engine.describe())
         if link:
             row["link_fraction"] = m.streamed_bytes_per_step / (link * 1e9) / m.tpot_s
-        base = base or m.throughput_tok_s
-        row["ratio"] = m.throughput_tok_s / base
-        out["rows"].append(row)
         print(f"  {name:>21}: batch {batch}, {m.throughput_tok_s:9.1f} tok/s "
               f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.2f} ms/token, streamed "
               f"{m.streamed_bytes_per_step / 1e9:.2f} GB/step = "
