@@ -26,10 +26,17 @@ from autotune.worker import plan_configs
 SOURCE = models.RandomWeights(seed=0, std=0.1)
 
 
-def _load(device: str = "cpu", **options) -> native.NativeEngine:
+# A head four times an MLP block: the LM head streams in vocabulary chunks.
+BIG_VOCAB = models.ModelSpec("tiny-big-vocab", 128, 352, 3, 4, 2, 4000,
+                             max_position_embeddings=256)
+
+
+def _load(device: str = "cpu", spec: models.ModelSpec | None = None,
+          **options) -> native.NativeEngine:
     config = EngineConfig(model="tiny-llama", dtype="float32", device=device, max_seq_len=48,
                           options=tuple(options.items()))
-    with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE):
+    with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE), \
+            mock.patch.object(native, "get_spec", lambda name, weights: spec or models.get_spec(name)):
         return load_engine(config)
 
 
@@ -47,8 +54,9 @@ def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
     return gen.tokens.clone()
 
 
-def _hf_tokens(prompt: torch.Tensor, osl: int) -> torch.Tensor:
-    hf = models.build_hf_model(models.PRESETS["tiny-llama"], "float32", "cpu", SOURCE)
+def _hf_tokens(prompt: torch.Tensor, osl: int,
+               spec: models.ModelSpec = models.PRESETS["tiny-llama"]) -> torch.Tensor:
+    hf = models.build_hf_model(spec, "float32", "cpu", SOURCE)
     with torch.no_grad():
         out = hf(input_ids=prompt, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1)
@@ -182,6 +190,17 @@ def test_the_older_layouts_give_the_same_tokens(engine, options) -> None:
         _load(fused="maybe")
 
 
+def test_a_large_head_streams_in_chunks_at_every_budget() -> None:
+    big = _load(spec=BIG_VOCAB)
+    assert big.describe()["head_chunks"] >= 4
+    prompt = random_prompt(2, 8, BIG_VOCAB.vocab_size, seed=7, device="cpu")
+    reference = _hf_tokens(prompt, 10, BIG_VOCAB)
+    for fraction in (0.0, 0.35, 0.7, 1.0):
+        big.device_budget = int(fraction * big.total_device_budget)
+        assert torch.equal(_generate(big, prompt, 10), reference), fraction
+    big.close()
+
+
 def test_embedding_and_head_in_the_budget_free_memory_for_batch(engine) -> None:
     """Below the total, their bytes leave the plan: the same memory holds a larger batch."""
     old = _load(stream_embed_head="false")
@@ -244,9 +263,11 @@ def test_the_decode_benchmark_runs_on_cpu(tmp_path) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_graphs_equal_eager_at_every_budget() -> None:
-    eager, graphs = _load("cuda", cuda_graphs=False), _load("cuda")
+@pytest.mark.parametrize("spec", [None, BIG_VOCAB], ids=["tiny", "big-vocab"])
+def test_gpu_graphs_equal_eager_at_every_budget(spec) -> None:
+    eager, graphs = _load("cuda", spec, cuda_graphs=False), _load("cuda", spec)
     assert graphs.describe()["cuda_graphs"] is True
+    assert graphs.describe()["embedding_in_budget"]  # the device reads the host's table
     prompt = random_prompt(3, 12, eager.spec.vocab_size, seed=1, device="cuda")
     reference = _generate(eager, prompt, 20)
     for fraction in (0.0, 0.3, 1.0, 0.6):  # budget changes re-capture the graphs

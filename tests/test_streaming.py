@@ -210,13 +210,16 @@ def test_budget_changes_between_generations(prompt, reference) -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_fp16_logits_match_transformers_eager_at_every_budget() -> None:
-    prompt = torch.randint(1, SPEC.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("spec", [SPEC, BIG_VOCAB], ids=["tiny", "big-vocab"])
+def test_gpu_fp16_logits_match_transformers_eager_at_every_budget(spec) -> None:
+    prompt = torch.randint(1, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
     prompt = prompt.cuda()
-    _, ref_logits = _hf_greedy(prompt, 1, "cuda", "float16")
-    store = WeightStore(SPEC, "float16", torch.device("cuda"), SOURCE)
+    _, ref_logits = _hf_greedy(prompt, 1, "cuda", "float16", spec=spec)
+    store = WeightStore(spec, "float16", torch.device("cuda"), SOURCE)
+    assert store.budgeted[store.embed.index]  # the device reads the host's table (no fallback)
     for fraction in (0.0, 0.5, 1.0):
         store.apply_budget(int(fraction * store.total))
+        assert (store.gathered_bytes > 0) == (fraction < 1.0)
         _, logits = _run(store, prompt, 4)
         torch.testing.assert_close(logits, ref_logits, rtol=2e-2, atol=2e-2)
     store.close()

@@ -182,6 +182,18 @@ def select_resident(sizes: Sequence[int], budget: int,
     return resident
 
 
+class _CudaArray:
+    """Pinned host bytes offered as device memory: ``torch.as_tensor`` aliases (never copies)
+    what a ``__cuda_array_interface__`` points at. Bytes, not the weights' dtype: the interface
+    has no bfloat16."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host = host  # kept alive as long as the alias (torch holds this object)
+        self.__cuda_array_interface__ = {"shape": (host.numel(),), "typestr": "|u1",
+                                         "data": (host.data_ptr(), False), "version": 2,
+                                         "strides": None}
+
+
 class WeightStore:
     """All weights of a model: the final norm on the device, the units pinned on the host,
     resident units on the device, streamed units through ``slots`` device slots.
@@ -288,14 +300,8 @@ class WeightStore:
         host = self.hosts[self.embed.index]
         if not self.cuda:
             return host
-
-        class _Mapped:  # torch.as_tensor aliases (never copies) a __cuda_array_interface__
-            __cuda_array_interface__ = {"shape": (host.numel(),), "typestr": "|u1",
-                                        "data": (host.data_ptr(), False), "version": 2,
-                                        "strides": None}
-
         try:
-            alias = torch.as_tensor(_Mapped(), device=self.device)
+            alias = torch.as_tensor(_CudaArray(host), device=self.device)
             probe = slice(0, min(host.numel(), 2**16))
             read = (alias[probe] + 0).cpu()  # an elementwise kernel reads it, as the gather will
             ok = torch.equal(read, host[probe])
