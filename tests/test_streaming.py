@@ -199,6 +199,20 @@ def test_the_older_layout_keeps_embedding_and_head_outside_the_budget(big_prompt
     assert torch.equal(_run(store, big_prompt, 10)[0], big_reference[0])
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize(("dtype", "tol"), [("float16", 2e-2), ("bfloat16", 1e-1)])
+def test_half_precision_logits_are_close_to_transformers(prompt, dtype, tol, fused) -> None:
+    """Within the dtype's rounding (logits up to ~4: bfloat16's step there is 0.03)."""
+    hf = models.build_hf_model(SPEC, dtype, "cpu", SOURCE)
+    with torch.no_grad():
+        ref = hf(input_ids=prompt).logits[:, -1].float()
+    store = WeightStore(SPEC, dtype, torch.device("cpu"), SOURCE, fused=fused)
+    for fraction in (0.0, 1.0):
+        store.apply_budget(int(fraction * store.total))
+        logits = _run(store, prompt, 1)[1]
+        torch.testing.assert_close(logits, ref, rtol=0, atol=tol)
+
+
 def test_budget_changes_between_generations(prompt, reference) -> None:
     store = WeightStore(SPEC, "float32", torch.device("cpu"), SOURCE)
     for fraction in (0.7, 0.0, 1.0, 0.3, 0.0):
