@@ -224,3 +224,8 @@ def test_the_bounds_count_only_the_bytes_the_engine_streams() -> None:
     assert told[0] == pytest.approx(0.9 * every_byte[0])  # stream-bound: 10% fewer bytes
     assert told[1] == pytest.approx(0.8 * every_byte[1])
     assert told[2] == every_byte[2]  # nothing streamed: the matmuls bound it
+    # The model predicts with them too, interpolated between the candidates.
+    prior = Prior(**common, streamed=np.array([9e9, 4e9, 0.0]))
+    for fraction, streamed in ((0.0, 9e9), (0.25, 6.5e9)):
+        tpot = prior.predict(np.array(1.0), np.array(fraction))["tpot_s"]
+        assert float(tpot) == pytest.approx(streamed / 53e9)
