@@ -3,7 +3,8 @@
 At study start the worker measures the host-to-device bandwidth (the study's environment) and
 the time of one forward pass's matrix multiplies at a few row counts (:func:`measure_compute`,
 under a second), and plans the peak memory of every candidate (batch x budget fraction) in one
-round trip. From those, a step of decode takes ``max(streamed bytes / bandwidth, alpha + beta *
+round trip, with the bytes the engine would stream at each budget where it says (weights it
+reads on the host, as the native engine's embedding, are not streamed). From those, a step of decode takes ``max(streamed bytes / bandwidth, alpha + beta *
 batch)`` (copies overlap compute on the side stream) and prefill ``max(streamed / bandwidth,
 pi0 + pi1 * batch)``; throughput, TTFT, TPOT and end-to-end latency follow. After each trial
 the constants are refitted from the measured trials, and a local correction (measured over
@@ -320,7 +321,7 @@ class Prior:
     def __init__(self, *, calibration: Calibration, plans: np.ndarray, available: int | None,
                  total: int, isl: int, osl: int, max_batch: int, limits: Limits | None = None,
                  batches: np.ndarray | None = None, fractions: np.ndarray | None = None,
-                 applied: np.ndarray | None = None) -> None:
+                 applied: np.ndarray | None = None, streamed: np.ndarray | None = None) -> None:
         self.batches = candidate_batches(max_batch) if batches is None else batches
         self.fractions = candidate_fractions() if fractions is None else fractions
         # The budget (bytes) each candidate fraction becomes: engines round down to whole
@@ -336,7 +337,13 @@ class Prior:
         self._lock = threading.Lock()
         self._b = self.batches.astype(float)[:, None]  # [nb, 1]
         self._f = self.fractions.astype(float)[None, :]  # [1, nf]
-        self._streamed = total * (1.0 - self._f)  # [1, nf] bytes per step (units ignored)
+        # [1, nf] bytes per step: the engine's own figures where it gives them (a budget below
+        # the total may leave weights on the host that are read, not streamed: the bounds
+        # must not count them), else every byte not resident.
+        self._told = None if streamed is None else np.asarray(streamed, dtype=float)
+        assert self._told is None or (self._told.shape == self.fractions.shape
+                                      and bool(np.all(np.diff(self.fractions) > 0)))
+        self._streamed = self.streamed_bytes(self._f)
         self.fits = (self.plans <= available) if available is not None else np.ones(
             self.plans.shape, dtype=bool)
         self._correction: tuple[np.ndarray, np.ndarray] | None = None
@@ -362,11 +369,19 @@ class Prior:
 
     # -- the model ------------------------------------------------------------------------
 
-    def predict(self, b: np.ndarray, f: np.ndarray, c: Constants | None = None
-                ) -> dict[str, np.ndarray]:
-        """Predicted figures (seconds, tok/s) at batches ``b`` and fractions ``f``."""
+    def streamed_bytes(self, f: np.ndarray) -> np.ndarray:
+        """Bytes streamed per step at fractions ``f``: the engine's figures, interpolated
+        between the candidates, where it gave them; else every byte not resident."""
+        if self._told is None:
+            return self.total * (1.0 - f)
+        return np.interp(f, self.fractions, self._told)
+
+    def predict(self, b: np.ndarray, f: np.ndarray, c: Constants | None = None,
+                streamed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Predicted figures (seconds, tok/s) at batches ``b`` and fractions ``f`` (streaming
+        ``streamed`` bytes per step where given)."""
         c = c or self.constants
-        stream = self.total * (1.0 - f) / c.bw
+        stream = (self.streamed_bytes(f) if streamed is None else streamed) / c.bw
         tpot = np.maximum(stream, c.alpha + c.beta * b)
         ttft = np.maximum(stream, c.pi0 + c.pi1 * b)
         e2e = ttft + (self.osl - 1) * tpot
@@ -432,7 +447,7 @@ class Prior:
             c.bw = _fit_bandwidth(s, tpot, c.alpha + c.beta * b, c.bw)
             c.alpha, c.beta = _fit_line(b, tpot, s / c.bw, c.alpha, c.beta)
             c.pi0, c.pi1 = _fit_line(b, ttft, s / c.bw, c.pi0, c.pi1)
-        pred = self.predict(b, 1.0 - s / max(self.total, 1), c)
+        pred = self.predict(b, 1.0 - s / max(self.total, 1), c, streamed=s)
         rel_tpot, rel_ttft = np.abs(pred["tpot_s"] / tpot - 1), np.abs(pred["ttft_s"] / ttft - 1)
         c.tpot_error = float(np.clip(rel_tpot.max(), MIN_ERROR, MAX_ERROR))
         c.ttft_error = float(np.clip(rel_ttft.max(), MIN_ERROR, MAX_ERROR))
@@ -848,8 +863,10 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
     # The same for every batch (plan_requests is batch-major): one row is enough.
     applied = (np.array(reply["applied"], np.int64).reshape(plans.shape)[0]
                if "applied" in reply else None)
+    streamed = (np.array(reply["streamed"], float).reshape(plans.shape)[0]
+                if "streamed" in reply else None)
     cal = Calibration.from_dict({"h2d_gb_s": calibration.get("h2d_gb_s") or h2d_gb_s,
                                  **{k: v for k, v in calibration.items() if k != "h2d_gb_s"}})
     return Prior(calibration=cal, plans=plans, available=reply["available"], total=total,
                  isl=isl, osl=osl, max_batch=max_batch, limits=limits, batches=batches,
-                 fractions=fractions, applied=applied)
+                 fractions=fractions, applied=applied, streamed=streamed)

@@ -291,6 +291,18 @@ def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
         )
 
 
+def check_total(study: Any, total: int) -> None:
+    """Refuses to go on with a study whose trials were measured against another
+    ``total_device_budget`` (the engine's units changed: native's embedding and LM head joined
+    the budget in issue 14): its stored budget fractions would mean other bytes."""
+    stored = study.user_attrs.get("total_device_budget")
+    if stored is not None and stored != total and study.trials:
+        raise UserInputError(
+            f"study {study.study_name!r} was measured with {stored} bytes of streamable weights; "
+            f"the engine now has {total} (its units changed), so the stored budgets would mean "
+            "other bytes: give another --study")
+
+
 def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
            total: int, device: str, limits: Limits | None = None) -> None:
     """Tells Optuna what a trial did, with every figure in the user attributes."""
@@ -487,6 +499,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                 loading = None if on_worker is None else (
                     lambda seconds: on_worker(device, seconds, None))
                 info = worker.start(on_wait=loading)
+                check_total(study, info.total_device_budget)
                 if on_worker is not None:
                     on_worker(device, info.load_s, info)
                 with lock:

@@ -197,15 +197,23 @@ def _first_line(e: BaseException) -> str:
 def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int,
                  margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
     """Memory plans of many (batch, budget) pairs in one round trip, the budgets the engine
-    would apply (engines round to whole units) and the headroom now."""
+    would apply (engines round to whole units), the bytes each would stream per step (engines
+    with ``streamed_bytes_at``) and the headroom now."""
     totals = [engine.memory_plan(b, isl, osl, budget).total for b, budget in configs]
     rounding = getattr(engine, "applied_budget", None)
+    streams = getattr(engine, "streamed_bytes_at", None)
     applied: dict[int, int] = {}
+    streamed: dict[int, int] = {}
     for _, budget in configs:
         if budget not in applied:
             applied[budget] = int(rounding(budget)) if rounding else budget
-    return {"totals": totals, "applied": [applied[budget] for _, budget in configs],
-            "available": _available_bytes(engine, margin)}
+            if streams:
+                streamed[budget] = int(streams(budget))
+    reply = {"totals": totals, "applied": [applied[budget] for _, budget in configs],
+             "available": _available_bytes(engine, margin)}
+    if streams:
+        reply["streamed"] = [streamed[budget] for _, budget in configs]
+    return reply
 
 
 def calibrate(engine: Any) -> dict[str, Any]:

@@ -1,23 +1,41 @@
-"""Issue 3, target 3: decoding speed with nothing streamed (budget = total, no memory limit).
+"""Issue 14: decoding speed, older and newer layouts of the native engine side by side, one run.
 
-Loads the native engine with every unit resident, measures greedy generation at batch 1
-(``--batches``) through :func:`autotune.measure.measure` with CUDA graphs, and reports tok/s,
-ms per output token and the fraction of the HBM bound (every weight byte read once per step,
-at B_hbm measured by a device-to-device copy in the same run). Then it counts the kernels of one
-eager decode step with ``torch.profiler`` and lists the costliest: the launch count is what
-bounds batch-1 speed once the weights are read at full bandwidth.
+Each variant is a set of engine options; every variant of a part is measured in the same
+process, in turn for each batch, so that their figures compare (across runs they drift).
 
-    python benchmarks/decode.py [--osl 256] [--repeats 5] [--json OUT.json]
+``resident`` (``--model``, default llama2-7b): nothing streamed, batches ``--batches``
+(1, 8, 32); variants ``unfused`` (``fused=false``: one GEMM per matrix) and ``fused``. Reports
+tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
+read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is
+not counted, a step reads only its tokens' rows: issue 14's 3.23 ms counted it, 2% more for
+llama2-7b), and the kernels of one
+eager decode step (``torch.profiler``): the launch count bounds batch-1 speed once the weights
+are read at full bandwidth.
 
-To compare two versions of the engine in one run, call it once per checkout with
-``PYTHONPATH`` pointing at each (the figures of one run compare; across runs they drift).
+``streaming`` (``--stream-model``, default llama3-8b, at ``--memory-limit``, default 12GiB):
+everything streamed (budget 0), at the largest batch whose memory plan fits the limit; variants
+``embed-head-resident`` (``stream_embed_head=false``: the older layout, 2.1 GB of Llama 3
+resident outside the budget) and ``embed-head-in-budget``. Reports tok/s and the fraction of
+the link's bound (streamed bytes per step / pinned H2D bandwidth measured in the same run).
+
+Both report each variant's ratio to the first. Timed through :func:`autotune.measure.measure`
+(warm-up never counted, the device synchronized before every clock read); on a GPU, prefill +
+``--decode-steps`` decode steps per run, the rest extrapolated (within 3% on the H100,
+``benchmarks/shortcut.py``). On CPU (``--device cpu``, with ``tiny-llama``) it is a smoke check
+of the same code: its figures mean nothing.
+
+    python benchmarks/decode.py --json benchmarks/results/issue14/decode.json
+    python benchmarks/decode.py --device cpu --model tiny-llama --stream-model tiny-llama \\
+        --memory-limit 320MiB --isl 16 --osl 8 --batches 1,4 --repeats 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,34 +45,43 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
 from autotune.engines import EngineConfig, load_engine  # noqa: E402
-from autotune.measure import measure, random_prompt  # noqa: E402
+from autotune.measure import measure, measure_h2d_bandwidth, random_prompt  # noqa: E402
+from autotune.units import parse_bytes  # noqa: E402
+from autotune.worker import plan_configs  # noqa: E402
+
+RESIDENT = {"unfused": {"fused": False}, "fused": {}}
+STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {}}
 
 
-def hbm_gb_s() -> float:
-    n = 2**30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+def memory_gb_s(device: str) -> float:
+    """Device memory bandwidth (GB/s, read + write) of a 1 GiB copy (256 MiB on CPU)."""
+    n = 2**30 if device != "cpu" else 2**28
+    a = torch.empty(n, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
+    b.copy_(a)  # first touch, not counted
     times = []
     for _ in range(5):
+        if device == "cpu":
+            start = time.perf_counter()
+            b.copy_(a)
+            times.append(time.perf_counter() - start)
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         b.copy_(a)
         end.record()
-        end.synchronize()
+        end.synchronize()  # the copy is async: wait for it before reading the events
         times.append(start.elapsed_time(end) / 1e3)
-    return 2 * n / sorted(times)[2] / 1e9  # read + write
+    return 2 * n / statistics.median(times) / 1e9
 
 
 def eager_step_kernels(engine: Any, batch: int, isl: int, osl: int) -> tuple[Counter, Counter]:
-    """Per kernel name: its count and its total device microseconds in one eager decode step."""
-    st = engine._static_for(batch, isl + osl)
-    gen = engine.prefill(random_prompt(batch, isl, engine.spec.vocab_size, 2, "cuda"), osl)
-    del gen
-    engine.synchronize()
+    """Per kernel name: its count and total device microseconds in one eager decode step."""
     from torch.profiler import ProfilerActivity, profile
 
+    st = engine._static_for(batch, isl + osl)
+    engine.prefill(random_prompt(batch, isl, engine.spec.vocab_size, 2, "cuda"), osl)
+    engine.synchronize()
     with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine._step(st, capturing=False)
         engine.synchronize()
@@ -67,42 +94,143 @@ def eager_step_kernels(engine: Any, batch: int, isl: int, osl: int) -> tuple[Cou
     return kernels, times
 
 
+def _config(args: argparse.Namespace, model: str, options: dict[str, Any],
+            limit: int | None = None) -> EngineConfig:
+    return EngineConfig(model=model, dtype=args.dtype, device=args.device,
+                        max_seq_len=args.isl + args.osl, gpu_memory_limit=limit,
+                        options=tuple(options.items()))
+
+
+def _measure(engine: Any, batch: int, args: argparse.Namespace) -> Any:
+    return measure(engine, batch, args.isl, args.osl, repeats=args.repeats, warmup=1,
+                   decode_steps=args.decode_steps)
+
+
+def _add(group: list[dict[str, Any]], variant: str, m: Any, **extra: Any) -> dict[str, Any]:
+    """Appends one variant's figures to ``group``; its ratio is to the group's first."""
+    row = {"variant": variant, "batch": m.batch, "tok_s": m.throughput_tok_s,
+           "tpot_ms": m.tpot_s * 1e3, "ttft_ms": m.ttft_s * 1e3,
+           "e2e_samples_s": m.e2e_samples_s, "estimated": m.estimated,
+           "decode_steps_timed": m.decode_steps_timed,
+           "streamed_bytes_per_step": m.streamed_bytes_per_step,
+           "peak_reserved_bytes": m.peak_reserved_bytes, "tokens_sha256": m.tokens_sha256,
+           **extra}
+    row["ratio"] = m.throughput_tok_s / (group[0]["tok_s"] if group else m.throughput_tok_s)
+    group.append(row)
+    return row
+
+
+def resident(args: argparse.Namespace) -> dict[str, Any]:
+    """Nothing streamed: every variant loaded at once, measured in turn at each batch."""
+    bw = memory_gb_s(args.device)
+    engines = {}
+    for name, options in RESIDENT.items():
+        engines[name] = load_engine(_config(args, args.model, options))
+        engines[name].device_budget = engines[name].total_device_budget
+    first = next(iter(engines.values()))
+    store = first._store  # bytes a step reads: all weights but the embedding table
+    weights = first.total_device_budget + store.fixed_nbytes - store.sizes[store.embed.index]
+    out: dict[str, Any] = {"model": args.model, "memory_gb_s": bw, "weight_bytes": weights,
+                           "rows": []}
+    print(f"[resident] {args.model}: B_mem {bw:.0f} GB/s; weights {weights / 1e9:.2f} GB; "
+          f"step bound {weights / bw / 1e6:.3f} ms", flush=True)
+    for batch in args.batches:
+        group: list[dict[str, Any]] = []
+        for name, engine in engines.items():
+            m = _measure(engine, batch, args)
+            row = _add(group, name, m, bound_fraction=weights / (bw * 1e9) / m.tpot_s)
+            if args.device != "cpu":
+                kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
+                row["kernels_per_step"] = sum(kernels.values())
+                row["costliest"] = [(k, kernels[k], us) for k, us in times.most_common(8)]
+            print(f"  batch {batch:3d} {name:>10}: {m.throughput_tok_s:9.1f} tok/s "
+                  f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.3f} ms/token = "
+                  f"{row['bound_fraction']:.1%} of the HBM bound, kernels/step "
+                  f"{row.get('kernels_per_step', 'n/a (CPU)')}", flush=True)
+        out["rows"] += group
+    for engine in engines.values():
+        engine.close()
+    return out
+
+
+def largest_batch(engine: Any, args: argparse.Namespace) -> int:
+    """The largest batch (up to --max-batch) whose memory plan at budget 0 fits the limit."""
+    batches = list(range(1, args.max_batch + 1))
+    reply = plan_configs(engine, [(b, 0) for b in batches], args.isl, args.osl)
+    available = reply["available"]
+    fits = [b for b, total in zip(batches, reply["totals"], strict=True)
+            if available is None or total <= available]
+    if not fits:
+        raise SystemExit(f"--memory-limit {args.memory_limit}: not even batch 1 fits")
+    return fits[-1]
+
+
+def streaming(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything streamed at the largest batch that fits: one variant loaded at a time (two
+    would not fit the limit together)."""
+    limit = parse_bytes(args.memory_limit)
+    link = measure_h2d_bandwidth(args.device) if args.device != "cpu" else None
+    out: dict[str, Any] = {"model": args.stream_model, "memory_limit": limit,
+                           "h2d_gb_s": link, "rows": []}
+    print(f"[streaming] {args.stream_model} at {args.memory_limit}, budget 0: H2D "
+          f"{link or float('nan'):.1f} GB/s", flush=True)
+    for name, options in STREAMING.items():
+        engine = load_engine(_config(args, args.stream_model, options, limit))
+        engine.device_budget = 0
+        batch, oom_at = largest_batch(engine, args), []
+        while True:
+            try:
+                m = _measure(engine, batch, args)
+                break
+            except torch.OutOfMemoryError:  # the plan was short: record it, go 5% lower
+                if len(oom_at) == 3:
+                    raise
+                oom_at.append(batch)
+                engine.device_budget = 0  # frees the cache and graphs of the failed batch
+                batch = max(1, batch * 95 // 100)
+        row = _add(out["rows"], name, m, planned_batch=(oom_at or [batch])[0], oom_at=oom_at,
+                   total_device_budget=engine.total_device_budget, describe=engine.describe())
+        if link:
+            row["link_fraction"] = m.streamed_bytes_per_step / (link * 1e9) / m.tpot_s
+        print(f"  {name:>21}: batch {batch}, {m.throughput_tok_s:9.1f} tok/s "
+              f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.2f} ms/token, streamed "
+              f"{m.streamed_bytes_per_step / 1e9:.2f} GB/step = "
+              f"{row.get('link_fraction', float('nan')):.1%} of the link's bound", flush=True)
+        engine.close()
+        del engine
+        if args.device != "cpu":
+            torch.cuda.set_per_process_memory_fraction(1.0)  # the next load sets its own cap
+            torch.cuda.empty_cache()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="llama2-7b")
+    p.add_argument("--parts", default="resident,streaming")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--model", default="llama2-7b", help="the resident part's model")
+    p.add_argument("--batches", default="1,8,32", help="the resident part's batches")
+    p.add_argument("--stream-model", default="llama3-8b", help="the streaming part's model")
+    p.add_argument("--memory-limit", default="12GiB", help="the streaming part's limit")
+    p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--isl", type=int, default=128)
     p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--batches", default="1")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
-    bw = hbm_gb_s()
-    config = EngineConfig(model=args.model, dtype="float16", device="cuda",
-                          max_seq_len=args.isl + args.osl)
-    engine = load_engine(config)
-    engine.device_budget = engine.total_device_budget
-    weights = engine.total_device_budget + engine._store.fixed_nbytes
-    out: dict[str, Any] = {"hbm_gb_s": bw, "torch": torch.__version__,
-                           "gpu": torch.cuda.get_device_name(), "rows": []}
-    print(f"B_hbm {bw:.0f} GB/s; weights {weights / 1e9:.2f} GB; "
-          f"step bound {weights / bw / 1e6:.2f} ms", flush=True)
-    for batch in (int(b) for b in args.batches.split(",")):
-        m = measure(engine, batch, args.isl, args.osl, repeats=args.repeats, warmup=1)
-        frac = weights / (bw * 1e9) / m.tpot_s
-        kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
-        row = {"batch": batch, "tok_s": m.throughput_tok_s, "tpot_ms": m.tpot_s * 1e3,
-               "ttft_ms": m.ttft_s * 1e3, "hbm_fraction": frac,
-               "e2e_samples_s": m.e2e_samples_s, "kernels_per_step": sum(kernels.values()),
-               "kernels": dict(kernels)}
-        out["rows"].append(row)
-        print(f"batch {batch}: {m.throughput_tok_s:.1f} tok/s, {m.tpot_s * 1e3:.3f} ms/token "
-              f"({frac:.1%} of the HBM bound), ttft {m.ttft_s * 1e3:.1f} ms, "
-              f"e2e samples {[round(x, 4) for x in m.e2e_samples_s]}", flush=True)
-        print(f"  {sum(kernels.values())} kernels per eager decode step; costliest:")
-        for name, us in times.most_common(8):
-            print(f"  {kernels[name]:4d} x {us / kernels[name]:7.1f} us  {name[:90]}")
-    engine.close()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    parts = {"resident": resident, "streaming": streaming}
+    out: dict[str, Any] = {"command": " ".join(sys.argv), "torch": torch.__version__,
+                           "device": (torch.cuda.get_device_name() if args.device != "cpu"
+                                      else "cpu")}
+    for part in args.parts.split(","):
+        if part not in parts:
+            raise SystemExit(f"--parts: expected resident and/or streaming; got {part!r}")
+        out[part] = parts[part](args)
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 

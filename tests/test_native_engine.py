@@ -6,7 +6,10 @@ slot or cache slip shows in the tokens. GPU tests (marked) check CUDA graphs aga
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -18,14 +21,22 @@ from autotune.engines import Engine, EngineConfig, load_engine
 from autotune.errors import UserInputError
 from autotune.measure import measure, random_prompt
 from autotune.streaming import plan, weight_streaming
+from autotune.worker import plan_configs
 
 SOURCE = models.RandomWeights(seed=0, std=0.1)
 
 
-def _load(device: str = "cpu", **options) -> native.NativeEngine:
+# A head four times an MLP block: the LM head streams in vocabulary chunks.
+BIG_VOCAB = models.ModelSpec("tiny-big-vocab", 128, 352, 3, 4, 2, 4000,
+                             max_position_embeddings=256)
+
+
+def _load(device: str = "cpu", spec: models.ModelSpec | None = None,
+          **options) -> native.NativeEngine:
     config = EngineConfig(model="tiny-llama", dtype="float32", device=device, max_seq_len=48,
                           options=tuple(options.items()))
-    with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE):
+    with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE), \
+            mock.patch.object(native, "get_spec", lambda name, weights: spec or models.get_spec(name)):
         return load_engine(config)
 
 
@@ -43,8 +54,9 @@ def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
     return gen.tokens.clone()
 
 
-def _hf_tokens(prompt: torch.Tensor, osl: int) -> torch.Tensor:
-    hf = models.build_hf_model(models.PRESETS["tiny-llama"], "float32", "cpu", SOURCE)
+def _hf_tokens(prompt: torch.Tensor, osl: int,
+               spec: models.ModelSpec = models.PRESETS["tiny-llama"]) -> torch.Tensor:
+    hf = models.build_hf_model(spec, "float32", "cpu", SOURCE)
     with torch.no_grad():
         out = hf(input_ids=prompt, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1)
@@ -61,7 +73,8 @@ def test_it_is_an_engine_and_starts_at_the_automatic_budget(engine) -> None:
     assert engine.get_automatic_weight_streaming_budget() == engine.total_device_budget
     assert engine.device_budget == engine.total_device_budget  # on CPU everything fits
     facts = engine.describe()
-    assert facts["units"] == 2 * engine.spec.num_hidden_layers
+    assert facts["units"] == 2 * engine.spec.num_hidden_layers + 1 + facts["head_chunks"]
+    assert facts["embedding_in_budget"] and facts["head_in_budget"] and facts["fused"]
     assert facts["cuda_graphs"] is False
 
 
@@ -83,6 +96,16 @@ def test_a_batch_is_its_rows_generated_alone(engine) -> None:
         assert torch.equal(_generate(engine, prompt[row:row + 1], 10)[0], together[row])
 
 
+def test_the_worker_plans_the_bytes_each_budget_streams(engine) -> None:
+    total = engine.total_device_budget
+    budgets = [0, total // 3, total - 1, total]
+    reply = plan_configs(engine, [(2, b) for b in budgets], 8, 8)
+    for budget, streamed in zip(budgets, reply["streamed"], strict=True):
+        engine.device_budget = budget
+        assert streamed == engine.streamed_bytes_per_step()
+    assert reply["streamed"][0] == total - engine._store.sizes[engine._store.embed.index]
+
+
 def test_budget_read_back_and_clamp(engine, caplog) -> None:
     total = engine.total_device_budget
     sizes = engine._store.sizes
@@ -90,7 +113,9 @@ def test_budget_read_back_and_clamp(engine, caplog) -> None:
         engine.device_budget = requested
         applied = engine.device_budget
         assert applied <= requested
-        assert applied + engine.streamed_bytes_per_step() == total
+        gathered = engine._store.gathered_bytes  # the embedding, read on the host
+        assert applied + engine.streamed_bytes_per_step() + gathered == total
+        assert engine.streamed_bytes_at(requested) == engine.streamed_bytes_per_step()
         assert applied == sum(s for s, d in zip(sizes, engine._store.devices, strict=True) if d is not None)
     with caplog.at_level(logging.ERROR):
         engine.device_budget = total + 12345
@@ -130,7 +155,7 @@ def test_weight_streaming_context_mirrors_torch_tensorrt(engine) -> None:
         assert ws.device_budget == engine.device_budget <= total // 2 + 1
         assert ws.get_automatic_weight_streaming_budget() == total
         ws.device_budget = 0
-        assert engine.streamed_bytes_per_step() == total
+        assert engine.streamed_bytes_per_step() == total - engine._store.gathered_bytes
     assert engine.device_budget == total  # restored on exit
 
 
@@ -148,12 +173,60 @@ def test_decode_guards_and_bad_input(engine) -> None:
         _load(slots=0)
 
 
+@pytest.mark.parametrize("options", [{"fused": "false"}, {"stream_embed_head": "false"},
+                                     {"fused": "no", "stream_embed_head": "off"}])
+def test_the_older_layouts_give_the_same_tokens(engine, options) -> None:
+    prompt = random_prompt(2, 9, engine.spec.vocab_size, seed=6, device="cpu")
+    reference = _hf_tokens(prompt, 12)
+    old = _load(**options)
+    facts = old.describe()
+    assert facts["fused"] == ("fused" not in options)
+    assert facts["head_in_budget"] == ("stream_embed_head" not in options)
+    for fraction in (0.0, 0.5, 1.0):
+        old.device_budget = int(fraction * old.total_device_budget)
+        assert torch.equal(_generate(old, prompt, 12), reference), fraction
+    old.close()
+    with pytest.raises(UserInputError, match="true or false"):
+        _load(fused="maybe")
+
+
+def test_a_large_head_streams_in_chunks_at_every_budget() -> None:
+    big = _load(spec=BIG_VOCAB)
+    assert big.describe()["head_chunks"] >= 4
+    prompt = random_prompt(2, 8, BIG_VOCAB.vocab_size, seed=7, device="cpu")
+    reference = _hf_tokens(prompt, 10, BIG_VOCAB)
+    for fraction in (0.0, 0.35, 0.7, 1.0):
+        big.device_budget = int(fraction * big.total_device_budget)
+        assert torch.equal(_generate(big, prompt, 10), reference), fraction
+    big.close()
+
+
+def test_embedding_and_head_in_the_budget_free_memory_for_batch(engine) -> None:
+    """Below the total, their bytes leave the plan: the same memory holds a larger batch."""
+    old = _load(stream_embed_head="false")
+    store, old_store = engine._store, old._store
+    outer = store.sizes[store.embed.index] + sum(u.nbytes for u in store.head)
+    assert engine.total_device_budget == old.total_device_budget + outer
+    new_plan, old_plan = engine.memory_plan(4, 8, 8, 0), old.memory_plan(4, 8, 8, 0)
+    assert old_plan.resident_weights - new_plan.resident_weights == sum(
+        plan.alloc_size(old_store.sizes[u.index]) for u in (old_store.embed, *old_store.head)) > 0
+    assert new_plan.kv_cache == old_plan.kv_cache
+
+    def largest_batch(e, memory: int) -> int:
+        return max(b for b in range(1, 512) if e.memory_plan(b, 8, 40, 0).total <= memory)
+
+    memory = old.memory_plan(8, 8, 40, 0).total
+    assert largest_batch(old, memory) == 8 < largest_batch(engine, memory)
+    old.close()
+
+
 def test_measure_gives_the_same_tokens_at_every_budget(engine) -> None:
     digests = set()
     for fraction in (0.0, 0.5, 1.0):
         engine.device_budget = int(fraction * engine.total_device_budget)
         m = measure(engine, 2, 6, 5, repeats=1, warmup=1)
-        assert m.streamed_bytes_per_step == engine.total_device_budget - engine.device_budget
+        assert m.streamed_bytes_per_step == (engine.total_device_budget - engine.device_budget
+                                             - engine._store.gathered_bytes)
         digests.add(m.tokens_sha256)
     assert len(digests) == 1
 
@@ -165,13 +238,36 @@ def test_cpu_steps_are_timed_in_full(engine) -> None:
     assert not m.estimated and m.decode_steps_timed == 4
 
 
+def test_the_decode_benchmark_runs_on_cpu(tmp_path) -> None:
+    """benchmarks/decode.py's smoke check: both parts, every variant, the same tokens."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import decode
+
+    out = tmp_path / "decode.json"
+    assert decode.main(["--device", "cpu", "--dtype", "float32", "--model", "tiny-llama",
+                        "--stream-model", "tiny-llama", "--memory-limit", "300MiB", "--isl", "8",
+                        "--osl", "4", "--batches", "2", "--repeats", "1", "--max-batch", "6",
+                        "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    rows = figures["resident"]["rows"]
+    assert [r["variant"] for r in rows] == list(decode.RESIDENT)
+    assert len({r["tokens_sha256"] for r in rows}) == 1 and rows[0]["ratio"] == 1.0
+    rows = figures["streaming"]["rows"]
+    assert [r["describe"]["head_in_budget"] for r in rows] == [False, True]
+    assert [r["batch"] for r in rows] == [6, 6]  # the largest that fits: --max-batch here
+    assert rows[1]["streamed_bytes_per_step"] > rows[0]["streamed_bytes_per_step"]  # the head
+    assert len({r["tokens_sha256"] for r in rows}) == 1
+
+
 # -- GPU ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
-def test_gpu_graphs_equal_eager_at_every_budget() -> None:
-    eager, graphs = _load("cuda", cuda_graphs=False), _load("cuda")
+@pytest.mark.parametrize("spec", [None, BIG_VOCAB], ids=["tiny", "big-vocab"])
+def test_gpu_graphs_equal_eager_at_every_budget(spec) -> None:
+    eager, graphs = _load("cuda", spec, cuda_graphs=False), _load("cuda", spec)
     assert graphs.describe()["cuda_graphs"] is True
+    assert graphs.describe()["embedding_in_budget"]  # the device reads the host's table
     prompt = random_prompt(3, 12, eager.spec.vocab_size, seed=1, device="cuda")
     reference = _generate(eager, prompt, 20)
     for fraction in (0.0, 0.3, 1.0, 0.6):  # budget changes re-capture the graphs

@@ -262,3 +262,22 @@ def test_costly_budget_changes_are_avoided_where_they_buy_little(limits: Limits)
     costly_changes, costly_found = study_with(change_s=3.0)
     assert costly_changes < free_changes, (costly_changes, free_changes)
     assert costly_found >= 0.97 and free_found >= 0.97, (costly_found, free_found)
+
+
+def test_the_bounds_count_only_the_bytes_the_engine_streams() -> None:
+    """A budget below the total may leave weights that are read where they lie, not streamed
+    (the native engine's embedding): the bounds take the bytes the engine says it streams."""
+    cal = Calibration(53.0, (1, 64, 2048), (4e-3, 5e-3, 50e-3))
+    common = dict(calibration=cal, plans=np.zeros((1, 3)), available=None, total=10**10,
+                  isl=128, osl=256, max_batch=1, batches=np.arange(1, 2),
+                  fractions=np.array([0.0, 0.5, 1.0]))
+    every_byte = Prior(**common)._lower_bounds([])["tpot_s"][0]
+    told = Prior(**common, streamed=np.array([9e9, 4e9, 0.0]))._lower_bounds([])["tpot_s"][0]
+    assert told[0] == pytest.approx(0.9 * every_byte[0])  # stream-bound: 10% fewer bytes
+    assert told[1] == pytest.approx(0.8 * every_byte[1])
+    assert told[2] == every_byte[2]  # nothing streamed: the matmuls bound it
+    # The model predicts with them too, interpolated between the candidates.
+    prior = Prior(**common, streamed=np.array([9e9, 4e9, 0.0]))
+    for fraction, streamed in ((0.0, 9e9), (0.25, 6.5e9)):
+        tpot = prior.predict(np.array(1.0), np.array(fraction))["tpot_s"]
+        assert float(tpot) == pytest.approx(streamed / 53e9)

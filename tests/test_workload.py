@@ -13,7 +13,7 @@ from test_cli import autotune
 
 from autotune.errors import UserInputError
 from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.study import RunOptions, check_total, run_study
 
 RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC,
        "--max-batch", "16", "--repeats", "1", "--no-early-stop", "--study", "mix")
@@ -80,3 +80,18 @@ def test_every_part_of_the_workload_is_checked(storage_url: str) -> None:
     # What only changes how it is searched or timed is not another workload.
     run_study(RunOptions(**{**base, "trials": 2, "repeats": 2, "sampler": "random"}))
     assert len(load_study(open_storage(storage_url), "w").trials) == 2
+
+
+def test_a_study_measured_against_other_streamable_bytes_is_refused() -> None:
+    """The native engine's units changed (issue 14: the embedding and the LM head joined the
+    budget): a study recorded with the older total would read its fractions as other bytes.
+    run_study calls check_total once its first worker has loaded the engine."""
+    import optuna
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), study_name="t")
+    study.set_user_attr("total_device_budget", 10**9)
+    check_total(study, 10**9 + 4096)  # nothing measured yet: a new total is fine
+    study.add_trial(optuna.trial.create_trial(value=1.0))
+    check_total(study, 10**9)
+    with pytest.raises(UserInputError, match="bytes of streamable weights"):
+        check_total(study, 10**9 + 4096)

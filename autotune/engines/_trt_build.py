@@ -85,19 +85,6 @@ class BuildShapes:
         return found
 
 
-def flag(config: EngineConfig, key: str, default: bool) -> bool:
-    """A yes/no engine option, given as a bool (Python) or as text (``--engine-option``)."""
-    value = config.option(key, default)
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise UserInputError(f"--engine-option {key}: expected true or false; got {value!r}")
-
-
 def import_torch_tensorrt() -> Any:
     """torch_tensorrt, or EngineUnavailableError saying how to install it (or a newer one)."""
     # Its import logs errors about TensorRT-LLM plugins (CUDA 13 builds) and modelopt that

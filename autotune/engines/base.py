@@ -157,6 +157,19 @@ def check_options(cls: type, options: tuple[tuple[str, Any], ...]) -> None:
                 f"not take it; it takes {takes}")
 
 
+def flag(config: EngineConfig, key: str, default: bool) -> bool:
+    """A yes/no engine option, given as a bool (Python) or as text (``--engine-option``)."""
+    value = config.option(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise UserInputError(f"--engine-option {key}: expected true or false; got {value!r}")
+
+
 def clamp_budget(requested: int, total: int, log: Any) -> int:
     """The budget rules of Torch-TensorRT: negative is an error, above the total is clamped
     with a logged error (which turns streaming off)."""

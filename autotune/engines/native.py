@@ -8,7 +8,11 @@ copies and events included, and replays it each step; prefill runs eagerly.
 
 Options (``EngineConfig.options``): ``slots`` (device slots streamed units pass through,
 default 2), ``cuda_graphs`` (default True; always off on CPU), ``workspace_bytes`` (memory
-plan's workspace term, see :mod:`autotune.streaming.plan`).
+plan's workspace term, see :mod:`autotune.streaming.plan`), ``stream_embed_head`` (default
+True: the embedding and the LM head's vocabulary chunks are units of the budget; False: resident
+outside it, the older layout) and ``fused`` (default True: one GEMM for q, k, v and one for
+gate, up; False: one per matrix). The last two exist so that old and new can be measured side
+by side (``benchmarks/decode.py``).
 
 One generation at a time: a new ``prefill`` invalidates the previous generation's state.
 This module does not time anything (:mod:`autotune.measure` does).
@@ -22,13 +26,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from autotune.engines.base import EngineConfig, Generation, clamp_budget
+from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.memory import MemoryPlan
 from autotune.models import ModelSpec, get_spec, weight_source
 from autotune.streaming import plan
 from autotune.streaming.llama import KVCache, Llama
-from autotune.streaming.runtime import WeightStore, select_resident
+from autotune.streaming.runtime import WeightStore
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,9 @@ class NativeEngine:
         "slots": "device slots streamed units pass through (default 2)",
         "cuda_graphs": "capture decode steps as CUDA graphs (default true; off on CPU)",
         "workspace_bytes": "the memory plan's workspace term, bytes",
+        "stream_embed_head": "the embedding and the LM head (in vocabulary chunks) are units "
+                             "of the budget (default true; false: always resident, as before)",
+        "fused": "one GEMM for q, k, v and one for gate, up (default true; false: one each)",
     }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore) -> None:
@@ -70,7 +77,7 @@ class NativeEngine:
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
         self._model = Llama(spec, store, self.positions)
-        self.cuda_graphs = bool(config.option("cuda_graphs", True)) and store.cuda
+        self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
         # within 3% on the H100 (benchmarks/shortcut.py). Eager steps (CPU) do the same work
@@ -108,9 +115,13 @@ class NativeEngine:
                         f"got {config.gpu_memory_limit}")
                 torch.cuda.set_per_process_memory_fraction(config.gpu_memory_limit / total, device)
         slots = config.option("slots", 2)
+        if isinstance(slots, str) and slots.strip().isdigit():  # --engine-option slots=3
+            slots = int(slots)
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise UserInputError(f"option slots: expected a positive integer; got {slots!r}")
-        store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed), slots)
+        store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed), slots,
+                            stream_embed_head=flag(config, "stream_embed_head", True),
+                            fused=flag(config, "fused", True))
         engine = cls(config, spec, store)
         # Like Torch-TensorRT: the budget after load is the automatic one.
         engine.device_budget = engine.get_automatic_weight_streaming_budget()
@@ -140,8 +151,14 @@ class NativeEngine:
     def applied_budget(self, budget: int) -> int:
         """The budget that assigning ``budget`` would apply (whole units), without applying it."""
         budget = clamp_budget(budget, self.total_device_budget, log)
-        want = select_resident(self._store.sizes, budget)
-        return sum(s for s, r in zip(self._store.sizes, want, strict=True) if r)
+        store = self._store
+        want = store.choose(budget)
+        return sum(s for s, r, b in zip(store.sizes, want, store.budgeted, strict=True) if r and b)
+
+    def streamed_bytes_at(self, budget: int) -> int:
+        """Bytes a forward pass would stream under ``budget``, without applying it (the
+        gathered embedding's rows are not counted: see ``streamed_bytes_per_step``)."""
+        return self._store.streamed_at(clamp_budget(budget, self.total_device_budget, log))
 
     def get_automatic_weight_streaming_budget(self) -> int:
         """Free device memory now (within ``gpu_memory_limit``), counting the weights this
@@ -151,8 +168,11 @@ class NativeEngine:
         if not self._store.cuda:
             return total
         dev = self.device
-        held = sum(plan.alloc_size(t.numel()) for t in self._store.slots)
-        held += sum(plan.alloc_size(d.numel()) for d in self._store.devices if d is not None)
+        store = self._store
+        held = sum(plan.alloc_size(t.numel()) for t in store.slots)
+        held += sum(plan.alloc_size(d.numel())
+                    for d, b in zip(store.devices, store.budgeted, strict=True)
+                    if d is not None and b)
         free, _ = torch.cuda.mem_get_info(dev)
         cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
         available = free + cached + held
@@ -282,16 +302,21 @@ class NativeEngine:
     # -- reports --------------------------------------------------------------------------
 
     def _fixed_alloc(self) -> int:
-        return sum(plan.alloc_size(t.numel() * t.element_size())
-                   for t in self._store.fixed.values())
+        """Device bytes of the weights outside the budget (the final norm, and the embedding
+        and head when they are not units of the budget)."""
+        store = self._store
+        return sum(plan.alloc_size(t.numel() * t.element_size()) for t in store.fixed.values()) \
+            + sum(plan.alloc_size(s) for s, b in zip(store.sizes, store.budgeted, strict=True)
+                  if not b)
 
     def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
         store, spec, dtype = self._store, self.spec, self.config.dtype
         budget = clamp_budget(budget, self.total_device_budget, log)
-        want = select_resident(store.sizes, budget)
-        resident = self._fixed_alloc() + sum(
-            plan.alloc_size(s) for s, r in zip(store.sizes, want, strict=True) if r)
-        streamed = sum(1 for r in want if not r)
+        want = store.choose(budget)
+        resident = sum(plan.alloc_size(t.numel() * t.element_size())
+                       for t in store.fixed.values())
+        resident += sum(plan.alloc_size(s) for s, r in zip(store.sizes, want, strict=True) if r)
+        streamed = len(store.ring(want))
         scratch = min(store.num_slots, streamed) * plan.alloc_size(store.slot_bytes(want))
         activations = plan.prefill_bytes(spec, dtype, batch, isl)
         if self.cuda_graphs:  # the graph's pool stays held while prefill runs
@@ -307,6 +332,8 @@ class NativeEngine:
         )
 
     def streamed_bytes_per_step(self) -> int:
+        """Bytes copied into slots per forward pass. A gathered embedding's rows (batch x
+        hidden x dtype bytes a step, read over the link) are not counted: ~1 MB at batch 128."""
         return self._store.streamed_bytes
 
     def describe(self) -> dict[str, Any]:
@@ -318,6 +345,11 @@ class NativeEngine:
             "device": str(self.device),
             "units": len(store.layouts),
             "unit_bytes": sorted(set(store.sizes)),
+            "head_chunks": len(store.head),
+            "embedding_in_budget": store.budgeted[store.embed.index],
+            "head_in_budget": store.budgeted[store.head[0].index],
+            "embedding_gathered_bytes": store.gathered_bytes,
+            "fused": store.fused,
             "resident_units": sum(d is not None for d in store.devices),
             "streamed_units": len(store.streamed),
             "slots": len(store.slots),

@@ -34,13 +34,12 @@ from autotune.engines._trt_build import (
     compile_options,
     device_identity,
     export_model,
-    flag,
     import_torch_tensorrt,
     parse_version,
     versions,
 )
 from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir
-from autotune.engines.base import EngineConfig, Generation, clamp_budget
+from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.models import ModelSpec, dtype_bytes, get_spec

@@ -4,7 +4,8 @@ RMSNorm, rotary embeddings (Hugging Face's rotate-half convention), grouped-quer
 through ``torch.nn.functional.scaled_dot_product_attention`` over a static KV cache
 ``[B, kv_heads, L, head_dim]`` per layer, and the SwiGLU MLP, written so that a decode step
 has static shapes and reads its position from a device tensor: a CUDA graph can capture it.
-Each unit's weights come from ``store.acquire`` / ``store.release``, which stream them.
+Each unit's weights come from ``store.acquire`` / ``store.release``, which stream them; the LM
+head is one or more vocabulary chunks, each writing its columns of the logits.
 
 The arithmetic follows ``transformers``' LlamaForCausalLM (float32 RMSNorm, rotary tables in
 float32 cast to the model dtype), so float32 greedy tokens equal its tokens; a few steps are
@@ -134,24 +135,31 @@ class Llama:
 
     def _forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None,
                  mask: torch.Tensor | None, capturing: bool) -> torch.Tensor:
-        store, fixed = self.store, self.store.fixed
-        x = F.embedding(tokens, fixed["model.embed_tokens.weight"])  # [B, S, h]
+        store = self.store
         if pos is None:
             s = tokens.shape[1]
             cos, sin = self.cos[:s], self.signed_sin[:s]
         else:
             cos, sin = self.cos[pos], self.signed_sin[pos]  # [1, 1, d], gathered on the device
         store.begin_step(capturing)
-        for unit in store.layouts:
+        # Resident, or read from the host's pinned table (never streamed): the same kernel.
+        x = F.embedding(tokens, store.acquire(store.embed.index)["embed"])  # [B, S, h]
+        for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
                 x = self._attention(x, w, cache, unit.layer, cos, sin, pos, mask)
             else:
                 x = self._mlp(x, w)
             store.release(unit.index)
+        x = rms_norm(x[:, -1], store.fixed["model.norm.weight"], self.eps)  # [B, h]
+        logits = x.new_empty(x.shape[0], self.spec.vocab_size)  # [B, V]
+        for unit in store.head:  # each vocabulary chunk writes its columns, in place
+            w = store.acquire(unit.index)
+            a, b = unit.params[0].rows
+            torch.mm(x, w["head"].t(), out=logits[:, a:b])
+            store.release(unit.index)
         store.end_step()
-        x = rms_norm(x[:, -1], fixed["model.norm.weight"], self.eps)  # [B, h]
-        return F.linear(x, fixed["lm_head.weight"])  # [B, V]
+        return logits
 
     def _attention(self, x: torch.Tensor, w: dict[str, Any], cache: KVCache, layer: int,
                    cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,

@@ -1,12 +1,15 @@
 """Streamable units, their pinned host copies, resident device buffers and the ring of slots.
 
 A *unit* is the block of weights one piece of compute needs: a decoder layer's attention
-(input norm + q, k, v, o) or its MLP (post-attention norm + gate, up, down). Each unit lives in
-one contiguous flat buffer (bytes), and its parameters are views into it, so one copy moves a
-whole unit. Every unit has a pinned host copy, made once at load. The device budget picks which
-units also get a device buffer (resident); the others are *streamed*: copied into a small ring
-of device slots on a side CUDA stream, ahead of the compute that reads them, ordered by CUDA
-events only (no host synchronization on the hot path).
+(input norm + q, k, v, o) or its MLP (post-attention norm + gate, up, down), a chunk of the LM
+head's vocabulary (rows of ``lm_head``, each no larger than the largest decoder unit, so the
+slots stay that size), or the token embedding. Each unit lives in one contiguous flat buffer
+(bytes), and its parameters are views into it, so one copy moves a whole unit. Every unit has a
+pinned host copy, made once at load. The device budget picks which units also get a device
+buffer (resident); the others are *streamed*: copied into a small ring of device slots on a
+side CUDA stream, ahead of the compute that reads them, ordered by CUDA events only (no host
+synchronization on the hot path). The embedding is the exception: left out of the budget, it is
+*gathered*, never copied (see :meth:`WeightStore._map_embedding`).
 
 The step protocol, driven by the model's forward pass (:mod:`autotune.streaming.llama`)::
 
@@ -46,6 +49,10 @@ _SHORT = {"input_layernorm": "norm", "post_attention_layernorm": "norm", "self_a
           "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
           "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down"}
 _FUSED = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# Head chunks are whole multiples of these rows (but the last): their columns of the logits
+# start aligned, and the GEMM's N dimension tiles evenly.
+_HEAD_ROW_MULTIPLE = 64
 
 
 def _align(n: int) -> int:
@@ -59,6 +66,7 @@ class ParamSlice:
     shape: tuple[int, ...]
     offset: int  # bytes into the unit's flat buffer
     nbytes: int
+    rows: tuple[int, int] | None = None  # rows [a, b) of the named tensor held here; None: all
 
 
 @dataclass(frozen=True)
@@ -66,39 +74,70 @@ class UnitLayout:
     """Where each parameter of one unit lies in its flat buffer."""
 
     index: int  # position in the forward pass
-    kind: str  # "attn" or "mlp"
-    layer: int
+    kind: str  # "embed", "attn", "mlp" or "head"
+    layer: int  # decoder layer; -1 for the embedding and the head
     params: tuple[ParamSlice, ...]
     nbytes: int  # size of the flat buffer (bytes), padding included
 
 
-def unit_layouts(spec: ModelSpec, dtype: str) -> list[UnitLayout]:
-    """The units of ``spec`` in forward order: attn 0, mlp 0, attn 1, mlp 1, ..."""
+def head_chunks(spec: ModelSpec, dtype: str, limit: int) -> list[tuple[int, int]]:
+    """Row ranges ``[a, b)`` of the LM head, as few as keep each chunk within ``limit`` bytes
+    (its buffer aligned), rows a multiple of 64 but the last."""
+    row = spec.hidden_size * dtype_bytes(dtype)  # bytes
+    vocab = spec.vocab_size
+    n = max(1, -(-vocab * row // limit))
+    while True:
+        rows = -(-vocab // n)
+        rows = -(-rows // _HEAD_ROW_MULTIPLE) * _HEAD_ROW_MULTIPLE
+        if _align(rows * row) <= limit or rows <= _HEAD_ROW_MULTIPLE:
+            break
+        n += 1
+    return [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)]
+
+
+def unit_layouts(spec: ModelSpec, dtype: str, chunk_head: bool = True) -> list[UnitLayout]:
+    """The units of ``spec`` in forward order: embed, attn 0, mlp 0, attn 1, mlp 1, ..., then
+    the head's chunks (one chunk, the whole head, when ``chunk_head`` is False)."""
     b = dtype_bytes(dtype)
     units: list[UnitLayout] = []
+
+    def add(kind: str, layer: int, params: list[tuple[str, str, tuple[int, ...], Any]]) -> None:
+        slices, offset = [], 0
+        for name, key, shape, rows in params:
+            nbytes = b
+            for s in shape:
+                nbytes *= s
+            slices.append(ParamSlice(name, key, shape, offset, nbytes, rows))
+            offset = _align(offset + nbytes)
+        units.append(UnitLayout(len(units), kind, layer, tuple(slices), offset))
+
+    outer = spec.other_shapes()
+    add("embed", -1, [(_EMBED, "embed", outer[_EMBED], None)])
     for layer in range(spec.num_hidden_layers):
         shapes = spec.layer_shapes(layer)
         for kind, names in (("attn", _ATTN), ("mlp", _MLP)):
-            params, offset = [], 0
-            for short in names:
-                name = f"model.layers.{layer}.{short}.weight"
-                shape = shapes[name]
-                nbytes = b
-                for s in shape:
-                    nbytes *= s
-                params.append(ParamSlice(name, _SHORT[short], shape, offset, nbytes))
-                offset = _align(offset + nbytes)
-            units.append(UnitLayout(len(units), kind, layer, tuple(params), offset))
+            add(kind, layer, [(f"model.layers.{layer}.{short}.weight", _SHORT[short],
+                               shapes[f"model.layers.{layer}.{short}.weight"], None)
+                              for short in names])
+    vocab, hidden = outer[_HEAD]
+    chunks = head_chunks(spec, dtype, max(u.nbytes for u in units[1:])) if chunk_head else [
+        (0, vocab)]
+    for a, z in chunks:
+        add("head", -1, [(_HEAD, "head", (z - a, hidden), (a, z))])
     return units
 
 
-def unit_views(layout: UnitLayout, buf: torch.Tensor, dtype: torch.dtype) -> dict[str, Any]:
-    """Parameter views of a flat uint8 buffer (``buf`` may be longer than the unit: a slot)."""
+def unit_views(layout: UnitLayout, buf: torch.Tensor, dtype: torch.dtype,
+               fused: bool = True) -> dict[str, Any]:
+    """Parameter views of a flat uint8 buffer (``buf`` may be longer than the unit: a slot);
+    with ``fused``, also the stacked ``qkv`` and ``gate_up`` matrices (one GEMM each)."""
     views: dict[str, Any] = {}
     by_key = {p.key: p for p in layout.params}
     for p in layout.params:
         views[p.key] = buf[p.offset:p.offset + p.nbytes].view(dtype).view(p.shape)
-    for fused, keys in _FUSED.items():
+    for fused_key, keys in _FUSED.items():
+        if not fused:
+            break
         parts = [by_key[k] for k in keys if k in by_key]
         if len(parts) != len(keys):
             continue
@@ -106,7 +145,7 @@ def unit_views(layout: UnitLayout, buf: torch.Tensor, dtype: torch.dtype) -> dic
         if contiguous:  # rows stacked in memory: [sum of rows, hidden]
             rows = sum(p.shape[0] for p in parts)
             span = buf[parts[0].offset:parts[-1].offset + parts[-1].nbytes]
-            views[fused] = span.view(dtype).view(rows, parts[0].shape[1])
+            views[fused_key] = span.view(dtype).view(rows, parts[0].shape[1])
     return views
 
 
@@ -129,46 +168,79 @@ def spread_order(n: int) -> list[int]:
     return order
 
 
-def select_resident(sizes: Sequence[int], budget: int) -> list[bool]:
-    """Which units stay resident under ``budget`` bytes: greedy in spread order, so the
-    streamed units fall between resident ones and their copies overlap resident compute."""
+def select_resident(sizes: Sequence[int], budget: int,
+                    order: Sequence[int] | None = None) -> list[bool]:
+    """Which units stay resident under ``budget`` bytes: greedy in ``order`` (default: spread
+    order, so the streamed units fall between resident ones and their copies overlap resident
+    compute); units not in ``order`` are never chosen."""
     resident = [False] * len(sizes)
     used = 0
-    for i in spread_order(len(sizes)):
+    for i in (spread_order(len(sizes)) if order is None else order):
         if used + sizes[i] <= budget:
             resident[i] = True
             used += sizes[i]
     return resident
 
 
+class _CudaArray:
+    """Pinned host bytes offered as device memory: ``torch.as_tensor`` aliases (never copies)
+    what a ``__cuda_array_interface__`` points at. Bytes, not the weights' dtype: the interface
+    has no bfloat16."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.host = host  # kept alive as long as the alias (torch holds this object)
+        self.__cuda_array_interface__ = {"shape": (host.numel(),), "typestr": "|u1",
+                                         "data": (host.data_ptr(), False), "version": 2,
+                                         "strides": None}
+
+
 class WeightStore:
-    """All weights of a model: the never-streamed ones on the device, the units pinned on the
-    host, resident units on the device, streamed units through ``slots`` device slots."""
+    """All weights of a model: the final norm on the device, the units pinned on the host,
+    resident units on the device, streamed units through ``slots`` device slots.
+
+    ``stream_embed_head`` False is the older layout: the embedding and the whole LM head (one
+    unit) stay resident outside the budget, as TensorRT's non-streamable weights do.
+    ``fused`` False computes q, k, v (and gate, up) with one GEMM each instead of one per unit
+    (for comparison)."""
 
     def __init__(self, spec: ModelSpec, dtype: str, device: torch.device, source: WeightSource,
-                 slots: int = 2) -> None:
+                 slots: int = 2, *, stream_embed_head: bool = True, fused: bool = True) -> None:
         if slots < 1:
             raise ValueError(f"slots: expected 1 or more; got {slots}")
         self.spec, self.dtype, self.device = spec, dtype, device
         self.tdtype = torch_dtype(dtype)
         self.num_slots = slots
-        self.layouts = unit_layouts(spec, dtype)
+        self.fused = fused
+        self.layouts = unit_layouts(spec, dtype, chunk_head=stream_embed_head)
+        self.embed = self.layouts[0]
+        self.decoder = [u for u in self.layouts if u.kind in ("attn", "mlp")]
+        self.head = [u for u in self.layouts if u.kind == "head"]
         self.sizes = [u.nbytes for u in self.layouts]
-        self.total = sum(self.sizes)
         self.cuda = device.type == "cuda"
         self.side = torch.cuda.Stream(device) if self.cuda else None
-        # Embedding, final norm and LM head are never streamed (like TensorRT's
-        # non-streamable weights).
-        self.fixed = {n: source.get(n, s, self.tdtype, device)
-                      for n, s in spec.other_shapes().items()}
-        self.fixed_nbytes = sum(t.numel() * t.element_size() for t in self.fixed.values())
-        self._host, self._registered = self._allocate_host(self.total)
+        self.fixed = {"model.norm.weight": source.get(
+            "model.norm.weight", (spec.hidden_size,), self.tdtype, device)}
+        self._host, self._registered = self._allocate_host(sum(self.sizes))
         self.hosts: list[torch.Tensor] = []
         offset = 0
         for u in self.layouts:
             self.hosts.append(self._host[offset:offset + u.nbytes])
             offset += u.nbytes
         self._fill(source)
+        # Units outside the budget are always resident; the others are chosen by the budget.
+        self.budgeted = [stream_embed_head or u.kind in ("attn", "mlp") for u in self.layouts]
+        self._embed_host: torch.Tensor | None = None
+        if stream_embed_head:
+            self._embed_host = self._map_embedding()
+            self.budgeted[self.embed.index] = self._embed_host is not None
+        self.total = sum(s for s, b in zip(self.sizes, self.budgeted, strict=True) if b)
+        self.fixed_nbytes = self.fixed["model.norm.weight"].numel() * self.tdtype.itemsize + sum(
+            s for s, b in zip(self.sizes, self.budgeted, strict=True) if not b)
+        # The order units become resident in: the decoder and the head spread evenly, the
+        # embedding last (gathered from the host it costs a step almost nothing).
+        e = self.embed.index
+        self._order = [i for i in spread_order(len(self.layouts)) if i != e and self.budgeted[i]]
+        self._order += [e] if self.budgeted[e] else []
         self.devices: list[torch.Tensor | None] = [None] * len(self.layouts)
         self.slots: list[torch.Tensor] = []
         self.views: list[dict[str, Any]] = []
@@ -189,7 +261,8 @@ class WeightStore:
         if not self.cuda or nbytes == 0:
             return host, False
         cudart = torch.cuda.cudart()
-        err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 0)
+        # cudaHostRegisterMapped (2): kernels may read the arena directly (the embedding).
+        err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 2)
         if int(getattr(err, "value", err)) == 0:
             return host, True
         log.warning("cudaHostRegister failed (%s); pinning through torch's host allocator", err)
@@ -199,29 +272,89 @@ class WeightStore:
         """Writes every unit into its host buffer. Random weights are generated on the device
         (fast) and copied down; checkpoint weights come through the CPU."""
         gen_device = self.device if isinstance(source, RandomWeights) else "cpu"
+        whole: dict[str, torch.Tensor] = {}  # a tensor split over units (the head), read once
         for u, host in zip(self.layouts, self.hosts, strict=True):
-            views = unit_views(u, host, self.tdtype)
+            views = unit_views(u, host, self.tdtype, fused=False)
             for p in u.params:
-                views[p.key].copy_(source.get(p.name, p.shape, self.tdtype, gen_device))
+                if p.rows is None:
+                    views[p.key].copy_(source.get(p.name, p.shape, self.tdtype, gen_device))
+                    continue
+                if p.name not in whole:
+                    whole.clear()
+                    shape = self.spec.other_shapes()[p.name]
+                    whole[p.name] = source.get(p.name, shape, self.tdtype, gen_device)
+                views[p.key].copy_(whole[p.name][p.rows[0]:p.rows[1]])
+
+    def _map_embedding(self) -> torch.Tensor | None:
+        """The embedding's pinned host bytes as a tensor the step's gather kernel can read.
+
+        A step reads only the rows of its tokens (batch x hidden x 2 bytes: 8 KiB a sequence
+        at hidden 4096), so streaming the table through a slot (1.05 GB for Llama 3, ~19 ms at
+        55 GB/s) would buy nothing. The host cannot gather the rows either: the tokens are made
+        on the device by the previous step, inside its graph, and copying them down would
+        synchronize every step. So the gather kernel reads its rows over the link from pinned
+        memory mapped into the device's address space (zero-copy, unified addressing; the
+        pointer is the host's on 64-bit Linux), inside the graph, for microseconds of latency.
+        On CPU the host copy is the table. None where the device cannot read it (then the
+        embedding stays resident, outside the budget)."""
+        host = self.hosts[self.embed.index]
+        if not self.cuda:
+            return host
+        try:
+            alias = torch.as_tensor(_CudaArray(host), device=self.device)
+            probe = slice(0, min(host.numel(), 2**16))
+            read = (alias[probe] + 0).cpu()  # an elementwise kernel reads it, as the gather will
+            ok = torch.equal(read, host[probe])
+        except (RuntimeError, TypeError) as e:
+            log.warning("the device cannot read pinned host memory (%s): the embedding stays "
+                        "resident, outside the budget", e)
+            return None
+        if not ok:
+            log.warning("reading pinned host memory from the device gave other bytes: the "
+                        "embedding stays resident, outside the budget")
+            return None
+        return alias
 
     # -- budget ---------------------------------------------------------------------------
 
     @property
     def resident_bytes(self) -> int:
-        return sum(s for s, d in zip(self.sizes, self.devices, strict=True) if d is not None)
+        """Bytes of the budgeted units resident now: the budget as applied."""
+        return sum(s for s, d, b in zip(self.sizes, self.devices, self.budgeted, strict=True)
+                   if d is not None and b)
 
     @property
     def streamed_bytes(self) -> int:
+        """Bytes copied into slots per forward pass (the gathered embedding's rows excluded)."""
         return sum(self.sizes[i] for i in self.streamed)
+
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of the embedding table left on the host (0 when it is resident)."""
+        return self.sizes[self.embed.index] if self.devices[self.embed.index] is None else 0
+
+    def choose(self, budget: int) -> list[bool]:
+        """Which units are resident under ``budget`` (those outside the budget always)."""
+        want = select_resident(self.sizes, budget, self._order)
+        return [w or not b for w, b in zip(want, self.budgeted, strict=True)]
+
+    def ring(self, resident: Sequence[bool]) -> list[int]:
+        """The units that pass through the slots, in forward order: the streamed ones but the
+        embedding, which is gathered."""
+        return [i for i, r in enumerate(resident) if not r and i != self.embed.index]
+
+    def streamed_at(self, budget: int) -> int:
+        """Bytes streamed per forward pass under ``budget``, without applying it."""
+        return sum(self.sizes[i] for i in self.ring(self.choose(budget)))
 
     def slot_bytes(self, resident: Sequence[bool]) -> int:
         """Size of one slot (bytes): the largest streamed unit, 0 when nothing streams."""
-        return max((s for s, r in zip(self.sizes, resident, strict=True) if not r), default=0)
+        return max((self.sizes[i] for i in self.ring(resident)), default=0)
 
     def apply_budget(self, budget: int) -> int:
-        """Makes the units chosen by :func:`select_resident` resident; returns their bytes.
+        """Makes the units :meth:`choose` picks resident; returns the budgeted ones' bytes.
         Copies from the pinned host copies: no reload, no re-pinning."""
-        want = select_resident(self.sizes, budget)
+        want = self.choose(budget)
         if self.cuda:
             # Host sync: buffers freed below may still be read by queued kernels and copies.
             # A budget change is off the hot path.
@@ -238,7 +371,7 @@ class WeightStore:
                     self.devices[i] = buf
                 else:
                     self.devices[i] = self.hosts[i]  # CPU: the host copy is the device copy
-        self.streamed = [i for i, r in enumerate(want) if not r]
+        self.streamed = self.ring(want)
         self.stream_pos = [-1] * len(self.layouts)
         for j, i in enumerate(self.streamed):
             self.stream_pos[i] = j
@@ -250,7 +383,9 @@ class WeightStore:
         for i, u in enumerate(self.layouts):
             j = self.stream_pos[i]
             buf = self.devices[i] if j < 0 else self.slots[j % nslots]
-            self.views.append(unit_views(u, buf, self.tdtype))
+            if buf is None:  # the embedding, gathered from the host
+                buf = self._embed_host
+            self.views.append(unit_views(u, buf, self.tdtype, self.fused))
         self.ready = [None] * nslots
         self.prefetched = False
         if self.cuda:
@@ -356,6 +491,7 @@ class WeightStore:
             torch.cuda.synchronize(self.device)  # host sync: nothing may still read the buffers
         self.devices = [None] * len(self.layouts)
         self.slots, self.views, self.fixed = [], [], {}
+        self._embed_host = None  # the device's alias of the arena goes before the arena
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._registered = False
