@@ -21,8 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autotune.engines.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
-from autotune.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
 
@@ -97,7 +97,7 @@ def _default_max_batch(device: str, engine: str, model: str, weights: str | None
     if engine not in ("native", "tensorrt"):
         return MIN_AUTO_BATCH
     from autotune import gpu
-    from autotune.memory import kv_cache_bytes
+    from autotune.engines.memory import kv_cache_bytes
     from autotune.models import get_spec
 
     first = f"cuda:{gpus[0]}" if gpus else device
@@ -192,8 +192,9 @@ def run(
         True, help="Measure the best over every decode step at the end, when it was estimated."),
 ) -> None:
     """Tune batch size x weight-streaming budget; resumes the study if it exists."""
-    from autotune import jsonfile, recommend
-    from autotune.study import RunOptions, run_study
+    from autotune import jsonfile
+    from autotune.results import recommend
+    from autotune.tune.study import RunOptions, run_study
 
     if landscape is not None:  # shorthand for --engine landscape --engine-option landscape=F
         engine = "landscape" if engine == "native" else engine
@@ -261,7 +262,7 @@ def worker(
         "trt_cache_dir), never taken from the storage (repeatable)."),
 ) -> None:
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
-    from autotune.join import join_study
+    from autotune.tune.join import join_study
 
     with _stoppable(storage):
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
@@ -330,7 +331,7 @@ def _print_progress(event: Any) -> None:
 
 def _budget_cell(attrs: dict[str, Any]) -> str:
     """A trial's budget as applied ("71% 3.00 MiB"); empty for a trial that has none."""
-    from autotune.study import budget_shown
+    from autotune.tune.study import budget_shown
 
     if "budget_pct" not in attrs:
         return ""
@@ -406,7 +407,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
 ) -> None:
     """Measure one configuration (prints a SHA-256 of the generated token ids)."""
-    from autotune.bench import run_bench
+    from autotune.measure.bench import run_bench
 
     device = _resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
@@ -493,7 +494,8 @@ def export(
         "file (a grid study: autotune run --sampler grid)."),
 ) -> None:
     """Write the JSON recommendation of a stored study, or its landscape."""
-    from autotune import jsonfile, recommend
+    from autotune import jsonfile
+    from autotune.results import recommend
     from autotune.storage import load_study, open_storage
 
     for path in (out_file, landscape):
@@ -523,7 +525,7 @@ def dashboard(
     port: int = typer.Option(8080, help="Port."),
 ) -> None:
     """Serve optuna-dashboard on the study storage (readable while a study runs)."""
-    from autotune.dashboard import serve
+    from autotune.results.dashboard import serve
 
     # The server holds no trial, so SIGTERM/SIGHUP keep their default (exit at once): raised as
     # an exception inside optuna-dashboard's request code, a stop could be swallowed there, and
@@ -540,7 +542,7 @@ def report(
     out_dir: Path = typer.Option(..., "--out", help="Directory for the PNGs and report.html."),
 ) -> None:
     """Draw a stored study: throughput landscape, Pareto front, progress (PNG + one HTML)."""
-    from autotune.report import write_report
+    from autotune.results.report import write_report
     from autotune.storage import load_study, open_storage
 
     stored = load_study(open_storage(storage, create=False, read_only=True), study)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune import recommend
 from autotune.errors import UserInputError
+from autotune.results import recommend
 from autotune.units import format_bytes
 
 

@@ -9,7 +9,7 @@ damaged, its write-ahead log lost, the disk full, or unreadable for another reas
 that only read (show, export, report) open the database read-only, so a read-only file or
 mount serves them. Passwords in URLs are redacted wherever a URL is shown.
 
-This module does not know about trials or studies' contents (see :mod:`autotune.study`).
+This module does not know about trials or studies' contents (see :mod:`autotune.tune.study`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ everything streamed (budget 0), at the largest batch whose memory plan fits the 
 resident outside the budget) and ``embed-head-in-budget``. Reports tok/s and the fraction of
 the link's bound (streamed bytes per step / pinned H2D bandwidth measured in the same run).
 
-Both report each variant's ratio to the first. Timed through :func:`autotune.measure.measure`
+Both report each variant's ratio to the first. Timed through :func:`autotune.measure.timing.measure`
 (warm-up never counted, the device synchronized before every clock read); on a GPU, prefill +
 ``--decode-steps`` decode steps per run, the rest extrapolated (within 3% on the H100,
 ``benchmarks/shortcut.py``). On CPU (``--device cpu``, with ``tiny-llama``) it is a smoke check
@@ -45,9 +45,9 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
 from autotune.engines import EngineConfig, load_engine  # noqa: E402
-from autotune.measure import measure, measure_h2d_bandwidth, random_prompt  # noqa: E402
+from autotune.measure.timing import measure, measure_h2d_bandwidth, random_prompt  # noqa: E402
+from autotune.measure.worker import plan_configs  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
-from autotune.worker import plan_configs  # noqa: E402
 
 RESIDENT = {"unfused": {"fused": False}, "fused": {}}
 STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {}}

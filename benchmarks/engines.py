@@ -28,8 +28,8 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
 from autotune.engines import EngineConfig, load_engine  # noqa: E402
-from autotune.measure import measure, measure_h2d_bandwidth  # noqa: E402
-from autotune.memory import DEFAULT_MARGIN  # noqa: E402
+from autotune.engines.memory import DEFAULT_MARGIN  # noqa: E402
+from autotune.measure.timing import measure, measure_h2d_bandwidth  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 from benchmarks.decode import hbm_gb_s  # noqa: E402
 

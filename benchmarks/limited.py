@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autotune.engines import EngineConfig, load_engine
-from autotune.memory import DEFAULT_MARGIN
+from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.units import parse_bytes
 
 

@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from autotune import landscape as landscape_mod  # noqa: E402
 from autotune.engines import EngineConfig  # noqa: E402
 from autotune.engines.landscape import LandscapeEngine  # noqa: E402
-from autotune.prior import Limits  # noqa: E402
-from autotune.search import (  # noqa: E402
+from autotune.tune.prior import Limits  # noqa: E402
+from autotune.tune.search import (  # noqa: E402
     SAMPLERS,
     InProcessRunner,
     make_sampler,

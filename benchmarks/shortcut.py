@@ -28,7 +28,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes
 
 from limited import add_workload_args, largest, load_limited  # noqa: E402
 
-from autotune.measure import measure  # noqa: E402
+from autotune.measure.timing import measure  # noqa: E402
 
 
 def compare(engine: Any, label: str, batch: int, budget: int, args: Any) -> dict[str, Any]:

@@ -25,7 +25,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes
 
 from limited import add_workload_args, largest, load_limited  # noqa: E402
 
-from autotune.measure import random_prompt  # noqa: E402
+from autotune.measure.timing import random_prompt  # noqa: E402
 
 
 def segments(engine: Any, batch: int, isl: int, osl: int, segment: int) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 In one process: measures pinned host-to-device bandwidth (B_h2d), device memory bandwidth
 (B_hbm) and fp16 matmul throughput first; then, for llama2-7b fp16 (random weights) at a GPU
 memory limit, runs budgets of 0/25/50/75% of what fits at batch 1, each at batch 1, 16 and the
-largest batch the memory plan fits, through :func:`autotune.measure.measure`; then batch 1 with
+largest batch the memory plan fits, through :func:`autotune.measure.timing.measure`; then batch 1 with
 nothing streamed and no limit; then, if accelerate is importable, its ``device_map`` offload at
 the same limit. Per configuration it prints tok/s, the bound, the fraction of the bound, the
 GB/s achieved on the link and predicted vs measured peak memory, and writes everything (raw
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from limited import add_workload_args, largest, load_limited
 
-from autotune.measure import measure, random_prompt
+from autotune.measure.timing import measure, random_prompt
 from autotune.units import GiB
 
 
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 class _Offloaded:
     """A transformers model under accelerate's hooks, shaped enough like an Engine for
-    :func:`autotune.measure.measure` (greedy, DynamicCache, exactly osl tokens)."""
+    :func:`autotune.measure.timing.measure` (greedy, DynamicCache, exactly osl tokens)."""
 
     def __init__(self, model, spec, offloaded: int) -> None:
         from autotune.engines import EngineConfig
@@ -258,7 +258,7 @@ def run_accelerate(model_name: str, limit: int, batch: int, isl: int, osl: int,
     from accelerate.utils import set_module_tensor_to_device
     from transformers import LlamaForCausalLM
 
-    from autotune.memory import kv_cache_bytes, prefill_activation_bytes
+    from autotune.engines.memory import kv_cache_bytes, prefill_activation_bytes
     from autotune.models import RandomWeights, get_spec
 
     spec = get_spec(model_name)

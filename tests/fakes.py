@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from autotune.engines import EngineConfig, Generation, clamp_budget
-from autotune.memory import MemoryPlan
+from autotune.engines.memory import MemoryPlan
 from autotune.models import get_spec
 
 log = logging.getLogger(__name__)

@@ -120,7 +120,7 @@ def test_what_the_runtime_does_not_implement_is_refused(tmp_path: Path, change, 
 def test_a_sliding_window_bounds_the_sequences(tmp_path: Path) -> None:
     """Within Mistral's window its attention is Llama's; longer sequences would differ, so
     they are refused (a run's --isl + --osl is checked against the model's positions)."""
-    from autotune.study import RunOptions
+    from autotune.tune.study import RunOptions
 
     _checkpoint(tmp_path, None, False, "mistral", sliding_window=48)
     assert get_spec("ckpt", tmp_path).max_position_embeddings == 48
@@ -142,7 +142,7 @@ def test_cli_tunes_a_checkpoint_named_after_its_folder(tmp_path: Path, cli_env) 
     weights, and the study and its JSON are named after the folder, not a preset."""
     from test_cli import autotune
 
-    from autotune import recommend
+    from autotune.results import recommend
 
     directory = tmp_path / "My-Llama-3.2-Tiny"
     _checkpoint(directory, LLAMA3_ROPE, True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ANALYTIC, has_cuda
 
-from autotune import recommend
+from autotune.results import recommend
 
 
 def autotune(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -220,7 +220,7 @@ def test_budgets_shown_are_the_ones_applied(storage_url: str, cli_env) -> None:
 
 
 def test_auto_max_batch_follows_the_kv_cache() -> None:
-    from autotune.memory import auto_max_batch
+    from autotune.engines.memory import auto_max_batch
     from autotune.models import get_spec
     from autotune.units import GiB
 

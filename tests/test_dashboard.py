@@ -26,7 +26,7 @@ import pytest
 from conftest import ANALYTIC, ROOT
 
 from autotune.storage import SQLITE_BUSY_TIMEOUT_S, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 ARTIFACTS = ROOT / "tests" / "artifacts"
 

@@ -12,11 +12,12 @@ import pytest
 from conftest import ANALYTIC
 from doubles import install_torch_tensorrt, uninstall_torch_tensorrt
 
-from autotune import deploy, recommend
+from autotune import deploy
 from autotune.engines import EngineConfig, load_engine
 from autotune.errors import UserInputError
+from autotune.results import recommend
 from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 
 @pytest.fixture(scope="module")

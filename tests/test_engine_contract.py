@@ -21,7 +21,7 @@ from doubles import install_torch_tensorrt, uninstall_torch_tensorrt
 
 from autotune.engines import EngineConfig, load_engine
 from autotune.errors import UserInputError
-from autotune.measure import random_prompt
+from autotune.measure.timing import random_prompt
 from autotune.streaming import weight_streaming
 
 

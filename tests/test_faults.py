@@ -24,10 +24,11 @@ import pytest
 from conftest import ANALYTIC
 from test_cli import RUN, _error, autotune
 
-from autotune import budget, recommend, resume
 from autotune.errors import EngineUnavailableError, SchemaError, StorageError
+from autotune.results import recommend
 from autotune.storage import explain, load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune import budget, resume
+from autotune.tune.study import RunOptions, run_study
 
 
 def _options(storage_url: str, **kw) -> RunOptions:
@@ -202,10 +203,10 @@ def test_sigterm_stops_like_ctrl_c_and_the_worker_goes_with_it(
 def test_a_late_reply_is_dropped_not_taken_for_the_next_answer(monkeypatch) -> None:
     """A worker stalls past a query's wait, then answers it: that answer must not be read as
     the outcome of the next trial (the pipe's messages are tagged)."""
-    from autotune import worker as worker_mod
     from autotune.engines import EngineConfig
     from autotune.errors import WorkerError
-    from autotune.worker import TrialRequest, Worker
+    from autotune.measure import worker as worker_mod
+    from autotune.measure.worker import TrialRequest, Worker
 
     monkeypatch.setattr(worker_mod, "_QUERY_TIMEOUT_S", 0.5)
     config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
@@ -285,7 +286,7 @@ def test_nvml_failing_is_a_clear_error_and_a_recorded_trial(monkeypatch) -> None
 
     from autotune import gpu
     from autotune.engines import EngineConfig, load_engine
-    from autotune.worker import TrialRequest, run_trial
+    from autotune.measure.worker import TrialRequest, run_trial
 
     def broken(*args):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
@@ -582,7 +583,7 @@ def test_runs_starting_at_once_on_a_new_sqlite_file(tmp_path: Path, cli_env) -> 
 
 _KILLED_AT = """
 import os, signal, sys
-from autotune import resume, study
+from autotune.tune import resume, study
 from test_faults import _options
 point = sys.argv[2]
 def die(*args, **kwargs):
@@ -632,7 +633,7 @@ def test_tuner_killed_during_the_confirmation_confirms_on_resume(
 _WRITE_THEN_DIE = """
 import os, signal, sys
 from test_faults import _options
-from autotune.study import run_study
+from autotune.tune.study import run_study
 run_study(_options(sys.argv[1], trials=int(sys.argv[2])))
 os.kill(os.getpid(), signal.SIGKILL)  # its last writes stay in the -wal, not the file
 """

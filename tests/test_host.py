@@ -1,4 +1,4 @@
-"""Host memory: the check before a run (autotune.host), on real files and through the CLI."""
+"""Host memory: the check before a run (autotune.measure.host), on real files and through the CLI."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from test_cli import autotune
 
-from autotune import host
 from autotune.engines import EngineConfig, engine_class
 from autotune.errors import UserInputError
+from autotune.measure import host
 from autotune.models import get_spec
 from autotune.units import GiB
 

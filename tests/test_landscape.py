@@ -13,12 +13,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotune import landscape, recommend
+from autotune import landscape
 from autotune.engines import EngineConfig, engine_class
 from autotune.engines.landscape import LandscapeEngine
 from autotune.errors import SchemaError, UserInputError
-from autotune.prior import Limits
-from autotune.search import (
+from autotune.results import recommend
+from autotune.storage import load_study, open_storage
+from autotune.tune.prior import Limits
+from autotune.tune.search import (
     GRID_FRACTIONS,
     InProcessRunner,
     grid_batches,
@@ -26,8 +28,7 @@ from autotune.search import (
     make_sampler,
     run_in_process,
 )
-from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 DATA = Path(__file__).parent / "data"
 SYNTHETIC = DATA / "synthetic-llama2-7b-8GiB.json"
@@ -118,7 +119,7 @@ def test_landscape_engine_replays_and_is_registered() -> None:
     engine = _engine()
     runner = InProcessRunner(engine)
     total = engine.total_device_budget
-    from autotune.worker import TrialRequest
+    from autotune.measure.worker import TrialRequest
 
     ok = runner.run(TrialRequest(batch=32, budget=0, isl=128, osl=256, repeats=1, warmup=0))
     assert ok.status == "ok"

@@ -8,7 +8,7 @@ from fakes import AnalyticEngine
 
 from autotune.engines import EngineConfig
 from autotune.errors import UserInputError
-from autotune.measure import measure
+from autotune.measure.timing import measure
 
 OSL = 40
 

@@ -19,9 +19,9 @@ import autotune.engines.native as native
 from autotune import models
 from autotune.engines import Engine, EngineConfig, load_engine
 from autotune.errors import UserInputError
-from autotune.measure import measure, random_prompt
+from autotune.measure.timing import measure, random_prompt
+from autotune.measure.worker import plan_configs
 from autotune.streaming import plan, weight_streaming
-from autotune.worker import plan_configs
 
 SOURCE = models.RandomWeights(seed=0, std=0.1)
 

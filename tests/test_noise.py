@@ -13,8 +13,9 @@ import pytest
 from conftest import ANALYTIC
 from fakes import LINK_BYTES_PER_S, PER_SEQ_S, STEP_S, UNIT, UNITS
 
-from autotune import recommend
-from autotune.prior import (
+from autotune.results import recommend
+from autotune.storage import load_study, open_storage
+from autotune.tune.prior import (
     COMPUTE_SLACK,
     SUPERLINEAR,
     Calibration,
@@ -22,8 +23,7 @@ from autotune.prior import (
     Prior,
     calibration_problem,
 )
-from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 # What two `autotune run` on one study at once stored (issue 13): the rows 8..512 measured
 # while the other run was measuring too.
@@ -179,7 +179,7 @@ def _quiet_throughputs(configs: list[tuple[int, float]], isl: int, osl: int) -> 
     """Each configuration's throughput with the busy loops gone: interleaved rounds, the
     fastest of each (the other tenants of a shared machine only ever slow a run down)."""
     from autotune.engines import EngineConfig, load_engine
-    from autotune.measure import measure
+    from autotune.measure.timing import measure
 
     engine = load_engine(EngineConfig(model="tiny-llama", engine="native", dtype="float32",
                                       device="cpu", max_batch=64, max_seq_len=isl + osl))

@@ -12,7 +12,7 @@ import pytest
 from conftest import ANALYTIC, ROOT
 from fakes import MiB
 
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 NOTEBOOK = ROOT / "notebooks" / "analyze_study.ipynb"
 

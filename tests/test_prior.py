@@ -12,8 +12,8 @@ import optuna
 import pytest
 
 from autotune.landscape import read
-from autotune.prior import Calibration, Limits, Observation, Prior
-from autotune.search import observations, start_prior
+from autotune.tune.prior import Calibration, Limits, Observation, Prior
+from autotune.tune.search import observations, start_prior
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -32,7 +32,7 @@ def _cases() -> list[tuple[Path, Limits]]:
 
 
 def _study(sampler: str = "autotune") -> optuna.Study:
-    from autotune.search import make_sampler
+    from autotune.tune.search import make_sampler
 
     return optuna.create_study(storage=optuna.storages.InMemoryStorage(),
                                direction="maximize", sampler=make_sampler(sampler, 0, 256))
@@ -60,7 +60,7 @@ def test_pruning_never_skips_the_true_optimum(path: Path, limits: Limits) -> Non
                         h2d_gb_s=land.calibration.get("h2d_gb_s"))
     i, j = _true_optimum(prior, land, limits)
     assert prior.allowed([])[i, j], "pruned before any trial"
-    from autotune.search import run_in_process
+    from autotune.tune.search import run_in_process
 
     run_in_process(study, runner, trials=12, max_batch=land.batches[-1], isl=land.isl,
                    osl=land.osl, total=land.total_device_budget, limits=limits, prior=prior)
@@ -101,7 +101,7 @@ def test_early_stop_ends_within_a_handful_of_trials_at_the_optimum(path: Path,
 
 
 def test_a_stalled_search_is_told_apart_from_a_late_improvement() -> None:
-    from autotune.prior import PATIENCE, _stalled
+    from autotune.tune.prior import PATIENCE, _stalled
 
     def ok(tput: float, feasible: bool = True) -> Observation:
         return Observation(8, 0.2, "ok", throughput=tput, tpot_s=0.2, ttft_s=0.2,
@@ -182,7 +182,7 @@ def test_limits_out_of_reach_cost_one_trial_that_shows_it() -> None:
     """An impossible --max-tpot-ms: the bounds say so before trial 1, but bounds rest on a
     calibration; the search measures the configuration nearest to meeting the limit (never
     one that cannot fit) and stops on that evidence, saying why."""
-    from autotune.search import run_in_process
+    from autotune.tune.search import run_in_process
 
     runner, land = make_runner(str(SYNTHETIC))
     limits = Limits(max_tpot_ms=0.001)
@@ -242,7 +242,7 @@ class _CostlyChanges:
 def test_costly_budget_changes_are_avoided_where_they_buy_little(limits: Limits) -> None:
     """Where a budget change costs three trials' time, the search changes the budget fewer
     times than where it is free, and still ends at the optimum."""
-    from autotune.search import run_in_process
+    from autotune.tune.search import run_in_process
 
     def study_with(change_s: float) -> tuple[int, float]:
         base, land = make_runner(str(SYNTHETIC))

@@ -12,10 +12,10 @@ import pytest
 from conftest import ANALYTIC
 from fakes import MiB
 
-from autotune import report
 from autotune.errors import NoCompletedTrialError
+from autotune.results import report
 from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -136,8 +136,8 @@ def test_trials_over_a_latency_limit_are_drawn_apart(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from search import make_runner
 
-    from autotune.prior import Limits
-    from autotune.search import run_in_process
+    from autotune.tune.prior import Limits
+    from autotune.tune.search import run_in_process
 
     runner, land = make_runner(str(Path(__file__).parent / "data"
                                    / "synthetic-llama2-7b-8GiB.json"))

@@ -20,11 +20,12 @@ import pytest
 from conftest import ANALYTIC
 from test_cli import RUN, _error, autotune
 
-from autotune import budget, recommend
 from autotune.errors import UserInputError
-from autotune.join import join_study
+from autotune.results import recommend
 from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune import budget
+from autotune.tune.join import join_study
+from autotune.tune.study import RunOptions, run_study
 
 PG_URL = os.environ.get("AUTOTUNE_TEST_POSTGRES_URL")
 GRID = [{"batch": b, "budget_fraction": f} for b in (1, 2, 4, 8, 16, 32) for f in (0.0, 1.0)]
@@ -218,7 +219,7 @@ def test_the_storage_chooses_no_code_and_no_pickle_path(tmp_path: Path, storage_
     _error(r, "runs the engine 'evilmod:X'", "never chooses code")
     assert not marker.exists()
 
-    from autotune.join import joined_options
+    from autotune.tune.join import joined_options
 
     trt = dict(stored, engine="tensorrt", model="tiny-llama",
                engine_options=[["trt_cache_dir", "/from/the/storage"], ["opt_batch", "8"]])

@@ -11,10 +11,10 @@ import pytest
 from conftest import ANALYTIC
 from fakes import KV_PER_SEQ, MiB
 
-from autotune import recommend
 from autotune.errors import NoCompletedTrialError, UserInputError
+from autotune.results import recommend
 from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, run_study
+from autotune.tune.study import RunOptions, run_study
 
 
 def _options(storage_url: str, **kw) -> RunOptions:
@@ -191,7 +191,7 @@ def test_a_slow_load_is_reported_while_it_lasts(storage_url: str) -> None:
     """A large model takes minutes to load: the run hears of it every so often, then once more
     with what was loaded (the CLI prints both)."""
     from autotune.engines import EngineConfig
-    from autotune.worker import Worker
+    from autotune.measure.worker import Worker
 
     config = EngineConfig(model="tiny-llama", engine=ANALYTIC, dtype="float32", device="cpu",
                           options=(("load_sleep_s", 1.5),))

@@ -22,8 +22,8 @@ import torch
 from doubles import DOUBLES_DIR, install_torch_tensorrt, uninstall_torch_tensorrt
 
 from autotune.engines import EngineConfig, load_engine
+from autotune.engines.memory import prefill_activation_bytes
 from autotune.errors import EngineUnavailableError, UserInputError
-from autotune.memory import prefill_activation_bytes
 from autotune.models import build_hf_model, get_spec, weight_source
 
 ROOT = Path(__file__).resolve().parents[1]

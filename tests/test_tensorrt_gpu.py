@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from autotune.engines import EngineConfig, load_engine
-from autotune.measure import measure, random_prompt
+from autotune.measure.timing import measure, random_prompt
 from autotune.models import build_hf_model, get_spec, weight_source
 
 pytestmark = pytest.mark.gpu

@@ -13,7 +13,7 @@ from test_cli import autotune
 
 from autotune.errors import UserInputError
 from autotune.storage import load_study, open_storage
-from autotune.study import RunOptions, check_total, run_study
+from autotune.tune.study import RunOptions, check_total, run_study
 
 RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC,
        "--max-batch", "16", "--repeats", "1", "--no-early-stop", "--study", "mix")

@@ -4,7 +4,7 @@ The names mirror ``torch_tensorrt.runtime.weight_streaming`` so that its users' 
 over: ``total_device_budget`` (streamable bytes), ``device_budget`` (bytes kept resident;
 assigning reads the applied value back) and ``get_automatic_weight_streaming_budget()``.
 Generation is split into ``prefill`` (which yields the first token) and ``decode`` so that
-:mod:`autotune.measure`, the one place that reads clocks, can time both.
+:mod:`autotune.measure.timing`, the one place that reads clocks, can time both.
 
 This module holds no engine; see :mod:`autotune.engines` for the registry.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from autotune.engines.memory import MemoryPlan
 from autotune.errors import UserInputError
-from autotune.memory import MemoryPlan
 from autotune.models import ModelSpec, check_dtype
 
 
@@ -74,9 +74,9 @@ class Engine(Protocol):
     config: EngineConfig
     # Optional class attributes, read with getattr: ``uniform_decode_steps`` (True when every
     # decode step does the same work, so a measurement may time a few and extrapolate; see
-    # autotune.measure), ``budget_change_cost`` ("high" when a change reloads the engine) and
+    # autotune.measure.timing), ``budget_change_cost`` ("high" when a change reloads the engine) and
     # the class method ``host_bytes(config)`` (peak host memory one loaded worker holds, checked
-    # against the host before a run starts: autotune.host) and ``applied_budget(budget)`` (what
+    # against the host before a run starts: autotune.measure.host) and ``applied_budget(budget)`` (what
     # assigning ``budget`` would apply, without applying it: engines that round budgets to
     # whole units say so, and the search never measures one configuration twice).
     # Engine options (``--engine-option KEY=VALUE``): ``engine_options``, a dict of the keys

@@ -11,7 +11,7 @@ recording's: when the study gives no ``--gpu-memory-limit``, the engine's config
 recorded limit, so a replayed worker skips what the recorded worker skipped. A plan knows only
 a total, reported as the ``workspace`` part.
 
-This engine generates no tokens: :mod:`autotune.measure` calls ``simulate_measurement``.
+This engine generates no tokens: :mod:`autotune.measure.timing` calls ``simulate_measurement``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from autotune.engines.base import EngineConfig, clamp_budget
+from autotune.engines.memory import DEFAULT_MARGIN, MemoryPlan
 from autotune.errors import UserInputError
 from autotune.landscape import Landscape, read
-from autotune.measure import Measurement
-from autotune.memory import DEFAULT_MARGIN, MemoryPlan
+from autotune.measure.timing import Measurement
 from autotune.models import get_spec
 
 log = logging.getLogger(__name__)

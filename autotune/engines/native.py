@@ -15,7 +15,7 @@ gate, up; False: one per matrix). The last two exist so that old and new can be 
 by side (``benchmarks/decode.py``).
 
 One generation at a time: a new ``prefill`` invalidates the previous generation's state.
-This module does not time anything (:mod:`autotune.measure` does).
+This module does not time anything (:mod:`autotune.measure.timing` does).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 import torch
 
 from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
+from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
-from autotune.memory import MemoryPlan
 from autotune.models import ModelSpec, get_spec, weight_source
 from autotune.streaming import plan
 from autotune.streaming.llama import KVCache, Llama

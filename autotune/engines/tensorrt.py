@@ -14,7 +14,7 @@ once at load, what NVML sees at the two ends of the budget range, and plans from
 (:meth:`TensorRTEngine.memory_plan`). torch_tensorrt is imported inside ``load`` only, so
 ``import autotune.engines`` never needs it. Section numbers refer to
 ``research/torch-tensorrt-weight-streaming.md``. This module does not time generation
-(:mod:`autotune.measure` does) and does not use CUDA graphs (TensorRT-RTX does not support
+(:mod:`autotune.measure.timing` does) and does not use CUDA graphs (TensorRT-RTX does not support
 them with weight streaming, §1.6).
 """
 
@@ -40,8 +40,8 @@ from autotune.engines._trt_build import (
 )
 from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir
 from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
+from autotune.engines.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.errors import EngineUnavailableError, UserInputError
-from autotune.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.models import ModelSpec, dtype_bytes, get_spec
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class TensorRTEngine:
         than the model: then the staging is taken as 0 (the plan errs high at budget total)."""
         import torch
 
-        from autotune.measure import random_prompt
+        from autotune.measure.timing import random_prompt
 
         before = self.device_budget
         seen = {}

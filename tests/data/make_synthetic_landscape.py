@@ -18,11 +18,11 @@ import random
 from pathlib import Path
 
 from autotune import landscape
-from autotune.memory import DEFAULT_MARGIN
+from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.models import get_spec
-from autotune.search import GRID_FRACTIONS, grid_batches
 from autotune.streaming import plan
 from autotune.streaming.runtime import select_resident, unit_layouts
+from autotune.tune.search import GRID_FRACTIONS, grid_batches
 
 GiB = 2**30
 MODEL, DTYPE, ISL, OSL, LIMIT, MAX_BATCH = "llama2-7b", "float16", 128, 256, 8 * GiB, 256

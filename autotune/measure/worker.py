@@ -17,7 +17,7 @@ request was given up on (a stalled worker that resumes) is recognised and droppe
 the answer to a later request. A worker never outlives its parent: on Linux the kernel kills it
 when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread watches the parent's pid.
 
-This module does not choose configurations or store anything (see :mod:`autotune.study`).
+This module does not choose configurations or store anything (see :mod:`autotune.tune.study`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from autotune.engines import EngineConfig
+from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import AutotuneError, EngineUnavailableError, WorkerError
-from autotune.memory import DEFAULT_MARGIN
 from autotune.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _free_cached(config: EngineConfig) -> None:
 
 def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
     """Checks the headroom, applies the budget and measures: in the worker process."""
-    from autotune.measure import measure
+    from autotune.measure.timing import measure
 
     config: EngineConfig = engine.config
     start = time.perf_counter()
@@ -217,8 +217,8 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
 
 
 def calibrate(engine: Any) -> dict[str, Any]:
-    """The compute side of the prior's hardware measurements (see autotune.prior)."""
-    from autotune.prior import measure_compute
+    """The compute side of the prior's hardware measurements (see autotune.tune.prior)."""
+    from autotune.tune.prior import measure_compute
 
     return measure_compute(engine)
 
@@ -253,7 +253,7 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
         pass
     if config.device.startswith("cuda"):
         from autotune import gpu
-        from autotune.measure import measure_h2d_bandwidth
+        from autotune.measure.timing import measure_h2d_bandwidth
 
         info = gpu.device_info(config.device)
         env["gpu"] = info.as_dict()
@@ -438,7 +438,7 @@ class Worker:
         return self._query("plan", (configs, isl, osl, margin))
 
     def calibrate(self) -> dict[str, Any]:
-        """Times the model's matmuls in the worker (see :func:`autotune.prior.measure_compute`)."""
+        """Times the model's matmuls in the worker (see :func:`autotune.tune.prior.measure_compute`)."""
         return self._query("calibrate", ())
 
     def _query(self, op: str, payload: tuple[Any, ...]) -> Any:

@@ -1,7 +1,7 @@
 """``autotune bench``: measure one configuration in this process.
 
 Loads the engine, applies the budget (bytes, or a fraction of ``total_device_budget``),
-predicts the peak memory, measures through :mod:`autotune.measure`, and returns plain data.
+predicts the peak memory, measures through :mod:`autotune.measure.timing`, and returns plain data.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from autotune import host
 from autotune.engines import EngineConfig, load_engine
 from autotune.errors import UserInputError
-from autotune.measure import measure
+from autotune.measure import host
+from autotune.measure.timing import measure
 
 log = logging.getLogger(__name__)
 

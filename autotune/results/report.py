@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune import recommend
 from autotune.errors import AutotuneError, NoCompletedTrialError, UserInputError
+from autotune.results import recommend
 from autotune.units import GiB, format_bytes
 
 FIGURES = ("landscape", "pareto", "progress")
@@ -89,7 +89,7 @@ def points(study: Any) -> list[TrialPoint]:
 
 
 def recommendation(study: Any) -> dict[str, Any] | None:
-    """The study's recommendation (:func:`autotune.recommend.build`), None before any
+    """The study's recommendation (:func:`autotune.results.recommend.build`), None before any
     feasible trial."""
     try:
         return recommend.build(study)

@@ -4,11 +4,11 @@ A configuration's peak is the sum of: the weights kept resident (what is never s
 the device budget), the streaming scratch (device slots that streamed weights are copied into),
 the KV cache, the transient activations of prefill, and a workspace margin (cuBLAS workspace,
 allocator rounding). Engines know their own layout and fill in a :class:`MemoryPlan`; the
-formulas for the parts every Llama shares live here. The worker (:mod:`autotune.worker`)
+formulas for the parts every Llama shares live here. The worker (:mod:`autotune.measure.worker`)
 compares a plan with the headroom NVML reports before it runs anything, so that
 configurations that cannot fit are recorded without being run.
 
-This module does not measure anything; :mod:`autotune.measure` does.
+This module does not measure anything; :mod:`autotune.measure.timing` does.
 """
 
 from __future__ import annotations

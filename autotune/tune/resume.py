@@ -15,7 +15,7 @@ When a run or a worker starts, and before each trial it claims, :func:`recover` 
 the study's RUNNING trials. One whose process is known to be gone on this host is failed at
 once; one from another host (or whose pid cannot be checked) is failed when its heartbeat is
 older than ``stale_after_s``. A failed trial gets ``status`` ``interrupted`` (it does not
-count against the budget, see :mod:`autotune.budget`) and its configuration is enqueued once
+count against the budget, see :mod:`autotune.tune.budget`) and its configuration is enqueued once
 more, unless it was itself such a retry. Two processes recovering at once cannot both retry a trial: only the one whose
 ``tell`` moves it out of RUNNING enqueues.
 
@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from autotune.budget import INTERRUPTED
+from autotune.tune.budget import INTERRUPTED
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from autotune import jsonfile
-from autotune.budget import OVER_BUDGET
 from autotune.errors import NoCompletedTrialError, SchemaError
+from autotune.tune.budget import OVER_BUDGET
 from autotune.units import GiB
 
 SCHEMA_VERSION = 1

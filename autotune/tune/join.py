@@ -5,7 +5,7 @@ its workload and its trial budget (``trials``) in the study's user attributes. A
 them back, so that its trials measure the same workload: same model, engine, engine options,
 dtype, lengths, memory limit, repeats and seed; only the devices are its own. It refuses to
 join from a GPU of another model than the study's (trials of one study must be comparable), and
-then runs trials until the budget is spent, claiming them exactly as :mod:`autotune.budget`
+then runs trials until the budget is spent, claiming them exactly as :mod:`autotune.tune.budget`
 describes.
 
 Whoever can write the storage must not be able to run code on the workers: a joiner runs
@@ -24,9 +24,9 @@ from typing import Any
 
 from autotune.engines import BUILTIN, declared_options, engine_class
 from autotune.errors import UserInputError
+from autotune.measure.worker import WorkerInfo
 from autotune.storage import load_study, open_storage, redact
-from autotune.study import RunOptions, RunResult, TrialEvent, resolve_gpu_name, run_study
-from autotune.worker import WorkerInfo
+from autotune.tune.study import RunOptions, RunResult, TrialEvent, resolve_gpu_name, run_study
 
 
 def joined_options(run_options: dict[str, Any], *, storage: str, study_name: str, device: str,

@@ -34,7 +34,7 @@ every large batch look hopeless; a model that takes copies to overlap compute mi
 budget where they do not, on CPU).
 
 This module chooses points and predicts; it does not run trials or talk to Optuna's storage
-(:mod:`autotune.search` does).
+(:mod:`autotune.tune.search` does).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How a study chooses configurations: the samplers, and one trial from ask to tell.
 
-``--sampler``: ``autotune`` (default: the prior's model, see :mod:`autotune.prior`, which
+``--sampler``: ``autotune`` (default: the prior's model, see :mod:`autotune.tune.prior`, which
 starts at the predicted optimum and never proposes what cannot fit, meet the limits or win;
 Optuna's TPE until the prior is attached and when nothing is left), ``tpe`` (Optuna's
 multivariate TPE, 5 random startup trials), ``random``, ``gp`` (Optuna's GPSampler, needs
@@ -8,7 +8,7 @@ scipy) and ``grid`` (batch powers of two and their midpoints x budget in 10% ste
 recorded landscapes are made of).
 
 A trial runner is anything with ``run(request) -> TrialOutcome``, ``plan(...)`` and
-``calibrate()``: a :class:`autotune.worker.Worker` (a process per GPU) or an
+``calibrate()``: a :class:`autotune.measure.worker.Worker` (a process per GPU) or an
 :class:`InProcessRunner` (an engine in this process; landscapes replay in microseconds, which
 is what the search benchmark and tests use). :func:`measure` runs a trial and measures it
 again when it lands far off its prediction; :func:`after_trial` sends a calibration that a
@@ -27,10 +27,10 @@ from typing import Any
 
 import optuna
 
+from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import UserInputError
-from autotune.memory import DEFAULT_MARGIN
-from autotune.prior import Limits, Observation, Prior
-from autotune.worker import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
+from autotune.measure.worker import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
+from autotune.tune.prior import Limits, Observation, Prior
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,8 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
 
     A failed measurement is not the study's end: without a prior, the autotune sampler is TPE.
     """
-    from autotune import prior as prior_mod
     from autotune.errors import WorkerError
+    from autotune.tune import prior as prior_mod
 
     try:
         prior = prior_mod.build(runner, total=total, isl=isl, osl=osl, max_batch=max_batch,
@@ -242,7 +242,7 @@ def check_calibration(study: Any, prior: Prior, runner: Any) -> None:
     from dataclasses import replace
 
     from autotune.errors import WorkerError
-    from autotune.prior import Calibration
+    from autotune.tune.prior import Calibration
 
     why = prior.contradiction(observations(study))
     if why is None or prior.recalibrations >= MAX_RECALIBRATIONS:
@@ -309,7 +309,7 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
                    ) -> list[TrialOutcome]:
     """The study loop without a worker process: ask, run, record, ``trials`` times (fewer
     with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
-    from autotune.study import record
+    from autotune.tune.study import record
 
     outcomes: list[TrialOutcome] = []
     for _ in range(trials):

@@ -7,7 +7,7 @@ waits for the writer, and a write from the dashboard (a note, a user attribute) 
 the busy timeout for the study's write to commit instead of failing with "database is locked".
 tests/test_dashboard.py runs a study and this server together to hold that.
 
-This module does not draw anything itself (see :mod:`autotune.report` for static pictures).
+This module does not draw anything itself (see :mod:`autotune.results.report` for static pictures).
 """
 
 from __future__ import annotations

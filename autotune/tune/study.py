@@ -29,14 +29,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from autotune import budget, host, resume
 from autotune.engines import EngineConfig, check_options, engine_class
 from autotune.errors import UserInputError, stop_name
+from autotune.measure import host
+from autotune.measure.worker import TrialOutcome, TrialRequest, Worker, WorkerInfo
 from autotune.models import check_dtype, get_spec
-from autotune.prior import Limits
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
+from autotune.tune import budget, resume
+from autotune.tune.prior import Limits
 from autotune.units import GiB
-from autotune.worker import TrialOutcome, TrialRequest, Worker, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class RunOptions:
                                  f"{self.gpu_memory_limit}")
         check_dtype(self.dtype)
         self.limits  # noqa: B018  (validates the limits)
-        from autotune.search import SAMPLERS
+        from autotune.tune.search import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise UserInputError(f"--sampler: expected one of {', '.join(SAMPLERS)}; got "
@@ -252,7 +253,7 @@ def create_or_load(options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
     check_study_name(name)  # a default name from a long checkpoint folder name, say
     created = name not in study_names(storage)
     seed = None if options.joined else options.seed
-    from autotune.search import make_sampler
+    from autotune.tune.search import make_sampler
 
     sampler = make_sampler(options.sampler, seed, options.max_batch)
     study = optuna.create_study(
@@ -460,7 +461,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
             f"give --trials above that to run more"
         )
         return result
-    from autotune import search
+    from autotune.tune import search
 
     size = search.grid_size(options.max_batch)
     if options.sampler == "grid" and options.trials != size:
@@ -583,7 +584,7 @@ def stop_reason(study: Any, options: RunOptions, prior: Any) -> str | None:
         return None
     if any(t.state.name == "WAITING" for t in study.get_trials(deepcopy=False)):
         return None
-    from autotune.search import observations
+    from autotune.tune.search import observations
 
     return prior.stop_reason(observations(study))
 

@@ -2,7 +2,7 @@
 
 The rule (the same for threads, processes and hosts, since it reads only the storage): trials
 *count* against the budget when they are WAITING (enqueued), RUNNING, COMPLETE or FAIL, except
-FAIL trials whose ``status`` is ``interrupted`` (their process died; :mod:`autotune.resume`
+FAIL trials whose ``status`` is ``interrupted`` (their process died; :mod:`autotune.tune.resume`
 retries their configuration). A process first asks Optuna for a trial, then counts the counting
 trials numbered below it; if there are ``budget`` or more, its trial is over budget: it is told
 PRUNED with ``status`` ``over_budget`` and the process stops.
@@ -15,7 +15,7 @@ When the study is done (nothing RUNNING or WAITING), COMPLETE + FAIL trials, int
 aside, number exactly the budget. Over-budget PRUNED trials only appear in a race (a cheap
 count before asking avoids them otherwise).
 
-This module does not run trials (see :mod:`autotune.study`).
+This module does not run trials (see :mod:`autotune.tune.study`).
 """
 
 from __future__ import annotations
