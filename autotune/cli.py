@@ -506,9 +506,10 @@ def export(
         out_file = recommend.default_path(stored.study_name)
     if landscape is not None:
         from autotune import landscape as landscape_mod
+        from autotune.results.landscape import from_study
 
         command = "autotune " + " ".join(sys.argv[1:]) if sys.argv else None
-        data = landscape_mod.from_study(stored, command=command)
+        data = from_study(stored, command=command)
         ok = sum(p["status"] == "ok" for p in data["points"])
         out.print(f"landscape written to {landscape_mod.write(data, landscape)} "
                   f"({len(data['batches'])} batches x {len(data['budget_fractions'])} budgets, "

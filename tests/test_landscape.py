@@ -18,6 +18,7 @@ from autotune.engines import EngineConfig, engine_class
 from autotune.engines.landscape import LandscapeEngine
 from autotune.errors import SchemaError, UserInputError
 from autotune.results import recommend
+from autotune.results.landscape import from_study
 from autotune.storage import load_study, open_storage
 from autotune.tune.prior import Limits
 from autotune.tune.search import (
@@ -148,7 +149,7 @@ def test_export_of_a_grid_study_round_trips(tmp_path: Path) -> None:
     study.set_user_attr("calibration", engine.compute_calibration())
     run_in_process(study, InProcessRunner(engine), trials=grid_size(256), max_batch=256,
                    isl=128, osl=256, total=engine.total_device_budget)
-    data = landscape.from_study(study, command="test")
+    data = from_study(study, command="test")
     path = landscape.write(data, tmp_path / "exported.json")
     back = landscape.read(path)
     assert back.batches == engine.landscape.batches
@@ -164,7 +165,7 @@ def test_export_of_a_grid_study_round_trips(tmp_path: Path) -> None:
     run_in_process(partial, InProcessRunner(engine), trials=20, max_batch=256, isl=128,
                    osl=256, total=engine.total_device_budget)
     with pytest.raises(UserInputError, match="not a full grid"):
-        landscape.from_study(partial)
+        from_study(partial)
 
 
 def test_latency_limits_are_constraints_end_to_end(storage_url: str) -> None:

@@ -6,12 +6,15 @@ assigning reads the applied value back) and ``get_automatic_weight_streaming_bud
 Generation is split into ``prefill`` (which yields the first token) and ``decode`` so that
 :mod:`autotune.measure.timing`, the one place that reads clocks, can time both.
 
+What a measurement is (:class:`Measurement`) and the random prompts it is made with are here
+too: a replayed engine reports measurements itself, and engines warm up on random prompts.
+
 This module holds no engine; see :mod:`autotune.engines` for the registry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from autotune.engines.memory import MemoryPlan
@@ -182,3 +185,53 @@ def clamp_budget(requested: int, total: int, log: Any) -> int:
         )
         return total
     return int(requested)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one configuration did, medians over the timed repeats (times in seconds)."""
+
+    batch: int
+    isl: int
+    osl: int
+    device_budget: int
+    total_device_budget: int
+    throughput_tok_s: float  # batch * osl / median end-to-end time
+    e2e_s: float
+    ttft_s: float  # prefill: prompt in, first new token out
+    tpot_s: float  # mean time per output token after the first
+    streamed_bytes_per_step: int
+    stream_gb_s: float  # streamed bytes per step / tpot, in GB/s (1e9)
+    peak_allocated_bytes: int | None  # torch allocator peak over the timed runs
+    peak_reserved_bytes: int | None
+    nvml_used_bytes: int | None  # this process's GPU memory by NVML after the runs
+    tokens_sha256: str  # of the generated ids [B, 1 + decode_steps_timed] (int64, row-major)
+    e2e_samples_s: list[float] = field(default_factory=list)
+    ttft_samples_s: list[float] = field(default_factory=list)
+    warmup: int = 1
+    decode_steps_timed: int = 0  # per repeat; osl - 1 unless estimated
+    estimated: bool = False  # e2e and throughput extrapolated from decode_steps_timed steps
+    # The peak the engine's memory plan predicts: PyTorch's reserved peak, or for an engine
+    # whose memory lies outside PyTorch's allocator (TensorRT), what NVML sees it hold.
+    peak_device_bytes: int | None = None
+
+    @property
+    def budget_fraction(self) -> float:
+        total = self.total_device_budget
+        return self.device_budget / total if total else 1.0
+
+    @property
+    def e2e_spread_s(self) -> float:
+        return max(self.e2e_samples_s) - min(self.e2e_samples_s)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "budget_fraction": self.budget_fraction}
+
+
+def random_prompt(batch: int, isl: int, vocab_size: int, seed: int, device: Any) -> Any:
+    """Random token ids ``[batch, isl]`` (int64), never all equal."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    prompt = torch.randint(1, vocab_size, (batch, isl), generator=gen, dtype=torch.long)
+    return prompt.to(device)

@@ -20,11 +20,10 @@ import logging
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from autotune.engines.base import EngineConfig, clamp_budget
+from autotune.engines.base import EngineConfig, Measurement, clamp_budget
 from autotune.engines.memory import DEFAULT_MARGIN, MemoryPlan
 from autotune.errors import UserInputError
 from autotune.landscape import Landscape, read
-from autotune.measure.timing import Measurement
 from autotune.models import get_spec
 
 log = logging.getLogger(__name__)

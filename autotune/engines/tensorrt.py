@@ -39,7 +39,7 @@ from autotune.engines._trt_build import (
     versions,
 )
 from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir
-from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
+from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag, random_prompt
 from autotune.engines.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, dtype_bytes, get_spec
@@ -339,8 +339,6 @@ class TensorRTEngine:
         streams) are not predictable from outside (§5). Nothing resident fits on a GPU smaller
         than the model: then the staging is taken as 0 (the plan errs high at budget total)."""
         import torch
-
-        from autotune.measure.timing import random_prompt
 
         before = self.device_budget
         seen = {}

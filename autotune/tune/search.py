@@ -31,6 +31,7 @@ from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import UserInputError
 from autotune.measure.worker import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
 from autotune.tune.prior import Limits, Observation, Prior
+from autotune.tune.trials import record
 
 log = logging.getLogger(__name__)
 
@@ -309,8 +310,6 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
                    ) -> list[TrialOutcome]:
     """The study loop without a worker process: ask, run, record, ``trials`` times (fewer
     with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
-    from autotune.tune.study import record
-
     outcomes: list[TrialOutcome] = []
     for _ in range(trials):
         if early_stop and prior is not None and prior.converged(observations(study)):
