@@ -206,7 +206,8 @@ def test_a_late_reply_is_dropped_not_taken_for_the_next_answer(monkeypatch) -> N
     from autotune.engines import EngineConfig
     from autotune.errors import WorkerError
     from autotune.measure import worker as worker_mod
-    from autotune.measure.worker import TrialRequest, Worker
+    from autotune.measure.trial import TrialRequest
+    from autotune.measure.worker import Worker
 
     monkeypatch.setattr(worker_mod, "_QUERY_TIMEOUT_S", 0.5)
     config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
@@ -286,7 +287,7 @@ def test_nvml_failing_is_a_clear_error_and_a_recorded_trial(monkeypatch) -> None
 
     from autotune import gpu
     from autotune.engines import EngineConfig, load_engine
-    from autotune.measure.worker import TrialRequest, run_trial
+    from autotune.measure.trial import TrialRequest, run_trial
 
     def broken(*args):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)

@@ -120,7 +120,7 @@ def test_landscape_engine_replays_and_is_registered() -> None:
     engine = _engine()
     runner = InProcessRunner(engine)
     total = engine.total_device_budget
-    from autotune.measure.worker import TrialRequest
+    from autotune.measure.trial import TrialRequest
 
     ok = runner.run(TrialRequest(batch=32, budget=0, isl=128, osl=256, repeats=1, warmup=0))
     assert ok.status == "ok"

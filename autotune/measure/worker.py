@@ -17,7 +17,9 @@ request was given up on (a stalled worker that resumes) is recognised and droppe
 the answer to a later request. A worker never outlives its parent: on Linux the kernel kills it
 when the parent dies (``PR_SET_PDEATHSIG``), and everywhere a thread watches the parent's pid.
 
-This module does not choose configurations or store anything (see :mod:`autotune.tune.study`).
+This module is the process and its protocol; the trial it runs, and the short requests it
+answers, are :mod:`autotune.measure.trial`'s. It does not choose configurations or store
+anything (see :mod:`autotune.tune.study`).
 """
 
 from __future__ import annotations
@@ -31,15 +33,21 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from autotune.engines import EngineConfig
 from autotune.engines.memory import DEFAULT_MARGIN
-from autotune.errors import AutotuneError, EngineUnavailableError, WorkerError
-from autotune.units import format_bytes
+from autotune.errors import AutotuneError, WorkerError
+from autotune.measure.trial import (
+    TrialOutcome,
+    TrialRequest,
+    _first_line,
+    calibrate,
+    plan_configs,
+    run_trial,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,40 +55,6 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 # The longest a plan or calibrate request may take (seconds).
 _QUERY_TIMEOUT_S = 300.0
-
-
-@dataclass(frozen=True)
-class TrialRequest:
-    """One configuration to measure."""
-
-    batch: int
-    budget: int  # requested device budget, bytes
-    isl: int
-    osl: int
-    repeats: int = 3
-    warmup: int = 1
-    seed: int = 0
-    margin_bytes: int = DEFAULT_MARGIN
-    decode_steps: int | None = None  # time this many decode steps, extrapolate (measure.py)
-    warmup_steps: int | None = None  # decode steps of each warm-up generation
-
-
-@dataclass
-class TrialOutcome:
-    """What became of a trial. ``status`` is one of ok, infeasible, oom, error, crash, timeout."""
-
-    status: str
-    reason: str = ""
-    measurement: dict[str, Any] | None = None
-    plan: dict[str, int] | None = None
-    available_bytes: int | None = None
-    applied_budget: int | None = None
-    budget_change_s: float | None = None  # time to apply the budget (not in the measurement)
-    budget_changed: bool | None = None  # whether the engine's budget differed before the trial
-    elapsed_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -96,131 +70,6 @@ class WorkerInfo:
 
 # ------------------------------------------------------------------------------------------
 # The child side
-
-
-def _is_oom(exc: BaseException) -> bool:
-    """Classifies out-of-memory from the exception type or CUDA's message."""
-    try:
-        import torch
-
-        if isinstance(exc, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    text = str(exc)
-    return "out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
-
-
-def _available_bytes(engine: Any, margin: int) -> int | None:
-    """Device memory this worker may use now: what NVML says is free plus what we already
-    hold (the engine's ``device_bytes_held()`` where it has memory outside PyTorch's
-    allocator, as TensorRT does; else the allocator's reservation), capped by the user's
-    limit, minus a margin."""
-    config: EngineConfig = engine.config
-    caps = []
-    if config.gpu_memory_limit is not None:
-        caps.append(config.gpu_memory_limit)
-    if config.device.startswith("cuda"):
-        import torch
-
-        from autotune import gpu
-
-        held = getattr(engine, "device_bytes_held", None)
-        held_bytes = held() if held else torch.cuda.memory_reserved(config.device)
-        caps.append(gpu.free_bytes(config.device) + held_bytes)
-    return min(caps) - margin if caps else None
-
-
-def _free_cached(config: EngineConfig) -> None:
-    import gc
-
-    gc.collect()
-    if config.device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
-    """Checks the headroom, applies the budget and measures: in the worker process."""
-    from autotune.measure.timing import measure
-
-    config: EngineConfig = engine.config
-    start = time.perf_counter()
-    plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
-    try:
-        available = _available_bytes(engine, request.margin_bytes)
-    except EngineUnavailableError as e:  # NVML failed mid-study: this trial's error, not ours
-        return TrialOutcome(status="error", reason=f"free memory unknown: {e}",
-                            plan=plan.as_dict(), elapsed_s=time.perf_counter() - start)
-    outcome = TrialOutcome(status="ok", plan=plan.as_dict(), available_bytes=available)
-    if available is not None and plan.total > available:
-        outcome.status = "infeasible"
-        outcome.reason = (
-            f"predicted peak {format_bytes(plan.total)} exceeds the {format_bytes(available)} "
-            f"available (free memory and --gpu-memory-limit, minus a "
-            f"{format_bytes(request.margin_bytes)} margin)"
-        )
-        return outcome
-    try:
-        before = engine.device_budget
-        t0 = time.perf_counter()
-        engine.device_budget = request.budget
-        engine.synchronize()
-        outcome.budget_change_s = time.perf_counter() - t0
-        outcome.applied_budget = engine.device_budget
-        # What the trial paid besides measuring: on TensorRT a change rebuilds every context.
-        outcome.budget_changed = outcome.applied_budget != before
-        m = measure(
-            engine, request.batch, request.isl, request.osl,
-            repeats=request.repeats, warmup=request.warmup, seed=request.seed,
-            decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
-        )
-        outcome.measurement = m.as_dict()
-    except Exception as e:  # classified below; anything else is this trial's error, not ours
-        if _is_oom(e):
-            outcome.status, outcome.reason = "oom", f"out of memory: {_first_line(e)}"
-        else:
-            outcome.status = "error"
-            outcome.reason = f"{type(e).__name__}: {_first_line(e)}"
-            log.debug("trial failed:\n%s", traceback.format_exc())
-        _free_cached(config)
-    outcome.elapsed_s = time.perf_counter() - start
-    return outcome
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else repr(e)
-
-
-def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int,
-                 margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
-    """Memory plans of many (batch, budget) pairs in one round trip, the budgets the engine
-    would apply (engines round to whole units), the bytes each would stream per step (engines
-    with ``streamed_bytes_at``) and the headroom now."""
-    totals = [engine.memory_plan(b, isl, osl, budget).total for b, budget in configs]
-    rounding = getattr(engine, "applied_budget", None)
-    streams = getattr(engine, "streamed_bytes_at", None)
-    applied: dict[int, int] = {}
-    streamed: dict[int, int] = {}
-    for _, budget in configs:
-        if budget not in applied:
-            applied[budget] = int(rounding(budget)) if rounding else budget
-            if streams:
-                streamed[budget] = int(streams(budget))
-    reply = {"totals": totals, "applied": [applied[budget] for _, budget in configs],
-             "available": _available_bytes(engine, margin)}
-    if streams:
-        reply["streamed"] = [streamed[budget] for _, budget in configs]
-    return reply
-
-
-def calibrate(engine: Any) -> dict[str, Any]:
-    """The compute side of the prior's hardware measurements (see autotune.tune.prior)."""
-    from autotune.tune.prior import measure_compute
-
-    return measure_compute(engine)
 
 
 # Short requests answered between trials: op -> function(engine, *payload).

@@ -29,7 +29,7 @@ import optuna
 
 from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import UserInputError
-from autotune.measure.worker import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
+from autotune.measure.trial import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
 from autotune.tune.prior import Limits, Observation, Prior
 from autotune.tune.trials import record
 

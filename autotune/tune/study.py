@@ -32,7 +32,8 @@ from typing import Any
 from autotune.engines import EngineConfig, check_options, engine_class
 from autotune.errors import UserInputError, stop_name
 from autotune.measure import host
-from autotune.measure.worker import TrialOutcome, TrialRequest, Worker, WorkerInfo
+from autotune.measure.trial import TrialOutcome, TrialRequest
+from autotune.measure.worker import Worker, WorkerInfo
 from autotune.models import check_dtype, get_spec
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
 from autotune.tune import budget, resume

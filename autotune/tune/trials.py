@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from autotune.measure.worker import TrialOutcome, TrialRequest
+from autotune.measure.trial import TrialOutcome, TrialRequest
 from autotune.tune.prior import Limits
 from autotune.units import GiB
 
