@@ -13,16 +13,11 @@ import pytest
 from conftest import ANALYTIC
 from fakes import LINK_BYTES_PER_S, PER_SEQ_S, STEP_S, UNIT, UNITS
 
+from autotune.measure.calibration import SUPERLINEAR, calibration_problem
 from autotune.results import recommend
 from autotune.storage import load_study, open_storage
-from autotune.tune.prior import (
-    COMPUTE_SLACK,
-    SUPERLINEAR,
-    Calibration,
-    Observation,
-    Prior,
-    calibration_problem,
-)
+from autotune.tune.model import COMPUTE_SLACK
+from autotune.tune.prior import Calibration, Observation, Prior
 from autotune.tune.study import RunOptions, run_study
 
 # What two `autotune run` on one study at once stored (issue 13): the rows 8..512 measured

@@ -101,7 +101,7 @@ def test_early_stop_ends_within_a_handful_of_trials_at_the_optimum(path: Path,
 
 
 def test_a_stalled_search_is_told_apart_from_a_late_improvement() -> None:
-    from autotune.tune.prior import PATIENCE, _stalled
+    from autotune.tune.acquisition import PATIENCE, _stalled
 
     def ok(tput: float, feasible: bool = True) -> Observation:
         return Observation(8, 0.2, "ok", throughput=tput, tpot_s=0.2, ttft_s=0.2,

@@ -177,7 +177,7 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
 
 
 def calibrate(engine: Any) -> dict[str, Any]:
-    """The compute side of the prior's hardware measurements (see autotune.tune.prior)."""
-    from autotune.tune.prior import measure_compute
+    """The compute side of the prior's hardware measurements (see autotune.measure.calibration)."""
+    from autotune.measure.calibration import measure_compute
 
     return measure_compute(engine)

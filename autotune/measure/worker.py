@@ -287,7 +287,7 @@ class Worker:
         return self._query("plan", (configs, isl, osl, margin))
 
     def calibrate(self) -> dict[str, Any]:
-        """Times the model's matmuls in the worker (see :func:`autotune.tune.prior.measure_compute`)."""
+        """Times the model's matmuls in the worker (see :func:`autotune.measure.calibration.measure_compute`)."""
         return self._query("calibrate", ())
 
     def _query(self, op: str, payload: tuple[Any, ...]) -> Any:
