@@ -118,25 +118,10 @@ def test_every_module_is_in_a_layer() -> None:
 
 
 def test_every_import_names_a_module_of_the_tree() -> None:
-    """Internal code imports modules where they are, never by a name kept for users
-    (``autotune.study``: autotune.MOVED) nor by one that is gone."""
+    """Internal code imports modules where they are, never by a name that is gone."""
     known = set(modules())
     stray = {f"{a} imports {b}" for a, bs in graph().items() for b in bs if b not in known}
     assert not stray, "\n".join(sorted(stray))
-
-
-def test_the_readme_names_are_the_moved_modules() -> None:
-    from autotune.study import RunOptions, run_study
-
-    import autotune
-    import autotune.results.recommend
-    import autotune.tune.study
-    from autotune import recommend, study
-
-    assert study is autotune.tune.study and recommend is autotune.results.recommend
-    assert (RunOptions, run_study) == (autotune.tune.study.RunOptions, autotune.tune.study.run_study)
-    assert study.__spec__.name == "autotune.tune.study"  # its own, not the alias's
-    assert set(autotune.MOVED) == {"autotune.study", "autotune.recommend"}
 
 
 def test_imports_only_go_down() -> None:
