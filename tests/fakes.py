@@ -21,8 +21,6 @@ import signal
 import time
 from typing import Any, ClassVar
 
-import torch
-
 from autotune.engines import EngineConfig, Generation, clamp_budget
 from autotune.engines.memory import MemoryPlan
 from autotune.models import get_spec
@@ -102,6 +100,8 @@ class AnalyticEngine:
         if self.fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fault == "oom":
+            import torch
+
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if self.fault == "hang":
             time.sleep(3600)
@@ -116,10 +116,12 @@ class AnalyticEngine:
             self._spoiled.add((batch, self._budget))
             self._spoiling = True
         self._step(batch)
-        first = (prompt.sum(dim=1, keepdim=True) % self.spec.vocab_size).to(torch.long)
+        first = (prompt.sum(dim=1, keepdim=True) % self.spec.vocab_size).long()
         return Generation(batch, isl, osl, first)
 
     def decode(self, gen: Generation, steps: int) -> None:
+        import torch  # here, not at the top: a tuner that only checks options needs none
+
         tokens = [gen.tokens]
         for _ in range(steps):
             self._step(gen.batch)

@@ -25,6 +25,7 @@ anything (see :mod:`autotune.tune.study`).
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import itertools
 import logging
 import multiprocessing as mp
@@ -88,18 +89,11 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
         "device": config.device,
         "cuda": torch.version.cuda,
     }
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - a declared dependency
-        pass
-    try:
-        import optuna
-
-        env["optuna"] = optuna.__version__
-    except ImportError:
-        pass
+    for package in ("transformers", "optuna"):  # read, not imported: transformers takes ~1 s
+        try:
+            env[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:  # pragma: no cover - declared deps
+            pass
     if config.device.startswith("cuda"):
         from autotune import gpu
         from autotune.measure.timing import measure_h2d_bandwidth
