@@ -134,11 +134,11 @@ def _wait_gone(pids: list[int], timeout_s: float = 15.0) -> None:
 
 
 def test_a_killed_tuner_leaves_no_worker_behind(storage_url: str, cli_env) -> None:
-    """The worker is mid-trial (a 30 s budget change) when its tuner is SIGKILLed: it must
-    die with it, not finish the trial beside whatever runs next."""
+    """The worker is mid-trial (a hung prefill) when its tuner is SIGKILLed: it must die with
+    it, not finish the trial beside whatever runs next."""
     db = Path(storage_url.removeprefix("sqlite:///"))
     args = (*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
-            "--engine-option", "budget_sleep_s=30", "--trial-timeout", "120")
+            "--engine-option", "fault=hang", "--trial-timeout", "120")
     proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
