@@ -6,7 +6,6 @@ spawns GPU workers; only they touch the device).
 
 from __future__ import annotations
 
-
 from autotune.errors import (
     AutotuneError,
     EngineUnavailableError,

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from reference import greedy
 
 from autotune.engines import EngineConfig, load_engine
 from autotune.errors import UserInputError
@@ -47,19 +48,6 @@ def _checkpoint(directory: Path, rope_scaling: dict[str, Any] | None, tied: bool
     return model
 
 
-def _hf_tokens(model: Any, prompt: torch.Tensor, osl: int) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens = [nxt]
-        for _ in range(osl - 1):
-            out = model(input_ids=nxt[:, None], past_key_values=out.past_key_values,
-                        use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-    return torch.stack(tokens, dim=1)
-
-
 @pytest.mark.parametrize("rope_scaling, tied, family", [
     (LLAMA3_ROPE, False, "llama"),  # Llama 3.1
     (LLAMA3_ROPE, True, "llama"),  # Llama 3.2 1B/3B: lm_head is the embedding
@@ -80,7 +68,7 @@ def test_checkpoint_runs_as_transformers_runs_it(tmp_path: Path, rope_scaling, t
                                       device="cpu", max_seq_len=64))
     try:
         prompt = torch.randint(1, 512, (2, 16), generator=torch.Generator().manual_seed(1))
-        expected = _hf_tokens(model, prompt, 40)
+        expected, _ = greedy(model, prompt, 40)
         assert len(set(expected[0].tolist())) > 5  # the tokens move: a slip would show
         for fraction in (0.0, 0.5, 1.0):  # streamed or resident, the same tokens
             engine.device_budget = int(fraction * engine.total_device_budget)

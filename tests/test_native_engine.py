@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from reference import greedy
 
 import autotune.engines.native as native
 from autotune import models
@@ -56,16 +57,7 @@ def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
 
 def _hf_tokens(prompt: torch.Tensor, osl: int,
                spec: models.ModelSpec = models.PRESETS["tiny-llama"]) -> torch.Tensor:
-    hf = models.build_hf_model(spec, "float32", "cpu", SOURCE)
-    with torch.no_grad():
-        out = hf(input_ids=prompt, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens = [nxt]
-        for _ in range(osl - 1):
-            out = hf(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-    return torch.stack(tokens, dim=1)
+    return greedy(models.build_hf_model(spec, "float32", "cpu", SOURCE), prompt, osl)[0]
 
 
 def test_it_is_an_engine_and_starts_at_the_automatic_budget(engine) -> None:

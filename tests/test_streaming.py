@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import greedy
 
 from autotune import models
 from autotune.streaming.llama import KVCache, Llama
@@ -91,17 +92,7 @@ def test_select_resident_fits_the_budget_and_spreads() -> None:
 
 def _hf_greedy(prompt: torch.Tensor, steps: int, device: str = "cpu", dtype: str = "float32",
                spec: models.ModelSpec = SPEC) -> tuple[torch.Tensor, torch.Tensor]:
-    hf = models.build_hf_model(spec, dtype, device, SOURCE)
-    with torch.no_grad():
-        out = hf(input_ids=prompt, use_cache=True)
-        first_logits = out.logits[:, -1].float()
-        nxt = out.logits[:, -1].argmax(-1)
-        tokens = [nxt]
-        for _ in range(steps - 1):
-            out = hf(input_ids=nxt[:, None], past_key_values=out.past_key_values, use_cache=True)
-            nxt = out.logits[:, -1].argmax(-1)
-            tokens.append(nxt)
-    return torch.stack(tokens, dim=1), first_logits
+    return greedy(models.build_hf_model(spec, dtype, device, SOURCE), prompt, steps)
 
 
 def _run(store: WeightStore, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
