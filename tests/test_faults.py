@@ -17,7 +17,9 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -74,13 +76,7 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     # 10 trials of 0.6 s: the run is still going when it is killed, even on a busy machine.
     args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "k",
             "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
-    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not _running_trial(db):
-        assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
-        time.sleep(0.1)
+    proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **QUIET)
     workers = _children(proc.pid)
     assert workers, "the tuner has no worker process"
     os.kill(proc.pid, signal.SIGKILL)  # the tuner, mid-trial
@@ -113,6 +109,28 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     assert budget.spent(_study(storage_url)) == 10  # the budget, interrupted trial aside
 
 
+def _start_until(args: tuple[str, ...], env: dict[str, str], ready: Callable[[int], bool],
+                 **output: Any) -> subprocess.Popen:
+    """``autotune *args`` in a process group of its own, returned once ``ready(its pid)``
+    (within 120 s; else the group is killed and the test fails)."""
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=env,
+                            start_new_session=True, **output)
+    deadline = time.monotonic() + 120
+    try:
+        while not ready(proc.pid):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
+            time.sleep(0.1)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc
+
+
+QUIET = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+CAPTURED = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+
+
 def _children(pid: int) -> list[int]:
     """The processes ``pid`` started (Linux /proc), the worker among them."""
     found = []
@@ -139,14 +157,9 @@ def test_a_killed_tuner_leaves_no_worker_behind(storage_url: str, cli_env) -> No
     db = Path(storage_url.removeprefix("sqlite:///"))
     args = (*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
             "--engine-option", "fault=hang", "--trial-timeout", "120")
-    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = _start_until(args, cli_env, lambda pid: bool(_children(pid)) and _started(db),
+                        **QUIET)
     try:
-        deadline = time.monotonic() + 120
-        while not _children(proc.pid) or not _started(db):
-            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
-            time.sleep(0.1)
         workers = _children(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -175,14 +188,8 @@ def test_sigterm_stops_like_ctrl_c_and_the_worker_goes_with_it(
     db = Path(storage_url.removeprefix("sqlite:///"))
     args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "t",
             "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
-    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
     try:
-        deadline = time.monotonic() + 120
-        while not _running_trial(db):
-            assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
-            time.sleep(0.1)
         workers = _children(proc.pid)
         assert workers
         proc.send_signal(signal.SIGTERM)  # to the tuner only, as `timeout` sends it
@@ -530,13 +537,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     # 10 trials of 0.6 s: the run is still going when the signal comes, even on a busy machine.
     args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "c",
             "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
-    proc = subprocess.Popen([sys.executable, "-m", "autotune", *args], env=cli_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not _running_trial(db):
-        assert proc.poll() is None and time.monotonic() < deadline, "no trial started"
-        time.sleep(0.1)
+    proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import optuna
@@ -179,7 +178,7 @@ def suggest(study: Any, trial: Any, max_batch: int, prior: Prior | None = None,
     """The trial's configuration, for a worker whose engine holds budget ``held`` (bytes;
     None: unknown), with the prior's prediction in its attributes."""
     sampler = study.sampler
-    with sampler.held_by(held) if isinstance(sampler, AutotuneSampler) else nullcontext():
+    with sampler.held_by(held) if isinstance(sampler, AutotuneSampler) else contextlib.nullcontext():
         batch = trial.suggest_int("batch", 1, max_batch, log=True)
         fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
     if prior is not None:
