@@ -45,6 +45,8 @@ PATIENCE = 5
 # Above it (TensorRT rebuilds every execution context on a change), a candidate at another
 # budget than the worker's scores its expected gain per second, the change's included.
 MATERIAL_CHANGE = 0.05
+# How a stop for limits out of reach begins (a run says "stopped", not "converged", for it).
+OUT_OF_REACH = "no configuration that fits can meet the limits"
 
 
 class Prior(Model):
@@ -210,7 +212,7 @@ class Prior(Model):
         if not ran or any(o.feasible for o in ran) or not self._unmeetable(self.pruned(obs)):
             return None
         o = min(ran, key=lambda o: o.tpot_s)
-        return (f"no configuration that fits can meet the limits {self.limits.as_dict()}: the "
+        return (f"{OUT_OF_REACH} {self.limits.as_dict()}: the "
                 f"fastest step measured took {1e3 * o.tpot_s:.4g} ms (batch {o.batch}, "
                 f"{100 * o.fraction:.0f}% resident, TTFT {1e3 * o.ttft_s:.4g} ms) and by the "
                 "bounds nothing can do better; relax the limits")
@@ -279,7 +281,7 @@ class Prior(Model):
         if self.limits.any:
             meetable = ~self.pruned([])["cannot_meet"] & self.fits
             if not meetable.any():
-                out.append(f"no configuration that fits can meet the limits "
+                out.append(f"{OUT_OF_REACH} "
                            f"{self.limits.as_dict()} (bounded by the link and the measured "
                            "compute); the study will find the least violating ones")
         if not self.measured_bw:

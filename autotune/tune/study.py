@@ -37,6 +37,7 @@ from autotune.measure.worker import Worker, WorkerInfo
 from autotune.models import check_dtype, get_spec
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
 from autotune.tune import budget, resume
+from autotune.tune.acquisition import OUT_OF_REACH
 from autotune.tune.prior import Limits
 from autotune.tune.trials import OBJECTIVE, record
 from autotune.units import GiB
@@ -480,7 +481,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         raise errors[0]
     if "stopped" in state:
         done, reason = state["stopped"]
-        verb = "stopped" if reason.startswith("no configuration") else "converged"
+        verb = "stopped" if reason.startswith(OUT_OF_REACH) else "converged"
         result.notes.insert(0, f"{verb} after {done} trials: {reason} (--no-early-stop "
                                f"runs all {options.trials})")
     return result
