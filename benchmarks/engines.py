@@ -31,7 +31,7 @@ from autotune.engines import EngineConfig, load_engine  # noqa: E402
 from autotune.engines.memory import DEFAULT_MARGIN  # noqa: E402
 from autotune.measure.timing import measure, measure_h2d_bandwidth  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
-from benchmarks.decode import hbm_gb_s  # noqa: E402
+from benchmarks.decode import memory_gb_s  # noqa: E402
 
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     limit = parse_bytes(args.limit, what="--limit")
-    h2d, hbm = measure_h2d_bandwidth("cuda"), hbm_gb_s()
+    h2d, hbm = measure_h2d_bandwidth("cuda"), memory_gb_s("cuda")
     print(f"h2d {h2d:.1f} GB/s, hbm {hbm:.0f} GB/s", flush=True)
     out: dict[str, Any] = {"model": args.model, "limit": args.limit, "isl": args.isl,
                            "osl": args.osl, "h2d_gb_s": h2d, "hbm_gb_s": hbm,
