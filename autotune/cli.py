@@ -89,23 +89,22 @@ def _default_max_batch(device: str, engine: str, model: str, weights: str | None
     On a GPU, the native engine searches as far as the KV cache could fit (a grouped-query
     model on a large GPU runs well past 256). The tensorrt engine builds for its batch range
     and TensorRT reserves activations for the largest batch whatever the batch run (§2 of the
-    research note): as many sequences as their cache and the prefill's new keys and values
-    could hold, at most 256, so no memory is reserved for batches that cannot fit. Other
+    research note): as many sequences as their cache could hold, at most 256, so no memory is
+    reserved for batches that cannot fit. Other
     engines keep 256."""
     if device == "cpu":
         return 64
     if engine not in ("native", "tensorrt"):
         return MIN_AUTO_BATCH
     from autotune import gpu
-    from autotune.engines.memory import kv_cache_bytes
+    from autotune.engines.memory import trt_max_batch
     from autotune.models import get_spec
 
     first = f"cuda:{gpus[0]}" if gpus else device
     memory = gpu_memory_limit or gpu.device_info(first).total_bytes
     spec = get_spec(model, weights)
     if engine == "tensorrt":
-        per_sequence = kv_cache_bytes(spec, dtype, 1, isl + osl) + kv_cache_bytes(spec, dtype, 1, isl)
-        return int(max(1, min(MIN_AUTO_BATCH, memory // per_sequence)))
+        return trt_max_batch(spec, dtype, isl + osl, memory)
     return auto_max_batch(spec, dtype, isl + osl, memory)
 
 
@@ -304,6 +303,9 @@ def _print_worker(device: str, seconds: float, info: Any) -> None:
     err.print(f"{device}: engine loaded in {info.load_s:.1f} s, "
               f"{format_bytes(info.total_device_budget)} of streamable weights"
               + (f"; host-to-device {link:.1f} GB/s" if link else ""), highlight=False)
+    summary = info.engine.get("summary")
+    if summary:  # the engine's own line: how it was built or loaded
+        err.print(f"{device}: {summary}", highlight=False)
 
 
 def _print_progress(event: Any) -> None:

@@ -41,6 +41,9 @@ class ModelSpec:
     # Rotary scaling as Hugging Face configs give it, as sorted (key, value) pairs (hashable):
     # ("rope_type", "llama3" | "linear") and its factors; () for none.
     rope_scaling: tuple[tuple[str, Any], ...] = ()
+    # The LM head is the embedding matrix (Llama 3.2). Engines still hold the head as their
+    # own copy (streamed or resident like any unit), so the bytes counted stay two matrices.
+    tie_word_embeddings: bool = False
     description: str = ""
     weights_dir: str | None = None  # set when built from a local checkpoint
 
@@ -125,7 +128,7 @@ class ModelSpec:
             rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=dict(self.rope_scaling) or None,
-            tie_word_embeddings=False,
+            tie_word_embeddings=self.tie_word_embeddings,
             attention_bias=False,
             mlp_bias=False,
             hidden_act="silu",
@@ -161,8 +164,10 @@ ROPE_SCALINGS = ("linear", "llama3")
 # Llama 3.1's: low frequencies slowed down by 8, a smooth band between (its config.json).
 _LLAMA31_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
                  ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+_LLAMA32_ROPE = (("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                 ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
 
-# The public Llama-2 and Llama-3.1 configs (meta-llama/*/config.json), plus a tiny model for
+# The public Llama-2, Llama-3.1 and Llama-3.2 configs (meta-llama/*/config.json), plus a tiny model for
 # CPU tests and demos. tiny-llama has grouped-query attention so that path is tested too.
 PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -179,6 +184,9 @@ PRESETS: dict[str, ModelSpec] = {
         ModelSpec("llama3-70b", 8192, 28672, 80, 64, 8, 128256, max_position_embeddings=131072,
                   rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
                   description="Llama-3.1 70B, grouped-query attention (public config)"),
+        ModelSpec("llama3.2-1b", 2048, 8192, 16, 32, 8, 128256, max_position_embeddings=131072,
+                  rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
+                  description="Llama-3.2 1B, tied embeddings: quick GPU runs (public config)"),
         ModelSpec("tiny-llama", 128, 352, 6, 4, 2, 512, max_position_embeddings=1024,
                   description="6 layers, hidden 128: the CPU demo and test model"),
     )
@@ -217,10 +225,13 @@ class RandomWeights:
 
     seed: int = 0
     std: float = 0.02
+    tied: bool = False  # the LM head is the embedding (tie_word_embeddings)
 
     def get(self, name: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
         import torch
 
+        if self.tied and name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
         if name.endswith("norm.weight"):
             return torch.ones(shape, dtype=dtype, device=device)
         gen = torch.Generator(device=device)
@@ -309,6 +320,7 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
             rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
             rope_scaling=_rope_scaling(cfg),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             description=f"checkpoint {directory}",
             weights_dir=str(directory),
         )
@@ -359,7 +371,7 @@ def weight_source(spec: ModelSpec, seed: int = 0) -> WeightSource:
     """The checkpoint's weights when the spec came from one, else seeded random weights."""
     if spec.weights_dir is not None:
         return CheckpointWeights(spec.weights_dir)
-    return RandomWeights(seed)
+    return RandomWeights(seed, tied=spec.tie_word_embeddings)
 
 
 def build_hf_model(spec: ModelSpec, dtype: str, device: str, source: WeightSource) -> Any:

@@ -28,8 +28,9 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
 from autotune.engines import EngineConfig, load_engine  # noqa: E402
-from autotune.engines.memory import DEFAULT_MARGIN  # noqa: E402
+from autotune.engines.memory import DEFAULT_MARGIN, trt_max_batch  # noqa: E402
 from autotune.measure.timing import measure, measure_h2d_bandwidth  # noqa: E402
+from autotune.models import get_spec  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 from benchmarks.decode import memory_gb_s  # noqa: E402
 
@@ -48,7 +49,7 @@ def run_engine(name: str, args: argparse.Namespace, limit: int, budgets: list[in
     t0 = time.perf_counter()
     config = EngineConfig(model=args.model, engine=name, dtype="float16", device="cuda",
                           max_batch=args.max_batch, max_seq_len=args.isl + args.osl,
-                          gpu_memory_limit=limit if name == "native" else None)
+                          max_prompt_len=args.isl, gpu_memory_limit=limit)
     engine = load_engine(config)
     load_s = time.perf_counter() - t0
     total = engine.total_device_budget
@@ -80,6 +81,8 @@ def run_engine(name: str, args: argparse.Namespace, limit: int, budgets: list[in
                            bound=round(bound_s / m.tpot_s, 4),
                            stream_gb_s=round(m.stream_gb_s, 2),
                            nvml_gib=round((m.nvml_used_bytes or 0) / 2**30, 3),
+                           peak_gib=round((m.peak_device_bytes or 0) / 2**30, 3),
+                           over_limit=(m.peak_device_bytes or 0) > limit,
                            estimated=m.estimated)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -88,6 +91,8 @@ def run_engine(name: str, args: argparse.Namespace, limit: int, budgets: list[in
                       "memory_calibration", "budget_changes", "budget_change_s")}
     facts["load_s"] = round(load_s, 1)
     engine.close()
+    del engine
+    torch.cuda.empty_cache()
     return rows, facts, budgets
 
 
@@ -97,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", default="8GiB")
     p.add_argument("--isl", type=int, default=128)
     p.add_argument("--osl", type=int, default=256)
-    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="default: as many sequences as their KV cache fits in --limit")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--engines", default="tensorrt,native")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     limit = parse_bytes(args.limit, what="--limit")
+    if args.max_batch is None:
+        args.max_batch = trt_max_batch(get_spec(args.model), "float16", args.isl + args.osl, limit)
     h2d, hbm = measure_h2d_bandwidth("cuda"), memory_gb_s("cuda")
     print(f"h2d {h2d:.1f} GB/s, hbm {hbm:.0f} GB/s", flush=True)
     out: dict[str, Any] = {"model": args.model, "limit": args.limit, "isl": args.isl,

@@ -95,14 +95,17 @@ def test_compile_options_follow_the_version(trt: Any, tmp_path: Path) -> None:
     if old:
         assert call["use_explicit_typing"] is True
         assert call["enabled_precisions"] == {torch.float32}
-    tokens, positions, cache = call["inputs"]
+    tokens, positions, *cache = call["inputs"]
     # Tokens of one call: 1 (a decode step, where kernels are tuned) up to the longest prompt.
     assert tokens.shape == {"min_shape": (1, 1), "opt_shape": (4, 1), "max_shape": (4, 31)}
     assert positions.shape == {"min_shape": (1,), "opt_shape": (1,), "max_shape": (31,)}
     spec = engine.spec
-    layout = (spec.num_hidden_layers, 2, spec.num_key_value_heads, 32, spec.head_dim)
-    assert cache.shape == {f"{k}_shape": layout[:2] + (b,) + layout[2:]
-                           for k, b in (("min", 1), ("opt", 4), ("max", 4))}
+    # Each layer's keys (transposed) and values, one input each: no slicing in the engine.
+    kv, d = spec.num_key_value_heads, spec.head_dim
+    assert len(cache) == 2 * spec.num_hidden_layers
+    for i, tail in enumerate([(kv, d, 32), (kv, 32, d)] * spec.num_hidden_layers):
+        assert cache[i].shape == {f"{k}_shape": (b, *tail)
+                                  for k, b in (("min", 1), ("opt", 4), ("max", 4))}
     assert engine.describe()["built_for"]["batch"] == {"min": 1, "opt": 4, "max": 4}
 
 
@@ -141,9 +144,22 @@ def test_cache_key_includes_versions_and_corrupt_files_are_misses(
     load_engine(_config(tmp_path))
     monkeypatch.setattr(trt, "__version__", "2.14.0")
     assert not load_engine(_config(tmp_path)).describe()["cache_hit"]
-    for file in tmp_path.glob("*.trtcache"):
+    for file in tmp_path.glob("*/module.pt"):
         file.write_bytes(b"not a cache file")
     assert not load_engine(_config(tmp_path)).describe()["cache_hit"]
+
+
+def test_the_cache_holds_each_engine_as_its_raw_bytes(trt: Any, tmp_path: Path) -> None:
+    """No base64, no second copy: each engine file is the serialized engine, and the module
+    drops its own copy once the engine is set up (TensorRT holds the weights)."""
+    engine = load_engine(_config(tmp_path, SPLIT))
+    entry = Path(engine.describe()["cache_path"])
+    children = dict(engine._module.named_children())
+    for name in engine.describe()["engines"]:
+        assert (entry / f"{name}.engine").read_bytes() == children[name].engine.serialized
+        assert children[name].serialized_engine is None
+    engines = sum(f.stat().st_size for f in entry.glob("*.engine"))
+    assert (entry / "module.pt").stat().st_size < engines  # the skeleton is small beside them
 
 
 @pytest.mark.parametrize("trt", ["2.12.0", "2.13.0", "2.14.0a0"], indirect=True)
@@ -274,8 +290,29 @@ def test_profile_serves_prompts_up_to_the_studys_isl_only(trt: Any, tmp_path: Pa
     # TensorRT reserves context memory for the longest call: a profile up to isl + osl - 1
     # tokens made llama2-7b need 10.5 GiB at batch 1 on the H200 (isl 128 is what runs).
     load_engine(_config(tmp_path, max_prompt_len=8))
-    tokens, positions, _ = trt._state.COMPILE_CALLS[-1]["inputs"]
+    tokens, positions, *_ = trt._state.COMPILE_CALLS[-1]["inputs"]
     assert tokens.shape["max_shape"] == (4, 8) and positions.shape["max_shape"] == (8,)
+
+
+def test_prompts_go_through_in_chunks_with_the_same_tokens(trt: Any, tmp_path: Path) -> None:
+    """No call is larger than batch x prefill_chunk tokens (TensorRT reserves activation
+    memory for the largest call), and chunking changes no token."""
+    engine = load_engine(_config(tmp_path, ("prefill_chunk", 3), max_prompt_len=16))
+    tokens, positions, *_ = trt._state.COMPILE_CALLS[-1]["inputs"]
+    assert tokens.shape["max_shape"] == (4, 3) and positions.shape["max_shape"] == (3,)
+    assert "prompts in chunks of 3 tokens" in engine.describe()["summary"]
+    spec = get_spec("tiny-llama")
+    prompt = torch.randint(1, spec.vocab_size, (2, 10))
+    gen = engine.prefill(prompt, 6)
+    engine.decode(gen, 5)
+    expected, _ = greedy(build_hf_model(spec, "float32", "cpu", weight_source(spec, 0)), prompt, 6)
+    assert torch.equal(gen.tokens, expected)
+
+
+def test_by_default_one_call_holds_at_most_1024_tokens(trt: Any, tmp_path: Path) -> None:
+    load_engine(_config(tmp_path, max_batch=200, max_prompt_len=16))
+    tokens, *_ = trt._state.COMPILE_CALLS[-1]["inputs"]
+    assert tokens.shape["max_shape"] == (200, 1024 // 200)
 
 
 def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_load(

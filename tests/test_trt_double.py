@@ -178,10 +178,18 @@ def test_extra_state_has_the_real_shape(trt: Any) -> None:
     assert ins == engine.input_binding_names and outs == engine.output_binding_names
     empty = trt.dynamo.runtime.TorchTensorRTModule()
     assert empty.get_extra_state() == ("", None, [], [])
-    empty.set_extra_state((name, info, ins, outs))
+    # 2.11's set_extra_state decodes the engine in place, then asserts that the metadata is
+    # bytes where _pack_engine_info made a str: the round trip fails with an empty
+    # AssertionError on the real package (the H200 logged it), so the cache never uses it.
+    with pytest.raises(AssertionError):
+        empty.set_extra_state((name, info, ins, outs))
     assert info[3] == engine.engine.serialized  # decoded in place, as the real one does
-    assert empty.engine.serialized == engine.engine.serialized
-    assert empty.get_streamable_device_memory_budget() == engine.get_streamable_device_memory_budget()
+    # The public constructor is the way back: what the cache uses.
+    rebuilt = trt.dynamo.runtime.TorchTensorRTModule(
+        engine.serialized_engine, ins, outs, name=name, settings=engine.settings)
+    assert rebuilt.engine.serialized == engine.engine.serialized
+    assert rebuilt.get_streamable_device_memory_budget() == \
+        engine.get_streamable_device_memory_budget()
     with pytest.raises(RuntimeError, match="Engine has not been setup yet."):
         trt.dynamo.runtime.TorchTensorRTModule()()
 

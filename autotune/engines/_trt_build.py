@@ -7,7 +7,10 @@ and torch_tensorrt is imported only inside :func:`import_torch_tensorrt`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,13 +28,25 @@ _INSTALL = (
 )
 
 
+# Tokens of the whole batch in one prefill call (batch x chunk). TensorRT sizes a context's
+# activation memory for the largest shape of its profile (§2), and one profile is a box: a
+# profile serving [max_batch, isl] calls reserves activations for max_batch x isl tokens
+# whatever the batch run (7.3 GiB for llama2-7b at batch 32, isl 383: more than the weights
+# it streams). So the batch's prompts go through in chunks of tokens, every call at most
+# this many tokens, and the box's corner stays [max_batch, chunk]. A chunk costs one more
+# pass over the streamed weights; at 1024 tokens a 7B call holds about 0.5 GiB and a study's
+# prefill takes a few percent of its generation.
+PREFILL_CALL_TOKENS = 1024
+
+
 @dataclass(frozen=True)
 class BuildShapes:
     """The optimization profile one compiled module serves (§2: min/opt/max).
 
-    ``seq`` is the tokens of one call: with the KV cache, 1 (a decode step) up to the longest
-    prompt, against a static cache of ``cache_len`` slots; without it, the whole sequence so
-    far (up to ``cache_len`` tokens), as Torch-TensorRT's example runs."""
+    ``seq`` is the tokens of one call: with the KV cache, 1 (a decode step) up to the prefill
+    chunk (the prompt goes through in chunks against a static cache of ``cache_len`` slots);
+    without it, the whole sequence so far (up to ``cache_len`` tokens), as Torch-TensorRT's
+    example runs."""
 
     min_batch: int
     opt_batch: int
@@ -45,17 +60,17 @@ class BuildShapes:
     @classmethod
     def from_config(cls, config: EngineConfig, kv_cache: bool) -> BuildShapes:
         length = config.max_seq_len
-        # The longest call: the prompt (at most the sequence less one generated token).
         prompt = config.max_prompt_len or length - 1
-        max_seq = int(config.option("max_prompt_len", prompt)) if kv_cache else length
+        chunk = max(1, min(prompt, PREFILL_CALL_TOKENS // config.max_batch))
+        max_seq = int(config.option("prefill_chunk", chunk)) if kv_cache else length
         # TensorRT tunes kernels for opt (§2). With a cache nearly every call is a decode
         # step (T = 1), so that is where the kernels should be fast.
         opt_batch = int(config.option("opt_batch", config.max_batch))
         opt_seq = int(config.option("opt_seq_len", 1 if kv_cache else max_seq))
         if not (1 <= opt_batch <= config.max_batch and 1 <= opt_seq <= max_seq < length + 1):
             raise UserInputError(
-                f"opt_batch/opt_seq_len/max_prompt_len: expected 1..{config.max_batch} and "
-                f"1 <= opt_seq_len <= max_prompt_len <= {length}; got {opt_batch}, {opt_seq} "
+                f"opt_batch/opt_seq_len/prefill_chunk: expected 1..{config.max_batch} and "
+                f"1 <= opt_seq_len <= prefill_chunk <= {length}; got {opt_batch}, {opt_seq} "
                 f"and {max_seq}"
             )
         return cls(1, opt_batch, config.max_batch, 1, opt_seq, max_seq, length, kv_cache)
@@ -76,12 +91,11 @@ class BuildShapes:
                  trt.Input(min_shape=(s[0],), opt_shape=(s[1],), max_shape=(s[2],),
                            dtype=torch.int64)]
         if self.kv_cache:
-            def cache(batch: int) -> tuple[int, ...]:
-                return (spec.num_hidden_layers, 2, batch, spec.num_key_value_heads,
-                        self.cache_len, spec.head_dim)
-
-            found.append(trt.Input(min_shape=cache(b[0]), opt_shape=cache(b[1]),
-                                   max_shape=cache(b[2]), dtype=torch_dtype(dtype)))
+            kv, d, n = spec.num_key_value_heads, spec.head_dim, self.cache_len
+            for layer in range(spec.num_hidden_layers):
+                for tail in ((kv, d, n), (kv, n, d)):  # keys transposed, then values
+                    found.append(trt.Input(min_shape=(b[0], *tail), opt_shape=(b[1], *tail),
+                                           max_shape=(b[2], *tail), dtype=torch_dtype(dtype)))
         return found
 
 
@@ -99,6 +113,7 @@ def import_torch_tensorrt() -> Any:
         ) from e
     finally:
         logging.disable(previous)
+    _quiet(torch_tensorrt)
     version = parse_version(torch_tensorrt.__version__)
     if version < MIN_VERSION or not hasattr(torch_tensorrt.runtime, "weight_streaming"):
         raise EngineUnavailableError(
@@ -106,6 +121,53 @@ def import_torch_tensorrt() -> Any:
             f"found {torch_tensorrt.__version__}: {_INSTALL}"
         )
     return torch_tensorrt
+
+
+# Torch-TensorRT's Python loggers: its own, and the TensorRT logger it installs, whose name is
+# not below "torch_tensorrt" ("torch_tensorrt [TensorRT Conversion Context]").
+_LOGGERS = ("torch_tensorrt", "torch_tensorrt [TensorRT Conversion Context]")
+
+
+class _DebugOnly(logging.Filter):
+    """Passes a record on at DEBUG: TensorRT's and Torch-TensorRT's warnings and notes ("In JIT
+    build, strongly typed is enabled", "Weight streaming is disabled" at a full budget, the
+    host-memory note of deserialization) describe choices autotune made and a user cannot
+    act on. Errors keep their level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def _quiet(torch_tensorrt: Any) -> None:
+    """Routes the libraries' notes to the debug log (see _DebugOnly). The C++ runtime prints
+    to stderr itself, past Python's logging: it is told to print errors only."""
+    # A logger's filter sees only records logged on it, not its children's: every one of the
+    # package's loggers gets it (they are created at import).
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(_LOGGERS[0])]
+    for name in {*_LOGGERS, *names}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DebugOnly) for f in logger.filters):
+            logger.addFilter(_DebugOnly())
+    try:
+        import tensorrt
+        import torch
+
+        torch.ops.tensorrt.set_logging_level(int(tensorrt.ILogger.Severity.ERROR))
+    except Exception as e:  # an older or partial runtime: its lines stay, nothing breaks
+        logging.getLogger(__name__).debug("could not quiet the TensorRT runtime: %s", e)
+
+
+@contextlib.contextmanager
+def warnings_to_debug(log: logging.Logger) -> Iterator[None]:
+    """Python warnings raised inside (export's FutureWarnings, deprecations the libraries
+    raise at themselves) go to the debug log, once each, instead of the console."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for w in caught:
+        log.debug("%s: %s (%s:%s)", w.category.__name__, w.message, w.filename, w.lineno)
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -155,19 +217,31 @@ def export_model(spec: ModelSpec, config: EngineConfig, shapes: BuildShapes) -> 
     args: tuple[Any, ...] = (tokens, positions)
     dims: tuple[Any, ...] = ({0: batch, 1: seq}, {0: seq})
     if shapes.kv_cache:
-        args += (cache_tensor(spec, config.dtype, b, shapes.cache_len, config.device),)
-        dims += ({2: batch},)
+        keys, values = cache_tensors(spec, config.dtype, b, shapes.cache_len, config.device)
+        layers = cache_inputs(keys, values)
+        args += tuple(layers)
+        dims += (({0: batch},) * len(layers),)  # export groups the *cache varargs in one tuple
     with torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=dims, strict=False)
 
 
-def cache_tensor(spec: ModelSpec, dtype: str, batch: int, length: int, device: Any) -> Any:
-    """A zeroed static KV cache ``[L, 2, B, KV, length, d]`` (zeros: masked slots still enter
-    q.k, and garbage there may be NaN)."""
+def cache_tensors(spec: ModelSpec, dtype: str, batch: int, length: int,
+                  device: Any) -> tuple[Any, Any]:
+    """A zeroed static KV cache: keys ``[L, B, KV, d, length]`` (transposed) and values
+    ``[L, B, KV, length, d]``; layer i's are ``keys[i]`` and ``values[i]`` (contiguous), the
+    engine's inputs (see :mod:`autotune.engines._trt_model`). Zeros: masked slots still enter
+    q.k, and garbage there may be NaN."""
     import torch
 
-    shape = (spec.num_hidden_layers, 2, batch, spec.num_key_value_heads, length, spec.head_dim)
-    return torch.zeros(shape, dtype=torch_dtype(dtype), device=device)
+    lead = (spec.num_hidden_layers, batch, spec.num_key_value_heads)
+    t = torch_dtype(dtype)
+    return (torch.zeros((*lead, spec.head_dim, length), dtype=t, device=device),
+            torch.zeros((*lead, length, spec.head_dim), dtype=t, device=device))
+
+
+def cache_inputs(keys: Any, values: Any) -> list[Any]:
+    """The engine's cache arguments: k_0, v_0, k_1, v_1, ..."""
+    return [t for i in range(keys.shape[0]) for t in (keys[i], values[i])]
 
 
 def versions(trt: Any) -> dict[str, str]:

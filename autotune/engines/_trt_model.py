@@ -7,14 +7,20 @@ LlamaForCausalLM computes (float32 RMSNorm and softmax, rotary tables in float32
 model dtype, rotate-half RoPE, grouped-query attention, SwiGLU) with only the operations
 TensorRT converts, and with the KV cache as an explicit input and output:
 
-    forward(tokens [B, T], positions [T], cache [L, 2, B, KV, S, d])
-        -> logits of the last position [B, V], new keys and values [L, 2, B, KV, T, d]
+    forward(tokens [B, T], positions [T], k_0, v_0, ..., k_L-1, v_L-1)
+        -> logits of the last position [B, V], new keys [L, B, KV, d, T], new values
+           [L, B, KV, T, d]
 
-The cache is static (S = the longest sequence the engine serves): slots at or beyond
-``positions[0]`` are masked, so a decode step (T = 1) does the same work at every position,
-as the native engine's does. The caller writes the new keys and values into the cache at
-``positions`` (one copy) before the next step; TensorRT cannot update an input in place.
-Prefill is the same call with T = the prompt, against an all-masked cache. Without a cache
+The cache is static (S = the longest sequence the engine serves) and goes in as 2L separate
+tensors, each layer's keys (stored transposed, ``[B, KV, d, S]``: the ``q @ k^T`` operand as it
+is) and values (``[B, KV, S, d]``). One cache tensor sliced per layer inside the engine made
+TensorRT materialize the slices (and the transposed keys) of every layer in its activation
+memory, sized for the largest batch: about 1.8x the cache itself, 4.2 GiB of llama3.2-1b's
+budget-0 footprint on the H200 at batch 1. Slots at or beyond ``positions[0]`` are masked, so a
+decode step (T = 1) does the same work at every position, as the native engine's does. The
+caller writes the new keys and values into the cache at ``positions`` (two copies) before the
+next call; TensorRT cannot update an input in place. Prefill is the same call with T = a chunk
+of the prompt (the slots before it filled by earlier chunks). Without a cache
 (``cache_len=None``, the seed's and Torch-TensorRT's example mode) the signature is
 ``forward(tokens, positions) -> logits [B, V]`` and every step recomputes the whole sequence.
 
@@ -80,29 +86,30 @@ class ExportLlama(nn.Module):
             self.register_buffer("slots", torch.arange(cache_len, device=device))
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
-                cache: torch.Tensor | None = None) -> Any:
+                *cache: torch.Tensor) -> Any:
         x = self.embed[tokens]  # [B, T, h]
         cos = self.cos[positions][:, None, :]  # [T, 1, d]: broadcast over heads
         sin = self.sin[positions][:, None, :]
         # Masks [T, keys]: a new token sees the new tokens at or before it, and the cache's
         # slots before the first new position (the filled ones).
         causal = positions[None, :] <= positions[:, None]
-        filled = None if cache is None else self.slots[None, :] < positions[:1, None]
-        new_kv = []
+        filled = self.slots[None, :] < positions[:1, None] if cache else None
+        new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.attn_norm)
-            past = None if cache is None else (cache[i, 0], cache[i, 1])
+            past = (cache[2 * i], cache[2 * i + 1]) if cache else None
             o, k, v = self._attention(h, layer, cos, sin, causal, filled, past)
             x = x + o
-            new_kv.append(torch.stack((k, v)))  # [2, B, KV, T, d]
+            new_k.append(k)
+            new_v.append(v)
             h = self._rms_norm(x, layer.mlp_norm)
             gate = torch.nn.functional.silu(h @ layer.gate.t())
             x = x + (gate * (h @ layer.up.t())) @ layer.down.t()
         last = self._rms_norm(x[:, -1], self.norm)  # [B, h]
         logits = last @ self.lm_head.t()  # [B, V]
-        if cache is None:
+        if not cache:
             return logits
-        return logits, torch.stack(new_kv)  # [L, 2, B, KV, T, d]
+        return logits, torch.stack(new_k), torch.stack(new_v)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -113,32 +120,35 @@ class ExportLlama(nn.Module):
                    causal: torch.Tensor, filled: torch.Tensor | None,
                    past: tuple[torch.Tensor, torch.Tensor] | None,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attention of the new tokens; returns the output, the new keys transposed
+        ``[B, KV, d, T]`` and the new values ``[B, KV, T, d]``."""
         spec = self.spec
         b, t = h.shape[0], h.shape[1]
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        g = nh // nkv
         q = (h @ layer.q.t()).view(b, t, nh, d)
         k = (h @ layer.k.t()).view(b, t, nkv, d)
         v = (h @ layer.v.t()).view(b, t, nkv, d)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        # Grouped-query attention without repeating keys: queries [B, KV, G, T, d] against
-        # keys [B, KV, 1, S, d], broadcast over the group.
-        q = q.view(b, t, nkv, nh // nkv, d).permute(0, 2, 3, 1, 4)
-        k = k.permute(0, 2, 1, 3)  # [B, KV, T, d]
-        v = v.permute(0, 2, 1, 3)
+        # Grouped-query attention without repeating keys: a group's queries are rows of one
+        # matrix per KV head, [B, KV, G * T, d] (group-major), against that head's keys.
+        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
+        kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
+        v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
         scale = d ** -0.5
         minus_inf = torch.finfo(h.dtype).min
-        scores = (q @ k[:, :, None].transpose(-1, -2)) * scale  # [B, KV, G, T, T]
-        scores = scores.masked_fill(~causal, minus_inf)
+        scores = (q @ kt) * scale  # [B, KV, G * T, T]
+        scores = scores.masked_fill(~causal.repeat(g, 1), minus_inf)
         if past is not None:
-            past_k, past_v = past  # [B, KV, S, d]
-            old = (q @ past_k[:, :, None].transpose(-1, -2)) * scale  # [B, KV, G, T, S]
+            past_kt, past_v = past  # [B, KV, d, S], [B, KV, S, d]
+            old = (q @ past_kt) * scale  # [B, KV, G * T, S]
             scores = torch.cat((old.masked_fill(~filled, minus_inf), scores), dim=-1)
         probs = scores.float().softmax(dim=-1).to(h.dtype)
         if past is None:
-            o = probs @ v[:, :, None]
+            o = probs @ v
         else:
-            s = past_k.shape[2]
-            o = probs[..., :s] @ past_v[:, :, None] + probs[..., s:] @ v[:, :, None]
-        o = o.permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)  # [B, T, H * d]
-        return o @ layer.o.t(), k, v
+            s = past_v.shape[2]
+            o = probs[..., :s] @ past_v + probs[..., s:] @ v  # [B, KV, G * T, d]
+        o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
+        return o @ layer.o.t(), kt, v

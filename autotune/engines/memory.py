@@ -67,6 +67,14 @@ def auto_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> in
     return int(min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, fits)))
 
 
+def trt_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> int:
+    """The tensorrt engine's default largest batch: as many sequences as their KV cache of
+    ``seq_len`` could hold in ``memory``, at most MIN_AUTO_BATCH. TensorRT sizes memory for
+    the largest batch a build serves (its prefill goes in chunks, so the batch, not the
+    prompt, sets the size): a build should serve no batch that cannot fit."""
+    return int(max(1, min(MIN_AUTO_BATCH, memory // kv_cache_bytes(spec, dtype, 1, seq_len))))
+
+
 def prefill_activation_bytes(spec: ModelSpec, dtype: str, batch: int, isl: int) -> int:
     """Peak transient memory of one decoder layer during prefill of ``[batch, isl]``.
 

@@ -366,3 +366,8 @@ class NativeEngine:
         self._store.close()
         if self._store.cuda:
             torch.cuda.empty_cache()
+            if self.config.gpu_memory_limit is not None:
+                # The cap belongs to this engine, not to the process that loads the next
+                # one (a benchmark running the tensorrt engine after this one ran out of
+                # memory in its compile under it).
+                torch.cuda.set_per_process_memory_fraction(1.0, self._store.device)

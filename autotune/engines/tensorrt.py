@@ -10,8 +10,9 @@ decode step does the same work (``uniform_decode_steps``). Option ``kv_cache=Fal
 Torch-TensorRT's example instead: no cache, every step a forward over the whole sequence.
 
 TensorRT allocates its memory outside PyTorch's allocator, so on a GPU the engine measures,
-once at load, what NVML sees at the two ends of the budget range, and plans from that
-(:meth:`TensorRTEngine.memory_plan`). torch_tensorrt is imported inside ``load`` only, so
+once at load, what NVML sees at a few budgets, and plans from that
+(:meth:`TensorRTEngine.memory_plan`). The prompt goes through in chunks (``prefill_chunk``), so
+that no call is batch x isl tokens: TensorRT reserves activation memory for the largest call. torch_tensorrt is imported inside ``load`` only, so
 ``import autotune.engines`` never needs it. Section numbers refer to
 ``research/torch-tensorrt-weight-streaming.md``. This module does not time generation
 (:mod:`autotune.measure.timing` does) and does not use CUDA graphs (TensorRT-RTX does not support
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import logging
 import time
 import warnings
@@ -30,15 +32,17 @@ from typing import Any, ClassVar
 
 from autotune.engines._trt_build import (
     BuildShapes,
-    cache_tensor,
+    cache_inputs,
+    cache_tensors,
     compile_options,
     device_identity,
     export_model,
     import_torch_tensorrt,
     parse_version,
     versions,
+    warnings_to_debug,
 )
-from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir
+from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir, release_host_copy
 from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag, random_prompt
 from autotune.engines.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.errors import EngineUnavailableError, UserInputError
@@ -53,23 +57,33 @@ _WORKSPACE_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class MemoryCalibration:
-    """What NVML saw this process hold after a batch-1 generation, its PyTorch cache freed:
-    ``at_total`` with nothing streamed, ``at_zero`` with everything streamed (bytes)."""
+    """What NVML saw this process hold at a few budgets, each after a generation with the
+    PyTorch cache then freed: ``points`` = ((budget, bytes), ...), budgets ascending.
 
-    at_total: int
-    at_zero: int
+    The memory beyond the budget itself (the CUDA context, TensorRT's context memory, the
+    weights it never streams, and its staging of streamed weights) is not a constant: the
+    staging depends on the budget (§6, ``getWeightStreamingScratchMemorySize``), and
+    Torch-TensorRT exposes no way to ask. So it is measured at several budgets, and between
+    two measured budgets the larger of their two figures is taken (a plan may err high, never
+    low)."""
+
+    points: tuple[tuple[int, int], ...]
     total: int  # the streamable bytes at the time
 
-    @property
-    def fixed(self) -> int:
-        """Everything but the resident streamable weights and the staging for streaming: the
-        CUDA context, weights TensorRT never streams, the context's activation memory."""
-        return self.at_total - self.total
+    def beyond_budget(self, budget: int) -> int:
+        """Bytes held besides the resident budget at ``budget`` (see the class docstring)."""
+        over = [(b, used - b) for b, used in self.points]
+        for (b0, o0), (b1, o1) in itertools.pairwise(over):
+            if budget == b0:
+                return o0
+            if b0 < budget <= b1:
+                return o1 if budget == b1 else max(o0, o1)
+        return over[-1][1] if budget >= over[-1][0] else over[0][1]
 
     @property
-    def scratch(self) -> int:
-        """What streaming adds: TensorRT's staging of streamed weights (§6)."""
-        return max(0, self.at_zero - self.fixed)
+    def least(self) -> int:
+        """The smallest of those figures: the part that is not staging."""
+        return min(used - b for b, used in self.points)
 
 
 class TensorRTEngine:
@@ -84,7 +98,9 @@ class TensorRTEngine:
                     "Torch-TensorRT's example, every step recomputes the whole sequence",
         "opt_batch": "batch the TensorRT profile is optimized for (default: the largest)",
         "opt_seq_len": "tokens per call the profile is optimized for (default 1 with the cache)",
-        "max_prompt_len": "longest prompt the profile serves (default isl + osl - 1)",
+        "prefill_chunk": "prompt tokens per sequence in one prefill call (default: "
+                         "1024 tokens a call over the largest batch; TensorRT sizes its "
+                         "activation memory for the largest call)",
         "torch_executed_ops": "operators left to PyTorch",
         "trt_cache": "reuse compiled modules from the on-disk cache (default true)",
         "trt_cache_dir": "the compiled-module cache directory (this host's)",
@@ -114,7 +130,10 @@ class TensorRTEngine:
         self.budget_changes = 0
         self.budget_change_s = 0.0  # the setter's own time, summed (eager rebuilds show here)
         self.calibration: MemoryCalibration | None = None
-        self._cache: Any = None  # [L, 2, B, KV, S, d], reused while the batch is the same
+        # Keys [L, B, KV, d, S] and values [L, B, KV, S, d], reused while the batch is the
+        # same, and their per-layer views, the engine's cache arguments.
+        self._cache: Any = None
+        self._cache_args: list[Any] = []
         self._positions: Any = None  # [S] int64 on the device: sliced, never re-created
 
     @classmethod
@@ -139,35 +158,40 @@ class TensorRTEngine:
         cache = ModuleCache(config.option("trt_cache_dir") or default_cache_dir())
         use_cache = flag(config, "trt_cache", True)
         engine_class = trt.dynamo.runtime.TorchTensorRTModule
-        hit = cache.load(key) if use_cache else None
-        start = time.perf_counter()
-        compile_s = 0.0
-        if hit is not None:
-            module, _ = hit
-            log.info("loaded compiled TensorRT module from %s", cache.path(key))
-        else:
-            module = cls._compile(trt, version, spec, config, shapes, torch_ops)
-            compile_s = time.perf_counter() - start
-            if use_cache:
-                try:
-                    cache.save(key, module, engine_class, {"versions": found})
-                except Exception as e:  # a cache is a saving, never a reason to fail the load
-                    log.warning("could not write the TensorRT cache %s (%s: %s); the next "
-                                "load compiles again", cache.path(key), type(e).__name__, e)
-        if config.device.startswith("cuda"):
-            module = module.to(config.device)  # the PyTorch children; engines stay put
-        facts = {
-            "versions": found, "built_for": shapes.as_dict(), "cache_hit": hit is not None,
-            "cache_path": str(cache.path(key)) if use_cache else None,
-            "compile_s": round(compile_s, 2), "load_s": time.perf_counter() - start,
-            "compile_options": {
-                k: sorted(map(str, v)) if isinstance(v, set) else v
-                for k, v in compile_options(version, config.dtype).items()
-            }, "torch_executed_ops": torch_ops,
-        }
-        engine = cls(config, spec, trt, module, shapes, facts)
-        if config.device.startswith("cuda"):
-            engine.calibrate_memory()
+        # Export and compile raise warnings a user cannot act on: the debug log has them.
+        with warnings_to_debug(log):
+            hit = cache.load(key, engine_class) if use_cache else None
+            start = time.perf_counter()
+            compile_s = 0.0
+            if hit is not None:
+                module, _ = hit
+                log.info("loaded compiled TensorRT module from %s", cache.path(key))
+            else:
+                module = cls._compile(trt, version, spec, config, shapes, torch_ops)
+                compile_s = time.perf_counter() - start
+                if use_cache:
+                    try:
+                        cache.save(key, module, engine_class, {"versions": found})
+                    except Exception as e:  # a cache is a saving, never a reason to fail the load
+                        log.warning("could not write the TensorRT cache %s (%s: %s); the next "
+                                    "load compiles again", cache.path(key), type(e).__name__, e)
+                release_host_copy(module)
+            if config.device.startswith("cuda"):
+                module = module.to(config.device)  # the PyTorch children; engines stay put
+            load_s = time.perf_counter() - start
+            facts = {
+                "versions": found, "built_for": shapes.as_dict(), "cache_hit": hit is not None,
+                "cache_path": str(cache.path(key)) if use_cache else None,
+                "compile_s": round(compile_s, 2), "load_s": load_s,
+                "compile_options": {
+                    k: sorted(map(str, v)) if isinstance(v, set) else v
+                    for k, v in compile_options(version, config.dtype).items()
+                }, "torch_executed_ops": torch_ops,
+                "summary": _summary(found, hit is not None, compile_s, load_s, use_cache, shapes),
+            }
+            engine = cls(config, spec, trt, module, shapes, facts)
+            if config.device.startswith("cuda"):
+                engine.calibrate_memory()
         return engine
 
     @staticmethod
@@ -250,12 +274,10 @@ class TensorRTEngine:
             raise UserInputError(
                 f"batch: the TensorRT module was built for 1..{self._shapes.max_batch}; "
                 f"got {batch}")
-        longest = self._shapes.max_seq if self.kv_cache else self._shapes.cache_len
-        if not isinstance(osl, int) or osl < 1 or isl + osl > self._shapes.cache_len or (
-                self.kv_cache and isl > longest):
+        if not isinstance(osl, int) or osl < 1 or isl + osl > self._shapes.cache_len:
             raise UserInputError(
-                f"isl + osl: the TensorRT module was built for prompts up to {longest} and "
-                f"sequences up to {self._shapes.cache_len} tokens; got isl {isl} + osl {osl}")
+                f"isl + osl: the TensorRT module was built for sequences up to "
+                f"{self._shapes.cache_len} tokens; got isl {isl} + osl {osl}")
         return batch, isl
 
     def _call(self, *args: Any) -> Any:
@@ -278,12 +300,15 @@ class TensorRTEngine:
         positions = self._positions_for(prompt.device)
         out = torch.empty(batch, osl, dtype=torch.long, device=prompt.device)
         if self.kv_cache:
-            if self._cache is None or self._cache.shape[2] != batch:
+            if self._cache is None or self._cache[0].shape[1] != batch:
                 self._new_cache(batch, prompt.device)
+            # The prompt in chunks (BuildShapes: no call larger than the profile's corner).
             # A reused cache keeps the last generation's keys beyond the prompt: finite values
             # the mask hides, so nothing needs clearing on the timed path.
-            logits, kv = self._call(prompt, positions[:isl], self._cache)
-            self._cache[:, :, :, :, :isl].copy_(kv)
+            chunk = self._shapes.max_seq
+            for a in range(0, isl, chunk):
+                b = min(isl, a + chunk)
+                logits = self._step(prompt[:, a:b].contiguous(), positions[a:b], a, b)
             state: Any = None
         else:
             logits = self._call(prompt, positions[:isl])
@@ -304,8 +329,7 @@ class TensorRTEngine:
             p = gen.isl + st.n - 1  # the position of the token fed in
             tok = st.out[:, st.n - 1:st.n]  # [B, 1]
             if self.kv_cache:
-                logits, kv = self._call(tok, positions[p:p + 1], self._cache)
-                self._cache[:, :, :, :, p:p + 1].copy_(kv)
+                logits = self._step(tok, positions[p:p + 1], p, p + 1)
             else:
                 seq = torch.cat([st.prompt, st.out[:, :st.n]], dim=1)  # [B, isl + n]
                 logits = self._call(seq, positions[:p + 1])
@@ -313,16 +337,25 @@ class TensorRTEngine:
             st.n += 1
         gen.tokens = st.out[:, :st.n]
 
+    def _step(self, tokens: Any, positions: Any, a: int, b: int) -> Any:
+        """One call against the cache for positions [a, b); writes their keys and values."""
+        logits, new_k, new_v = self._call(tokens, positions, *self._cache_args)
+        keys, values = self._cache
+        keys[..., a:b].copy_(new_k)
+        values[:, :, :, a:b].copy_(new_v)
+        return logits
+
     def _new_cache(self, batch: int, device: Any) -> None:
-        self._cache = None
+        self._cache, self._cache_args = None, []
         if self.config.device.startswith("cuda"):
             import torch
 
             # The previous batch's cache goes back, so the process holds what this batch
             # needs (the memory plan's figure), not the largest batch seen so far.
             torch.cuda.empty_cache()
-        self._cache = cache_tensor(self.spec, self.config.dtype, batch, self._shapes.cache_len,
-                                   device)
+        self._cache = cache_tensors(self.spec, self.config.dtype, batch, self._shapes.cache_len,
+                                    device)
+        self._cache_args = cache_inputs(*self._cache)
 
     def synchronize(self) -> None:
         if self.config.device.startswith("cuda"):
@@ -332,41 +365,55 @@ class TensorRTEngine:
 
     # -- memory and reporting ----------------------------------------------------------------
 
+    # Budgets calibrated, as fractions of the largest budget that fits beside batch 1: the
+    # staging changes most near 0 (where it starts), so the points crowd there.
+    CALIBRATION_FRACTIONS: ClassVar[tuple[float, ...]] = (0.0, 0.125, 0.5, 1.0)
+
     def calibrate_memory(self) -> MemoryCalibration:
-        """Measures what NVML sees at both ends of the budget range, after a generation of the
-        largest shape the module serves (TensorRT may allocate per shape) with PyTorch's cache
-        then freed: TensorRT's own allocations (context memory, staging, weights it never
-        streams) are not predictable from outside (§5). Nothing resident fits on a GPU smaller
-        than the model: then the staging is taken as 0 (the plan errs high at budget total)."""
+        """Measures what NVML sees at a few budgets (:class:`MemoryCalibration`), each after a
+        generation of the largest call the module serves (TensorRT may allocate per shape),
+        the PyTorch cache then freed: TensorRT's own allocations are not predictable from
+        outside (§5). The budgets run from 0 up to the largest that fits beside batch 1
+        (every budget, the total included, where the model fits)."""
+        before = self.device_budget
+        zero = self._held_after_generation(0)
+        room = max(0, self._usable_bytes() - zero - self._cache_bytes(1))
+        top = min(self._total, room)
+        points = [(0, zero)]
+        for fraction in self.CALIBRATION_FRACTIONS[1:]:
+            budget = self.applied_budget(int(fraction * top))
+            if budget > points[-1][0]:
+                points.append((budget, self._held_after_generation(budget)))
+        self.calibration = MemoryCalibration(points=tuple(points), total=self._total)
+        self.device_budget = before
+        log.debug("memory calibration (budget, NVML bytes): %s", points)
+        return self.calibration
+
+    def _held_after_generation(self, budget: int) -> int:
+        """NVML's figure for this process at ``budget`` after one generation of the largest
+        call (batch 1 where the largest batch does not fit), the PyTorch cache freed."""
         import torch
 
-        before = self.device_budget
-        seen = {}
+        self.device_budget = budget
         longest = max(1, min(self._shapes.max_seq, self._shapes.cache_len - 2))
-        for budget in (0, self._total):
-            if budget and budget + seen[0] > self._usable_bytes():
+        for batch in dict.fromkeys((self._shapes.max_batch, 1)):
+            try:
+                prompt = random_prompt(batch, longest, self.spec.vocab_size, 0,
+                                       self.config.device)
+                gen = self.prefill(prompt, 2)
+                self.decode(gen, 1)
+                self.synchronize()
+                del gen
                 break
-            self.device_budget = budget
-            for batch in dict.fromkeys((self._shapes.max_batch, 1)):
-                try:
-                    prompt = random_prompt(batch, longest, self.spec.vocab_size, 0,
-                                           self.config.device)
-                    gen = self.prefill(prompt, 2)
-                    self.decode(gen, 1)
-                    self.synchronize()
-                    del gen
-                    break
-                except torch.OutOfMemoryError:  # the largest batch does not fit here
-                    self._cache = None
-                    torch.cuda.empty_cache()
-            self._cache = None
-            torch.cuda.empty_cache()
-            seen[budget] = self.device_used_bytes()
-        at_total = seen.get(self._total, seen[0] + self._total)
-        self.calibration = MemoryCalibration(at_total=at_total, at_zero=seen[0],
-                                             total=self._total)
-        self.device_budget = before
-        return self.calibration
+            except torch.OutOfMemoryError:  # the largest batch does not fit here
+                self._cache, self._cache_args = None, []
+                torch.cuda.empty_cache()
+        self._cache, self._cache_args = None, []
+        torch.cuda.empty_cache()
+        return self.device_used_bytes()
+
+    def _cache_bytes(self, batch: int) -> int:
+        return kv_cache_bytes(self.spec, self.config.dtype, batch, self._shapes.cache_len)
 
     def _usable_bytes(self) -> int:
         """What this process could hold: what it holds plus NVML's free memory, within
@@ -404,20 +451,20 @@ class TensorRTEngine:
         they are estimates."""
         budget = clamp_budget(budget, self._total, log)
         dt = self.config.dtype
-        seq = self._shapes.cache_len
-        if self.kv_cache:
-            kv = (kv_cache_bytes(self.spec, dt, batch, seq)
-                  + kv_cache_bytes(self.spec, dt, batch, isl))  # the cache + prefill's output
+        if self.kv_cache:  # the cache, and one prefill call's new keys and values
+            kv = self._cache_bytes(batch) + kv_cache_bytes(self.spec, dt, batch,
+                                                           min(isl, self._shapes.max_seq))
         else:
             kv = 0
         outputs = batch * self.spec.vocab_size * dtype_bytes(dt) * 2
         nonstreamable = max(0, self.spec.weight_bytes(dt) - self._total)
         cal = self.calibration
         if cal is not None:
-            scratch = cal.scratch if budget < self._total else 0
-            context = max(0, cal.fixed - nonstreamable)  # CUDA context + TensorRT context
-            return MemoryPlan(resident_weights=nonstreamable + budget, streaming_scratch=scratch,
-                              kv_cache=kv, activations=outputs, workspace=context)
+            beyond = cal.beyond_budget(budget)
+            return MemoryPlan(resident_weights=nonstreamable + budget,
+                              streaming_scratch=max(0, beyond - cal.least),
+                              kv_cache=kv, activations=outputs,
+                              workspace=max(0, cal.least - nonstreamable))
         layer = self.spec.layer_params() * dtype_bytes(dt)
         # Staging for the streamed weights: about two layers in flight (an assumption).
         scratch = min(self._total - budget, 2 * layer) if budget < self._total else 0
@@ -448,9 +495,9 @@ class TensorRTEngine:
             "memory_calibration": (dataclasses.asdict(self.calibration)
                                    if self.calibration else None),
             "memory_plan_note": (
-                "measured at load with NVML at budgets 0 and total (TensorRT's context memory "
-                "is sized for the largest shape it was built for: batch "
-                f"{self._shapes.max_batch}, {self._shapes.max_seq} tokens a call)"
+                f"measured at load with NVML at {len(self.calibration.points)} budgets "
+                "(TensorRT's context memory is sized for the largest call it was built for: "
+                f"batch {self._shapes.max_batch}, {self._shapes.max_seq} tokens a call)"
                 if self.calibration else
                 "estimated: streaming scratch, context memory and workspace are not exposed "
                 "by TensorRT and were not measured here"
@@ -459,16 +506,26 @@ class TensorRTEngine:
 
     def close(self) -> None:
         self._module = None
-        self._cache = None
+        self._cache, self._cache_args = None, []
         if self.config.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
 
 
+def _summary(found: dict[str, str], hit: bool, compile_s: float, load_s: float,
+             use_cache: bool, shapes: BuildShapes) -> str:
+    """The one line a user reads about the load: backend, versions, compile or cache hit."""
+    how = (f"loaded from the cache in {load_s:.0f} s" if hit else
+           f"compiled in {compile_s:.0f} s" + (", cached" if use_cache else ", not cached"))
+    chunks = f"; prompts in chunks of {shapes.max_seq} tokens" if shapes.kv_cache else ""
+    return (f"Torch-TensorRT {found['torch_tensorrt']} on {found['tensorrt_backend']} "
+            f"{found['tensorrt']}; {how}{chunks}")
+
+
 # Part of the cache key: a change to what is exported (ExportLlama's signature or math) must
 # not reload modules compiled from the old one.
-_EXPORT_FORMAT = 2
+_EXPORT_FORMAT = 3
 
 
 @dataclass

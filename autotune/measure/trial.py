@@ -137,6 +137,9 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
             decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
         )
         outcome.measurement = m.as_dict()
+        over = _over_the_limit(config, m.peak_device_bytes, plan.total)
+        if over:  # measured, kept, and never a recommendation
+            outcome.status, outcome.reason = "infeasible", over
     except Exception as e:  # classified below; anything else is this trial's error, not ours
         if _is_oom(e):
             outcome.status, outcome.reason = "oom", f"out of memory: {_first_line(e)}"
@@ -147,6 +150,17 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
         _free_cached(config)
     outcome.elapsed_s = time.perf_counter() - start
     return outcome
+
+
+def _over_the_limit(config: EngineConfig, peak: int | None, planned: int) -> str | None:
+    """Why a measured peak broke ``--gpu-memory-limit``, or None. An engine whose memory lies
+    outside PyTorch's allocator (TensorRT) is not held by the allocator's cap: NVML's figure
+    is the judge."""
+    limit = config.gpu_memory_limit
+    if limit is None or peak is None or peak <= limit:
+        return None
+    return (f"measured peak {format_bytes(peak)} exceeds --gpu-memory-limit "
+            f"{format_bytes(limit)} (the memory plan said {format_bytes(planned)})")
 
 
 def _first_line(e: BaseException) -> str:

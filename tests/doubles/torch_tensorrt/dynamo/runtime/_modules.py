@@ -17,7 +17,7 @@ budget and an execution context. Context lifetime, per version (TRTEngine.cpp):
 Also as in 2.11: the automatic budget is applied at deserialization when ``S > 0``; the extra
 state is ``(name, engine_info, input_binding_names, output_binding_names)`` with
 ``engine_info`` the 11-field serialized list whose field 3 is the base64 engine (decoded in place
-by ``set_extra_state``); ``forward`` asserts the input count against the binding names and
+by ``set_extra_state``, which then fails on the metadata field, as 2.11's does); ``forward`` asserts the input count against the binding names and
 returns one tensor for one output, else a tuple. Not modelled: speed, device memory, devices and
 platforms, profiling, output allocators, the Python module's state-dict hooks.
 """
@@ -190,9 +190,14 @@ class TorchTensorRTModule(_BudgetMethods):
         *,
         name: str = "",
         settings: CompilationSettings | None = None,
-        **_: Any,
+        weight_name_map: dict[Any, Any] | None = None,
+        requires_output_allocator: bool = False,
+        symbolic_shape_expressions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.weight_name_map = weight_name_map
+        self.requires_output_allocator = requires_output_allocator
+        self.symbolic_shape_expressions = symbolic_shape_expressions
         self.input_binding_names = input_binding_names if input_binding_names is not None else []
         self.output_binding_names = (output_binding_names if output_binding_names is not None
                                      else [])
@@ -218,7 +223,9 @@ class TorchTensorRTModule(_BudgetMethods):
         info[INPUT_BINDING_NAMES_IDX] = _BINDING_DELIM.join(self.input_binding_names)
         info[OUTPUT_BINDING_NAMES_IDX] = _BINDING_DELIM.join(self.output_binding_names)
         info[HW_COMPATIBLE_IDX] = "0"
-        info[SERIALIZED_METADATA_IDX] = base64.b64encode(pickle.dumps({"settings": self.settings}))
+        # A str, as the real encode_metadata returns (b64encode(...).decode("utf-8")).
+        info[SERIALIZED_METADATA_IDX] = base64.b64encode(
+            pickle.dumps({"settings": self.settings})).decode("utf-8")
         info[REQUIRES_OUTPUT_ALLOCATOR_IDX] = "0"
         info[RESOURCE_ALLOCATION_STRATEGY_IDX] = "0"
         return info
@@ -248,7 +255,12 @@ class TorchTensorRTModule(_BudgetMethods):
             self.serialized_engine = info[ENGINE_IDX]
             self.engine = _ScriptEngine(info[ENGINE_IDX],
                                         eager_context=_state.version() < (2, 13))
-            self.settings = pickle.loads(base64.b64decode(info[SERIALIZED_METADATA_IDX]))[
+            # 2.11's own lines: the metadata _pack_engine_info made is a str, so this assert
+            # fails (an AssertionError with no message); were it bytes, decode_metadata's
+            # ``.encode("utf-8")`` would fail instead. The round trip never worked in 2.11.
+            serialized_metadata = info[SERIALIZED_METADATA_IDX]
+            assert isinstance(serialized_metadata, bytes)
+            self.settings = pickle.loads(base64.b64decode(serialized_metadata.encode("utf-8")))[
                 "settings"]
         else:
             self.engine = None

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU machine's stages for issue 18 (Torch-TensorRT), each one device call:
+#   bash benchmarks/gpu.sh install      carry [".trt"]   (Torch-TensorRT-RTX into /tmp/trt)
+#   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
+#   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
+#   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
+# Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
+set -uo pipefail
+stage=$1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ "$stage" = install ]; then
+  bash .trt/install.sh && touch /tmp/trt/OK && echo installed
+  exit $?
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+[ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
+export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+step() {  # step NAME SECONDS COMMAND...: one logged, time-limited step
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" | tee "$OUT/$name.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "rc=${PIPESTATUS[0]} wall=$((SECONDS - t0))s" | tee -a "$OUT/$name.log"
+}
+case $stage in
+  small)
+    step pytest-gpu 150 python3 -m pytest -q -m gpu tests/test_tensorrt_gpu.py tests/test_engine_contract.py
+    step trt-1b 200 python3 -m autotune run --model llama3.2-1b --engine tensorrt --device cuda \
+      --gpu-memory-limit 2GiB --trials 6 --storage "sqlite:///$OUT/1b.db" --study trt-1b \
+      --out "$OUT/trt-1b.json"
+    step native-1b 90 python3 -m autotune run --model llama3.2-1b --device cuda \
+      --gpu-memory-limit 2GiB --trials 6 --storage "sqlite:///$OUT/1b.db" --study native-1b \
+      --out "$OUT/native-1b.json"
+    step table-1b 120 python3 benchmarks/engines.py --model llama3.2-1b --limit 2GiB \
+      --repeats 1 --decode-steps 8 --engines native,tensorrt --json "$OUT/table-1b.json"
+    ;;
+  study7b)
+    step trt-7b 590 python3 -m autotune run --model llama2-7b --engine tensorrt \
+      --gpu-memory-limit 8GiB --trials 6 --storage "sqlite:///$OUT/7b.db" --study trt-7b \
+      --out "$OUT/trt-7b.json"
+    step report-7b 60 python3 -m autotune report --out "$OUT/report-7b" --storage "sqlite:///$OUT/7b.db" --study trt-7b
+    ;;
+  table7b)
+    step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \
+      --repeats 1 --decode-steps 8 --engines tensorrt,native --json "$OUT/table-7b.json"
+    ;;
+esac
