@@ -92,7 +92,7 @@ class BuildShapes:
                            dtype=torch.int64)]
         if self.kv_cache:
             kv, d, n = spec.num_key_value_heads, spec.head_dim, self.cache_len
-            for layer in range(spec.num_hidden_layers):
+            for _ in range(spec.num_hidden_layers):
                 for tail in ((kv, d, n), (kv, n, d)):  # keys transposed, then values
                     found.append(trt.Input(min_shape=(b[0], *tail), opt_shape=(b[1], *tail),
                                            max_shape=(b[2], *tail), dtype=torch_dtype(dtype)))
