@@ -33,8 +33,8 @@ case $stage in
     step pytest-gpu 150 python3 -m pytest -q -m gpu tests/test_tensorrt_gpu.py tests/test_engine_contract.py
     ;;
   study7b)
-    step trt-7b 590 python3 -m autotune run --model llama2-7b --engine tensorrt \
-      --gpu-memory-limit 8GiB --trials 6 --storage "sqlite:///$OUT/7b.db" --study trt-7b \
+    step trt-7b 575 python3 -m autotune run --model llama2-7b --engine tensorrt \
+      --gpu-memory-limit 8GiB --trials 4 --storage "sqlite:///$OUT/7b.db" --study trt-7b \
       --out "$OUT/trt-7b.json"
     step report-7b 60 python3 -m autotune report --out "$OUT/report-7b" --storage "sqlite:///$OUT/7b.db" --study trt-7b
     ;;

@@ -67,12 +67,24 @@ def auto_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> in
     return int(min(MAX_AUTO_BATCH, max(MIN_AUTO_BATCH, fits)))
 
 
+# What the tensorrt engine holds before any sequence (CUDA context, TensorRT's staging of
+# streamed weights: about two decoder layers, an assumption), and its context memory per
+# sequence of the largest batch it is built for, as a multiple of that sequence's KV cache.
+# Measured on the H200 (TensorRT-RTX 1.4, budget 0, batch 1; benchmarks/results/issue18):
+# llama2-7b built for batch 42 held 9.32 GiB, llama3.2-1b built for 170 held 1.88 GiB, both
+# about 1x the KV cache of the largest batch beyond the weights it keeps.
+_TRT_FIXED = 512 * 2**20
+TRT_CONTEXT_PER_KV = 1.0
+
+
 def trt_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> int:
-    """The tensorrt engine's default largest batch: as many sequences as their KV cache of
-    ``seq_len`` could hold in ``memory``, at most MIN_AUTO_BATCH. TensorRT sizes memory for
-    the largest batch a build serves (its prefill goes in chunks, so the batch, not the
-    prompt, sets the size): a build should serve no batch that cannot fit."""
-    return int(max(1, min(MIN_AUTO_BATCH, memory // kv_cache_bytes(spec, dtype, 1, seq_len))))
+    """The tensorrt engine's default largest batch: TensorRT sizes its context memory for the
+    largest batch a build serves (about one more KV cache of that batch, measured), so a
+    build serves only batches whose cache and that context fit in ``memory`` beside the
+    fixed part; at most MIN_AUTO_BATCH."""
+    fixed = _TRT_FIXED + 2 * spec.layer_params() * dtype_bytes(dtype)
+    per_sequence = (1 + TRT_CONTEXT_PER_KV) * kv_cache_bytes(spec, dtype, 1, seq_len)
+    return int(max(1, min(MIN_AUTO_BATCH, (memory - fixed) // per_sequence)))
 
 
 def prefill_activation_bytes(spec: ModelSpec, dtype: str, batch: int, isl: int) -> int:
