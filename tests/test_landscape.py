@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -225,3 +226,30 @@ def test_landscape_points_are_physical() -> None:
             assert p.tpot_ms / 1e3 >= streamed / 53e9 * 0.999  # never faster than the link
             assert math.isclose(p.throughput_tok_s, p.batch * 256 / land.e2e_s(p), rel_tol=1e-3)
     assert land.best(Limits(max_tpot_ms=1.0)) is None
+
+
+def test_a_measured_peak_over_the_limit_is_recorded_infeasible_and_learned() -> None:
+    """TensorRT's memory is outside PyTorch's allocator, so no cap holds it: a trial whose
+    NVML peak passes --gpu-memory-limit is measured, kept, recorded as infeasible (never a
+    recommendation) and its shortfall is learned by the engine's later plans."""
+    from dataclasses import replace
+
+    from autotune.measure.trial import TrialRequest, run_trial
+
+    class Escaping(LandscapeEngine):  # an engine whose peak passes its plan by 1 GiB
+        learned: list[tuple[int, int]] = []
+
+        def simulate_measurement(self, *args: Any, **kw: Any) -> Any:
+            m = super().simulate_measurement(*args, **kw)
+            return replace(m, peak_device_bytes=m.peak_reserved_bytes + 2**30)
+
+        def learn_peak(self, planned: int, measured: int) -> None:
+            self.learned.append((planned, measured))
+
+    engine = _engine()
+    escaping = Escaping(engine.config, engine.landscape)
+    outcome = run_trial(escaping, TrialRequest(batch=32, budget=0, isl=128, osl=256,
+                                               repeats=1, warmup=0))
+    assert outcome.status == "infeasible" and outcome.measurement is not None
+    assert "exceeds --gpu-memory-limit" in outcome.reason and "the memory plan said" in outcome.reason
+    assert escaping.learned == [(outcome.plan["total"], outcome.measurement["peak_device_bytes"])]

@@ -315,6 +315,34 @@ def test_by_default_one_call_holds_at_most_1024_tokens(trt: Any, tmp_path: Path)
     assert tokens.shape["max_shape"] == (200, 1024 // 200)
 
 
+def test_a_plan_that_fell_short_learns_from_the_measured_peak(trt: Any, tmp_path: Path) -> None:
+    engine = load_engine(_config(tmp_path))
+    before = engine.memory_plan(2, 8, 8, 0).total
+    engine.learn_peak(before, before + 1000)  # NVML saw 1000 bytes more than planned
+    assert engine.memory_plan(2, 8, 8, 0).total == before + 1000
+    engine.learn_peak(before + 1000, before)  # a plan that erred high changes nothing
+    assert engine.memory_plan(2, 8, 8, 0).total == before + 1000
+    assert engine.describe()["plan_correction_bytes"] == 1000
+
+
+def test_the_librarys_notes_go_to_the_debug_log(
+    trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A full budget makes Torch-TensorRT warn "Weight streaming is disabled": a note on a
+    choice autotune made, at debug level; its errors keep their level."""
+    engine = load_engine(_config(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        engine.device_budget = engine.total_device_budget
+        logging.getLogger("torch_tensorrt.runtime._weight_streaming").error("kept")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name.startswith("torch_tensorrt")] == [("ERROR", "kept")]
+    engine.device_budget = 0
+    with caplog.at_level(logging.DEBUG):
+        engine.device_budget = engine.total_device_budget
+    assert ("DEBUG", "Weight streaming is disabled") in {
+        (r.levelname, r.getMessage()) for r in caplog.records}
+
+
 def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_load(
     trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:

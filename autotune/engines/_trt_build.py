@@ -135,9 +135,11 @@ class _DebugOnly(logging.Filter):
     act on. Errors keep their level."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
+        if record.levelno >= logging.ERROR:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        # Handlers at NOTSET would print it anyway: kept only where debug logging is on.
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 def _quiet(torch_tensorrt: Any) -> None:

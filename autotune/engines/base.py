@@ -81,7 +81,9 @@ class Engine(Protocol):
     # the class method ``host_bytes(config)`` (peak host memory one loaded worker holds, checked
     # against the host before a run starts: autotune.measure.host) and ``applied_budget(budget)`` (what
     # assigning ``budget`` would apply, without applying it: engines that round budgets to
-    # whole units say so, and the search never measures one configuration twice).
+    # whole units say so, and the search never measures one configuration twice), and
+    # ``learn_peak(planned, measured)`` (engines whose memory lies outside PyTorch's allocator
+    # take each trial's measured peak, so that later plans include what the first missed).
     # Engine options (``--engine-option KEY=VALUE``): ``engine_options``, a dict of the keys
     # the engine takes -> what each does (any other key is refused by name), and
     # ``host_options``, the keys that name something on the worker's own host (a cache

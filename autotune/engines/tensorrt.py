@@ -130,6 +130,9 @@ class TensorRTEngine:
         self.budget_changes = 0
         self.budget_change_s = 0.0  # the setter's own time, summed (eager rebuilds show here)
         self.calibration: MemoryCalibration | None = None
+        # Bytes by which measured peaks passed the plan, summed over trials (learn_peak): the
+        # calibration runs one shape per budget, and a trial may meet memory it did not.
+        self.plan_correction = 0
         # Keys [L, B, KV, d, S] and values [L, B, KV, S, d], reused while the batch is the
         # same, and their per-layer views, the engine's cache arguments.
         self._cache: Any = None
@@ -464,14 +467,25 @@ class TensorRTEngine:
             return MemoryPlan(resident_weights=nonstreamable + budget,
                               streaming_scratch=max(0, beyond - cal.least),
                               kv_cache=kv, activations=outputs,
-                              workspace=max(0, cal.least - nonstreamable))
+                              workspace=max(0, cal.least - nonstreamable) + self.plan_correction)
         layer = self.spec.layer_params() * dtype_bytes(dt)
         # Staging for the streamed weights: about two layers in flight (an assumption).
         scratch = min(self._total - budget, 2 * layer) if budget < self._total else 0
         tokens = self._shapes.max_seq
         context = prefill_activation_bytes(self.spec, dt, self._shapes.max_batch, tokens)
         return MemoryPlan(resident_weights=nonstreamable + budget, streaming_scratch=scratch,
-                          kv_cache=kv, activations=context + outputs, workspace=_WORKSPACE_BYTES)
+                          kv_cache=kv, activations=context + outputs,
+                          workspace=_WORKSPACE_BYTES + self.plan_correction)
+
+    def learn_peak(self, planned: int, measured: int) -> None:
+        """Takes a trial's measured peak (NVML) against what its plan said: a plan that fell
+        short grows by the shortfall for every later plan, so the next configuration that
+        would not fit is refused before it runs (TensorRT's memory is outside PyTorch's
+        allocator, and no cap holds it)."""
+        if measured > planned:
+            self.plan_correction += measured - planned
+            log.info("memory plan %d bytes under NVML's peak; later plans include it",
+                     measured - planned)
 
     def streamed_bytes_per_step(self) -> int:
         # Every forward moves the non-resident streamable weights once per engine (§7.3).
@@ -494,6 +508,7 @@ class TensorRTEngine:
             "kv_cache": self.kv_cache,
             "memory_calibration": (dataclasses.asdict(self.calibration)
                                    if self.calibration else None),
+            "plan_correction_bytes": self.plan_correction,
             "memory_plan_note": (
                 f"measured at load with NVML at {len(self.calibration.points)} budgets "
                 "(TensorRT's context memory is sized for the largest call it was built for: "

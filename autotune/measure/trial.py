@@ -137,6 +137,9 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
             decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
         )
         outcome.measurement = m.as_dict()
+        learn = getattr(engine, "learn_peak", None)  # engines whose plans learn from NVML
+        if learn is not None and m.peak_device_bytes is not None:
+            learn(plan.total, m.peak_device_bytes)
         over = _over_the_limit(config, m.peak_device_bytes, plan.total)
         if over:  # measured, kept, and never a recommendation
             outcome.status, outcome.reason = "infeasible", over

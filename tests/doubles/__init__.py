@@ -9,6 +9,7 @@ with TensorRT's version set to the one that release pins (research note §0) and
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ def _forget() -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in ("torch_tensorrt", "tensorrt"):
             del sys.modules[name]
+    # Loggers outlive modules: what an engine load attached to the package's loggers goes
+    # with the package, as in a fresh process.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch_tensorrt"):
+            logging.getLogger(name).filters.clear()
 
 
 def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0",
