@@ -145,3 +145,28 @@ def test_cli_tunes_a_checkpoint_named_after_its_folder(tmp_path: Path, cli_env) 
     assert rec["workload"]["model"] == "My-Llama-3.2-Tiny"
     assert rec["workload"]["weights"] == str(directory)
     assert rec["study"]["name"].startswith("My-Llama-3.2-Tiny-native-float32")
+
+
+def test_the_llama32_1b_preset_is_the_public_model() -> None:
+    """1.24B parameters with the head tied to the embedding (the public figure), and random
+    weights that honour the tie, as transformers' tied model does."""
+    from autotune.models import weight_source
+
+    spec = get_spec("llama3.2-1b")
+    head = spec.vocab_size * spec.hidden_size
+    assert spec.tie_word_embeddings and spec.num_params() - head == 1_235_814_400
+    assert spec.hf_config().tie_word_embeddings and spec.head_dim == 64
+    source = weight_source(spec)
+    shape = (spec.vocab_size, spec.hidden_size)
+    assert torch.equal(source.get("lm_head.weight", shape, torch.float16, "cpu"),
+                       source.get("model.embed_tokens.weight", shape, torch.float16, "cpu"))
+
+
+def test_the_tensorrt_default_batch_leaves_room_for_its_context() -> None:
+    """TensorRT held about one more KV cache of the largest batch a build serves (H200):
+    llama2-7b at 8 GiB, isl 128 + osl 256, is built for 17 sequences, not the 42 whose
+    caches alone would fit (that build needed 9.32 GiB at batch 1)."""
+    from autotune.engines.memory import trt_max_batch
+
+    assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 8 * 2**30) == 17
+    assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 2**30) == 1  # never below 1
