@@ -123,9 +123,11 @@ def test_float16_study_on_old_versions_still_compiles_float16_layers(
 
 def test_second_load_reuses_the_cache(trt: Any, tmp_path: Path) -> None:
     first = load_engine(_config(tmp_path, SPLIT))
+    assert first.describe()["torch_executed_ops"] == list(SPLIT[1])
     built = trt._state.COUNTERS["engines_built"]
     calls = len(trt._state.COMPILE_CALLS)
-    second = load_engine(_config(tmp_path, SPLIT))
+    # As --engine-option gives it: one string, the same build (a cache hit).
+    second = load_engine(_config(tmp_path, ("torch_executed_ops", ",".join(SPLIT[1]))))
     assert not first.describe()["cache_hit"] and second.describe()["cache_hit"]
     assert trt._state.COUNTERS["engines_built"] == built and len(trt._state.COMPILE_CALLS) == calls
     # The rebuilt module still exposes its engines to weight_streaming (research note §1.1).

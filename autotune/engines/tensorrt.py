@@ -101,7 +101,8 @@ class TensorRTEngine:
         "prefill_chunk": "prompt tokens per sequence in one prefill call (default: "
                          "1024 tokens a call over the largest batch; TensorRT sizes its "
                          "activation memory for the largest call)",
-        "torch_executed_ops": "operators left to PyTorch",
+        "torch_executed_ops": "operators left to PyTorch, comma-separated (for example "
+                              "torch.ops.aten.bmm.default: attention over the cache)",
         "trt_cache": "reuse compiled modules from the on-disk cache (default true)",
         "trt_cache_dir": "the compiled-module cache directory (this host's)",
     }
@@ -151,7 +152,7 @@ class TensorRTEngine:
         version = parse_version(trt.__version__)
         spec = get_spec(config.model, config.weights)
         shapes = BuildShapes.from_config(config, kv_cache=flag(config, "kv_cache", True))
-        torch_ops = sorted(map(str, config.option("torch_executed_ops", ()) or ()))
+        torch_ops = _op_names(config.option("torch_executed_ops", ()))
         found = versions(trt)
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
@@ -526,6 +527,14 @@ class TensorRTEngine:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def _op_names(value: Any) -> list[str]:
+    """``torch_executed_ops`` as names: a list (Python API) or one comma-separated string
+    (``--engine-option torch_executed_ops=torch.ops.aten.bmm.default,...``)."""
+    if isinstance(value, str):
+        value = value.split(",")
+    return sorted({str(v).strip() for v in value or () if str(v).strip()})
 
 
 def _summary(found: dict[str, str], hit: bool, compile_s: float, load_s: float,
