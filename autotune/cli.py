@@ -27,6 +27,23 @@ from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exi
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
 
+
+def _no_type_on_flags() -> None:
+    """typer's help shows a type beside every option, flags too (``--json <bool>``), which
+    reads as if a flag took a value: flags show none."""
+    from typer import core
+
+    shown = getattr(core.TyperOption, "display_type_rich", None)
+    if shown is None:  # an older typer shows no types at all
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    core.TyperOption.display_type_rich = display_type_rich
+
+
+_no_type_on_flags()
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Find the best batch size and weight-streaming budget for LLM inference.",
@@ -152,11 +169,11 @@ def run(
     engine: str = typer.Option("native", help="native, tensorrt, or package.module:Class."),
     trials: int = typer.Option(20, help="Finished trials the study should have."),
     isl: int | None = typer.Option(
-        None, show_default=False, help="Input (prompt) length, tokens [default: 128; a "
-        "replayed landscape's own]."),
+        None, show_default=False, help="Input (prompt) length, tokens (default: 128; a "
+        "replayed landscape's own)."),
     osl: int | None = typer.Option(
-        None, show_default=False, help="Output length, tokens, exactly (no stop at EOS) "
-        "[default: 256; a replayed landscape's own]."),
+        None, show_default=False, help="Output length, tokens, exactly: no stop at EOS "
+        "(default: 256; a replayed landscape's own)."),
     gpu_memory_limit: str | None = typer.Option(
         None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB (default: the GPU's; "
         "a replayed landscape's own)."),
@@ -432,9 +449,12 @@ def models() -> None:
     """The model presets and their sizes."""
     from autotune.models import PRESETS
 
-    table = Table(title="models")
-    for col in ("name", "params", "fp16 weights", "layer (fp16)", "KV/token (fp16)", "about"):
-        table.add_column(col)
+    # Narrow enough for an 80-column terminal: sizes in fp16, GQA = grouped-query attention.
+    table = Table(title="models (public configs; random weights unless --weights)",
+                  caption="sizes in fp16; GQA: grouped-query attention")
+    for col in ("name", "params", "weights", "layer", "KV/token", "about"):
+        table.add_column(col, justify="left" if col in ("name", "about") else "right",
+                         no_wrap=True)
     for spec in PRESETS.values():
         table.add_row(
             spec.name, _count(spec.num_params()), format_bytes(spec.weight_bytes("float16")),
