@@ -447,6 +447,10 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
 @app.command()
 def models() -> None:
     """The model presets and their sizes."""
+    out.print(_models_table())
+
+
+def _models_table() -> Table:
     from autotune.models import PRESETS
 
     # Narrow enough for an 80-column terminal: sizes in fp16, GQA = grouped-query attention.
@@ -461,7 +465,7 @@ def models() -> None:
             format_bytes(spec.layer_params() * 2), format_bytes(spec.kv_bytes_per_token("float16")),
             spec.description,
         )
-    out.print(table)
+    return table
 
 
 @app.command()
