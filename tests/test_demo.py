@@ -21,12 +21,10 @@ from autotune.measure.trial import TrialRequest
 
 
 def test_the_demo_replays_a_gpu_landscape_and_shows_both_axes(tmp_path: Path, cli_env) -> None:
-    """`autotune run --trials 12` without a GPU: every line says it is a replay; the trials
+    """The README's `autotune run` without a GPU: every line says it is a replay; the trials
     move along both axes to the best inside the space (batch 32 at 30%: the 180 ms TPOT limit
     rules out the larger batches' smaller budgets), and the memory plan's edge is interior."""
-    r = subprocess.run([sys.executable, "-m", "autotune", "run", "--trials", "12",
-                        "--storage", f"sqlite:///{tmp_path / 'd.db'}"],
-                       capture_output=True, text=True, env=cli_env, cwd=tmp_path, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "autotune", "run"], capture_output=True, text=True, env=cli_env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in (r.stderr + r.stdout).splitlines()
              if line.strip() and not set(line.strip()) <= set("━┏┓┗┛┃┡┩╇┳└┘┴─")]
@@ -37,7 +35,7 @@ def test_the_demo_replays_a_gpu_landscape_and_shows_both_axes(tmp_path: Path, cl
     rec = json.loads(next((tmp_path / "studies").glob("*.json")).read_text())
     assert (rec["best"]["batch"], rec["best"]["budget_fraction"]) == (32, 0.3)
     show = subprocess.run([sys.executable, "-m", "autotune", "show", "--json", "--storage",
-                           f"sqlite:///{tmp_path / 'd.db'}"], capture_output=True, text=True,
+                           f"sqlite:///{tmp_path / 'studies' / 'autotune.db'}"], capture_output=True, text=True,
                           env=cli_env, timeout=120)
     study = json.loads(show.stdout)
     tried = {(t["params"]["batch"], round(t["params"]["budget_fraction"], 1))

@@ -17,7 +17,7 @@ CLI_DOC = ROOT / "docs" / "cli.md"
 def _sections() -> dict[str, str]:
     """docs/cli.md's sections by heading: "## `autotune run`" -> "run"; others by their text."""
     parts = re.split(r"^## (.+)$", CLI_DOC.read_text(), flags=re.M)
-    return {re.sub(r"[`]|^autotune ", "", title).strip(): body
+    return {re.sub(r"^autotune ", "", title.replace("`", "").strip()): body
             for title, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
