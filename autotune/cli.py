@@ -319,7 +319,7 @@ def worker(
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
         result = join_study(storage, study, device=device, gpus=_gpus(gpus),
                             engines=tuple(engine), host_options=_engine_options(engine_option),
-                            progress=_print_progress, on_worker=_print_worker)
+                            progress=_print_progress, on_worker=_print_worker, on_step=say)
     for note in result.notes:
         err.print(note)
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
