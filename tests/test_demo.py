@@ -51,10 +51,13 @@ def test_the_packaged_demo_landscape_is_the_recorded_one() -> None:
 
 
 def _help(*args: str) -> str:
-    r = subprocess.run([sys.executable, "-m", "autotune", *args, "--help"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+    from typer.testing import CliRunner
+
+    from autotune.cli import app
+
+    r = CliRunner().invoke(app, [*args, "--help"], terminal_width=100)
+    assert r.exit_code == 0, r.output
+    return r.output
 
 
 def test_help_shows_no_type_on_flags_and_defaults_as_they_are() -> None:
