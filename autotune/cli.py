@@ -21,11 +21,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autotune import demo
 from autotune.engines.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
 
+
+def _no_type_on_flags() -> None:
+    """typer's help shows a type beside every option, flags too (``--json <bool>``), which
+    reads as if a flag took a value: flags show none."""
+    from typer import core
+
+    shown = getattr(core.TyperOption, "display_type_rich", None)
+    if shown is None:  # an older typer shows no types at all
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    core.TyperOption.display_type_rich = display_type_rich
+
+
+_no_type_on_flags()
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Find the best batch size and weight-streaming budget for LLM inference.",
@@ -78,7 +96,7 @@ def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
     if weights is not None:  # a checkpoint names itself (studies and JSON carry the name)
         return Path(weights).expanduser().resolve().name or "checkpoint"
     chosen = "tiny-llama" if device == "cpu" else "llama2-7b"
-    err.print(f"--model auto: {chosen} ({'no GPU here: a CPU demo' if device == 'cpu' else 'GPU'})")
+    say(f"--model auto: {chosen} ({'no GPU here' if device == 'cpu' else 'GPU'})")
     return chosen
 
 
@@ -144,14 +162,20 @@ def _engine_options(items: list[str]) -> tuple[tuple[str, str], ...]:
 @app.command()
 def run(
     model: str = typer.Option("auto", help="Model preset (see `autotune models`); auto: "
-                              "llama2-7b on a GPU, tiny-llama on CPU, the checkpoint's folder "
-                              "name with --weights."),
+                              "llama2-7b on a GPU; without one, the demo (a replay of a "
+                              "landscape measured on an H100); with --weights, the "
+                              "checkpoint's folder name."),
     engine: str = typer.Option("native", help="native, tensorrt, or package.module:Class."),
     trials: int = typer.Option(20, help="Finished trials the study should have."),
-    isl: int = typer.Option(128, help="Input (prompt) length, tokens."),
-    osl: int = typer.Option(256, help="Output length, tokens (exactly; no stop at EOS)."),
+    isl: int | None = typer.Option(
+        None, show_default=False, help="Input (prompt) length, tokens (default: 128; a "
+        "replayed landscape's own)."),
+    osl: int | None = typer.Option(
+        None, show_default=False, help="Output length, tokens, exactly: no stop at EOS "
+        "(default: 256; a replayed landscape's own)."),
     gpu_memory_limit: str | None = typer.Option(
-        None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB."),
+        None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB (default: the GPU's; "
+        "a replayed landscape's own)."),
     max_batch: int | None = typer.Option(
         None, help="Largest batch size searched (default on a GPU: as many sequences as "
                    "the KV cache could hold in the memory, 256 to 2048, native engine; 256 "
@@ -195,19 +219,35 @@ def run(
     from autotune.results import recommend
     from autotune.tune.study import RunOptions, run_study
 
+    if gpus and device == "auto":
+        device = "cuda"  # GPUs were named: no quiet fallback to the CPU
+    if landscape is None and device != "cuda" and (model, weights, engine) == (
+            "auto", None, "native") and _resolve_device(device) == "cpu":
+        # No GPU and nothing asked for: the demo, a replay of a GPU's landscape (demo.py).
+        landscape, demo_chosen = demo.LANDSCAPE, True
+        if (max_tpot_ms, max_ttft_ms, max_latency_s) == (None, None, None):
+            max_tpot_ms = demo.MAX_TPOT_MS
+    else:
+        demo_chosen = False
+    recorded = None
     if landscape is not None:  # shorthand for --engine landscape --engine-option landscape=F
         engine = "landscape" if engine == "native" else engine
         engine_option = [*engine_option, f"landscape={landscape}"]
         device = "cpu" if device == "auto" else device
         from autotune.landscape import read
 
-        recorded = read(landscape).workload
-        model = recorded.get("model", model) if model == "auto" else model
-        dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
+        recorded = read(landscape)
+        wl = recorded.workload
+        model = wl.get("model", model) if model == "auto" else model
+        dtype = wl.get("dtype", dtype) if dtype == "auto" else dtype
+        isl = recorded.isl if isl is None else isl
+        osl = recorded.osl if osl is None else osl
+        if gpu_memory_limit is None and wl.get("gpu_memory_limit"):
+            gpu_memory_limit = str(wl["gpu_memory_limit"])  # the edge it was recorded with
         if max_batch is None:  # the recorded grid's reach
-            max_batch = recorded.get("max_batch")
-    if gpus and device == "auto":
-        device = "cuda"  # GPUs were named: no quiet fallback to the CPU
+            max_batch = wl.get("max_batch")
+    isl = 128 if isl is None else isl
+    osl = 256 if osl is None else osl
     device = _resolve_device(device)
     model = _resolve_model(model, device, weights)
     dtype = _resolve_dtype(dtype, device)
@@ -225,25 +265,36 @@ def run(
     # Before any trial: an export that cannot be written is found now, not after the study.
     if out_file is not None or study is not None:
         jsonfile.check_writable(out_file or recommend.default_path(study))
-    err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
-              f"loading the model in a worker...")
+    tag = demo.label(options.workload(""))
+    if recorded is not None:
+        say(demo.first_line(recorded, limit=limit, chosen=demo_chosen))
+        if demo_chosen and max_tpot_ms == demo.MAX_TPOT_MS:
+            say(f"{tag}with --max-tpot-ms {demo.MAX_TPOT_MS:g}, so that the best lies inside the "
+                "space; on a GPU, autotune run tunes llama2-7b itself")
+    else:
+        say(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl})"
+            + ("; no GPU here: CPU figures demonstrate the tool, not a GPU" if device == "cpu"
+               else ""))
+    say(f"{tag}loading the model in a worker...")
     with _stoppable(storage):
-        result = run_study(options, progress=_print_progress, on_worker=_print_worker,
-                           on_step=lambda text: err.print(text, highlight=False))
+        result = run_study(options, progress=lambda e: _print_progress(e, tag),
+                           on_worker=lambda *a: _print_worker(*a, tag=tag),
+                           on_step=lambda text: say(tag + text))
     for note in result.notes:
-        err.print(note)
+        say(tag + note)
     from autotune.storage import load_study, open_storage
 
     stored = load_study(open_storage(storage, create=False), result.study_name)
     _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
+    _print_edge(stored)
     rec = recommend.build(stored)
     path = recommend.write(rec, out_file or recommend.default_path(result.study_name))
     best = rec["best"]
     out.print(
-        f"best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
-        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s"
-    )
-    out.print(f"recommendation written to {path}")
+        f"{tag}best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
+        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s",
+        highlight=False)
+    out.print(f"{tag}recommendation written to {path}", highlight=False)
 
 
 @app.command()
@@ -267,7 +318,7 @@ def worker(
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
         result = join_study(storage, study, device=device, gpus=_gpus(gpus),
                             engines=tuple(engine), host_options=_engine_options(engine_option),
-                            progress=_print_progress, on_worker=_print_worker)
+                            progress=_print_progress, on_worker=_print_worker, on_step=say)
     for note in result.notes:
         err.print(note)
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
@@ -295,23 +346,28 @@ def _stoppable(storage: str) -> Iterator[None]:
         raise typer.Exit(stop_exit_code(e)) from None
 
 
-def _print_worker(device: str, seconds: float, info: Any) -> None:
+def say(text: str) -> None:
+    """A progress line (stderr), as written: no highlighting, no wrapping of long lines."""
+    err.print(text, highlight=False, soft_wrap=True)
+
+
+def _print_worker(device: str, seconds: float, info: Any, tag: str = "") -> None:
     if info is None:
-        err.print(f"{device}: still loading the model ({seconds:.0f} s)...", highlight=False)
+        say(f"{tag}{device}: still loading the model ({seconds:.0f} s)...")
         return
     link = info.environment.get("h2d_gb_s")
-    err.print(f"{device}: engine loaded in {info.load_s:.1f} s, "
-              f"{format_bytes(info.total_device_budget)} of streamable weights"
-              + (f"; host-to-device {link:.1f} GB/s" if link else ""), highlight=False)
+    say(f"{tag}{device}: engine loaded in {info.load_s:.1f} s, "
+        f"{format_bytes(info.total_device_budget)} of streamable weights"
+        + (f"; host-to-device {link:.1f} GB/s" if link else ""))
     summary = info.engine.get("summary")
     if summary:  # the engine's own line: how it was built or loaded
-        err.print(f"{device}: {summary}", highlight=False)
+        say(f"{tag}{device}: {summary}")
 
 
-def _print_progress(event: Any) -> None:
+def _print_progress(event: Any, tag: str = "") -> None:
     o, p = event.outcome, event.params
     asked = 100 * p["budget_fraction"]
-    line = f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, budget {asked:.0f}%"
+    line = f"{tag}trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, budget {asked:.0f}%"
     if o.applied_budget is not None and event.total_device_budget:
         applied = 100 * o.applied_budget / event.total_device_budget
         if round(applied) != round(asked):  # engines round budgets down to whole units
@@ -328,7 +384,23 @@ def _print_progress(event: Any) -> None:
     if event.best:
         line += (f"  | best #{event.best['number']}: {event.best['throughput_tok_s']:.1f} tok/s "
                  f"(batch {event.best['batch']}, {event.best['budget_pct']:.0f}%)")
-    err.print(line, highlight=False, soft_wrap=True)
+    say(line)
+
+
+def _print_edge(study: Any) -> None:
+    """Where the memory limit cuts the space: the largest batch that fits at each budget,
+    from the engine's memory plans (the prior's; absent without one)."""
+    edge = study.user_attrs.get("memory_edge")
+    if not edge or not edge.get("max_batch"):
+        return
+    tag = demo.label(study.user_attrs.get("workload"))
+    cells = [(f"{pct:g}%", str(b) if b else "-")
+             for pct, b in zip(edge["budget_pct"], edge["max_batch"], strict=True)]
+    width = max(len(x) for c in cells for x in c)
+    out.print(f"{tag}memory plan: the largest batch that fits at each budget "
+              f"({format_bytes(edge['available_bytes'])} available)", highlight=False)
+    out.print(f"{tag}  budget " + " ".join(c[0].rjust(width) for c in cells), highlight=False)
+    out.print(f"{tag}  batch  " + " ".join(c[1].rjust(width) for c in cells), highlight=False)
 
 
 def _budget_cell(attrs: dict[str, Any]) -> str:
@@ -350,7 +422,10 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
 
     # Feasible trials first, fastest first: the first row is the recommendation.
     ranked = sorted(trials, key=lambda t: (t.value is None, bool(over(t)), -(t.value or 0)))
-    table = Table(title=title or study.study_name)
+    tag = demo.label(study.user_attrs.get("workload"))
+    table = Table(title=tag + (title or study.study_name),
+                  caption=f"{tag}figures replayed from a landscape measured on a GPU, not measured "
+                          "here" if tag else None)
     for col in ("#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
                 "peak GiB", "pred GiB", "reason"):
         table.add_column(col, justify="right" if col not in ("status", "reason") else "left")
@@ -359,7 +434,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
         table.add_row(
             str(t.number), str(a.get("batch", "")),
             _budget_cell(a),
-            a.get("status", t.state.name.lower())
+            tag + a.get("status", t.state.name.lower())
             + (f" (over {', '.join(over(t))} limit)" if over(t) else ""),
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
             f"{a['ttft_ms']:.1f}" if "ttft_ms" in a else "",
@@ -374,18 +449,25 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
 @app.command()
 def models() -> None:
     """The model presets and their sizes."""
+    out.print(_models_table())
+
+
+def _models_table() -> Table:
     from autotune.models import PRESETS
 
-    table = Table(title="models")
-    for col in ("name", "params", "fp16 weights", "layer (fp16)", "KV/token (fp16)", "about"):
-        table.add_column(col)
+    # Narrow enough for an 80-column terminal: sizes in fp16, GQA = grouped-query attention.
+    table = Table(title="models (public configs; random weights unless --weights)",
+                  caption="sizes in fp16; GQA: grouped-query attention")
+    for col in ("name", "params", "weights", "layer", "KV/token", "about"):
+        table.add_column(col, justify="left" if col in ("name", "about") else "right",
+                         no_wrap=True)
     for spec in PRESETS.values():
         table.add_row(
             spec.name, _count(spec.num_params()), format_bytes(spec.weight_bytes("float16")),
             format_bytes(spec.layer_params() * 2), format_bytes(spec.kv_bytes_per_token("float16")),
             spec.description,
         )
-    out.print(table)
+    return table
 
 
 @app.command()

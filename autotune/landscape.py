@@ -11,7 +11,7 @@ a point is out of memory wherever a grid point with non-zero weight is (memory o
 batch and budget, so the grid point "beyond" it decides). The maximum of a bilinear cell lies
 on its corners, so a landscape's best feasible point without limits is its best grid point.
 
-The format (``schema_version`` 1) is documented in the README. This module runs nothing.
+The format (``schema_version`` 1) is documented in docs/engines.md. This module runs nothing.
 """
 
 from __future__ import annotations

@@ -173,22 +173,22 @@ PRESETS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("llama2-7b", 4096, 11008, 32, 32, 32, 32000,
-                  description="Llama-2 7B (public config, random weights unless --weights)"),
+                  description="Llama-2 7B"),
         ModelSpec("llama2-13b", 5120, 13824, 40, 40, 40, 32000,
-                  description="Llama-2 13B (public config, random weights unless --weights)"),
+                  description="Llama-2 13B"),
         ModelSpec("llama2-70b", 8192, 28672, 80, 64, 8, 32000,
-                  description="Llama-2 70B, grouped-query attention (public config)"),
+                  description="Llama-2 70B, GQA"),
         ModelSpec("llama3-8b", 4096, 14336, 32, 32, 8, 128256, max_position_embeddings=131072,
                   rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
-                  description="Llama-3.1 8B, grouped-query attention (public config)"),
+                  description="Llama-3.1 8B, GQA"),
         ModelSpec("llama3-70b", 8192, 28672, 80, 64, 8, 128256, max_position_embeddings=131072,
                   rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
-                  description="Llama-3.1 70B, grouped-query attention (public config)"),
+                  description="Llama-3.1 70B, GQA"),
         ModelSpec("llama3.2-1b", 2048, 8192, 16, 32, 8, 128256, max_position_embeddings=131072,
                   rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
-                  description="Llama-3.2 1B, tied embeddings: quick GPU runs (public config)"),
+                  description="Llama-3.2 1B, GQA, tied"),
         ModelSpec("tiny-llama", 128, 352, 6, 4, 2, 512, max_position_embeddings=1024,
-                  description="6 layers, hidden 128: the CPU demo and test model"),
+                  description="CPU tests: 6 layers"),
     )
 }
 

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP thread per process (inherited by the CLI and worker subprocesses): the suite runs on
+# parallel workers, each with processes of its own, on 2 cores, where OpenMP's spinning threads
+# oversubscribed burned about 5x the CPU of the work itself (an analytic-engine run: 56 s of CPU
+# against 10 s, on a busy machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 if str(TESTS) not in sys.path:  # workers are spawned with the parent's sys.path

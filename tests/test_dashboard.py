@@ -4,7 +4,7 @@ The concurrency test runs ``autotune run`` (with its worker subprocess) and ``au
 dashboard`` as two processes on one SQLite file and polls optuna-dashboard's JSON API while
 trials are written: neither side may fail ("database is locked" is optuna-dashboard's known
 failure on SQLite). The browser test opens the served dashboard in headless Chromium (Debian's
-``chromium``; .ci/run installs it) and keeps a screenshot under tests/artifacts/.
+``chromium``; .ci/run installs it) and keeps a screenshot in its temporary folder.
 """
 
 from __future__ import annotations
@@ -23,12 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ANALYTIC, ROOT
+from conftest import ANALYTIC
 
 from autotune.storage import SQLITE_BUSY_TIMEOUT_S, open_storage
 from autotune.tune.study import RunOptions, run_study
-
-ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
 def _free_port() -> int:
@@ -182,9 +180,7 @@ def test_browser_shows_the_study_and_its_trials(tmp_path: Path, storage_url: str
                            f"{base}/dashboard/studies/{study_id}/trials")
         for n in range(5):
             assert f"Trial {n}" in trials.stdout, trials.stderr[-2000:]
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shot = ARTIFACTS / "dashboard-study.png"
-        shot.unlink(missing_ok=True)
+        shot = tmp_path / "dashboard-study.png"  # kept in pytest's temporary folders
         page = _headless(browser, tmp_path / "p3", f"--screenshot={shot}",
                          f"{base}/dashboard/studies/{study_id}")
         assert shot.exists(), page.stderr[-2000:]

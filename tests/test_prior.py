@@ -132,6 +132,9 @@ def test_warns_when_streaming_is_pointless() -> None:
     notes = _prior(plans, available=2 * 10**9).notes()
     assert any("streaming is pointless" in n for n in notes)
     assert not any("pointless" in n for n in _prior(plans * 3, available=2 * 10**9).notes())
+    # On CPU without --gpu-memory-limit nothing bounds memory: said too (issue 20).
+    assert any("no memory limit here" in n and "pointless" in n
+               for n in _prior(plans * 3, available=None).notes())
     notes = _prior(plans, 2 * 10**9, limits=Limits(max_tpot_ms=0.1)).notes()
     assert any("can meet the limits" in n for n in notes)
 

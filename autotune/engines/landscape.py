@@ -65,6 +65,11 @@ class LandscapeEngine:
             raise UserInputError(f"landscape {path} covers budget fractions "
                                  f"{landscape.fractions[0]}..{landscape.fractions[-1]}; a study "
                                  "searches 0..1: record the full range")
+        isl, osl = config.max_prompt_len, config.max_seq_len - (config.max_prompt_len or 0)
+        if config.max_prompt_len is not None and (isl, osl) != (landscape.isl, landscape.osl):
+            raise UserInputError(f"landscape {path} was recorded at isl {landscape.isl}, osl "
+                                 f"{landscape.osl}; got --isl {isl} --osl {osl} (leave them "
+                                 "out to replay its own)")
         top = landscape.batches[-1]
         if config.max_batch > top:
             raise UserInputError(f"landscape {path} covers batch 1..{top}; got --max-batch "
@@ -149,8 +154,10 @@ class LandscapeEngine:
         return self.total_device_budget - self._budget
 
     def describe(self) -> dict[str, Any]:
+        gpu = (self.landscape.data.get("environment") or {}).get("gpu") or {}
         return {"engine": self.name, "landscape": self.landscape.path,
                 "synthetic": self.landscape.synthetic,
+                "measured_on": gpu.get("name") or self.landscape.workload.get("gpu"),
                 "total_device_budget": self.total_device_budget,
                 "device_budget": self.device_budget}
 

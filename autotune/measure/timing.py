@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from autotune.engines.base import Engine, Measurement, random_prompt
@@ -50,6 +51,7 @@ def measure(
     seed: int = 0,
     decode_steps: int | None = None,
     warmup_steps: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Measurement:
     """Times greedy generation of ``osl`` tokens for ``batch`` random prompts of ``isl``.
 
@@ -57,8 +59,10 @@ def measure(
     ``decode_steps``: time only that many decode steps and extrapolate (see the module
     docstring; ignored unless the engine's steps are uniform). ``warmup_steps``: decode steps
     of each warm-up generation (default, and always where steps differ: as many as a timed
-    one, so that every shape the timed run meets was met before).
+    one, so that every shape the timed run meets was met before). ``progress(text)`` hears
+    each warm-up and timed run as it starts (outside the timed intervals).
     """
+    say = progress or (lambda text: None)
     _check_positive(batch=batch, isl=isl, osl=osl, repeats=repeats)
     if warmup < 0:
         raise UserInputError(f"warmup: expected 0 or more; got {warmup}")
@@ -75,7 +79,8 @@ def measure(
             steps = min(decode_steps, steps)
         warm_steps = steps if warmup_steps is None else min(warmup_steps, osl - 1)
     prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
-    for _ in range(warmup):
+    for k in range(warmup):
+        say(f"warm-up {k + 1}/{warmup}")
         _generate(engine, prompt, osl, warm_steps)
     engine.synchronize()
     _reset_peak(engine)
@@ -83,7 +88,8 @@ def measure(
     e2e: list[float] = []
     ttft: list[float] = []
     tokens = None
-    for _ in range(repeats):
+    for k in range(repeats):
+        say(f"timed run {k + 1}/{repeats}")
         # Synchronized before each clock read so the interval holds exactly this work.
         engine.synchronize()
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -101,8 +102,10 @@ def _free_cached(config: EngineConfig) -> None:
         torch.cuda.empty_cache()
 
 
-def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
-    """Checks the headroom, applies the budget and measures: in the worker process."""
+def run_trial(engine: Any, request: TrialRequest,
+              progress: Callable[[str], None] | None = None) -> TrialOutcome:
+    """Checks the headroom, applies the budget and measures: in the worker process.
+    ``progress(text)`` hears each step (changing the budget, each warm-up and timed run)."""
     from autotune.measure.timing import measure
 
     config: EngineConfig = engine.config
@@ -124,6 +127,8 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
         return outcome
     try:
         before = engine.device_budget
+        if progress is not None:
+            progress("changing the budget")
         t0 = time.perf_counter()
         engine.device_budget = request.budget
         engine.synchronize()
@@ -135,6 +140,7 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
             engine, request.batch, request.isl, request.osl,
             repeats=request.repeats, warmup=request.warmup, seed=request.seed,
             decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
+            progress=progress,
         )
         outcome.measurement = m.as_dict()
         learn = getattr(engine, "learn_peak", None)  # engines whose plans learn from NVML

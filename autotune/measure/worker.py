@@ -56,6 +56,10 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2
 # The longest a plan or calibrate request may take (seconds).
 _QUERY_TIMEOUT_S = 300.0
+# A wait longer than this says what it waits for, and again as often (never silent).
+NOTICE_S = 5.0
+# What each request is doing, for those notices.
+_DOING = {"trial": "measuring", "plan": "planning memory", "calibrate": "timing the matmuls"}
 
 
 @dataclass
@@ -81,21 +85,21 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
     """Versions, GPU and the measured host-to-device bandwidth (in the worker)."""
     import platform
 
-    import torch
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "device": config.device,
-        "cuda": torch.version.cuda,
-    }
-    for package in ("transformers", "optuna"):  # read, not imported: transformers takes ~1 s
+    env: dict[str, Any] = {"python": platform.python_version(), "device": config.device,
+                           "cuda": None}
+    # Read, not imported: torch takes seconds to import on a busy machine, and an engine that
+    # replays a landscape never needs it; transformers takes ~1 s.
+    for package in ("torch", "transformers", "optuna"):
         try:
             env[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:  # pragma: no cover - declared deps
             pass
     if config.device.startswith("cuda"):
+        import torch
+
         from autotune import gpu
+
+        env["cuda"] = torch.version.cuda
         from autotune.measure.timing import measure_h2d_bandwidth
 
         info = gpu.device_info(config.device)
@@ -173,8 +177,9 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> No
             break
         if op == "stop":
             break
-        if op == "trial":
-            conn.send((seq, "outcome", run_trial(engine, payload)))
+        if op == "trial":  # what it is doing goes back as it goes (the parent's notices)
+            step = lambda text, seq=seq: conn.send((seq, "progress", text))  # noqa: E731
+            conn.send((seq, "outcome", run_trial(engine, payload, progress=step)))
         elif op in _QUERIES:
             try:
                 conn.send((seq, "answer", _QUERIES[op](engine, *payload)))
@@ -204,6 +209,8 @@ class Worker:
         self.load_timeout_s = load_timeout_s
         self.info: WorkerInfo | None = None
         self.restarts = 0
+        # Hears of every wait past NOTICE_S: (seconds waited, what is being done).
+        self.on_wait: Callable[[float, str], None] | None = None
         self._proc: Any = None
         self._conn: Any = None
         self._seq = itertools.count(1)  # request numbers; 0 is the load's
@@ -213,7 +220,7 @@ class Worker:
         return self._proc.pid if self._proc is not None else None
 
     def start(self, on_wait: Callable[[float], None] | None = None,
-              every_s: float = 30.0) -> WorkerInfo:
+              every_s: float = NOTICE_S) -> WorkerInfo:
         """Spawns the process and waits for the engine to load, calling ``on_wait(seconds)``
         every ``every_s`` while it loads (a large model takes minutes to pin)."""
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
@@ -256,7 +263,7 @@ class Worker:
         except (BrokenPipeError, OSError):
             reply = None
         else:
-            reply = self._receive(self.trial_timeout_s, seq=seq)
+            reply = self._receive(self.trial_timeout_s, seq=seq, doing=_DOING["trial"])
         if reply is not None:
             if reply[0] == "outcome":
                 return reply[1]
@@ -290,7 +297,8 @@ class Worker:
         seq = next(self._seq)
         self._conn.send((seq, op, payload))
         # Short requests, but never judged by a tight trial timeout (a cold first matmul).
-        reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S), seq=seq)
+        reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S), seq=seq,
+                              doing=_DOING.get(op, op))
         if reply is None or reply[0] != "answer":
             what = reply[1] if reply is not None else self._death_reason()
             raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")
@@ -322,12 +330,18 @@ class Worker:
         self._proc.kill()
         self._proc.join(timeout=10)
 
-    def _receive(self, timeout_s: float, *, seq: int) -> Any:
+    def _receive(self, timeout_s: float, *, seq: int, doing: str = "") -> Any:
         """The reply ``(kind, data)`` to request ``seq``, or None if the process died or the
         time ran out. Replies to earlier requests (given up on: a worker that stalled, then
-        went on) are dropped."""
-        deadline = time.monotonic() + timeout_s
+        went on) are dropped. What the worker says it is doing meanwhile (``progress``) is
+        passed to ``on_wait`` every ``NOTICE_S`` of the wait (``doing``: what it waits for)."""
+        began = time.monotonic()
+        deadline, notice = began + timeout_s, began + NOTICE_S
         while time.monotonic() < deadline:
+            now = time.monotonic()
+            if doing and self.on_wait is not None and now >= notice:
+                self.on_wait(now - began, doing)
+                notice = now + NOTICE_S
             if self._conn.poll(_POLL_S):
                 try:
                     message = self._conn.recv()
@@ -340,10 +354,14 @@ class Worker:
                 message = self._conn.recv()
             else:
                 continue
+            if message[0] == seq and message[1] == "progress":
+                doing = f"{doing.split(':')[0]}: {message[2]}"
+                continue
             if message[0] == seq:
                 return message[1:]
-            log.warning("dropped a late reply of the worker on %s (request %s, %s)",
-                        self.config.device, message[0], message[1])
+            if message[1] != "progress":
+                log.warning("dropped a late reply of the worker on %s (request %s, %s)",
+                            self.config.device, message[0], message[1])
         return None
 
     def _death_reason(self) -> str:

@@ -128,6 +128,11 @@ def build(study: Any) -> dict[str, Any]:
         "engine": _engine_summary(attrs.get("engine", {})),
         "costs": _costs(study, attrs.get("engine", {})),
     }
+    if attrs.get("memory_edge"):  # where the memory limit cuts the space (the memory plan)
+        rec["memory_edge"] = attrs["memory_edge"]
+    if workload.get("engine") == "landscape":  # figures replayed, not measured here
+        rec["replayed_from"] = {k: attrs.get("engine", {}).get(k)
+                                for k in ("landscape", "synthetic", "measured_on")}
     confirmation = attrs.get("confirmation")
     if confirmation and confirmation.get("trial") == best["trial"]:
         rec["confirmation"] = confirmation  # the best, measured over every decode step

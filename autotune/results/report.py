@@ -121,6 +121,11 @@ def _subtitle(study: Any) -> str:
     if not w:
         return study.study_name
     limit = w.get("gpu_memory_limit")
+    if w.get("engine") == "landscape":  # say so on every figure: these figures were replayed
+        measured = study.user_attrs.get("engine", {}).get("measured_on") or "a GPU"
+        return (f"[replay] {w.get('model')} measured on {measured}, replayed here; isl "
+                f"{w.get('isl')}, osl {w.get('osl')}, memory limit "
+                f"{format_bytes(limit) if limit else 'none'}")
     return (f"{w.get('model')} on {w.get('gpu')} ({w.get('engine')} engine, {w.get('dtype')}), "
             f"isl {w.get('isl')}, osl {w.get('osl')}, "
             f"memory limit {format_bytes(limit) if limit else 'none'}")
@@ -184,10 +189,18 @@ def _mark_failures(ax: Any, pts: list[TrialPoint], x: Any, y: Any) -> None:
 
 
 def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
-                     subtitle: str = "", total_budget: int | None = None) -> Any:
-    """Throughput over batch (log2) x device budget (% of streamable weights)."""
+                     subtitle: str = "", total_budget: int | None = None,
+                     edge: dict[str, Any] | None = None) -> Any:
+    """Throughput over batch (log2) x device budget (% of streamable weights); ``edge``: the
+    study's ``memory_edge`` (the largest batch that fits at each budget), drawn as a line."""
     fig = _figure(8.6, 5.6)
     ax = fig.add_subplot()
+    fit = [(b, pct) for pct, b in zip(edge["budget_pct"], edge["max_batch"], strict=True)
+           if b] if edge else []
+    if fit:
+        ax.plot([b for b, _ in fit], [pct for _, pct in fit], color="#555",
+                linestyle="--", linewidth=1.2, zorder=1,
+                label="memory limit: the largest batch that fits (memory plan)")
     ok = [p for p in pts if p.feasible]
     if ok:
         sc = ax.scatter([p.batch for p in ok], [p.budget_pct for p in ok],
@@ -212,7 +225,7 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     if _picks(pts, rec):
         ax.scatter([], [], s=120, facecolors="none", edgecolors="#ff7f0e", linewidths=1.8,
                    label='"if you can give N GiB" picks')
-    _log2_batch_axis(ax, [p.batch for p in pts])
+    _log2_batch_axis(ax, [p.batch for p in pts] + [b for b, _ in fit])
     ax.set_ylim(-4, 104)
     ax.set_xlabel("batch size (sequences, log2 scale)")
     ax.set_ylabel("device budget (% of streamable weights resident)")
@@ -348,7 +361,8 @@ def figures(study: Any, rec: dict[str, Any] | None = None) -> dict[str, Any]:
     sub = _subtitle(study)
     limit = study.user_attrs.get("workload", {}).get("gpu_memory_limit")
     return {
-        "landscape": figure_landscape(pts, rec, sub, study.user_attrs.get("total_device_budget")),
+        "landscape": figure_landscape(pts, rec, sub, study.user_attrs.get("total_device_budget"),
+                                      study.user_attrs.get("memory_edge")),
         "pareto": figure_pareto(pts, rec, sub, limit),
         "progress": figure_progress(pts, sub),
     }

@@ -272,7 +272,11 @@ class Prior(Model):
         """Warnings about the settings, for the user."""
         out = []
         top = int(np.argmax(self.batches))
-        if self.available is not None and self.fits[top, -1]:
+        if self.available is None:  # CPU without --gpu-memory-limit: nothing bounds memory
+            out.append("no memory limit here (no GPU and no --gpu-memory-limit): every "
+                       "configuration fits, so streaming is pointless; expect the best at "
+                       "budget 100% (give --gpu-memory-limit to study streaming)")
+        elif self.fits[top, -1]:
             out.append(
                 f"the whole model fits with batch {int(self.batches[top])} (predicted peak "
                 f"{self.plans[top, -1] / 2**30:.2f} GiB of {self.available / 2**30:.2f} GiB "

@@ -67,8 +67,10 @@ def join_study(
     host_options: tuple[tuple[str, Any], ...] = (),
     progress: Callable[[TrialEvent], None] | None = None,
     on_worker: Callable[[str, float, WorkerInfo | None], None] | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> RunResult:
-    """Runs trials of an existing study, from this host's devices, until its budget is spent."""
+    """Runs trials of an existing study, from this host's devices, until its budget is spent
+    (``progress``, ``on_worker`` and ``on_step`` as :func:`autotune.tune.study.run_study`'s)."""
     study = load_study(open_storage(storage, create=False), study_name)
     attrs = study.user_attrs
     if "run_options" not in attrs or "trials" not in attrs:
@@ -89,4 +91,4 @@ def join_study(
             f"{study_gpu!r}; trials of one study must be comparable: join from a "
             f"{study_gpu} (--gpus/--device), or start a study of your own with `autotune run`"
         )
-    return run_study(options, progress=progress, on_worker=on_worker)
+    return run_study(options, progress=progress, on_worker=on_worker, on_step=on_step)

@@ -335,6 +335,17 @@ class Model:
             "measured_bandwidth": self.measured_bw,
         }
 
+    def memory_edge(self, step_pct: int = 10) -> dict[str, Any] | None:
+        """Where the memory limit cuts the space, from the plans: the largest candidate batch
+        that fits at every ``step_pct`` of the budget (0: none fits). None without a limit."""
+        if self.available is None:
+            return None
+        pcts = list(range(0, 101, step_pct))
+        cols = [int(np.argmin(np.abs(self.fractions - p / 100))) for p in pcts]
+        top = [int(self.batches[self.fits[:, j]].max()) if self.fits[:, j].any() else 0
+               for j in cols]
+        return {"budget_pct": pcts, "max_batch": top, "available_bytes": int(self.available)}
+
     def nothing_fits(self) -> str | None:
         """Why no trial can run, when not even the smallest configuration fits; else None."""
         if self.available is None or self.fits.any():

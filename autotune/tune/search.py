@@ -214,6 +214,7 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
     # side by side once stored one that made every large batch look hopeless).
     check_calibration(study, prior, runner)
     study.set_user_attr("prior", prior.describe())
+    study.set_user_attr("memory_edge", prior.memory_edge())
     if isinstance(study.sampler, AutotuneSampler):
         study.sampler.attach(prior)
     for note in prior.notes():

@@ -332,9 +332,10 @@ def run_study(
     """Runs (or resumes) the study until it has ``options.trials`` finished trials.
 
     ``progress`` hears of every finished trial. ``on_worker(device, seconds, info)`` hears of
-    each worker's load, which takes minutes for a large model: every 30 s while it loads
+    each worker's load, which takes minutes for a large model: every 5 s while it loads
     (``info`` None), then once loaded (``info``: what it loaded). ``on_step(text)`` hears
-    what a long silent step is doing (measuring the hardware, a first trial's warm-up)."""
+    what a long step is doing (measuring the hardware, a first trial's warm-up), and again
+    every 5 s of any wait on a worker (the trial, and its warm-up or timed run)."""
     gpu_name = resolve_gpu_name(options)
     # Before anything is written: a model the host cannot hold would kill its workers.
     warning = host.check_engine(options.engine_config(options.devices[0]), len(options.devices))
@@ -407,6 +408,12 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         try:
             with Worker(options.engine_config(device),
                         trial_timeout_s=options.trial_timeout_s) as worker:
+                doing = [""]  # what this worker is asked for now, for its notices
+
+                def waiting(seconds: float, what: str) -> None:  # a wait past NOTICE_S
+                    on_step(f"{device}: {doing[0]}{what} ({seconds:.0f} s)...")
+
+                worker.on_wait = waiting
                 loading = None if on_worker is None else (
                     lambda seconds: on_worker(device, seconds, None))
                 info = worker.start(on_wait=loading)
@@ -436,6 +443,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     batch, fraction = search.suggest(study, trial, options.max_batch, prior,
                                                      held)
                     request = options.trial_request(batch, int(round(fraction * total)))
+                    doing[0] = f"trial #{trial.number} (batch {batch}, budget {100 * fraction:.0f}%): "
                     if first:  # the slow one: kernels compile and caches warm up in it
                         on_step(f"{device}: trial #{trial.number} (batch {batch}, budget "
                                 f"{100 * fraction:.0f}%): warming up and measuring; a first "
@@ -459,6 +467,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     state["serving"] -= 1
                     last = state["serving"] == 0
                 if last and options.confirm and not errors and needs_confirmation(study):
+                    doing[0] = "confirming the best over every decode step: "
                     note = confirm_best(study, worker, options, total)
                     if note:
                         result.notes.append(note)
