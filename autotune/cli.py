@@ -223,9 +223,14 @@ def run(
         max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,
         decode_steps=_decode_steps(decode_steps), early_stop=early_stop, confirm=confirm,
     )
-    # Before any trial: an export that cannot be written is found now, not after the study.
-    if out_file is not None or study is not None:
-        jsonfile.check_writable(out_file or recommend.default_path(study))
+    # Before any trial: an export that cannot be written, or would be written over one of the
+    # run's inputs, is found now, not after the study.
+    from autotune.tune.study import check_study_name, default_study_name, resolve_gpu_name
+
+    name = study or default_study_name(options, resolve_gpu_name(options))
+    check_study_name(name)
+    target = jsonfile.check_writable(out_file or recommend.default_path(name))
+    jsonfile.check_outputs({"--out": target}, _inputs(storage, landscape, weights))
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
     with _stoppable(storage):
@@ -238,7 +243,7 @@ def run(
     stored = load_study(open_storage(storage, create=False), result.study_name)
     _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
     rec = recommend.build(stored)
-    path = recommend.write(rec, out_file or recommend.default_path(result.study_name))
+    path = recommend.write(rec, target)
     best = rec["best"]
     out.print(
         f"best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
@@ -272,6 +277,19 @@ def worker(
     for note in result.notes:
         err.print(note)
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
+
+
+def _inputs(storage: str, landscape: Path | None = None,
+            weights: str | None = None) -> dict[str, Path]:
+    """What a command reads, by what it is: its outputs must not be any of these."""
+    from autotune.storage import sqlite_files
+
+    inputs = sqlite_files(storage)
+    if landscape is not None:
+        inputs["the landscape"] = landscape
+    if weights is not None:
+        inputs["the checkpoint folder"] = Path(weights)
+    return inputs
 
 
 def _decode_steps(steps: int) -> int | None:
@@ -498,12 +516,12 @@ def export(
     from autotune.results import recommend
     from autotune.storage import load_study, open_storage
 
-    for path in (out_file, landscape):
-        if path is not None:
-            jsonfile.check_writable(path)
     stored = load_study(open_storage(storage, create=False, read_only=True), study)
     if out_file is None and landscape is None:
         out_file = recommend.default_path(stored.study_name)
+    outputs = {flag: jsonfile.check_writable(path, flag)
+               for flag, path in (("--out", out_file), ("--landscape", landscape)) if path}
+    jsonfile.check_outputs(outputs, _inputs(storage))
     if landscape is not None:
         from autotune import landscape as landscape_mod
         from autotune.results.landscape import from_study
@@ -543,9 +561,12 @@ def report(
     out_dir: Path = typer.Option(..., "--out", help="Directory for the PNGs and report.html."),
 ) -> None:
     """Draw a stored study: throughput landscape, Pareto front, progress (PNG + one HTML)."""
-    from autotune.results.report import write_report
+    from autotune import jsonfile
+    from autotune.results.report import report_paths, write_report
     from autotune.storage import load_study, open_storage
 
+    for path in report_paths(out_dir):
+        jsonfile.check_outputs({"--out": path}, _inputs(storage))
     stored = load_study(open_storage(storage, create=False, read_only=True), study)
     files = write_report(stored, out_dir)
     for path in files.pngs.values():

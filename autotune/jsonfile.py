@@ -3,7 +3,8 @@
 Writes are atomic (a temporary file in the same directory, then a rename), so a crash or a full
 disk never leaves half a file where a whole one was. Reads turn an unreadable or truncated file
 into a :class:`~autotune.errors.SchemaError` naming the file. Checking the contents is the
-caller's job.
+caller's job. A command never writes over what it reads: :func:`check_outputs` refuses an
+output that is one of its inputs (the study's database, a landscape, a checkpoint's folder).
 """
 
 from __future__ import annotations
@@ -61,6 +62,36 @@ def check_writable(path: str | Path, what: str = "--out") -> Path:
             path.exists() and not os.access(path, os.W_OK)):
         raise UserInputError(f"cannot write {path}: permission denied (or a read-only disk)")
     return path
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same inode where both exist (a hard or symbolic
+    link), else the same absolute path once links are followed."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Refuses, before any work, an output that is an input (or lies in an input folder), and
+    two outputs that are one file: writing it would destroy what the command reads, or one
+    output the other. Keys say what each path is, as the message names it (``--out``,
+    ``the study's storage``)."""
+    for what, path in outputs.items():
+        for source, given in inputs.items():
+            inside = given.is_dir() and given.resolve() in path.resolve().parents
+            if inside or _same_place(path, given):
+                where = "lies in" if inside else "is"
+                raise UserInputError(
+                    f"{what} {path} {where} {source} {given}, which this command reads: "
+                    f"writing it would destroy that; give another {what.split()[0]}")
+    named = list(outputs.items())
+    for i, (what, path) in enumerate(named):
+        for other, second in named[i + 1:]:
+            if _same_place(path, second):
+                raise UserInputError(f"{what} and {other} name one file ({path}): one would "
+                                     "overwrite the other; give two different paths")
 
 
 def read(path: str | Path, what: str) -> Any:

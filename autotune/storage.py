@@ -70,6 +70,18 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+def sqlite_files(url: str) -> dict[str, Path]:
+    """The files a SQLite storage consists of (the database and the companions SQLite keeps
+    beside it), by what they are; none for other backends."""
+    path = sqlite_path(url)
+    if path is None:
+        return {}
+    files = {"the study storage": path}
+    for suffix in ("-wal", "-shm", "-journal"):
+        files[f"the study storage's {suffix[1:]} file"] = Path(f"{path}{suffix}")
+    return files
+
+
 def _read_only_uri(path: Path) -> str:
     """A SQLite URI that can only read ``path``: such a connection never checkpoints a WAL into
     the file on closing (a normal one does, even with query_only). Immutable where nothing can
