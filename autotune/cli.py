@@ -34,7 +34,7 @@ app = typer.Typer(
 # markup off: our messages are plain text, and rich would eat "[tensorrt]" in an install hint.
 out = Console(width=None if sys.stdout.isatty() else 160, markup=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
-_state = {"debug": False}
+_state = {"debug": False, "stopped": False}
 
 
 def _version(value: bool) -> None:
@@ -233,9 +233,9 @@ def run(
     jsonfile.check_outputs({"--out": target}, _inputs(storage, landscape, weights))
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
-    with _stoppable(storage):
+    with _stoppable(storage, name):
         result = run_study(options, progress=_print_progress, on_worker=_print_worker,
-                           on_step=lambda text: err.print(text, highlight=False))
+                           on_step=_print_step)
     for note in result.notes:
         err.print(note)
     from autotune.storage import load_study, open_storage
@@ -269,7 +269,7 @@ def worker(
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
     from autotune.tune.join import join_study
 
-    with _stoppable(storage):
+    with _stoppable(storage, study):
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
         result = join_study(storage, study, device=device, gpus=_gpus(gpus),
                             engines=tuple(engine), host_options=_engine_options(engine_option),
@@ -299,7 +299,7 @@ def _decode_steps(steps: int) -> int | None:
 
 
 @contextlib.contextmanager
-def _stoppable(storage: str) -> Iterator[None]:
+def _stoppable(storage: str, study: str | None) -> Iterator[None]:
     """Ctrl-C stops a study cleanly: say what is kept and how to go on (typer would exit 130
     without a word)."""
     try:
@@ -307,14 +307,45 @@ def _stoppable(storage: str) -> Iterator[None]:
     except KeyboardInterrupt as e:
         from autotune.storage import redact
 
+        # After this line, threads still winding down (a worker's query cut short) have
+        # nothing to tell: their words would read as if the run went on.
+        _state["stopped"] = True
+        logging.disable(logging.CRITICAL)
         why = "" if stop_name(e) == "Ctrl-C" else f" ({stop_name(e)})"
-        err.print(f"interrupted{why}: every finished trial is kept in {redact(storage)}; rerun "
-                  f"the same command to resume (the trial that was running runs again)",
-                  highlight=False, soft_wrap=True)
+        if _finished_trials(storage, study) == 0:
+            said = (f"interrupted{why} before any trial finished: nothing to keep; rerun the "
+                    "same command to start")
+        else:
+            said = (f"interrupted{why}: every finished trial is kept in {redact(storage)}; "
+                    "rerun the same command to resume (the trial that was running runs again)")
+        err.print(said, highlight=False, soft_wrap=True)
         raise typer.Exit(stop_exit_code(e)) from None
 
 
+def _finished_trials(storage: str, study: str | None) -> int | None:
+    """How many finished trials the study holds (0 where it is not there); None if that
+    cannot be read."""
+    from autotune.errors import StudyNotFoundError
+    from autotune.storage import load_study, open_storage
+    from autotune.tune import budget
+
+    try:
+        return budget.spent(load_study(open_storage(storage, create=False, read_only=True),
+                                       study))
+    except StudyNotFoundError:
+        return 0
+    except Exception:  # the stop is what matters: say it the general way
+        return None
+
+
+def _print_step(text: str) -> None:
+    if not _state.get("stopped"):
+        err.print(text, highlight=False)
+
+
 def _print_worker(device: str, seconds: float, info: Any) -> None:
+    if _state.get("stopped"):
+        return
     if info is None:
         err.print(f"{device}: still loading the model ({seconds:.0f} s)...", highlight=False)
         return
@@ -325,6 +356,8 @@ def _print_worker(device: str, seconds: float, info: Any) -> None:
 
 
 def _print_progress(event: Any) -> None:
+    if _state.get("stopped"):
+        return
     o, p = event.outcome, event.params
     asked = 100 * p["budget_fraction"]
     line = f"trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, budget {asked:.0f}%"
@@ -551,6 +584,7 @@ def dashboard(
     # the server, now ignoring the signal, would never stop.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # every press stops it
     serve(storage, host=host, port=port, log=err.print)
 
 
@@ -575,16 +609,24 @@ def report(
 
 
 def _stop_on(signum: int, frame: Any) -> None:
-    """SIGTERM (``timeout``, docker, systemd) and SIGHUP stop a run as Ctrl-C does: the
-    running trial is failed and retried on resume, the workers are stopped, one line is
-    said. Python's default would exit at once, leaving the trial RUNNING and the worker on."""
+    """Ctrl-C, SIGTERM (``timeout``, docker, systemd) and SIGHUP stop a run: the running
+    trial is failed and retried on resume, the workers are stopped, one line is said. Python's
+    default would exit at once on SIGTERM, leaving the trial RUNNING and the worker on; on
+    Ctrl-C, it would raise again at a second press, cutting that cleanup short."""
     signal.signal(signum, signal.SIG_IGN)  # once: a second signal must not cut the cleanup
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Interrupted(signum)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def main(argv: list[str] | None = None) -> int:
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_on)
+    _state["stopped"] = False
+    logging.disable(logging.NOTSET)
     try:
         # Standalone mode: typer reports its own usage errors (exit code 2) and --help.
         app(args=argv, standalone_mode=True, prog_name="autotune")

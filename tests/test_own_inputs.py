@@ -33,7 +33,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """``autotune *args`` in this process: its exit code, stdout and stderr."""
     from autotune.cli import main
 
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = main(list(args))
     finally:
@@ -146,3 +146,112 @@ def test_report_never_writes_over_its_storage(capsys, tmp_path: Path, finished: 
     refused(cli(capsys, "report", "--storage", f"sqlite:///{db}", "--out", str(folder)),
             "the study storage")
     assert digest(db) == before
+
+
+# ------------------------------------------------------------------------------------------
+# What autotune did not make is refused before anything is written
+
+
+def _foreign(db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO users (name) VALUES ('ada')")
+
+
+def test_another_applications_database_is_refused_even_by_the_dashboard(
+        capsys, tmp_path: Path) -> None:
+    db = tmp_path / "app.db"
+    _foreign(db)
+    before = digest(db)
+    for args in (RUN, ("dashboard", "--port", "18123"), ("show",)):
+        refused(cli(capsys, *args, "--storage", f"sqlite:///{db}"),
+                "another application's SQLite database (tables: users)")
+        assert digest(db) == before  # no table added, the journal mode as it was
+    assert set(p.name for p in tmp_path.iterdir()) <= {"app.db", "app.db-shm", "app.db-wal"}
+
+
+@pytest.mark.parametrize("kind", ["empty file", "no tables", "trials dropped"])
+def test_an_empty_or_incomplete_database(capsys, tmp_path: Path, victim: Path,
+                                         kind: str) -> None:
+    db = victim
+    if kind == "empty file":
+        db.write_bytes(b"")
+    elif kind == "no tables":
+        db.unlink()
+        sqlite3.connect(db).close()
+        with sqlite3.connect(db) as conn:  # a database, with nothing in it
+            conn.execute("PRAGMA user_version = 1")
+    else:
+        with sqlite3.connect(db) as conn:
+            conn.execute("DROP TABLE trials")
+    before = digest(db)
+    url = f"sqlite:///{db}"
+    needle = "tables missing (trials)" if kind == "trials dropped" else "holds no study"
+    for args in (("show",), ("export", "--out", str(tmp_path / "r.json")),
+                 ("report", "--out", str(tmp_path / "rep"))):
+        refused(cli(capsys, *args, "--storage", url), needle)
+    assert digest(db) == before and not (tmp_path / "r.json").exists()
+    if kind == "trials dropped":  # a run would make the table again and mix old attributes
+        refused(cli(capsys, *RUN, "--storage", url, "--out", str(tmp_path / "r.json")),
+                needle, "untouched")
+        assert digest(db) == before
+    else:  # nothing in it to lose: a run may fill it
+        assert open_storage(url) is not None
+
+
+def test_a_study_plain_optuna_made_is_refused(storage_url: str) -> None:
+    import optuna
+
+    from autotune.errors import UserInputError
+    from autotune.tune import study as study_mod
+
+    plain = optuna.create_study(storage=open_storage(storage_url), study_name="plain",
+                                direction="maximize")
+    plain.enqueue_trial({"x": 1.0})
+    plain.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    before = digest(db)
+    with pytest.raises(UserInputError, match="'plain' was not made by autotune.*1 trials"):
+        run_study(_options(storage_url, study_name="plain"))
+    assert digest(db) == before
+    optuna.create_study(storage=open_storage(storage_url), study_name="bare")
+    study_mod.WORKLOAD_WAIT_S, wait = 0.2, study_mod.WORKLOAD_WAIT_S
+    try:
+        with pytest.raises(UserInputError, match="'bare' was not made by autotune"):
+            run_study(_options(storage_url, study_name="bare"))
+    finally:
+        study_mod.WORKLOAD_WAIT_S = wait
+
+
+_CREATE_AT = """
+import sys, time
+from test_own_inputs import _options
+from autotune.errors import UserInputError
+from autotune.tune.study import create_or_load
+options = _options(sys.argv[1], study_name="mixrace", isl=int(sys.argv[3]))
+start = float(sys.argv[2])
+while time.time() < start:  # both at once
+    pass
+try:
+    create_or_load(options, "cpu")
+    print("created or resumed")
+except UserInputError as e:
+    print("refused:", e)
+"""
+
+
+def test_two_runs_creating_one_study_with_two_workloads(storage_url: str, cli_env) -> None:
+    """Issue 19: started together on a new study, an isl-16 and an isl-8 run both measured
+    into it. The workload is the study's first record, and the other run compares with it."""
+    import subprocess
+    import sys
+    import time
+
+    open_storage(storage_url)  # the schema: the race is the study's, not the tables'
+    start = str(time.time() + 3)  # once both interpreters have imported autotune
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE_AT, storage_url, start, isl],
+                              env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for isl in ("8", "4")]
+    said = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert said[0] == "created or resumed", said
+    assert said[1].startswith("refused: study 'mixrace' measured another workload: isl"), said
