@@ -149,8 +149,10 @@ def run(
                               "name with --weights."),
     engine: str = typer.Option("native", help="native, tensorrt, or package.module:Class."),
     trials: int = typer.Option(20, help="Finished trials the study should have."),
-    isl: int = typer.Option(128, help="Input (prompt) length, tokens."),
-    osl: int = typer.Option(256, help="Output length, tokens (exactly; no stop at EOS)."),
+    isl: int | None = typer.Option(None, help="Input (prompt) length, tokens (default 128; "
+                                   "a landscape's own)."),
+    osl: int | None = typer.Option(None, help="Output length, tokens, exactly: no stop at EOS "
+                                   "(default 256; a landscape's own)."),
     gpu_memory_limit: str | None = typer.Option(
         None, help="Emulate a smaller GPU: cap device memory, e.g. 8GiB."),
     max_batch: int | None = typer.Option(
@@ -207,6 +209,11 @@ def run(
         dtype = recorded.get("dtype", dtype) if dtype == "auto" else dtype
         if max_batch is None:  # the recorded grid's reach
             max_batch = recorded.get("max_batch")
+        # Its lengths, unless given (the engine refuses others, naming the recorded ones).
+        isl = recorded["isl"] if isl is None else isl
+        osl = recorded["osl"] if osl is None else osl
+    isl = 128 if isl is None else isl
+    osl = 256 if osl is None else osl
     if gpus and device == "auto":
         device = "cuda"  # GPUs were named: no quiet fallback to the CPU
     device = _resolve_device(device)
@@ -513,7 +520,9 @@ def show(
 
     stored = load_study(open_storage(storage, create=False, read_only=True), study)
     if as_json:
-        sys.stdout.write(json.dumps(_study_json(stored), indent=1) + "\n")
+        from autotune import jsonfile
+
+        sys.stdout.write(jsonfile.dumps(_study_json(stored), indent=1) + "\n")
         return
     _print_trials(stored)
 

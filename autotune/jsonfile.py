@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from autotune.errors import SchemaError, UserInputError
+
+
+def dumps(data: Any, *, indent: int | None = 2) -> str:
+    """JSON that every reader takes: a NaN or an infinity (which Python would print bare, as
+    no JSON parser but Python's reads) is written as null, the figure unknown."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return json.dumps(plain(data), indent=indent, allow_nan=False)
 
 
 def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
@@ -33,8 +49,7 @@ def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
         raise UserInputError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=indent)
-            f.write("\n")
+            f.write(dumps(data, indent=indent) + "\n")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
