@@ -112,10 +112,15 @@ def check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
 def read(path: str | Path, what: str) -> Any:
     """The parsed JSON of ``path``; ``what`` names the kind of file in the errors."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise SchemaError(f"cannot read {what} {path}: {e.strerror}") from e
+        raise SchemaError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:  # a database, a picture, a latin-1 text
+        raise SchemaError(f"{what} {path} is not a JSON text (not UTF-8 at byte {e.start}); "
+                          f"give the JSON file autotune wrote") from e
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise SchemaError(f"{what} {path} is not valid JSON (truncated?): {e}") from e
+    except RecursionError as e:  # arrays nested thousands deep: no file autotune writes
+        raise SchemaError(f"{what} {path} is nested too deeply to be one autotune writes") from e

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from autotune.engines import EngineConfig, check_options, engine_class
+from autotune.engines.memory import MAX_BATCH
 from autotune.errors import UserInputError, stop_name
 from autotune.measure import host
 from autotune.measure.trial import TrialOutcome, TrialRequest
@@ -49,7 +50,7 @@ FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 
 # The most a run may ask for: beyond, a typo (a study of 10**20 trials never ends; a batch of
 # 10**7 sequences fits no GPU), refused before anything is written.
-_MOST = {"trials": 100_000, "isl": 1 << 24, "osl": 1 << 24, "max_batch": 1 << 20,
+_MOST = {"trials": 100_000, "isl": 1 << 24, "osl": 1 << 24, "max_batch": MAX_BATCH,
          "repeats": 1000}
 _NAME_BYTES = 200  # a study's name is its export's file name: studies/<name>.json
 
