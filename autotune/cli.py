@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -76,7 +77,8 @@ def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
     if model != "auto":
         return model
     if weights is not None:  # a checkpoint names itself (studies and JSON carry the name)
-        return Path(weights).expanduser().resolve().name or "checkpoint"
+        # Its path as given, links not followed: a loop is --weights' own error to say.
+        return Path(os.path.abspath(os.path.expanduser(weights))).name or "checkpoint"
     chosen = "tiny-llama" if device == "cpu" else "llama2-7b"
     err.print(f"--model auto: {chosen} ({'no GPU here: a CPU demo' if device == 'cpu' else 'GPU'})")
     return chosen

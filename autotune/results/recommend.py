@@ -192,17 +192,21 @@ def default_path(study_name: str) -> Path:
 
 
 def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
-    parts = [
-        "autotune bench", f"--model {workload.get('model')}", f"--engine {workload.get('engine')}",
-        f"--dtype {workload.get('dtype')}", f"--isl {workload.get('isl')}",
-        f"--osl {workload.get('osl')}", f"--batch {best['batch']}",
-        f"--budget {best['device_budget_bytes']}",
-    ]
+    """The bench command that measures the best again, as a shell reads it (values quoted)."""
+    import shlex
+
+    options = [("--model", workload.get("model")), ("--engine", workload.get("engine")),
+               ("--dtype", workload.get("dtype")), ("--isl", workload.get("isl")),
+               ("--osl", workload.get("osl")), ("--batch", best["batch"]),
+               ("--budget", best["device_budget_bytes"])]
+    if workload.get("weights"):  # the checkpoint's own weights and shape, not a preset's
+        options.append(("--weights", workload["weights"]))
     if workload.get("gpu_memory_limit"):
-        parts.append(f"--gpu-memory-limit {workload['gpu_memory_limit']}")
+        options.append(("--gpu-memory-limit", workload["gpu_memory_limit"]))
     if workload.get("gpu") == "cpu":
-        parts.append("--device cpu")
-    return " ".join(parts)
+        options.append(("--device", "cpu"))
+    return "autotune bench " + " ".join(f"{flag} {shlex.quote(str(value))}"
+                                        for flag, value in options)
 
 
 def write(rec: dict[str, Any], path: str | Path) -> Path:
