@@ -24,8 +24,11 @@ from rich.table import Table
 
 from autotune.engines.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
+from autotune.stdio import hold_closed, survivable
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
+
+hold_closed()  # before anything opens a file: `autotune ... >&-` must not write into it
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -250,9 +253,9 @@ def run(
     from autotune.storage import load_study, open_storage
 
     stored = load_study(open_storage(storage, create=False), result.study_name)
-    _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
     rec = recommend.build(stored)
-    path = recommend.write(rec, target)
+    path = recommend.write(rec, target)  # first: it is the result, stdout only shows it
+    _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
     best = rec["best"]
     out.print(
         f"best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
@@ -638,6 +641,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _stop_on)
     _state["stopped"] = False
     logging.disable(logging.NOTSET)
+    with survivable():  # a reader gone from stdout or stderr ends nothing: the work goes on
+        return _main_command(argv)
+
+
+def _main_command(argv: list[str] | None) -> int:
     try:
         # Standalone mode: typer reports its own usage errors (exit code 2) and --help.
         app(args=argv, standalone_mode=True, prog_name="autotune")

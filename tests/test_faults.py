@@ -709,3 +709,25 @@ def test_read_only_database_serves_show_export_and_report(tiny_tmpfs: Path, tmp_
     assert r.returncode == 0, r.stderr
     r = autotune(*RUN, "--storage", url, env=cli_env, cwd=tmp_path)  # a run must write: refused
     _error(r, "not writable")
+
+
+def test_a_reader_gone_from_stdout_ends_nothing(tmp_path: Path, storage_url: str,
+                                                 cli_env) -> None:
+    """Issue 19: with stdout's reader gone, `run --out p.json` exited 1 without a word and
+    never wrote p.json; `| head -1` exited 1; `>&-` gave an AttributeError."""
+    out = tmp_path / "p.json"
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *RUN, "--trials", "2",
+                             "--no-early-stop", "--storage", storage_url, "--out", str(out)],
+                            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()  # the reader goes before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=240) == 0, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    assert recommend.read(out)["trials"] == {"ok": 2}
+    shell = f"{sys.executable} -m autotune show --storage {storage_url}"
+    for redirect in ("| head -1", ">&-", "2>&- | head -1"):
+        r = subprocess.run(f"{shell} {redirect}; exit ${{PIPESTATUS[0]}}", shell=True,
+                           executable="/bin/bash", env=cli_env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and not r.stderr, (redirect, r.stderr)
