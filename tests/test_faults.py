@@ -731,3 +731,51 @@ def test_a_reader_gone_from_stdout_ends_nothing(tmp_path: Path, storage_url: str
                            executable="/bin/bash", env=cli_env, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0 and not r.stderr, (redirect, r.stderr)
+
+
+def test_two_quick_ctrl_c_still_leave_the_trial_to_run_again(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    """Issue 19: a second SIGINT 10-50 ms after the first cut the cleanup: the trial stayed
+    RUNNING, or failed without being queued again. A second press is ignored while it runs."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "cc",
+            "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
+    proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted: every finished trial is kept"), stderr  # the last
+    trials = _study(storage_url).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    (stopped,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert stopped.user_attrs["status"] == budget.INTERRUPTED
+    (queued,) = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert queued.user_attrs["retry_of"] == stopped.number
+
+
+def test_ctrl_c_while_measuring_the_hardware_is_the_last_word(storage_url: str,
+                                                               cli_env) -> None:
+    """Issue 19: Ctrl-C during `measuring the hardware` printed `interrupted`, then `the search
+    goes on without it` (the worker's query, cut short by the exit). Before any trial
+    finished, there is nothing to keep, and the line says so."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune", *RUN, "--trials", "2", "--storage", storage_url,
+         "--engine-option", "first_plan_sleep_s=60"], env=cli_env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said = []
+        while not any("measuring the hardware" in line for line in said):
+            line = proc.stderr.readline()
+            assert line, said  # it ended before measuring
+            said.append(line)
+        os.killpg(proc.pid, signal.SIGINT)
+        said += proc.stderr.readlines()
+        assert proc.wait(timeout=60) == 130, said
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert said[-1].startswith("interrupted before any trial finished: nothing to keep"), said
+    assert not any("goes on without it" in line for line in said), said
