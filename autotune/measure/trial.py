@@ -58,7 +58,7 @@ class TrialOutcome:
         return asdict(self)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     """Classifies out-of-memory from the exception type or CUDA's message."""
     try:
         import torch
@@ -68,10 +68,12 @@ def _is_oom(exc: BaseException) -> bool:
     except (ImportError, AttributeError):
         pass
     text = str(exc)
-    return "out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
+    # The CPU allocator's words (under `ulimit -v`, or a host out of memory) too.
+    return ("out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
+            or "can't allocate memory" in text)
 
 
-def _available_bytes(engine: Any, margin: int) -> int | None:
+def available_bytes(engine: Any, margin: int) -> int | None:
     """Device memory this worker may use now: what NVML says is free plus what we already
     hold (the engine's ``device_bytes_held()`` where it has memory outside PyTorch's
     allocator, as TensorRT does; else the allocator's reservation), capped by the user's
@@ -89,6 +91,13 @@ def _available_bytes(engine: Any, margin: int) -> int | None:
         held_bytes = held() if held else torch.cuda.memory_reserved(config.device)
         caps.append(gpu.free_bytes(config.device) + held_bytes)
     return min(caps) - margin if caps else None
+
+
+def does_not_fit(predicted: int, available: int, margin: int) -> str:
+    """Why a configuration is not run, in words."""
+    return (f"predicted peak {format_bytes(predicted)} exceeds the {format_bytes(available)} "
+            f"available (free memory and --gpu-memory-limit, minus a {format_bytes(margin)} "
+            "margin)")
 
 
 def _free_cached(config: EngineConfig) -> None:
@@ -109,18 +118,14 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
     start = time.perf_counter()
     plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
     try:
-        available = _available_bytes(engine, request.margin_bytes)
+        available = available_bytes(engine, request.margin_bytes)
     except EngineUnavailableError as e:  # NVML failed mid-study: this trial's error, not ours
         return TrialOutcome(status="error", reason=f"free memory unknown: {e}",
                             plan=plan.as_dict(), elapsed_s=time.perf_counter() - start)
     outcome = TrialOutcome(status="ok", plan=plan.as_dict(), available_bytes=available)
     if available is not None and plan.total > available:
         outcome.status = "infeasible"
-        outcome.reason = (
-            f"predicted peak {format_bytes(plan.total)} exceeds the {format_bytes(available)} "
-            f"available (free memory and --gpu-memory-limit, minus a "
-            f"{format_bytes(request.margin_bytes)} margin)"
-        )
+        outcome.reason = does_not_fit(plan.total, available, request.margin_bytes)
         return outcome
     try:
         before = engine.device_budget
@@ -138,7 +143,7 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
         )
         outcome.measurement = m.as_dict()
     except Exception as e:  # classified below; anything else is this trial's error, not ours
-        if _is_oom(e):
+        if is_oom(e):
             outcome.status, outcome.reason = "oom", f"out of memory: {_first_line(e)}"
         else:
             outcome.status = "error"
@@ -170,7 +175,7 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
             if streams:
                 streamed[budget] = int(streams(budget))
     reply = {"totals": totals, "applied": [applied[budget] for _, budget in configs],
-             "available": _available_bytes(engine, margin)}
+             "available": available_bytes(engine, margin)}
     if streams:
         reply["streamed"] = [streamed[budget] for _, budget in configs]
     return reply
