@@ -779,3 +779,39 @@ def test_ctrl_c_while_measuring_the_hardware_is_the_last_word(storage_url: str,
             os.killpg(proc.pid, signal.SIGKILL)
     assert said[-1].startswith("interrupted before any trial finished: nothing to keep"), said
     assert not any("goes on without it" in line for line in said), said
+
+
+_STOPPED_MID_TRIAL = """
+import sys
+from test_faults import ANALYTIC
+from autotune.engines import EngineConfig
+from autotune.measure.trial import TrialRequest
+from autotune.measure.worker import Worker
+config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                      max_batch=4, max_seq_len=12, options=(("budget_sleep_s", 1.5),))
+request = TrialRequest(batch=1, budget=0, isl=8, osl=4, repeats=1, warmup=0)
+with Worker(config, trial_timeout_s=120) as w:
+    w.start()
+    w.run(request)  # warm: the first trial imports what measuring needs
+    w.trial_timeout_s = 3.0
+    print("warm", flush=True)
+    print(w.run(TrialRequest(batch=2, budget=2**26, isl=8, osl=4, repeats=1, warmup=0)).status)
+"""
+
+
+def test_time_the_job_spent_stopped_is_not_the_trials(cli_env) -> None:
+    """Issue 19: the job suspended (Ctrl-Z) past --trial-timeout made its trial a timeout and
+    killed its worker: the configuration, the optimum, was never tried again."""
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_MID_TRIAL], env=cli_env,
+                            start_new_session=True, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "warm"
+        time.sleep(0.5)  # mid-trial: changing the budget takes 1.5 s
+        os.killpg(proc.pid, signal.SIGSTOP)  # what Ctrl-Z does to the job
+        time.sleep(5)  # past the 3 s timeout
+        os.killpg(proc.pid, signal.SIGCONT)
+        assert proc.stdout.readline().strip() == "ok"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -77,3 +77,32 @@ def test_bench_refuses_what_its_plan_says_cannot_fit() -> None:
     assert run_bench(batch=2, gpu_memory_limit=2**30, **common)["measurement"]["batch"] == 2
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
                                "can't allocate memory: you tried to allocate 8 bytes."))
+
+
+def test_a_measurement_a_stop_spans_is_taken_again(caplog) -> None:
+    """A job stopped mid-measurement (Ctrl-Z, then fg) timed the pause too: measured again."""
+    import os
+    import signal
+
+    from autotune.measure import trial
+
+    class Continued(AnalyticEngine):  # continued (SIGCONT) during its first generation
+        prefills = 0
+
+        def prefill(self, prompt, osl):
+            Continued.prefills += 1
+            if Continued.prefills == 1:
+                os.kill(os.getpid(), signal.SIGCONT)
+            return super().prefill(prompt, osl)
+
+    before = signal.getsignal(signal.SIGCONT)
+    trial.watch_continues()
+    try:
+        engine = Continued(EngineConfig(model="tiny-llama", engine="analytic", device="cpu",
+                                        dtype="float32", max_batch=2, max_seq_len=12))
+        outcome = trial.run_trial(engine, trial.TrialRequest(batch=1, budget=0, isl=8, osl=4,
+                                                             repeats=1, warmup=0))
+    finally:
+        signal.signal(signal.SIGCONT, before)
+    assert outcome.status == "ok" and Continued.prefills == 2
+    assert "stopped while a trial was measured; measuring it again" in caplog.text

@@ -3,7 +3,8 @@
 What a trial does to the worker becomes its outcome, never the worker's end: predicted not to
 fit the headroom -> ``infeasible`` (not run); CUDA out of memory (classified from the exception,
 never caught wholesale) -> ``oom``, the cache freed; any other exception -> ``error`` with the
-message. The short requests answered between trials (:func:`plan_configs`, :func:`calibrate`)
+message. A measurement that a stop of the job spans (Ctrl-Z, then ``fg``) timed the pause too:
+it is taken again. The short requests answered between trials (:func:`plan_configs`, :func:`calibrate`)
 are here too; :mod:`autotune.measure.worker` carries them to the process and back. An
 in-process runner (:class:`autotune.tune.search.InProcessRunner`) calls them directly.
 """
@@ -11,6 +12,7 @@ in-process runner (:class:`autotune.tune.search.InProcessRunner`) calls them dir
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -93,6 +95,21 @@ def available_bytes(engine: Any, margin: int) -> int | None:
     return min(caps) - margin if caps else None
 
 
+# How many times a process has been continued after a stop (SIGCONT): a measurement that
+# spans a stop (Ctrl-Z, then fg) timed the pause too, so it is measured again, a few times at
+# most. Counted by :func:`watch_continues` in the worker's main thread.
+_continues = [0]
+_MOST_MEASUREMENTS = 3
+
+
+def watch_continues() -> None:
+    """Counts this process's continues (see ``_continues``); a worker calls it once."""
+    def count(signum: int, frame: Any) -> None:
+        _continues[0] += 1
+
+    signal.signal(signal.SIGCONT, count)
+
+
 def does_not_fit(predicted: int, available: int, margin: int) -> str:
     """Why a configuration is not run, in words."""
     return (f"predicted peak {format_bytes(predicted)} exceeds the {format_bytes(available)} "
@@ -136,11 +153,16 @@ def run_trial(engine: Any, request: TrialRequest) -> TrialOutcome:
         outcome.applied_budget = engine.device_budget
         # What the trial paid besides measuring: on TensorRT a change rebuilds every context.
         outcome.budget_changed = outcome.applied_budget != before
-        m = measure(
-            engine, request.batch, request.isl, request.osl,
-            repeats=request.repeats, warmup=request.warmup, seed=request.seed,
-            decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
-        )
+        for _ in range(_MOST_MEASUREMENTS):
+            continues = _continues[0]
+            m = measure(
+                engine, request.batch, request.isl, request.osl,
+                repeats=request.repeats, warmup=request.warmup, seed=request.seed,
+                decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
+            )
+            if _continues[0] == continues:  # not stopped meanwhile: what it measured holds
+                break
+            log.warning("the job was stopped while a trial was measured; measuring it again")
         outcome.measurement = m.as_dict()
     except Exception as e:  # classified below; anything else is this trial's error, not ours
         if is_oom(e):

@@ -48,12 +48,16 @@ from autotune.measure.trial import (
     calibrate,
     plan_configs,
     run_trial,
+    watch_continues,
 )
 
 log = logging.getLogger(__name__)
 
 # How often the parent checks that a busy worker is still alive (seconds).
 _POLL_S = 0.2
+# The most one poll counts against a timeout (seconds): a longer gap is time the process was
+# stopped (Ctrl-Z, SIGSTOP) or the machine asleep, and a stopped job's time is no trial's.
+_MOST_PER_POLL_S = 5.0
 # The longest a plan or calibrate request may take (seconds).
 _QUERY_TIMEOUT_S = 300.0
 
@@ -139,6 +143,7 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> No
     # with it; a traceback from here would only bury the parent's message. SIGTERM is the
     # parent's to handle too (it stops us through the pipe, or the kernel does as it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_continues()  # a job stopped mid-measurement is measured again (measure.trial)
     # The logger's name says whose message it is (a library's, or autotune's own).
     logging.basicConfig(level=logging.WARNING,
                         format="worker: %(levelname)s %(name)s: %(message)s")
@@ -324,10 +329,13 @@ class Worker:
 
     def _receive(self, timeout_s: float, *, seq: int) -> Any:
         """The reply ``(kind, data)`` to request ``seq``, or None if the process died or the
-        time ran out. Replies to earlier requests (given up on: a worker that stalled, then
-        went on) are dropped."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        time ran out (time the job spent stopped not counted). Replies to earlier requests
+        (given up on: a worker that stalled, then went on) are dropped."""
+        waited, last = 0.0, time.monotonic()
+        while waited < timeout_s:
+            now = time.monotonic()
+            waited += min(now - last, _MOST_PER_POLL_S)
+            last = now
             if self._conn.poll(_POLL_S):
                 try:
                     message = self._conn.recv()
