@@ -291,17 +291,26 @@ def worker(
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
 
 
-def _inputs(storage: str, landscape: Path | None = None,
+def _inputs(storage: str, landscape: str | Path | None = None,
             weights: str | None = None) -> dict[str, Path]:
     """What a command reads, by what it is: its outputs must not be any of these."""
     from autotune.storage import sqlite_files
 
     inputs = sqlite_files(storage)
     if landscape is not None:
-        inputs["the landscape"] = landscape
+        inputs["the landscape"] = Path(landscape)
     if weights is not None:
         inputs["the checkpoint folder"] = Path(weights)
     return inputs
+
+
+def _replayed(study: Any) -> str | None:
+    """The landscape file a study replays, if it does (its export must not overwrite it)."""
+    options = study.user_attrs.get("run_options")
+    pairs = options.get("engine_options") if isinstance(options, dict) else None
+    found = [p[1] for p in pairs or [] if isinstance(p, list) and len(p) == 2
+             and p[0] == "landscape" and isinstance(p[1], str)]
+    return found[0] if found else None
 
 
 def _decode_steps(steps: int) -> int | None:
@@ -568,7 +577,7 @@ def export(
         out_file = recommend.default_path(stored.study_name)
     outputs = {flag: jsonfile.check_writable(path, flag)
                for flag, path in (("--out", out_file), ("--landscape", landscape)) if path}
-    jsonfile.check_outputs(outputs, _inputs(storage))
+    jsonfile.check_outputs(outputs, _inputs(storage, _replayed(stored)))
     if landscape is not None:
         from autotune import landscape as landscape_mod
         from autotune.results.landscape import from_study

@@ -129,11 +129,26 @@ def test_run_never_writes_over_its_storage_or_landscape(capsys, tmp_path: Path, 
     assert not (tmp_path / "new.db").exists()  # refused before the storage was made
 
 
+def test_export_never_writes_over_the_landscape_its_study_replays(capsys,
+                                                                    tmp_path: Path) -> None:
+    landscape = tmp_path / "l.json"
+    shutil.copy(SYNTHETIC, landscape)
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    code, _, err = cli(capsys, "run", "--landscape", str(landscape), "--trials", "2",
+                       "--storage", url, "--out", str(tmp_path / "rec.json"))
+    assert code == 0, err
+    before = digest(landscape)
+    refused(cli(capsys, "export", "--storage", url, "--landscape", str(landscape)),
+            "--landscape", "is the landscape")
+    assert digest(landscape) == before
+
+
 def test_run_never_writes_into_its_checkpoint(capsys, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(TINY_CONFIG))
-    refused(cli(capsys, *RUN, "--weights", str(ckpt), "--out", str(ckpt / "config.json")),
+    run = [a if a != "tiny-llama" else "mine" for a in RUN]  # a checkpoint is no preset
+    refused(cli(capsys, *run, "--weights", str(ckpt), "--out", str(ckpt / "config.json")),
             "lies in the checkpoint folder")
 
 
