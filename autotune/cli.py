@@ -22,8 +22,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from autotune import stopping
 from autotune.engines.memory import MIN_AUTO_BATCH, auto_max_batch
-from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
+from autotune.errors import AutotuneError, UserInputError, stop_exit_code
 from autotune.stdio import hold_closed, survivable
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
@@ -242,7 +243,8 @@ def run(
     name = study or default_study_name(options, resolve_gpu_name(options))
     check_study_name(name)
     target = jsonfile.check_writable(out_file or recommend.default_path(name))
-    jsonfile.check_outputs({"--out": target}, _inputs(storage, landscape, weights))
+    replayed = dict(options.engine_options).get("landscape")  # --landscape, or its option
+    jsonfile.check_outputs({"--out": target}, _inputs(storage, replayed, weights))
     err.print(f"autotune: {model} on {device} ({engine} engine, {dtype}, isl {isl}, osl {osl}); "
               f"loading the model in a worker...")
     with _stoppable(storage, name):
@@ -326,37 +328,12 @@ def _stoppable(storage: str, study: str | None) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as e:
-        from autotune.storage import redact
-
         # After this line, threads still winding down (a worker's query cut short) have
         # nothing to tell: their words would read as if the run went on.
         _state["stopped"] = True
         logging.disable(logging.CRITICAL)
-        why = "" if stop_name(e) == "Ctrl-C" else f" ({stop_name(e)})"
-        if _finished_trials(storage, study) == 0:
-            said = (f"interrupted{why} before any trial finished: nothing to keep; rerun the "
-                    "same command to start")
-        else:
-            said = (f"interrupted{why}: every finished trial is kept in {redact(storage)}; "
-                    "rerun the same command to resume (the trial that was running runs again)")
-        err.print(said, highlight=False, soft_wrap=True)
+        err.print(stopping.stop_line(e, storage, study), highlight=False, soft_wrap=True)
         raise typer.Exit(stop_exit_code(e)) from None
-
-
-def _finished_trials(storage: str, study: str | None) -> int | None:
-    """How many finished trials the study holds (0 where it is not there); None if that
-    cannot be read."""
-    from autotune.errors import StudyNotFoundError
-    from autotune.storage import load_study, open_storage
-    from autotune.tune import budget
-
-    try:
-        return budget.spent(load_study(open_storage(storage, create=False, read_only=True),
-                                       study))
-    except StudyNotFoundError:
-        return 0
-    except Exception:  # the stop is what matters: say it the general way
-        return None
 
 
 def _print_step(text: str) -> None:
@@ -631,23 +608,8 @@ def report(
     out.print(f"report written to {files.html}")
 
 
-def _stop_on(signum: int, frame: Any) -> None:
-    """Ctrl-C, SIGTERM (``timeout``, docker, systemd) and SIGHUP stop a run: the running
-    trial is failed and retried on resume, the workers are stopped, one line is said. Python's
-    default would exit at once on SIGTERM, leaving the trial RUNNING and the worker on; on
-    Ctrl-C, it would raise again at a second press, cutting that cleanup short."""
-    signal.signal(signum, signal.SIG_IGN)  # once: a second signal must not cut the cleanup
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Interrupted(signum)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 def main(argv: list[str] | None = None) -> int:
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop_on)
+    stopping.install()
     _state["stopped"] = False
     logging.disable(logging.NOTSET)
     with survivable():  # a reader gone from stdout or stderr ends nothing: the work goes on
