@@ -45,7 +45,13 @@ def run_bench(
     warning = host.check_engine(config, workers=1)
     if warning:
         log.warning("%s", warning)
-    eng = load_engine(config)
+    try:
+        eng = load_engine(config)
+    except Exception as e:  # the host's memory (under `ulimit -v`, say): one line, not a trace
+        if not is_oom(e):
+            raise
+        raise UserInputError(f"out of memory loading {model} ({_first_line(e)}); free host "
+                             "memory or use a smaller model") from e
     try:
         total = eng.total_device_budget
         if budget is None:
