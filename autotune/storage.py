@@ -2,7 +2,8 @@
 
 SQLite is put in WAL mode (persistent in the file) and opened with a busy timeout, so that
 optuna-dashboard can read a study while it is being written. A file that is not a SQLite
-database is refused and never overwritten; a missing or unwritable directory is reported
+database, or is another application's, or Optuna's with tables missing, is refused and never
+written to; a missing or unwritable directory is reported
 before anything is created. An existing file is first looked at through a read-only
 connection (one that cannot checkpoint a WAL into it), and what is wrong is said as it is:
 damaged, its write-ahead log lost, the disk full, or unreadable for another reason. Commands
@@ -251,7 +252,8 @@ def check_schema(path: Path, *, create: bool) -> None:
             f"storage: {path} is an Optuna database with tables missing ({', '.join(missing)}): "
             "dropped or damaged; autotune leaves it untouched (made again empty, they would "
             "give new trials the attributes of deleted ones): restore it from a backup or give "
-            "another --storage path")
+            "another --storage path (if an older Optuna made it, `optuna storage upgrade` "
+            "brings it up to date)")
 
 
 def _unreadable(path: Path, e: sqlite3.DatabaseError) -> StorageError:
