@@ -1,7 +1,8 @@
 """The Optuna wiring: one study searches batch size x weight-streaming budget.
 
-Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study and names it
-(resuming a study with another workload is refused, :func:`check_workload`);
+Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study, names it and
+is its first record (resuming a study with another workload, or one autotune did not make, is
+refused, :func:`check_workload`);
 the parameters are ``batch`` (integer, log scale) and ``budget_fraction`` (of
 ``total_device_budget``; the bytes are recorded beside it). The objective is throughput.
 Every trial's outcome is data: a configuration predicted not to fit, or that ran out of memory,
