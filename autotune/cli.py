@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -21,11 +22,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from autotune import demo
+from autotune import demo, stopping
 from autotune.engines.memory import MIN_AUTO_BATCH, auto_max_batch
-from autotune.errors import AutotuneError, Interrupted, UserInputError, stop_exit_code, stop_name
+from autotune.errors import AutotuneError, UserInputError, stop_exit_code
+from autotune.stdio import hold_closed, survivable
 from autotune.storage import DEFAULT_STORAGE
 from autotune.units import format_bytes, parse_bytes
+
+hold_closed()  # before anything opens a file: `autotune ... >&-` must not write into it
 
 
 def _no_type_on_flags() -> None:
@@ -52,7 +56,7 @@ app = typer.Typer(
 # markup off: our messages are plain text, and rich would eat "[tensorrt]" in an install hint.
 out = Console(width=None if sys.stdout.isatty() else 160, markup=False)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
-_state = {"debug": False}
+_state = {"debug": False, "stopped": False}
 
 
 def _version(value: bool) -> None:
@@ -94,7 +98,8 @@ def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
     if model != "auto":
         return model
     if weights is not None:  # a checkpoint names itself (studies and JSON carry the name)
-        return Path(weights).expanduser().resolve().name or "checkpoint"
+        # Its path as given, links not followed: a loop is --weights' own error to say.
+        return Path(os.path.abspath(os.path.expanduser(weights))).name or "checkpoint"
     chosen = "tiny-llama" if device == "cpu" else "llama2-7b"
     say(f"--model auto: {chosen} ({'no GPU here' if device == 'cpu' else 'GPU'})")
     return chosen
@@ -262,9 +267,15 @@ def run(
         max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,
         decode_steps=_decode_steps(decode_steps), early_stop=early_stop, confirm=confirm,
     )
-    # Before any trial: an export that cannot be written is found now, not after the study.
-    if out_file is not None or study is not None:
-        jsonfile.check_writable(out_file or recommend.default_path(study))
+    # Before any trial: an export that cannot be written, or would be written over one of the
+    # run's inputs, is found now, not after the study.
+    from autotune.tune.study import check_study_name, default_study_name, resolve_gpu_name
+
+    name = study or default_study_name(options, resolve_gpu_name(options))
+    check_study_name(name)
+    target = jsonfile.check_writable(out_file or recommend.default_path(name))
+    replayed = dict(options.engine_options).get("landscape")  # --landscape, or its option
+    jsonfile.check_outputs({"--out": target}, _inputs(storage, replayed, weights))
     tag = demo.label(options.workload(""))
     if recorded is not None:
         say(demo.first_line(recorded, limit=limit, chosen=demo_chosen))
@@ -276,19 +287,19 @@ def run(
             + ("; no GPU here: CPU figures demonstrate the tool, not a GPU" if device == "cpu"
                else ""))
     say(f"{tag}loading the model in a worker...")
-    with _stoppable(storage):
+    with _stoppable(storage, name):
         result = run_study(options, progress=lambda e: _print_progress(e, tag),
                            on_worker=lambda *a: _print_worker(*a, tag=tag),
-                           on_step=lambda text: say(tag + text))
+                           on_step=lambda text: _print_step(tag + text))
     for note in result.notes:
         say(tag + note)
     from autotune.storage import load_study, open_storage
 
     stored = load_study(open_storage(storage, create=False), result.study_name)
+    rec = recommend.build(stored)
+    path = recommend.write(rec, target)  # first: it is the result, stdout only shows it
     _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
     _print_edge(stored)
-    rec = recommend.build(stored)
-    path = recommend.write(rec, out_file or recommend.default_path(result.study_name))
     best = rec["best"]
     out.print(
         f"{tag}best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
@@ -314,7 +325,7 @@ def worker(
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
     from autotune.tune.join import join_study
 
-    with _stoppable(storage):
+    with _stoppable(storage, study):
         device = "cuda" if gpus and device == "auto" else _resolve_device(device)
         result = join_study(storage, study, device=device, gpus=_gpus(gpus),
                             engines=tuple(engine), host_options=_engine_options(engine_option),
@@ -324,6 +335,28 @@ def worker(
     out.print(f"worker done: ran {result.ran} trials of {result.study_name}")
 
 
+def _inputs(storage: str, landscape: str | Path | None = None,
+            weights: str | None = None) -> dict[str, Path]:
+    """What a command reads, by what it is: its outputs must not be any of these."""
+    from autotune.storage import sqlite_files
+
+    inputs = sqlite_files(storage)
+    if landscape is not None:
+        inputs["the landscape"] = Path(landscape)
+    if weights is not None:
+        inputs["the checkpoint folder"] = Path(weights)
+    return inputs
+
+
+def _replayed(study: Any) -> str | None:
+    """The landscape file a study replays, if it does (its export must not overwrite it)."""
+    options = study.user_attrs.get("run_options")
+    pairs = options.get("engine_options") if isinstance(options, dict) else None
+    found = [p[1] for p in pairs or [] if isinstance(p, list) and len(p) == 2
+             and p[0] == "landscape" and isinstance(p[1], str)]
+    return found[0] if found else None
+
+
 def _decode_steps(steps: int) -> int | None:
     if steps < 0:
         raise UserInputError(f"--decode-steps: expected 0 (every step) or more; got {steps}")
@@ -331,18 +364,17 @@ def _decode_steps(steps: int) -> int | None:
 
 
 @contextlib.contextmanager
-def _stoppable(storage: str) -> Iterator[None]:
+def _stoppable(storage: str, study: str | None) -> Iterator[None]:
     """Ctrl-C stops a study cleanly: say what is kept and how to go on (typer would exit 130
     without a word)."""
     try:
         yield
     except KeyboardInterrupt as e:
-        from autotune.storage import redact
-
-        why = "" if stop_name(e) == "Ctrl-C" else f" ({stop_name(e)})"
-        err.print(f"interrupted{why}: every finished trial is kept in {redact(storage)}; rerun "
-                  f"the same command to resume (the trial that was running runs again)",
-                  highlight=False, soft_wrap=True)
+        # After this line, threads still winding down (a worker's query cut short) have
+        # nothing to tell: their words would read as if the run went on.
+        _state["stopped"] = True
+        logging.disable(logging.CRITICAL)
+        err.print(stopping.stop_line(e, storage, study), highlight=False, soft_wrap=True)
         raise typer.Exit(stop_exit_code(e)) from None
 
 
@@ -351,7 +383,14 @@ def say(text: str) -> None:
     err.print(text, highlight=False, soft_wrap=True)
 
 
+def _print_step(text: str) -> None:
+    if not _state.get("stopped"):
+        say(text)
+
+
 def _print_worker(device: str, seconds: float, info: Any, tag: str = "") -> None:
+    if _state.get("stopped"):
+        return
     if info is None:
         say(f"{tag}{device}: still loading the model ({seconds:.0f} s)...")
         return
@@ -365,6 +404,8 @@ def _print_worker(device: str, seconds: float, info: Any, tag: str = "") -> None
 
 
 def _print_progress(event: Any, tag: str = "") -> None:
+    if _state.get("stopped"):
+        return
     o, p = event.outcome, event.params
     asked = 100 * p["budget_fraction"]
     line = f"{tag}trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, budget {asked:.0f}%"
@@ -546,7 +587,9 @@ def show(
 
     stored = load_study(open_storage(storage, create=False, read_only=True), study)
     if as_json:
-        sys.stdout.write(json.dumps(_study_json(stored), indent=1) + "\n")
+        from autotune import jsonfile
+
+        sys.stdout.write(jsonfile.dumps(_study_json(stored), indent=1) + "\n")
         return
     _print_trials(stored)
 
@@ -582,12 +625,12 @@ def export(
     from autotune.results import recommend
     from autotune.storage import load_study, open_storage
 
-    for path in (out_file, landscape):
-        if path is not None:
-            jsonfile.check_writable(path)
     stored = load_study(open_storage(storage, create=False, read_only=True), study)
     if out_file is None and landscape is None:
         out_file = recommend.default_path(stored.study_name)
+    outputs = {flag: jsonfile.check_writable(path, flag)
+               for flag, path in (("--out", out_file), ("--landscape", landscape)) if path}
+    jsonfile.check_outputs(outputs, _inputs(storage, _replayed(stored)))
     if landscape is not None:
         from autotune import landscape as landscape_mod
         from autotune.results.landscape import from_study
@@ -617,6 +660,7 @@ def dashboard(
     # the server, now ignoring the signal, would never stop.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # every press stops it
     serve(storage, host=host, port=port, log=err.print)
 
 
@@ -627,9 +671,12 @@ def report(
     out_dir: Path = typer.Option(..., "--out", help="Directory for the PNGs and report.html."),
 ) -> None:
     """Draw a stored study: throughput landscape, Pareto front, progress (PNG + one HTML)."""
-    from autotune.results.report import write_report
+    from autotune import jsonfile
+    from autotune.results.report import report_paths, write_report
     from autotune.storage import load_study, open_storage
 
+    for path in report_paths(out_dir):
+        jsonfile.check_outputs({"--out": path}, _inputs(storage))
     stored = load_study(open_storage(storage, create=False, read_only=True), study)
     files = write_report(stored, out_dir)
     for path in files.pngs.values():
@@ -637,17 +684,15 @@ def report(
     out.print(f"report written to {files.html}")
 
 
-def _stop_on(signum: int, frame: Any) -> None:
-    """SIGTERM (``timeout``, docker, systemd) and SIGHUP stop a run as Ctrl-C does: the
-    running trial is failed and retried on resume, the workers are stopped, one line is
-    said. Python's default would exit at once, leaving the trial RUNNING and the worker on."""
-    signal.signal(signum, signal.SIG_IGN)  # once: a second signal must not cut the cleanup
-    raise Interrupted(signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _stop_on)
+    stopping.install()
+    _state["stopped"] = False
+    logging.disable(logging.NOTSET)
+    with survivable():  # a reader gone from stdout or stderr ends nothing: the work goes on
+        return _main_command(argv)
+
+
+def _main_command(argv: list[str] | None) -> int:
     try:
         # Standalone mode: typer reports its own usage errors (exit code 2) and --help.
         app(args=argv, standalone_mode=True, prog_name="autotune")

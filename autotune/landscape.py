@@ -218,7 +218,7 @@ def _validate(data: Any, where: str) -> dict[str, Any]:
         raise SchemaError(f"{where}: a landscape is a JSON object; got {type(data).__name__}")
     if data.get("kind") != KIND:
         raise SchemaError(f"{where}: not an autotune landscape (kind {data.get('kind')!r})")
-    if data.get("schema_version") != SCHEMA_VERSION:
+    if not _whole(data.get("schema_version"), 0) or data["schema_version"] != SCHEMA_VERSION:
         raise SchemaError(f"{where}: schema_version {data.get('schema_version')!r} is not "
                           f"supported; this autotune reads version {SCHEMA_VERSION}")
     missing = [k for k in _REQUIRED if k not in data]
@@ -232,8 +232,9 @@ def _validate(data: Any, where: str) -> dict[str, Any]:
                               f"{type(data[key]).__name__}")
     if not all(isinstance(p, dict) for p in data["points"]):
         raise SchemaError(f"{where}: every point must be a JSON object")
+    _check_values(data, where)
     batches, fractions = data["batches"], data["budget_fractions"]
-    if not batches or batches != sorted(set(batches)) or batches[0] < 1:
+    if not batches or batches != sorted(set(batches)):
         raise SchemaError(f"{where}: batches must be increasing positive integers")
     if not fractions or fractions != sorted(set(fractions)) or not (
             0.0 <= fractions[0] and fractions[-1] <= 1.0):
@@ -255,6 +256,75 @@ def _validate(data: Any, where: str) -> dict[str, Any]:
         raise SchemaError(f"{where}: expected one point per grid node ({expected}); got "
                           f"{len(data['points'])} points for {len(seen)} nodes")
     return data
+
+
+def _whole(v: Any, least: int) -> bool:
+    """An integer (JSON's true is not 1) of at least ``least``."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _number(v: Any, least: float, strict: bool = False) -> bool:
+    """A finite number (no NaN, no infinity: Python's JSON reads both) of at least ``least``,
+    or above it when ``strict``."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > least if strict else v >= least))
+
+
+# What each figure of a point may hold: a time or a throughput is positive, bytes are >= 0.
+_POINT_VALUES = {"batch": ("a whole number, 1 or more", lambda v: _whole(v, 1)),
+                 "budget_fraction": ("a number from 0 to 1", lambda v: _number(v, 0.0)
+                                     and v <= 1.0),
+                 "throughput_tok_s": ("a number of tokens/s above 0",
+                                      lambda v: _number(v, 0.0, strict=True)),
+                 "ttft_ms": ("a time in ms above 0", lambda v: _number(v, 0.0, strict=True)),
+                 "tpot_ms": ("a time in ms above 0", lambda v: _number(v, 0.0, strict=True)),
+                 "peak_memory_bytes": ("bytes, 0 or more", lambda v: _number(v, 0.0)),
+                 "predicted_peak_bytes": ("bytes, 0 or more", lambda v: _number(v, 0.0)),
+                 "streamed_bytes_per_step": ("bytes, 0 or more", lambda v: _number(v, 0.0))}
+
+
+def _check_values(data: dict[str, Any], where: str) -> None:
+    """Every value the replay computes with is of its kind and range: a NaN, negative or
+    infinite figure would be replayed as a measurement (and steer the search)."""
+    def bad(what: str, expected: str, value: Any) -> SchemaError:
+        return SchemaError(f"{where}: {what}: expected {expected}; got {value!r}")
+
+    if not _whole(data["total_device_budget"], 1):
+        raise bad("total_device_budget", "a whole number of bytes, 1 or more",
+                  data["total_device_budget"])
+    available = data.get("available_bytes")
+    if available is not None and not _whole(available, 1):
+        raise bad("available_bytes", "a whole number of bytes, 1 or more (or null)", available)
+    workload = data["workload"]
+    for key in ("isl", "osl"):
+        if not _whole(workload.get(key), 1):
+            raise bad(f"workload {key}", "a whole number of tokens, 1 or more",
+                      workload.get(key))
+    for b in data["batches"]:
+        if not _whole(b, 1):
+            raise bad("batches", "whole numbers, 1 or more", b)
+    for f in data["budget_fractions"]:
+        if not _number(f, 0.0) or f > 1.0:
+            raise bad("budget_fractions", "numbers from 0 to 1", f)
+    for p in data["points"]:
+        for key, (expected, ok) in _POINT_VALUES.items():
+            value = p.get(key)
+            if (value is not None or key in ("batch", "budget_fraction")) and not ok(value):
+                raise bad(f"point {p.get('batch')}, {p.get('budget_fraction')}: {key}",
+                          expected, value)
+    calibration = data.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise bad("calibration", "a JSON object", calibration)
+    link = calibration.get("h2d_gb_s")
+    if link is not None and not _number(link, 0.0, strict=True):
+        raise bad("calibration h2d_gb_s", "a bandwidth in GB/s above 0 (or null)", link)
+    rows, times = calibration.get("gemm_rows", []), calibration.get("gemm_s", [])
+    if not (isinstance(rows, list) and all(_whole(r, 1) for r in rows)):
+        raise bad("calibration gemm_rows", "a list of whole numbers, 1 or more", rows)
+    if not (isinstance(times, list) and len(times) == len(rows)
+            and all(_number(t, 0.0) for t in times)):
+        raise bad("calibration gemm_s", f"{len(rows)} times in s, 0 or more, one per gemm_rows",
+                  times)
 
 
 def read(path: str | Path) -> Landscape:

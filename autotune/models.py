@@ -12,6 +12,7 @@ straight from the source (so a 7B model never exists twice in memory).
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,6 +49,16 @@ class ModelSpec:
     weights_dir: str | None = None  # set when built from a local checkpoint
 
     def __post_init__(self) -> None:
+        for key in _SIZES:
+            value = getattr(self, key)
+            if not _whole(value):
+                raise UserInputError(f"model {self.name}: {key}: expected a whole number, 1 or "
+                                     f"more; got {value!r}")
+        for key in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if not _positive(value):
+                raise UserInputError(f"model {self.name}: {key}: expected a number above 0; "
+                                     f"got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise UserInputError(
                 f"model {self.name}: hidden_size {self.hidden_size} is not a multiple of "
@@ -135,6 +146,20 @@ class ModelSpec:
         )
 
 
+# The sizes of a model (ModelSpec's fields; config.json's keys): each a whole number >= 1.
+_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "vocab_size", "max_position_embeddings")
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and v > 0)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -196,7 +221,16 @@ PRESETS: dict[str, ModelSpec] = {
 def get_spec(name: str, weights: str | Path | None = None) -> ModelSpec:
     """The spec of a preset, or of the checkpoint in ``weights`` (which then names the model)."""
     if weights is not None:
-        return spec_from_checkpoint(weights, name)
+        spec = spec_from_checkpoint(weights, name)
+        preset = PRESETS.get(name)
+        if preset is not None and _shape(preset) != _shape(spec):
+            # Labelled with a preset's name, its studies and reproduce lines would say (and
+            # `autotune bench --model NAME` would run) a model it is not.
+            raise UserInputError(
+                f"--model {name} is a preset ({_shape(preset)}), but the checkpoint in "
+                f"{weights} is {_shape(spec)}: leave --model out (the checkpoint names itself) "
+                "or give a name that is not a preset's")
+        return spec
     if name not in PRESETS:
         raise UserInputError(
             f"unknown model {name!r}; known models: {', '.join(PRESETS)} "
@@ -286,6 +320,11 @@ class CheckpointWeights:
 def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelSpec:
     """Reads ``config.json`` of a local Llama checkpoint (no remote code, no network)."""
     directory = Path(weights)
+    try:
+        directory.resolve(strict=directory.is_symlink())
+    except (OSError, RuntimeError) as e:  # a symbolic link loop, a link to nothing
+        raise UserInputError(f"--weights {weights}: cannot be followed ({e}); give the "
+                             "checkpoint's real folder") from e
     if directory.exists() and not directory.is_dir():
         raise UserInputError(f"--weights {weights}: is a file; give the checkpoint's folder "
                              "(the one holding config.json and *.safetensors)")
@@ -297,14 +336,19 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
             f"--weights {weights}: not a Hugging Face checkpoint (no config.json there)"
         )
     try:
-        cfg = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserInputError(f"--weights {weights}: config.json is not valid JSON ({e})") from e
+        cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, not JSON
+        raise UserInputError(f"--weights {weights}: config.json is not valid JSON "
+                             f"({type(e).__name__}: {e})"[:300]) from e
+    if not isinstance(cfg, dict):
+        raise UserInputError(f"--weights {weights}: config.json is a JSON "
+                             f"{type(cfg).__name__}; a Hugging Face config is an object")
     if cfg.get("model_type") not in ("llama", "mistral"):
         raise UserInputError(
             f"--weights {weights}: model_type {cfg.get('model_type')!r} is not supported; "
             "autotune runs Llama-family checkpoints (model_type 'llama' or 'mistral')"
         )
+    _check_fields(cfg, weights)
     _check_supported(cfg, weights)
     rope = cfg.get("rope_parameters") or {}
     try:
@@ -326,6 +370,49 @@ def spec_from_checkpoint(weights: str | Path, name: str | None = None) -> ModelS
         )
     except KeyError as e:
         raise UserInputError(f"--weights {weights}: config.json lacks {e.args[0]}") from e
+
+
+def _shape(spec: ModelSpec) -> str:
+    """What makes two models the same model, in words."""
+    return (f"{spec.num_hidden_layers} layers, hidden {spec.hidden_size}, intermediate "
+            f"{spec.intermediate_size}, {spec.num_attention_heads}/{spec.num_key_value_heads} "
+            f"heads, vocabulary {spec.vocab_size}")
+
+
+def _check_fields(cfg: dict[str, Any], weights: str | Path) -> None:
+    """Every field autotune reads from config.json, of its type and range (a size of 0, or
+    "64" as a string, would fail far from here, in words that do not name the field)."""
+    def bad(key: str, expected: str) -> UserInputError:
+        return UserInputError(f"--weights {weights}: config.json's {key}: expected "
+                              f"{expected}; got {cfg[key]!r}")
+
+    for key in _SIZES:
+        optional = key in ("num_key_value_heads", "max_position_embeddings")
+        if key not in cfg and optional:
+            continue
+        if key not in cfg:
+            raise UserInputError(f"--weights {weights}: config.json lacks {key}")
+        if not _whole(cfg[key]):
+            raise bad(key, "a whole number, 1 or more")
+    for key in ("head_dim", "sliding_window"):
+        if cfg.get(key) is not None and not _whole(cfg[key]):
+            raise bad(key, "a whole number, 1 or more (or null)")
+    for key in ("rms_norm_eps", "rope_theta"):
+        if key in cfg and not _positive(cfg[key]):
+            raise bad(key, "a number above 0")
+    for key in ("rope_scaling", "rope_parameters"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(key, "a JSON object (or null)")
+    for key in ("rope_scaling", "rope_parameters"):
+        for name, value in (cfg.get(key) or {}).items():
+            if name in _ROPE_NUMBERS and not _positive(value):
+                raise UserInputError(f"--weights {weights}: config.json's {key} {name}: "
+                                     f"expected a number above 0; got {value!r}")
+
+
+# The numbers of a rotary scaling (and transformers 5's rope_parameters), each above 0.
+_ROPE_NUMBERS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings")
 
 
 def _positions(cfg: dict[str, Any]) -> int:

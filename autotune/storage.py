@@ -2,7 +2,8 @@
 
 SQLite is put in WAL mode (persistent in the file) and opened with a busy timeout, so that
 optuna-dashboard can read a study while it is being written. A file that is not a SQLite
-database is refused and never overwritten; a missing or unwritable directory is reported
+database, or is another application's, or Optuna's with tables missing, is refused and never
+written to; a missing or unwritable directory is reported
 before anything is created. An existing file is first looked at through a read-only
 connection (one that cannot checkpoint a WAL into it), and what is wrong is said as it is:
 damaged, its write-ahead log lost, the disk full, or unreadable for another reason. Commands
@@ -24,7 +25,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import StorageError, UserInputError
+from autotune.errors import StorageError, StudyNotFoundError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,18 @@ def sqlite_path(url: str) -> Path | None:
     if not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)
+
+
+def sqlite_files(url: str) -> dict[str, Path]:
+    """The files a SQLite storage consists of (the database and the companions SQLite keeps
+    beside it), by what they are; none for other backends."""
+    path = sqlite_path(url)
+    if path is None:
+        return {}
+    files = {"the study storage": path}
+    for suffix in ("-wal", "-shm", "-journal"):
+        files[f"the study storage's {suffix[1:]} file"] = Path(f"{path}{suffix}")
+    return files
 
 
 def _read_only_uri(path: Path) -> str:
@@ -213,6 +226,36 @@ def check_integrity(path: Path) -> None:
         )
 
 
+def check_schema(path: Path, *, create: bool) -> None:
+    """Refuses a SQLite database that is not Optuna's, before anything writes to it: another
+    application's (autotune would add a dozen tables to it and switch its journal mode), or
+    Optuna's with tables missing (dropped: a run would make them again, empty, and its new
+    trials would take the ids, and so the attributes, of the deleted ones). A database without
+    any table is new: a run fills it; a command that only reads finds no study there."""
+    from optuna.storages._rdb.models import BaseModel  # the tables Optuna makes
+
+    tables = {row[0] for row in _query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        if create:
+            return
+        raise StudyNotFoundError(f"storage: {path} holds no study (an empty database); run "
+                                 "`autotune run --storage ...` first")
+    missing = sorted(set(BaseModel.metadata.tables) - tables)
+    if len(missing) == len(BaseModel.metadata.tables):
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(
+            f"storage: {path} is another application's SQLite database (tables: {shown}); "
+            "autotune adds its tables only to a new file or an Optuna one and leaves this one "
+            "untouched: give another --storage path")
+    if missing:
+        raise StorageError(
+            f"storage: {path} is an Optuna database with tables missing ({', '.join(missing)}): "
+            "dropped or damaged; autotune leaves it untouched (made again empty, they would "
+            "give new trials the attributes of deleted ones): restore it from a backup or give "
+            "another --storage path (if an older Optuna made it, `optuna storage upgrade` "
+            "brings it up to date)")
+
+
 def _unreadable(path: Path, e: sqlite3.DatabaseError) -> StorageError:
     """What keeps SQLite from reading a file that is not known to be damaged."""
     if _disk_full(path) or getattr(e, "sqlite_errorname", "") == "SQLITE_FULL":
@@ -308,8 +351,10 @@ def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True,
                 "sqlite:///studies/autotune.db")
         if path is not None:
             check_sqlite_file(path, create=create and not read_only, writable=not read_only)
-            if path.exists() and path.stat().st_size > 0:
-                check_integrity(path)
+            if path.exists():
+                if path.stat().st_size > 0:
+                    check_integrity(path)
+                check_schema(path, create=create and not read_only)
             if read_only:
                 open_url = f"sqlite:///{_read_only_uri(path)}&uri=true"
             else:
@@ -360,8 +405,6 @@ def study_names(storage: Any) -> list[str]:
 def load_study(storage: Any, name: str | None) -> Any:
     """The named study; with no name, the only study there (an error if there are several)."""
     import optuna
-
-    from autotune.errors import StudyNotFoundError
 
     names = study_names(storage)
     if name is None:

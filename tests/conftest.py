@@ -1,4 +1,8 @@
-"""Shared fixtures: a temporary SQLite storage and the test engines' import path."""
+"""Shared fixtures: a temporary SQLite storage and the test engines' import path.
+
+Every test runs in a folder of its own (the working directory of the test and of the commands
+it starts): a default path (studies/NAME.json, studies/autotune.db) lands there, never in the
+checkout. The session fails if the checkout's studies/ changed all the same."""
 
 from __future__ import annotations
 
@@ -29,6 +33,26 @@ def has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+def _studies_listing() -> set[str]:
+    return {p.name for p in (ROOT / "studies").iterdir()} if (ROOT / "studies").is_dir() else set()
+
+
+_STUDIES_BEFORE = _studies_listing()
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path_factory: pytest.TempPathFactory,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    new = _studies_listing() - _STUDIES_BEFORE
+    if new:  # a test wrote where a user's studies live
+        print(f"\nERROR: tests wrote into {ROOT / 'studies'}: {', '.join(sorted(new))}")
+        session.exitstatus = 1
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

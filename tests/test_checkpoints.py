@@ -170,3 +170,59 @@ def test_the_tensorrt_default_batch_leaves_room_for_its_context() -> None:
 
     assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 8 * 2**30) == 17
     assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 2**30) == 1  # never below 1
+
+
+_CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "vocab_size": 512, "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ([1, 2], "config.json is a JSON list; a Hugging Face config is an object"),
+    ("café".encode("latin-1"), "config.json is not valid JSON \\(UnicodeDecodeError"),
+    ({"num_attention_heads": 0}, "num_attention_heads: expected a whole number, 1 or more; got 0"),
+    ({"hidden_size": "64"}, "hidden_size: expected a whole number, 1 or more; got '64'"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers: expected a whole number"),
+    ({"vocab_size": 0}, "vocab_size: expected a whole number"),
+    ({"num_key_value_heads": True}, "num_key_value_heads: expected a whole number"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps: expected a number above 0"),
+    ({"rope_theta": float("nan")}, "rope_theta: expected a number above 0"),
+    ({"head_dim": 0}, "head_dim: expected a whole number"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": "4"}}, "rope_scaling factor: expected"),
+    ({"rope_scaling": "linear"}, "rope_scaling: expected a JSON object"),
+], ids=["list", "latin-1", "heads-0", "hidden-str", "layers-0", "vocab-0", "kv-bool", "eps",
+        "theta-nan", "head-dim-0", "factor-str", "scaling-str"])
+def test_every_config_field_is_checked_by_name(tmp_path: Path, config: Any, match: str) -> None:
+    """Issue 19: these gave AttributeError, UnicodeDecodeError, ZeroDivisionError, `max() arg
+    is an empty sequence`, `range() arg 3 must not be zero` or a misleading head_dim."""
+    if isinstance(config, dict):
+        config = json.dumps({**_CONFIG, **config})
+    elif not isinstance(config, bytes):
+        config = json.dumps(config)
+    (tmp_path / "config.json").write_bytes(config if isinstance(config, bytes)
+                                           else config.encode())
+    with pytest.raises(UserInputError, match=match):
+        get_spec("auto", tmp_path)
+
+
+def test_a_symlink_loop_is_said_as_such(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(UserInputError, match="cannot be followed"):
+        get_spec("auto", tmp_path / "loop")
+
+
+def test_a_checkpoint_is_not_labelled_as_a_preset_it_is_not(tmp_path: Path) -> None:
+    """Issue 19: --model llama2-7b --weights <a 2-layer checkpoint> labelled everything
+    llama2-7b, and the reproduce line would bench the real 7B; it also lacked --weights."""
+    from autotune.results.recommend import _bench_command
+
+    (tmp_path / "config.json").write_text(json.dumps(_CONFIG))
+    with pytest.raises(UserInputError, match="--model llama2-7b is a preset .32 layers.*"
+                       "is 2 layers.*leave --model out"):
+        get_spec("llama2-7b", tmp_path)
+    assert get_spec("good", tmp_path).num_hidden_layers == 2  # a name of its own is fine
+    folder = tmp_path / "my ckpt"
+    line = _bench_command({"model": "good", "engine": "native", "dtype": "float32", "isl": 8,
+                           "osl": 4, "weights": str(folder), "gpu": "cpu"},
+                          {"batch": 2, "device_budget_bytes": 0})
+    assert "--model good" in line and f"--weights '{folder}'" in line

@@ -363,3 +363,21 @@ def test_version_show_json_and_help(storage_url: str, cli_env) -> None:
     for command in typer.main.get_command(app).commands.values():
         for param in command.params:
             assert getattr(param, "help", None), f"{command.name} --{param.name} has no help"
+
+
+def test_bench_out_of_host_memory_is_one_line(cli_env) -> None:
+    """Issue 19: under `ulimit -v` the CPU allocator's failure was a traceback."""
+    import resource
+
+    def limit() -> None:  # address space: room for Python and torch, not for this batch
+        resource.setrlimit(resource.RLIMIT_AS, (1_400_000 * 1024, 1_400_000 * 1024))
+
+    r = subprocess.run([sys.executable, "-m", "autotune", "bench", "--model", "tiny-llama",
+                        "--batch", "20000", "--budget-fraction", "0", "--device", "cpu",
+                        "--isl", "8", "--osl", "4", "--repeats", "1", "--warmup", "0"],
+                       env=cli_env, capture_output=True, text=True, timeout=240,
+                       preexec_fn=limit)
+    if "DefaultCPUAllocator" not in r.stderr:  # it failed before allocating the batch
+        pytest.skip(f"this torch build does not start within 1.4 GB of address space: "
+                    f"{r.stderr[-200:]}")
+    _error(r, "error: batch 20000 ran out of memory", "lower --batch")

@@ -91,6 +91,7 @@ def test_a_model_without_streamable_weights_is_refused(rec_path: Path) -> None:
     ("batch", 3.9), ("batch", 0), ("batch", -8), ("batch", "8"), ("batch", True),
     ("device_budget_bytes", -1), ("device_budget_bytes", 1.5), ("device_budget_bytes", None),
     ("budget_fraction", 2.0), ("budget_fraction", "half"), ("throughput_tok_s", [1]),
+    ("batch", 10**30), ("device_budget_bytes", 1000 * 512 * 2**20),  # 1000x the total
 ])
 def test_a_hand_edited_recommendation_is_refused_by_its_schema(rec_path: Path, key: str,
                                                                value: Any) -> None:
@@ -118,3 +119,29 @@ def test_the_recommendation_says_which_autotune_wrote_it_and_when(rec_path: Path
     written = datetime.datetime.fromisoformat(rec["created_utc"])
     age = datetime.datetime.now(datetime.timezone.utc) - written
     assert datetime.timedelta(0) <= age < datetime.timedelta(hours=1)
+
+
+@pytest.mark.parametrize("content", [
+    "a SQLite file", "latin-1", "deep", "schema_version true"])
+def test_any_bad_file_is_a_schema_error(rec_path: Path, tmp_path: Path, content: str) -> None:
+    """Issue 19: a database or a latin-1 file gave UnicodeDecodeError, a 100,000-deep list
+    RecursionError, and `"schema_version": true` was read as version 1."""
+    import json
+    import sqlite3
+
+    from autotune.errors import SchemaError
+
+    bad = tmp_path / "bad.json"
+    if content == "a SQLite file":
+        with sqlite3.connect(bad) as conn:
+            conn.execute("CREATE TABLE t (x BLOB)")
+            conn.execute("INSERT INTO t VALUES (?)", (bytes(range(256)),))
+    elif content == "latin-1":
+        bad.write_bytes('{"kind": "café"}'.encode("latin-1"))
+    elif content == "deep":
+        bad.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        bad.write_text(json.dumps({**recommend.read(rec_path), "schema_version": True}))
+    for read in (recommend.read, lambda path: deploy.apply(path, _engine(ANALYTIC))):
+        with pytest.raises(SchemaError, match="bad.json|schema_version True"):
+            read(bad)

@@ -709,3 +709,109 @@ def test_read_only_database_serves_show_export_and_report(tiny_tmpfs: Path, tmp_
     assert r.returncode == 0, r.stderr
     r = autotune(*RUN, "--storage", url, env=cli_env, cwd=tmp_path)  # a run must write: refused
     _error(r, "not writable")
+
+
+def test_a_reader_gone_from_stdout_ends_nothing(tmp_path: Path, storage_url: str,
+                                                 cli_env) -> None:
+    """Issue 19: with stdout's reader gone, `run --out p.json` exited 1 without a word and
+    never wrote p.json; `| head -1` exited 1; `>&-` gave an AttributeError."""
+    out = tmp_path / "p.json"
+    proc = subprocess.Popen([sys.executable, "-m", "autotune", *RUN, "--trials", "2",
+                             "--no-early-stop", "--storage", storage_url, "--out", str(out)],
+                            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    proc.stdout.close()  # the reader goes before the first line
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=240) == 0, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr
+    assert recommend.read(out)["trials"] == {"ok": 2}
+    shell = f"{sys.executable} -m autotune show --storage {storage_url}"
+    for redirect in ("| head -1", ">&-", "2>&- | head -1"):
+        r = subprocess.run(f"{shell} {redirect}; exit ${{PIPESTATUS[0]}}", shell=True,
+                           executable="/bin/bash", env=cli_env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and not r.stderr, (redirect, r.stderr)
+
+
+def test_two_quick_ctrl_c_still_leave_the_trial_to_run_again(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    """Issue 19: a second SIGINT 10-50 ms after the first cut the cleanup: the trial stayed
+    RUNNING, or failed without being queued again. A second press is ignored while it runs."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "10", "--no-early-stop", "--storage", storage_url, "--study", "cc",
+            "--engine-option", "budget_sleep_s=0.6", "--out", str(tmp_path / "rec.json"))
+    proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted: every finished trial is kept"), stderr  # the last
+    trials = _study(storage_url).trials
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    (stopped,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert stopped.user_attrs["status"] == budget.INTERRUPTED
+    (queued,) = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    assert queued.user_attrs["retry_of"] == stopped.number
+
+
+def test_ctrl_c_while_measuring_the_hardware_is_the_last_word(storage_url: str,
+                                                               cli_env) -> None:
+    """Issue 19: Ctrl-C during `measuring the hardware` printed `interrupted`, then `the search
+    goes on without it` (the worker's query, cut short by the exit). Before any trial
+    finished, there is nothing to keep, and the line says so."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "autotune", *RUN, "--trials", "2", "--storage", storage_url,
+         "--engine-option", "first_plan_sleep_s=60"], env=cli_env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said = []
+        while not any("measuring the hardware" in line for line in said):
+            line = proc.stderr.readline()
+            assert line, said  # it ended before measuring
+            said.append(line)
+        os.killpg(proc.pid, signal.SIGINT)
+        said += proc.stderr.readlines()
+        assert proc.wait(timeout=60) == 130, said
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert said[-1].startswith("interrupted before any trial finished: nothing to keep"), said
+    assert not any("goes on without it" in line for line in said), said
+
+
+_STOPPED_MID_TRIAL = """
+import sys
+from test_faults import ANALYTIC
+from autotune.engines import EngineConfig
+from autotune.measure.trial import TrialRequest
+from autotune.measure.worker import Worker
+config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", dtype="float32",
+                      max_batch=4, max_seq_len=12, options=(("budget_sleep_s", 1.5),))
+request = TrialRequest(batch=1, budget=0, isl=8, osl=4, repeats=1, warmup=0)
+with Worker(config, trial_timeout_s=120) as w:
+    w.start()
+    w.run(request)  # warm: the first trial imports what measuring needs
+    w.trial_timeout_s = 3.0
+    print("warm", flush=True)
+    print(w.run(TrialRequest(batch=2, budget=2**26, isl=8, osl=4, repeats=1, warmup=0)).status)
+"""
+
+
+def test_time_the_job_spent_stopped_is_not_the_trials(cli_env) -> None:
+    """Issue 19: the job suspended (Ctrl-Z) past --trial-timeout made its trial a timeout and
+    killed its worker: the configuration, the optimum, was never tried again."""
+    proc = subprocess.Popen([sys.executable, "-c", _STOPPED_MID_TRIAL], env=cli_env,
+                            start_new_session=True, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "warm"
+        time.sleep(0.5)  # mid-trial: changing the budget takes 1.5 s
+        os.killpg(proc.pid, signal.SIGSTOP)  # what Ctrl-Z does to the job
+        time.sleep(5)  # past the 3 s timeout
+        os.killpg(proc.pid, signal.SIGCONT)
+        assert proc.stdout.readline().strip() == "ok"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

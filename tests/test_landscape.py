@@ -253,3 +253,53 @@ def test_a_measured_peak_over_the_limit_is_recorded_infeasible_and_learned() -> 
     assert outcome.status == "infeasible" and outcome.measurement is not None
     assert "exceeds --gpu-memory-limit" in outcome.reason and "the memory plan said" in outcome.reason
     assert escaping.learned == [(outcome.plan["total"], outcome.measurement["peak_device_bytes"])]
+
+
+def _all_points(key: str, value: object):
+    return lambda d: [p.update({key: value}) for p in d["points"] if p["status"] == "ok"]
+
+
+@pytest.mark.parametrize(("mutate", "match"), [
+    (_all_points("throughput_tok_s", float("nan")), "throughput_tok_s: expected a number"),
+    (_all_points("throughput_tok_s", -5.0), "throughput_tok_s: expected a number"),
+    (_all_points("throughput_tok_s", float("inf")), "throughput_tok_s: expected a number"),
+    (_all_points("tpot_ms", -1), "tpot_ms: expected a time"),
+    (_all_points("peak_memory_bytes", "8GiB"), "peak_memory_bytes: expected bytes"),
+    (lambda d: d["calibration"].update(h2d_gb_s=float("nan")), "h2d_gb_s: expected a bandwidth"),
+    (lambda d: d["calibration"]["gemm_s"].pop(), "gemm_s: expected 6 times"),
+    (lambda d: d.update(total_device_budget=-1), "total_device_budget: expected a whole"),
+    (lambda d: d.update(available_bytes=0.5), "available_bytes: expected a whole"),
+    (lambda d: d.update(schema_version=True), "schema_version True is not supported"),
+    (lambda d: d["workload"].pop("osl"), "workload osl: expected a whole number"),
+    (lambda d: d["batches"].__setitem__(0, 1.5), "batches: expected whole numbers"),
+], ids=["nan", "negative", "infinite", "tpot", "peak-text", "h2d-nan", "gemm-short",
+        "total-negative", "available-fraction", "version-true", "no-osl", "batch-fraction"])
+def test_every_value_a_landscape_carries_is_checked(mutate, match) -> None:
+    """Issue 19: all-NaN throughputs ran as `nan tok/s`, negative and infinite ones ran, a NaN
+    link speed steered the search to batch 2 at 15.3 tok/s (the valid file: batch 32, 121.2)."""
+    bad = json.loads(SYNTHETIC.read_text())
+    mutate(bad)
+    with pytest.raises(SchemaError, match=match):
+        landscape.validate(bad)
+
+
+def test_the_repositorys_own_landscapes_replay_at_their_own_lengths(capsys, tmp_path) -> None:
+    """Issue 19: `autotune run --landscape benchmarks/landscapes/...-isl128-osl8-h100.json`
+    crashed each trial (recorded at osl 8; got osl 256). Its lengths are adopted; others given
+    are refused in one line before any trial."""
+    from test_own_inputs import cli, refused
+
+    recorded = sorted((Path(__file__).parents[1] / "benchmarks" / "landscapes").glob("*.json"))
+    assert recorded
+    for path in recorded:
+        landscape.read(path)  # each one is valid
+    path = recorded[0]
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    code, out, err = cli(capsys, "run", "--landscape", str(path), "--trials", "3",
+                         "--storage", url, "--out", str(tmp_path / "rec.json"))
+    assert code == 0, err
+    workload = recommend.read(tmp_path / "rec.json")["workload"]
+    assert (workload["isl"], workload["osl"]) == (128, 8)
+    refused(cli(capsys, "run", "--landscape", str(path), "--trials", "3", "--osl", "16",
+                "--storage", url, "--study", "other"),
+            "recorded at isl 128, osl 8; got isl 128, osl 16")

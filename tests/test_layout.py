@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "autotune"
 # Top first: how a study flows, from the command down to what everything uses.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # What users run or import: the command line, and the Python names the README documents.
-    ("entry points", ("autotune.__main__", "autotune.cli", "autotune.demo", "autotune.deploy")),
+    ("entry points", ("autotune.__main__", "autotune.cli", "autotune.demo", "autotune.stdio",
+                      "autotune.stopping", "autotune.deploy")),
     ("results", ("autotune.results",)),  # what a study leaves: recommendation, report, ...
     ("tune", ("autotune.tune",)),  # the study, its sampler and prior, its trial budget
     ("measure", ("autotune.measure",)),  # the worker process, the trial, the timed path

@@ -55,3 +55,54 @@ def test_more_steps_than_the_osl_is_the_full_measurement() -> None:
 def test_bad_step_counts(kw) -> None:
     with pytest.raises(UserInputError):
         measure(_engine(), 1, 8, OSL, repeats=1, warmup=0, **kw)
+
+
+def test_bench_refuses_what_its_plan_says_cannot_fit() -> None:
+    """Issue 19: `bench --gpu-memory-limit 1` on CPU ran anyway, `--batch 100000
+    --gpu-memory-limit 1GiB` ran until killed, and under `ulimit -v` the CPU allocator's
+    error was a traceback."""
+    from conftest import ANALYTIC
+
+    from autotune.measure.bench import run_bench
+    from autotune.measure.trial import is_oom
+
+    common = dict(model="tiny-llama", engine=ANALYTIC, isl=8, osl=4, dtype="float32",
+                  device="cpu", repeats=1, warmup=0, budget_fraction=0.0)
+    for batch, limit in ((1, 1), (100_000, 2**30)):
+        with pytest.raises(UserInputError, match=f"batch {batch} at budget 0 bytes does not "
+                           "fit: predicted peak .* exceeds"):
+            run_bench(batch=batch, gpu_memory_limit=limit, **common)
+    with pytest.raises(UserInputError, match="--batch: expected an integer from 1 to"):
+        run_bench(batch=10**7, **common)
+    assert run_bench(batch=2, gpu_memory_limit=2**30, **common)["measurement"]["batch"] == 2
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                               "can't allocate memory: you tried to allocate 8 bytes."))
+
+
+def test_a_measurement_a_stop_spans_is_taken_again(caplog) -> None:
+    """A job stopped mid-measurement (Ctrl-Z, then fg) timed the pause too: measured again."""
+    import os
+    import signal
+
+    from autotune.measure import trial
+
+    class Continued(AnalyticEngine):  # continued (SIGCONT) during its first generation
+        prefills = 0
+
+        def prefill(self, prompt, osl):
+            Continued.prefills += 1
+            if Continued.prefills == 1:
+                os.kill(os.getpid(), signal.SIGCONT)
+            return super().prefill(prompt, osl)
+
+    before = signal.getsignal(signal.SIGCONT)
+    trial.watch_continues()
+    try:
+        engine = Continued(EngineConfig(model="tiny-llama", engine="analytic", device="cpu",
+                                        dtype="float32", max_batch=2, max_seq_len=12))
+        outcome = trial.run_trial(engine, trial.TrialRequest(batch=1, budget=0, isl=8, osl=4,
+                                                             repeats=1, warmup=0))
+    finally:
+        signal.signal(signal.SIGCONT, before)
+    assert outcome.status == "ok" and Continued.prefills == 2
+    assert "stopped while a trial was measured; measuring it again" in caplog.text

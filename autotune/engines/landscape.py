@@ -65,11 +65,13 @@ class LandscapeEngine:
             raise UserInputError(f"landscape {path} covers budget fractions "
                                  f"{landscape.fractions[0]}..{landscape.fractions[-1]}; a study "
                                  "searches 0..1: record the full range")
-        isl, osl = config.max_prompt_len, config.max_seq_len - (config.max_prompt_len or 0)
-        if config.max_prompt_len is not None and (isl, osl) != (landscape.isl, landscape.osl):
-            raise UserInputError(f"landscape {path} was recorded at isl {landscape.isl}, osl "
-                                 f"{landscape.osl}; got --isl {isl} --osl {osl} (leave them "
-                                 "out to replay its own)")
+        if config.max_prompt_len is not None:  # the study's isl and osl: known before trial 1
+            isl, osl = config.max_prompt_len, config.max_seq_len - config.max_prompt_len
+            if (isl, osl) != (landscape.isl, landscape.osl):
+                raise UserInputError(
+                    f"landscape {path} was recorded at isl {landscape.isl}, osl {landscape.osl}; "
+                    f"got isl {isl}, osl {osl}: give those (autotune run --landscape replays "
+                    "at its own when --isl and --osl are left out)")
         top = landscape.batches[-1]
         if config.max_batch > top:
             raise UserInputError(f"landscape {path} covers batch 1..{top}; got --max-batch "

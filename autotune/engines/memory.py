@@ -57,6 +57,9 @@ def kv_cache_bytes(spec: ModelSpec, dtype: str, batch: int, seq_len: int) -> int
 # more sequences fits in the memory (grouped-query models on large GPUs), at most this.
 MAX_AUTO_BATCH = 2048
 MIN_AUTO_BATCH = 256
+# The most sequences any configuration may hold: beyond, a typo (no GPU fits 10**7), refused
+# wherever a batch is given (run's --max-batch, bench's --batch, a recommendation's best).
+MAX_BATCH = 1 << 20
 
 
 def auto_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> int:

@@ -2,6 +2,8 @@
 
 Loads the engine, applies the budget (bytes, or a fraction of ``total_device_budget``),
 predicts the peak memory, measures through :mod:`autotune.measure.timing`, and returns plain data.
+A configuration whose plan does not fit the memory a study would give it (``--gpu-memory-limit``
+and free device memory, minus the margin) is refused before it runs, as a study skips it.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ import logging
 from typing import Any
 
 from autotune.engines import EngineConfig, load_engine
+from autotune.engines.memory import DEFAULT_MARGIN, MAX_BATCH
 from autotune.errors import UserInputError
 from autotune.measure import host
 from autotune.measure.timing import measure
+from autotune.measure.trial import _first_line, available_bytes, does_not_fit, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +31,13 @@ def run_bench(
         from autotune import gpu
 
         gpu.device_info(device)  # a clear error without a GPU
-    for name, value in (("batch", batch), ("isl", isl), ("osl", osl)):
-        if value < 1:
-            raise UserInputError(f"--{name}: expected a positive integer; got {value}")
+    for name, value, most in (("batch", batch, MAX_BATCH), ("isl", isl, 1 << 24),
+                              ("osl", osl, 1 << 24), ("repeats", repeats, 1000)):
+        if not 1 <= value <= most:
+            raise UserInputError(f"--{name}: expected an integer from 1 to {most:,}; got "
+                                 f"{value:,}")
+    if warmup < 0:
+        raise UserInputError(f"--warmup: expected 0 or more; got {warmup}")
     config = EngineConfig(
         model=model, engine=engine, dtype=dtype, device=device, max_batch=batch,
         max_seq_len=isl + osl, max_prompt_len=isl, weights=weights, seed=seed, gpu_memory_limit=gpu_memory_limit,
@@ -37,7 +45,13 @@ def run_bench(
     warning = host.check_engine(config, workers=1)
     if warning:
         log.warning("%s", warning)
-    eng = load_engine(config)
+    try:
+        eng = load_engine(config)
+    except Exception as e:  # the host's memory (under `ulimit -v`, say): one line, not a trace
+        if not is_oom(e):
+            raise
+        raise UserInputError(f"out of memory loading {model} ({_first_line(e)}); free host "
+                             "memory or use a smaller model") from e
     try:
         total = eng.total_device_budget
         if budget is None:
@@ -46,8 +60,22 @@ def run_bench(
             raise UserInputError(f"--budget: expected 0..{total} bytes (total_device_budget); "
                                  f"got {budget}")
         plan = eng.memory_plan(batch, isl, osl, budget)
+        # What a study would skip is refused here too, before it runs (on CPU as well: the
+        # limit caps what the plan may need wherever it is given).
+        available = available_bytes(eng, DEFAULT_MARGIN)
+        if available is not None and plan.total > available:
+            raise UserInputError(
+                f"batch {batch} at budget {budget} bytes does not fit: "
+                f"{does_not_fit(plan.total, available, DEFAULT_MARGIN)}; lower --batch or "
+                "--budget" + (", or raise --gpu-memory-limit" if gpu_memory_limit else ""))
         eng.device_budget = budget
-        m = measure(eng, batch, isl, osl, repeats=repeats, warmup=warmup, seed=seed)
+        try:
+            m = measure(eng, batch, isl, osl, repeats=repeats, warmup=warmup, seed=seed)
+        except Exception as e:  # out of memory beyond the plan: the user's to change
+            if not is_oom(e):
+                raise
+            raise UserInputError(f"batch {batch} ran out of memory ({_first_line(e)}); lower "
+                                 "--batch or --budget") from e
         return {"measurement": m.as_dict(), "memory_plan": plan.as_dict(),
                 "engine": eng.describe()}
     finally:

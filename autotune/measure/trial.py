@@ -3,7 +3,8 @@
 What a trial does to the worker becomes its outcome, never the worker's end: predicted not to
 fit the headroom -> ``infeasible`` (not run); CUDA out of memory (classified from the exception,
 never caught wholesale) -> ``oom``, the cache freed; any other exception -> ``error`` with the
-message. The short requests answered between trials (:func:`plan_configs`, :func:`calibrate`)
+message. A measurement that a stop of the job spans (Ctrl-Z, then ``fg``) timed the pause too:
+it is taken again. The short requests answered between trials (:func:`plan_configs`, :func:`calibrate`)
 are here too; :mod:`autotune.measure.worker` carries them to the process and back. An
 in-process runner (:class:`autotune.tune.search.InProcessRunner`) calls them directly.
 """
@@ -11,6 +12,7 @@ in-process runner (:class:`autotune.tune.search.InProcessRunner`) calls them dir
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -59,7 +61,7 @@ class TrialOutcome:
         return asdict(self)
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     """Classifies out-of-memory from the exception type or CUDA's message."""
     try:
         import torch
@@ -69,10 +71,12 @@ def _is_oom(exc: BaseException) -> bool:
     except (ImportError, AttributeError):
         pass
     text = str(exc)
-    return "out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
+    # The CPU allocator's words (under `ulimit -v`, or a host out of memory) too.
+    return ("out of memory" in text.lower() or "CUDNN_STATUS_ALLOC_FAILED" in text
+            or "can't allocate memory" in text)
 
 
-def _available_bytes(engine: Any, margin: int) -> int | None:
+def available_bytes(engine: Any, margin: int) -> int | None:
     """Device memory this worker may use now: what NVML says is free plus what we already
     hold (the engine's ``device_bytes_held()`` where it has memory outside PyTorch's
     allocator, as TensorRT does; else the allocator's reservation), capped by the user's
@@ -90,6 +94,28 @@ def _available_bytes(engine: Any, margin: int) -> int | None:
         held_bytes = held() if held else torch.cuda.memory_reserved(config.device)
         caps.append(gpu.free_bytes(config.device) + held_bytes)
     return min(caps) - margin if caps else None
+
+
+# How many times a process has been continued after a stop (SIGCONT): a measurement that
+# spans a stop (Ctrl-Z, then fg) timed the pause too, so it is measured again, a few times at
+# most. Counted by :func:`watch_continues` in the worker's main thread.
+_continues = [0]
+_MOST_MEASUREMENTS = 3
+
+
+def watch_continues() -> None:
+    """Counts this process's continues (see ``_continues``); a worker calls it once."""
+    def count(signum: int, frame: Any) -> None:
+        _continues[0] += 1
+
+    signal.signal(signal.SIGCONT, count)
+
+
+def does_not_fit(predicted: int, available: int, margin: int) -> str:
+    """Why a configuration is not run, in words."""
+    return (f"predicted peak {format_bytes(predicted)} exceeds the {format_bytes(available)} "
+            f"available (free memory and --gpu-memory-limit, minus a {format_bytes(margin)} "
+            "margin)")
 
 
 def _free_cached(config: EngineConfig) -> None:
@@ -112,18 +138,14 @@ def run_trial(engine: Any, request: TrialRequest,
     start = time.perf_counter()
     plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
     try:
-        available = _available_bytes(engine, request.margin_bytes)
+        available = available_bytes(engine, request.margin_bytes)
     except EngineUnavailableError as e:  # NVML failed mid-study: this trial's error, not ours
         return TrialOutcome(status="error", reason=f"free memory unknown: {e}",
                             plan=plan.as_dict(), elapsed_s=time.perf_counter() - start)
     outcome = TrialOutcome(status="ok", plan=plan.as_dict(), available_bytes=available)
     if available is not None and plan.total > available:
         outcome.status = "infeasible"
-        outcome.reason = (
-            f"predicted peak {format_bytes(plan.total)} exceeds the {format_bytes(available)} "
-            f"available (free memory and --gpu-memory-limit, minus a "
-            f"{format_bytes(request.margin_bytes)} margin)"
-        )
+        outcome.reason = does_not_fit(plan.total, available, request.margin_bytes)
         return outcome
     try:
         before = engine.device_budget
@@ -136,12 +158,17 @@ def run_trial(engine: Any, request: TrialRequest,
         outcome.applied_budget = engine.device_budget
         # What the trial paid besides measuring: on TensorRT a change rebuilds every context.
         outcome.budget_changed = outcome.applied_budget != before
-        m = measure(
-            engine, request.batch, request.isl, request.osl,
-            repeats=request.repeats, warmup=request.warmup, seed=request.seed,
-            decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
-            progress=progress,
-        )
+        for _ in range(_MOST_MEASUREMENTS):
+            continues = _continues[0]
+            m = measure(
+                engine, request.batch, request.isl, request.osl,
+                repeats=request.repeats, warmup=request.warmup, seed=request.seed,
+                decode_steps=request.decode_steps, warmup_steps=request.warmup_steps,
+                progress=progress,
+            )
+            if _continues[0] == continues:  # not stopped meanwhile: what it measured holds
+                break
+            log.warning("the job was stopped while a trial was measured; measuring it again")
         outcome.measurement = m.as_dict()
         learn = getattr(engine, "learn_peak", None)  # engines whose plans learn from NVML
         if learn is not None and m.peak_device_bytes is not None:
@@ -150,7 +177,7 @@ def run_trial(engine: Any, request: TrialRequest,
         if over:  # measured, kept, and never a recommendation
             outcome.status, outcome.reason = "infeasible", over
     except Exception as e:  # classified below; anything else is this trial's error, not ours
-        if _is_oom(e):
+        if is_oom(e):
             outcome.status, outcome.reason = "oom", f"out of memory: {_first_line(e)}"
         else:
             outcome.status = "error"
@@ -193,7 +220,7 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
             if streams:
                 streamed[budget] = int(streams(budget))
     reply = {"totals": totals, "applied": [applied[budget] for _, budget in configs],
-             "available": _available_bytes(engine, margin)}
+             "available": available_bytes(engine, margin)}
     if streams:
         reply["streamed"] = [streamed[budget] for _, budget in configs]
     return reply

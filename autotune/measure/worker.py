@@ -48,12 +48,16 @@ from autotune.measure.trial import (
     calibrate,
     plan_configs,
     run_trial,
+    watch_continues,
 )
 
 log = logging.getLogger(__name__)
 
 # How often the parent checks that a busy worker is still alive (seconds).
 _POLL_S = 0.2
+# The most one poll counts against a timeout (seconds): a longer gap is time the process was
+# stopped (Ctrl-Z, SIGSTOP) or the machine asleep, and a stopped job's time is no trial's.
+_MOST_PER_POLL_S = 5.0
 # The longest a plan or calibrate request may take (seconds).
 _QUERY_TIMEOUT_S = 300.0
 # A wait longer than this says what it waits for, and again as often (never silent).
@@ -143,6 +147,7 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> No
     # with it; a traceback from here would only bury the parent's message. SIGTERM is the
     # parent's to handle too (it stops us through the pipe, or the kernel does as it dies).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_continues()  # a job stopped mid-measurement is measured again (measure.trial)
     # The logger's name says whose message it is (a library's, or autotune's own).
     logging.basicConfig(level=logging.WARNING,
                         format="worker: %(levelname)s %(name)s: %(message)s")
@@ -332,13 +337,16 @@ class Worker:
 
     def _receive(self, timeout_s: float, *, seq: int, doing: str = "") -> Any:
         """The reply ``(kind, data)`` to request ``seq``, or None if the process died or the
-        time ran out. Replies to earlier requests (given up on: a worker that stalled, then
-        went on) are dropped. What the worker says it is doing meanwhile (``progress``) is
-        passed to ``on_wait`` every ``NOTICE_S`` of the wait (``doing``: what it waits for)."""
-        began = time.monotonic()
-        deadline, notice = began + timeout_s, began + NOTICE_S
-        while time.monotonic() < deadline:
+        time ran out (time the job spent stopped not counted). Replies to earlier requests
+        (given up on: a worker that stalled, then went on) are dropped. What the worker says
+        it is doing meanwhile (``progress``) is passed to ``on_wait`` every ``NOTICE_S`` of the
+        wait (``doing``: what it waits for)."""
+        began = last = time.monotonic()
+        waited, notice = 0.0, began + NOTICE_S
+        while waited < timeout_s:
             now = time.monotonic()
+            waited += min(now - last, _MOST_PER_POLL_S)
+            last = now
             if doing and self.on_wait is not None and now >= notice:
                 self.on_wait(now - began, doing)
                 notice = now + NOTICE_S

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import jsonfile
+from autotune.engines.memory import MAX_BATCH
 from autotune.errors import NoCompletedTrialError, SchemaError
 from autotune.tune.budget import OVER_BUDGET
 from autotune.units import GiB
@@ -196,17 +197,21 @@ def default_path(study_name: str) -> Path:
 
 
 def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
-    parts = [
-        "autotune bench", f"--model {workload.get('model')}", f"--engine {workload.get('engine')}",
-        f"--dtype {workload.get('dtype')}", f"--isl {workload.get('isl')}",
-        f"--osl {workload.get('osl')}", f"--batch {best['batch']}",
-        f"--budget {best['device_budget_bytes']}",
-    ]
+    """The bench command that measures the best again, as a shell reads it (values quoted)."""
+    import shlex
+
+    options = [("--model", workload.get("model")), ("--engine", workload.get("engine")),
+               ("--dtype", workload.get("dtype")), ("--isl", workload.get("isl")),
+               ("--osl", workload.get("osl")), ("--batch", best["batch"]),
+               ("--budget", best["device_budget_bytes"])]
+    if workload.get("weights"):  # the checkpoint's own weights and shape, not a preset's
+        options.append(("--weights", workload["weights"]))
     if workload.get("gpu_memory_limit"):
-        parts.append(f"--gpu-memory-limit {workload['gpu_memory_limit']}")
+        options.append(("--gpu-memory-limit", workload["gpu_memory_limit"]))
     if workload.get("gpu") == "cpu":
-        parts.append("--device cpu")
-    return " ".join(parts)
+        options.append(("--device", "cpu"))
+    return "autotune bench " + " ".join(f"{flag} {shlex.quote(str(value))}"
+                                        for flag, value in options)
 
 
 def write(rec: dict[str, Any], path: str | Path) -> Path:
@@ -219,7 +224,7 @@ def validate(rec: Any) -> dict[str, Any]:
         raise SchemaError(f"a recommendation is a JSON object; got {type(rec).__name__}")
     if rec.get("kind") != KIND:
         raise SchemaError(f"not an autotune recommendation (kind {rec.get('kind')!r})")
-    if rec.get("schema_version") != SCHEMA_VERSION:
+    if not _is_int(rec.get("schema_version")) or rec["schema_version"] != SCHEMA_VERSION:
         raise SchemaError(
             f"schema_version {rec.get('schema_version')!r} is not supported; this autotune "
             f"reads version {SCHEMA_VERSION}"
@@ -235,16 +240,21 @@ def validate(rec: Any) -> dict[str, Any]:
         raise SchemaError(f"recommendation's best configuration lacks {', '.join(best_missing)}")
     best = rec["best"]
     # Hand-edited files: a batch of 3.9 or "8" is not silently served as 3 or refused late.
-    _check(best, "batch", _is_int, "a whole number of sequences, 1 or more", lambda v: v >= 1)
-    _check(best, "device_budget_bytes", _is_int, "a whole number of bytes, 0 or more",
-           lambda v: v >= 0)
+    total = rec.get("total_device_budget")
+    if total is not None and not (_is_int(total) and 0 <= total < 2**63):
+        raise SchemaError(f"recommendation's total_device_budget: expected a whole number of "
+                          f"bytes; got {total!r}")
+    _check(best, "batch", _is_int, f"a whole number of sequences from 1 to {MAX_BATCH:,}",
+           lambda v: 1 <= v <= MAX_BATCH)
+    # Beyond the total, a budget would be clamped where it is applied: never what was tuned.
+    most = total if total is not None else 2**63 - 1
+    _check(best, "device_budget_bytes", _is_int,
+           f"a whole number of bytes from 0 to {most} (total_device_budget)"
+           if total is not None else "a whole number of bytes, 0 or more",
+           lambda v: 0 <= v <= most)
     _check(best, "budget_fraction", _is_number, "a number from 0 to 1", lambda v: 0 <= v <= 1)
     _check(best, "throughput_tok_s", _is_number, "a number of tokens/s, 0 or more",
            lambda v: v >= 0)
-    total = rec.get("total_device_budget")
-    if total is not None and not (_is_int(total) and total >= 0):
-        raise SchemaError(f"recommendation's total_device_budget: expected a whole number of "
-                          f"bytes; got {total!r}")
     return rec
 
 

@@ -380,6 +380,14 @@ class ReportFiles:
     pngs: dict[str, Path]
 
 
+FIGURES = ("landscape", "pareto", "progress")
+
+
+def report_paths(out_dir: str | Path) -> list[Path]:
+    """Every file :func:`write_report` writes in ``out_dir``."""
+    return [Path(out_dir) / f"{name}.png" for name in FIGURES] + [Path(out_dir) / "report.html"]
+
+
 def write_report(study: Any, out_dir: str | Path) -> ReportFiles:
     """Writes ``<name>.png`` for each figure and ``report.html`` (self-contained) in out_dir."""
     pts = points(study)

@@ -1,7 +1,8 @@
 """The Optuna wiring: one study searches batch size x weight-streaming budget.
 
-Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study and names it
-(resuming a study with another workload is refused, :func:`check_workload`);
+Workload (model, engine, dtype, isl, osl, memory limit, GPU) is fixed per study, names it and
+is its first record (resuming a study with another workload, or one autotune did not make, is
+refused, :func:`check_workload`);
 the parameters are ``batch`` (integer, log scale) and ``budget_fraction`` (of
 ``total_device_budget``; the bytes are recorded beside it). The objective is throughput.
 Every trial's outcome is data: a configuration predicted not to fit, or that ran out of memory,
@@ -30,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from autotune.engines import EngineConfig, check_options, engine_class
+from autotune.engines.memory import MAX_BATCH
 from autotune.errors import UserInputError, stop_name
 from autotune.measure import host
 from autotune.measure.trial import TrialOutcome, TrialRequest
@@ -49,7 +51,7 @@ FINISHED = ("COMPLETE", "FAIL", "PRUNED")
 
 # The most a run may ask for: beyond, a typo (a study of 10**20 trials never ends; a batch of
 # 10**7 sequences fits no GPU), refused before anything is written.
-_MOST = {"trials": 100_000, "isl": 1 << 24, "osl": 1 << 24, "max_batch": 1 << 20,
+_MOST = {"trials": 100_000, "isl": 1 << 24, "osl": 1 << 24, "max_batch": MAX_BATCH,
          "repeats": 1000}
 _NAME_BYTES = 200  # a study's name is its export's file name: studies/<name>.json
 
@@ -245,25 +247,34 @@ def resolve_gpu_name(options: RunOptions) -> str:
 
 
 def create_or_load(options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
-    """The study, and whether this call created it."""
-    import optuna
+    """The study, and whether this call created it.
 
-    from autotune.storage import study_names
+    A study's workload is its first record: the run that creates it stores it at once, and a
+    run that finds the study made waits for it before comparing (:func:`check_workload`), so
+    two runs started together on a new study cannot both measure, one workload each, into it.
+    """
+    import optuna
 
     storage = open_storage(options.storage, create=True)
     name = options.study_name or default_study_name(options, gpu_name)
     check_study_name(name)  # a default name from a long checkpoint folder name, say
-    created = name not in study_names(storage)
     seed = None if options.joined else options.seed
     from autotune.tune.search import make_sampler
 
     sampler = make_sampler(options.sampler, seed, options.max_batch)
-    study = optuna.create_study(
-        storage=storage, study_name=name, direction="maximize", sampler=sampler,
-        load_if_exists=True,
-    )
-    if not options.joined:  # a joiner takes the study's own options
+    if options.joined:  # a joiner takes the study's own options
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize",
+                                    sampler=sampler)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
         check_workload(study, options, gpu_name)
+        created = False
+    else:
+        study.set_user_attr("workload", options.workload(gpu_name))
+        study.set_user_attr("run_options", options_dict(options))
+        created = True
     if study.metric_names is None:
         study.set_metric_names([OBJECTIVE])
     return study, created
@@ -275,12 +286,22 @@ WORKLOAD_KEYS = ("model", "weights", "engine", "dtype", "isl", "osl", "gpu_memor
                  "max_batch", "limits")
 
 
+# How long a run that finds a study without its workload waits for the run creating it to
+# store it (two writes apart, on a busy disk): beyond, the study is not autotune's.
+WORKLOAD_WAIT_S = 5.0
+
+
 def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
     """Refuses to resume a study that measured another workload, naming what differs (its
-    best would be reported for a workload it was never measured on)."""
-    stored = study.user_attrs.get("workload")
+    best would be reported for a workload it was never measured on), and a study autotune did
+    not make (plain Optuna's: its trials have none of autotune's attributes), before writing
+    anything into it."""
+    stored = _stored_workload(study, WORKLOAD_WAIT_S)
     if not isinstance(stored, dict):
-        return  # nothing measured yet under any workload
+        raise UserInputError(
+            f"study {study.study_name!r} was not made by autotune (it stores no workload"
+            f"{'; it has ' + str(len(study.trials)) + ' trials' if study.trials else ''}): "
+            "autotune writes only into its own studies; give another --study")
     mine = options.workload(gpu_name)
     differs = [f"{key} {stored.get(key)!r} (this run: {mine[key]!r})" for key in WORKLOAD_KEYS
                if key in stored and stored[key] != mine[key]]
@@ -292,6 +313,19 @@ def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
             f"study {study.study_name!r} measured another workload: {', '.join(differs)}; "
             "resume it with its own options, or give another --study"
         )
+
+
+def _stored_workload(study: Any, wait_s: float) -> Any:
+    """The study's stored workload; while it has none and no trial, waits up to ``wait_s``
+    for the run that created it a moment ago to store it."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        workload = study.user_attrs.get("workload")  # read from the storage each time
+        if workload is not None or study.trials or time.monotonic() >= deadline:
+            return workload
+        time.sleep(0.05)
 
 
 def check_total(study: Any, total: int) -> None:
