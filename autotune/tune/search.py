@@ -30,7 +30,7 @@ from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import UserInputError
 from autotune.measure.trial import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
 from autotune.tune.prior import Limits, Observation, Prior
-from autotune.tune.trials import record
+from autotune.tune.trials import record, study_bandwidths
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +310,10 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
     """The study loop without a worker process: ask, run, record, ``trials`` times (fewer
     with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
     outcomes: list[TrialOutcome] = []
+    if "bandwidths" not in study.user_attrs:  # as run_study records them
+        describe = getattr(getattr(runner, "engine", None), "describe", None)
+        study.set_user_attr("bandwidths", study_bandwidths(describe() if describe else {}, {}))
+    bandwidths = study.user_attrs["bandwidths"]
     for _ in range(trials):
         if early_stop and prior is not None and prior.converged(observations(study)):
             break
@@ -320,7 +324,8 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
         request = TrialRequest(batch=batch, budget=int(round(fraction * total)), isl=isl,
                                osl=osl, repeats=1, warmup=0, seed=seed)
         outcome = measure(runner, request, trial)
-        record(study, trial, request, outcome, total, "in-process", limits=limits)
+        record(study, trial, request, outcome, total, "in-process", limits=limits,
+               bandwidths=bandwidths)
         after_trial(study, prior, runner)
         outcomes.append(outcome)
     return outcomes
