@@ -244,6 +244,7 @@ def run(
         f"best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
         f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s"
     )
+    out.print(f"why: {rec['explanation']['text']}", highlight=False, soft_wrap=True)
     out.print(f"recommendation written to {path}")
 
 
@@ -339,6 +340,13 @@ def _budget_cell(attrs: dict[str, Any]) -> str:
     return f"{pct:.0f}% {format_bytes(nbytes)}"
 
 
+def _bound_cell(attrs: dict[str, Any]) -> str:
+    """The trial's fraction of its bound and what sets it ("99 link"); empty without one."""
+    if attrs.get("bound_fraction") is None:
+        return ""
+    return f"{100 * attrs['bound_fraction']:.0f} {attrs.get('bound_by', '')}".strip()
+
+
 def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None:
     trials = study.get_trials(deepcopy=False)
 
@@ -350,7 +358,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
     ranked = sorted(trials, key=lambda t: (t.value is None, bool(over(t)), -(t.value or 0)))
     table = Table(title=title or study.study_name)
     for col in ("#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
-                "peak GiB", "pred GiB", "reason"):
+                "bound %", "peak GiB", "pred GiB", "reason"):
         table.add_column(col, justify="right" if col not in ("status", "reason") else "left")
     for t in ranked[:limit]:
         a = t.user_attrs
@@ -362,6 +370,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
             f"{a['ttft_ms']:.1f}" if "ttft_ms" in a else "",
             f"{a['tpot_ms']:.2f}" if "tpot_ms" in a else "",
+            _bound_cell(a),
             f"{a['peak_memory_gib']:.2f}" if "peak_memory_gib" in a else "",
             f"{a['predicted_peak_gib']:.2f}" if "predicted_peak_gib" in a else "",
             (a.get("reason") or "")[:60],

@@ -50,6 +50,11 @@ def _config(trial: Any, total: int | None) -> dict[str, Any]:
         "stream_gb_s": a.get("stream_gb_s"),
         "tokens_sha256": a.get("tokens_sha256"),
         "measurement": a.get("measurement", "full"),
+        # Its time per token against its bound (autotune.measure.roofline); None where no
+        # measured bandwidth bounds it (CPU) or the study predates it.
+        "bound_fraction": a.get("bound_fraction"),
+        "bound_by": a.get("bound_by"),
+        "bound_tpot_ms": a.get("bound_tpot_ms"),
     }
 
 
@@ -131,6 +136,9 @@ def build(study: Any) -> dict[str, Any]:
     confirmation = attrs.get("confirmation")
     if confirmation and confirmation.get("trial") == best["trial"]:
         rec["confirmation"] = confirmation  # the best, measured over every decode step
+    from autotune.results.explain import explain
+
+    rec["explanation"] = explain(study, rec)  # what limits the best, what would move it
     return rec
 
 

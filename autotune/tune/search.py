@@ -210,6 +210,8 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
         study.set_user_attr("prior", {"error": str(e)})
         return None
     study.set_user_attr("calibration", prior.calibration.as_dict())
+    # What the report draws and the recommendation explains, with no worker to ask then.
+    study.set_user_attr("memory_edge", prior.memory_edge())
     # A resumed study's trials judge the stored calibration at once (two runs calibrating
     # side by side once stored one that made every large batch look hopeless).
     check_calibration(study, prior, runner)
