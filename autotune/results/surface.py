@@ -60,7 +60,8 @@ class Surface:
                 and total):
             return None
         w = a.get("workload", {})
-        return cls(Constants.from_description(prior), edge, Limits(**(w.get("limits") or {})),
+        limits = {k: v for k, v in (w.get("limits") or {}).items() if k in Limits.__annotations__}
+        return cls(Constants.from_description(prior), edge, Limits(**limits),
                    int(w.get("osl", 1)), int(total))
 
     # -- lookups --------------------------------------------------------------------------
