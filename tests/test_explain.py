@@ -10,7 +10,6 @@ surface, the memory edge and the limits' exclusion drawn behind the trials, and 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import optuna
@@ -52,7 +51,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def memory_study(url: str) -> optuna.Study:
-    return replay(url, H100_8GIB, "memory")
+    return replay(url, H100_8GIB, "memory", gpu_memory_limit=8 * GiB)  # as recorded
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +71,8 @@ def test_memory_bound_on_the_h100_landscape(memory_study: optuna.Study) -> None:
     assert points[(96, 0.1)]["status"] == "infeasible" == points[(64, 0.2)]["status"]
     assert why["kind"] == "memory"
     assert why["text"].startswith("memory-bound at batch 64 with 10% of the weights resident: "
-                                  "neither a larger batch nor more resident weights fit")
+                                  "neither a larger batch nor more resident weights fit in the "
+                                  "7.75 GiB available (--gpu-memory-limit 8GiB less a margin)")
     # The fraction of the link: the recorded step against streamed bytes / the recorded link.
     p = points[(64, 0.1)]
     link = p["streamed_bytes_per_step"] / (land.calibration["h2d_gb_s"] * 1e9)
@@ -153,18 +153,21 @@ def test_unexplored_when_the_search_stopped_short(url: str) -> None:
                                   " at 0% resident (untried)")
 
 
-def _saturated(path: Path) -> Path:
-    """A landscape where compute sets every step (1 ms + 1 ms per sequence, prefill 1 ms +
-    1 ms per prompt token) and memory holds every batch: throughput saturates near 533 tok/s,
-    so batch 48 is within 0.3% of batch 64. HBM and link bandwidths recorded."""
-    isl, osl, total, batches, fractions = 8, 8, 10**9, [1, 2, 4, 8, 16, 32, 48, 64], [0.0, 0.5, 1.0]
+def _saturated(path: Path, slow: tuple[int, float] | None = None) -> Path:
+    """A landscape where, resident, compute sets every step (1 ms + 1 ms per sequence, prefill
+    alike: a 1-token prompt) and memory holds every batch: throughput saturates near 1,000
+    tok/s, so batch 48 is within 0.5% of batch 64; streaming everything, the link (1 GB at
+    50 GB/s: 20 ms) sets it up to batch 19. HBM and link bandwidths recorded. ``slow``: one
+    grid point whose steps take 1.4x as long (a disturbed recording)."""
+    isl, osl, total, batches, fractions = 1, 8, 10**9, [1, 2, 4, 8, 16, 32, 48, 64], [0.0, 0.5, 1.0]
     rows = [1, 8, 32, 128, 512, 2048]
     pts = []
     for b in batches:
         for f in fractions:
             streamed = int(total * (1 - f))
-            tpot = max(streamed / 50e9, 1e-3 + 1e-3 * b)
-            ttft = max(streamed / 50e9, 1e-3 + 1e-3 * b * isl)
+            disturbed = 1.4 if (b, f) == slow else 1.0
+            tpot = disturbed * max(streamed / 50e9, 1e-3 + 1e-3 * b)
+            ttft = disturbed * max(streamed / 50e9, 1e-3 + 1e-3 * b * isl)
             pts.append({"batch": b, "budget_fraction": f, "status": "ok",
                         "predicted_peak_bytes": 10**8 * (1 + b),
                         "throughput_tok_s": b * osl / (ttft + (osl - 1) * tpot),
@@ -203,6 +206,25 @@ def test_nothing_binds_on_a_saturated_landscape(url: str, tmp_path: Path) -> Non
     # 1 GB resident read at 2,000 GB/s: 0.5 ms of the recorded 49 ms step.
     assert best["bound_fraction"] == pytest.approx(0.5 / land.at(48, 1.0).tpot_ms, rel=1e-3)
     assert "of the HBM bound (2,000 GB/s" in why["text"]
+
+
+def test_a_trial_the_model_misjudged_is_ringed(url: str, tmp_path: Path) -> None:
+    """Streaming everything on the saturated landscape, with batch 8 recorded 1.4x slower than
+    the link allows: of five trials, that one (and only that one) lies off the fitted model
+    (the link's bandwidth: the median of the trials') by more than its error, and the
+    landscape rings it and says the model's figure beside it."""
+    path = _saturated(tmp_path / "disturbed.json", slow=(8, 0.0))
+    name = "disturbed"
+    study = optuna.create_study(storage=open_storage(url), study_name=name,
+                                direction="maximize")
+    for batch in (2, 4, 8, 12, 16):
+        study.enqueue_trial({"batch": batch, "budget_fraction": 0.0})
+    stored = replay(url, path, name, trials=5, max_batch=64)
+    ax = report.figures(stored)["landscape"].axes[0]
+    (ring,) = [c for c in ax.collections if c.get_label().startswith("measured off the model")]
+    assert [tuple(xy) for xy in ring.get_offsets()] == [(8.0, 0.0)]
+    notes = [t.get_text() for t in ax.texts if t.get_text().startswith("model ")]
+    assert len(notes) == 1 and notes[0].endswith("%)") and "(-" in notes[0]  # slower
 
 
 def test_the_landscape_draws_what_the_search_saw(latency_study: optuna.Study) -> None:

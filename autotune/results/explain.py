@@ -260,15 +260,21 @@ def _signed(x: float) -> str:
     return ("+" if x >= 0 else "-") + _about(abs(x))
 
 
+def memory_flag(limit: int) -> str:
+    """``--gpu-memory-limit`` as a user would have typed it (8GiB)."""
+    return f"--gpu-memory-limit {limit / GiB:g}GiB" if limit % 2**20 == 0 else \
+        f"--gpu-memory-limit {limit}"
+
+
 def _room(s: Surface | None, study: Any, workload: dict[str, Any]) -> str:
     """The memory the plans were checked against, and the limit that set it."""
     limit = workload.get("gpu_memory_limit")
     available = s.available if s is not None else None
     if available is None:
-        return f"--gpu-memory-limit {format_bytes(limit)}" if limit else "the GPU's memory"
+        return memory_flag(limit) if limit else "the GPU's memory"
     held = f"the {format_bytes(available)} available"
     if limit:
-        return f"{held} (--gpu-memory-limit {format_bytes(limit)} less a margin)"
+        return f"{held} ({memory_flag(limit)} less a margin)"
     if workload.get("engine") == "landscape" or str(workload.get("gpu")) == "cpu":
         return held
     return f"{held} (the GPU's free memory less a margin)"

@@ -30,6 +30,7 @@ from typing import Any
 
 from autotune.errors import AutotuneError, NoCompletedTrialError, UserInputError
 from autotune.results import drawing, recommend
+from autotune.results.explain import memory_flag
 from autotune.results.surface import Surface
 from autotune.units import GiB, format_bytes
 
@@ -412,7 +413,7 @@ def figures(study: Any, rec: dict[str, Any] | None = None) -> dict[str, Any]:
     room = ""
     if surface is not None and surface.available is not None:
         room = f"{format_bytes(surface.available)}" + (
-            f" (--gpu-memory-limit {format_bytes(limit)} less a margin)" if limit else "")
+            f" ({memory_flag(limit)} less a margin)" if limit else "")
     return {
         "landscape": figure_landscape(pts, rec, sub, attrs.get("total_device_budget"),
                                       surface, room),
