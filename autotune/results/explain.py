@@ -103,7 +103,6 @@ def _unexplored(best: _Best, s: Surface | None, study: Any, workload: dict[str, 
         "model_tok_s": round(better.throughput, 1)}
 
 
-
 def _latency(best: _Best, s: Surface | None, study: Any, workload: dict[str, Any]
              ) -> dict[str, Any] | None:
     limits = workload.get("limits") or {}
@@ -117,7 +116,7 @@ def _latency(best: _Best, s: Surface | None, study: Any, workload: dict[str, Any
     flag, what, unit = _LIMIT_FLAGS[key]
     limit = limits[key]
     if s is not None:
-        free = s.best(limit_scale=math.inf)
+        free = s.best(limit_scale=math.inf, walls=_walls(study))
         here = float(s.predict(best.batch, best.fraction)["throughput"])
         if free is None or free.throughput <= here * (1 + s.c.error):
             return None  # the model says the limits cost nothing measurable
@@ -149,7 +148,7 @@ def _latency(best: _Best, s: Surface | None, study: Any, workload: dict[str, Any
                     f"; the best runs batch {best.batch} at {_pct(best.fraction)} resident")
             figures["max_batch_within_limit"] = top
     if s is not None:
-        looser = s.best(limit_scale=LOOSER)
+        looser = s.best(limit_scale=LOOSER, walls=_walls(study))
         here = float(s.predict(best.batch, best.fraction)["throughput"])
         if looser is not None and looser.throughput > here * (1 + s.c.error):
             text += (f"; {flag} {limit * LOOSER:g} would allow about "
@@ -170,7 +169,7 @@ def _max_batch(best: _Best, s: Surface | None, study: Any, workload: dict[str, A
     text = f"bound by --max-batch {top}: it is the largest batch searched"
     figures: dict[str, Any] = {"limit": f"--max-batch {top}"}
     if s is not None:
-        wider = s.best(max_batch=8 * top)  # the memory's reach, by the plan's slope
+        wider = s.best(max_batch=8 * top, walls=_walls(study))  # the memory's reach
         here = float(s.predict(best.batch, best.fraction)["throughput"])
         if wider is not None and wider.batch > top:
             text += (f", and the memory plan holds about {wider.batch} sequences at "
