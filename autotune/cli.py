@@ -305,6 +305,7 @@ def run(
         f"{tag}best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
         f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s",
         highlight=False)
+    out.print(f"{tag}why: {rec['explanation']['text']}", highlight=False, soft_wrap=True)
     out.print(f"{tag}recommendation written to {path}", highlight=False)
 
 
@@ -431,8 +432,10 @@ def _print_progress(event: Any, tag: str = "") -> None:
 def _print_edge(study: Any) -> None:
     """Where the memory limit cuts the space: the largest batch that fits at each budget,
     from the engine's memory plans (the prior's; absent without one)."""
-    edge = study.user_attrs.get("memory_edge")
-    if not edge or not edge.get("max_batch"):
+    from autotune.results import recommend
+
+    edge = recommend.edge_by_tenths(study.user_attrs.get("memory_edge"))
+    if not edge:
         return
     tag = demo.label(study.user_attrs.get("workload"))
     cells = [(f"{pct:g}%", str(b) if b else "-")
@@ -454,6 +457,13 @@ def _budget_cell(attrs: dict[str, Any]) -> str:
     return f"{pct:.0f}% {format_bytes(nbytes)}"
 
 
+def _bound_cell(attrs: dict[str, Any]) -> str:
+    """The trial's fraction of its bound and what sets it ("99 link"); empty without one."""
+    if attrs.get("bound_fraction") is None:
+        return ""
+    return f"{100 * attrs['bound_fraction']:.0f} {attrs.get('bound_by', '')}".strip()
+
+
 def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None:
     trials = study.get_trials(deepcopy=False)
 
@@ -468,7 +478,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
                   caption=f"{tag}figures replayed from a landscape measured on a GPU, not measured "
                           "here" if tag else None)
     for col in ("#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
-                "peak GiB", "pred GiB", "reason"):
+                "bound %", "peak GiB", "pred GiB", "reason"):
         table.add_column(col, justify="right" if col not in ("status", "reason") else "left")
     for t in ranked[:limit]:
         a = t.user_attrs
@@ -480,6 +490,7 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
             f"{a['ttft_ms']:.1f}" if "ttft_ms" in a else "",
             f"{a['tpot_ms']:.2f}" if "tpot_ms" in a else "",
+            _bound_cell(a),
             f"{a['peak_memory_gib']:.2f}" if "peak_memory_gib" in a else "",
             f"{a['predicted_peak_gib']:.2f}" if "predicted_peak_gib" in a else "",
             (a.get("reason") or "")[:60],

@@ -144,7 +144,9 @@ class AnalyticEngine:
         return self.total_device_budget - self._budget
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "unit_bytes": UNIT, "units": UNITS}
+        # The modelled link is this engine's hardware: its bounds are the model's own.
+        return {"engine": self.name, "unit_bytes": UNIT, "units": UNITS,
+                "bandwidths": {"h2d_gb_s": LINK_BYTES_PER_S / 1e9}}
 
     def close(self) -> None:
         pass

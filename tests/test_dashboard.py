@@ -140,6 +140,9 @@ def test_dashboard_serves_while_a_study_writes(tmp_path: Path, storage_url: str,
             time.sleep(0.5)
         assert len(detail["trials"]) == trials
         assert {t["state"] for t in detail["trials"]} == {"Complete"}
+        # Each streaming trial's fraction of its bound is a user attribute the dashboard shows.
+        attrs = [{a["key"] for a in t["user_attrs"]} for t in detail["trials"]]
+        assert any("bound_fraction" in keys for keys in attrs)
     assert any(0 < n < trials for n in seen), f"no poll overlapped the writes: {sorted(seen)}"
     assert polls > 10
     for log in (run_log, tmp_path / "dashboard.log"):

@@ -37,8 +37,10 @@ def test_notebook_draws_a_study(tmp_path: Path, storage_url: str) -> None:
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "notebook-study: 8 finished trials" in text
     assert "best (the recommendation): trial #" in text
+    assert "why: " in text  # the recommendation's explanation
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 3  # landscape, Pareto front, progress
+    assert len(images) == 4  # landscape, bound, Pareto front, progress
     tables = [o for o in outputs if "text/markdown" in o.get("data", {})]
     assert tables and "| trial | status |" in tables[0]["data"]["text/markdown"]
+    assert "| bound |" in tables[0]["data"]["text/markdown"]
     assert (tmp_path / "saved" / "report.html").exists()

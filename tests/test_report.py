@@ -63,7 +63,7 @@ def test_figures_are_labelled(study_url: str) -> None:
     assert any(t.startswith("infeasible") for t in legend)
     assert any(f"#{rec['best']['trial']}" in t and "recommendation" in t for t in legend)
     colorbar = figs["landscape"].axes[1]
-    assert colorbar.get_ylabel() == "throughput (tokens/s)"
+    assert colorbar.get_ylabel().startswith("throughput (tokens/s)")
 
     pareto = figs["pareto"].axes[0]
     assert "peak device memory" in pareto.get_xlabel()
@@ -86,10 +86,11 @@ def test_write_report_is_self_contained(study_url: str, tmp_path: Path) -> None:
         data = path.read_bytes()
         assert data[:8] == PNG and len(data) > 20_000
     page = files.html.read_text()
-    assert page.count('src="data:image/png;base64,') == 3
+    assert page.count('src="data:image/png;base64,') == len(report.FIGURES) == 4
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
     assert "<script" not in page
     assert "report-study" in page and "Recommendation" in page and "autotune bench" in page
+    assert "<b>Why:</b>" in page
 
 
 def test_report_before_any_feasible_trial(tmp_path: Path) -> None:
@@ -122,7 +123,7 @@ def test_cli_report(study_url: str, tmp_path: Path, cli_env: dict[str, str]) -> 
     assert proc.returncode == 0, proc.stderr
     assert f"report written to {out / 'report.html'}" in proc.stdout.replace("\n", "")
     assert sorted(p.name for p in out.iterdir()) == [
-        "landscape.png", "pareto.png", "progress.png", "report.html"]
+        "bound.png", "landscape.png", "pareto.png", "progress.png", "report.html"]
 
     proc = subprocess.run(
         [sys.executable, "-m", "autotune", "report", "--storage", study_url, "--study", "nope",

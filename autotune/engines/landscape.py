@@ -161,7 +161,15 @@ class LandscapeEngine:
                 "synthetic": self.landscape.synthetic,
                 "measured_on": gpu.get("name") or self.landscape.workload.get("gpu"),
                 "total_device_budget": self.total_device_budget,
-                "device_budget": self.device_budget}
+                "device_budget": self.device_budget, "bandwidths": self.bandwidths()}
+
+    def bandwidths(self) -> dict[str, float]:
+        """The recording's measured link and HBM bandwidths (GB/s), where it has them: a
+        replay's bounds are the recorded hardware's, not this CPU's."""
+        env, cal = self.landscape.data.get("environment") or {}, self.landscape.calibration
+        out = {"h2d_gb_s": env.get("h2d_gb_s") or cal.get("h2d_gb_s"),
+               "hbm_gb_s": env.get("hbm_gb_s")}
+        return {k: float(v) for k, v in out.items() if v}
 
     def close(self) -> None:
         pass

@@ -210,3 +210,29 @@ def measure_h2d_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int =
         times.append(time.perf_counter() - start)
     del src, dst
     return nbytes / statistics.median(times) / 1e9
+
+
+def measure_hbm_bandwidth(device: str, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Device memory bandwidth in GB/s (1e9) of a device-to-device copy (read + write: 2 x
+    ``nbytes`` moved), median of ``repeats`` copies timed with CUDA events (a 0.3 ms copy is
+    too short for the host clock).
+
+    The bound of a configuration that keeps weights resident is resident bytes / this figure
+    (:mod:`autotune.measure.roofline`).
+    """
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: first touch, not counted
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()  # the events are read only once the copy between them is done
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()  # the engine loads next: hand the 512 MiB back
+    return 2 * nbytes / statistics.median(times) / 1e9

@@ -86,7 +86,8 @@ _QUERIES = {"plan": plan_configs, "calibrate": calibrate}
 
 
 def describe_environment(config: EngineConfig) -> dict[str, Any]:
-    """Versions, GPU and the measured host-to-device bandwidth (in the worker)."""
+    """Versions, GPU and the measured host-to-device and device memory bandwidths (in the
+    worker): the bounds of every configuration (:mod:`autotune.measure.roofline`)."""
     import platform
 
     env: dict[str, Any] = {"python": platform.python_version(), "device": config.device,
@@ -104,11 +105,12 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
         from autotune import gpu
 
         env["cuda"] = torch.version.cuda
-        from autotune.measure.timing import measure_h2d_bandwidth
+        from autotune.measure.timing import measure_h2d_bandwidth, measure_hbm_bandwidth
 
         info = gpu.device_info(config.device)
         env["gpu"] = info.as_dict()
         env["h2d_gb_s"] = round(measure_h2d_bandwidth(config.device), 2)
+        env["hbm_gb_s"] = round(measure_hbm_bandwidth(config.device), 1)
     else:
         env["cpu"] = platform.processor() or platform.machine()
     return env

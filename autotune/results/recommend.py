@@ -51,6 +51,11 @@ def _config(trial: Any, total: int | None) -> dict[str, Any]:
         "stream_gb_s": a.get("stream_gb_s"),
         "tokens_sha256": a.get("tokens_sha256"),
         "measurement": a.get("measurement", "full"),
+        # Its time per token against its bound (autotune.measure.roofline); None where no
+        # measured bandwidth bounds it (CPU) or the study predates it.
+        "bound_fraction": a.get("bound_fraction"),
+        "bound_by": a.get("bound_by"),
+        "bound_tpot_ms": a.get("bound_tpot_ms"),
     }
 
 
@@ -60,6 +65,20 @@ def _feasible_completed(study: Any) -> list[Any]:
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     return [t for t in done if t.user_attrs.get("status") == "ok"
             and all(v <= 0 for v in t.constraints.values())]
+
+
+def edge_by_tenths(edge: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The stored memory edge (:meth:`autotune.tune.model.Model.memory_edge`, one entry per
+    candidate fraction) at every 10% of the budget: the largest batch that fits there (0:
+    none), compact enough to read. None without a limit."""
+    if not edge or edge.get("available_bytes") is None or not edge.get("fractions"):
+        return None
+    fractions, batches = edge["fractions"], edge["edge_batch"]
+    pcts = list(range(0, 101, 10))
+    nearest = [min(range(len(fractions)), key=lambda j: abs(fractions[j] - p / 100))
+               for p in pcts]
+    return {"budget_pct": pcts, "max_batch": [int(batches[j]) for j in nearest],
+            "available_bytes": int(edge["available_bytes"])}
 
 
 def pareto_front(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -129,14 +148,18 @@ def build(study: Any) -> dict[str, Any]:
         "engine": _engine_summary(attrs.get("engine", {})),
         "costs": _costs(study, attrs.get("engine", {})),
     }
-    if attrs.get("memory_edge"):  # where the memory limit cuts the space (the memory plan)
-        rec["memory_edge"] = attrs["memory_edge"]
+    edge = edge_by_tenths(attrs.get("memory_edge"))
+    if edge:  # where the memory limit cuts the space (the memory plan)
+        rec["memory_edge"] = edge
     if workload.get("engine") == "landscape":  # figures replayed, not measured here
         rec["replayed_from"] = {k: attrs.get("engine", {}).get(k)
                                 for k in ("landscape", "synthetic", "measured_on")}
     confirmation = attrs.get("confirmation")
     if confirmation and confirmation.get("trial") == best["trial"]:
         rec["confirmation"] = confirmation  # the best, measured over every decode step
+    from autotune.results.explain import explain
+
+    rec["explanation"] = explain(study, rec)  # what limits the best, what would move it
     return rec
 
 

@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import AutotuneError, NoCompletedTrialError, UserInputError
-from autotune.results import recommend
+from autotune.results import drawing, recommend
+from autotune.results.explain import memory_flag
+from autotune.results.surface import Surface
 from autotune.units import GiB, format_bytes
 
-FIGURES = ("landscape", "pareto", "progress")
+FIGURES = ("landscape", "bound", "pareto", "progress")
 _FAILED = ("error", "crash", "timeout")
 _DPI = 110
 
@@ -50,6 +52,9 @@ class TrialPoint:
     peak_memory_bytes: int | None  # measured, else predicted
     peak_measured: bool
     within_limits: bool = True  # met every latency limit of the study (if it ran)
+    streamed_bytes: int | None = None  # per decode step, ok trials only
+    bound_fraction: float | None = None  # time per token: its bound / measured (roofline)
+    bound_by: str | None = None  # what sets the bound: "link" or "HBM"
 
     @property
     def measured(self) -> bool:
@@ -84,6 +89,8 @@ def points(study: Any) -> list[TrialPoint]:
             peak_memory_bytes=int(peak) if peak else None, peak_measured=bool(measured),
             within_limits=all(v <= 0 for k, v in (t.constraints or {}).items()
                               if k != "memory_gib"),
+            streamed_bytes=a.get("streamed_bytes_per_step") if a["status"] == "ok" else None,
+            bound_fraction=a.get("bound_fraction"), bound_by=a.get("bound_by"),
         ))
     return out
 
@@ -190,10 +197,11 @@ def _mark_failures(ax: Any, pts: list[TrialPoint], x: Any, y: Any) -> None:
 
 def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
                      subtitle: str = "", total_budget: int | None = None,
-                     edge: dict[str, Any] | None = None) -> Any:
-    """Throughput over batch (log2) x device budget (% of streamable weights); ``edge``: the
-    study's ``memory_edge`` (the largest batch that fits at each budget), drawn as a line."""
-    fig = _figure(8.6, 5.6)
+                     surface: Surface | None = None, memory_note: str = "") -> Any:
+    """Throughput over batch (log2) x device budget (% of streamable weights): the measured
+    trials on top of what the search reasoned about (``surface``: the model's throughput, the
+    memory plan's edge, where the limits exclude), trials the model misjudged ringed."""
+    fig = _figure(8.6, 6.0)
     ax = fig.add_subplot()
     fit = [(b, pct) for pct, b in zip(edge["budget_pct"], edge["max_batch"], strict=True)
            if b] if edge else []
@@ -202,30 +210,37 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
                 linestyle="--", linewidth=1.2, zorder=1,
                 label="memory limit: the largest batch that fits (memory plan)")
     ok = [p for p in pts if p.feasible]
+    top_batch = max([p.batch for p in pts] + [surface.max_batch if surface else 1])
+    norm = drawing.throughput_norm([p.throughput_tok_s for p in ok], surface, top_batch)
+    if surface is not None:
+        drawing.draw_surface(ax, fig, surface, top_batch, norm, memory_note)
     if ok:
         sc = ax.scatter([p.batch for p in ok], [p.budget_pct for p in ok],
-                        c=[p.throughput_tok_s for p in ok], cmap="viridis", s=70,
-                        edgecolors="black", linewidths=0.4, zorder=2)
-        fig.colorbar(sc, ax=ax, label="throughput (tokens/s)", pad=0.02)
-        ax.scatter([], [], color="#9e9e9e", edgecolors="black", linewidths=0.4, s=70,
+                        c=[p.throughput_tok_s for p in ok], cmap="viridis", norm=norm, s=70,
+                        edgecolors="black", linewidths=0.6, zorder=4)
+        if surface is None:
+            fig.colorbar(sc, ax=ax, label="throughput (tokens/s)", pad=0.02)
+        ax.scatter([], [], color="#9e9e9e", edgecolors="black", linewidths=0.6, s=70,
                    label="measured trial (colour: throughput)")
+        best = _best(ok, rec)
+        drawing.label_trials(ax, ok, best.number if best else None, surface)
     _mark_over_limit(ax, pts, lambda p: p.batch, lambda p: p.budget_pct)
     _mark_failures(ax, pts, lambda p: p.batch, lambda p: p.budget_pct)
     for gib, p in _picks(pts, rec):
         ax.scatter([p.batch], [p.budget_pct], s=230, facecolors="none", edgecolors="#ff7f0e",
-                   linewidths=1.8, zorder=4)
+                   linewidths=1.8, zorder=5)
         ax.annotate(f"≤ {gib} GiB", (p.batch, p.budget_pct), textcoords="offset points",
                     xytext=(9, -13), fontsize=8, color="#c05a00")
     best = _best(pts, rec)
     if best is not None:
         ax.scatter([best.batch], [best.budget_pct], marker="*", s=420, color="#ffd700",
-                   edgecolors="black", linewidths=1.0, zorder=5,
+                   edgecolors="black", linewidths=1.0, zorder=6,
                    label=f"best = recommendation (#{best.number}): batch {best.batch}, "
                          f"budget {best.budget_pct:.0f}%, {best.throughput_tok_s:,.0f} tok/s")
     if _picks(pts, rec):
         ax.scatter([], [], s=120, facecolors="none", edgecolors="#ff7f0e", linewidths=1.8,
                    label='"if you can give N GiB" picks')
-    _log2_batch_axis(ax, [p.batch for p in pts] + [b for b, _ in fit])
+    _log2_batch_axis(ax, [p.batch for p in pts] + [top_batch])
     ax.set_ylim(-4, 104)
     ax.set_xlabel("batch size (sequences, log2 scale)")
     ax.set_ylabel("device budget (% of streamable weights resident)")
@@ -234,17 +249,61 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
         ax.secondary_yaxis("right", functions=(
             lambda pct: pct * total_budget / 100 / scale,
             lambda v: v * scale * 100 / total_budget,
-        ))
-        ax.text(1.0, 1.01, f"{name} resident (of {format_bytes(total_budget)})",
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#444")
+        )).set_ylabel(f"{name} resident (of {format_bytes(total_budget)})", fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
-    ax.set_title("Throughput over batch size x weight-streaming budget", fontsize=12, loc="left")
+    title = ("What the search saw: the model's throughput (fill), the trials (dots)"
+             if surface is not None else "Throughput over batch size x weight-streaming budget")
+    ax.set_title(title, fontsize=11, loc="left")
     fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8,
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7.5,
                   frameon=False)
     _empty_note(ax, pts)
     return fig
+
+
+def figure_bound(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
+                 subtitle: str = "", bandwidths: dict[str, Any] | None = None) -> Any:
+    """Each measured trial's fraction of its own bound (time per token: max(streamed / link,
+    resident / HBM) over the measured), against batch: near 100%, only more memory or more
+    resident weights help; far below, something else takes the time."""
+    fig = _figure(8.6, 4.9)
+    ax = fig.add_subplot()
+    bounded = [p for p in pts if p.measured and p.bound_fraction is not None]
+    styles = {"link": dict(marker="^", label="bound by the link (streamed bytes)"),
+              "HBM": dict(marker="o", label="bound by HBM (resident bytes)")}
+    sc = None
+    for by, style in styles.items():
+        sel = [p for p in bounded if p.bound_by == by]
+        if sel:
+            sc = ax.scatter([p.batch for p in sel], [100 * p.bound_fraction for p in sel],
+                            c=[p.budget_pct for p in sel], cmap="cividis", vmin=0, vmax=100,
+                            s=60, edgecolors="black", linewidths=0.5, zorder=3, **style)
+    if sc is not None:
+        fig.colorbar(sc, ax=ax, pad=0.02, label="budget (% resident)")
+    best = _best(pts, rec)
+    if best is not None and best.bound_fraction is not None:
+        ax.scatter([best.batch], [100 * best.bound_fraction], marker="*", s=380,
+                   color="#ffd700", edgecolors="black", linewidths=1.0, zorder=4,
+                   label=f"best (#{best.number}): {100 * best.bound_fraction:.0f}% of its "
+                         f"{best.bound_by} bound")
+    ax.axhline(100, color="#d62728", linestyle="--", linewidth=1.2, zorder=2,
+               label="the bound (bandwidths measured at the study's start)")
+    _log2_batch_axis(ax, [p.batch for p in pts])
+    top = max([100 * p.bound_fraction for p in bounded] + [100])
+    ax.set_ylim(0, 1.1 * top)
+    ax.set_xlabel("batch size (sequences, log2 scale)")
+    ax.set_ylabel("fraction of the bound (%)")
+    bw = bandwidths or {}
+    figures = ", ".join(f"{name} {bw[k]:,.3g} GB/s" for k, name in
+                        (("h2d_gb_s", "link"), ("hbm_gb_s", "HBM")) if bw.get(k))
+    if not bounded:
+        ax.text(0.5, 0.5, "no bound: this study measured no link or HBM bandwidth (CPU)"
+                if not figures else "no measured trial yet", transform=ax.transAxes,
+                ha="center", va="center", fontsize=11, color="#777")
+    return _finish(fig, ax, "How close each trial came to its bound"
+                   + (f" ({figures})" if figures else ""), subtitle, pts,
+                   legend_y=-0.16, ncol=2)
 
 
 def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
@@ -354,15 +413,22 @@ def _empty_note(ax: Any, pts: list[Any]) -> None:
 
 
 def figures(study: Any, rec: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The three figures of a study, by name (``landscape``, ``pareto``, ``progress``)."""
+    """The figures of a study, by name (:data:`FIGURES`)."""
     pts = points(study)
     if rec is None:
         rec = recommendation(study)
     sub = _subtitle(study)
-    limit = study.user_attrs.get("workload", {}).get("gpu_memory_limit")
+    attrs = study.user_attrs
+    limit = attrs.get("workload", {}).get("gpu_memory_limit")
+    surface = Surface.of(study)
+    room = ""
+    if surface is not None and surface.available is not None:
+        room = f"{format_bytes(surface.available)}" + (
+            f" ({memory_flag(limit)} less a margin)" if limit else "")
     return {
-        "landscape": figure_landscape(pts, rec, sub, study.user_attrs.get("total_device_budget"),
-                                      study.user_attrs.get("memory_edge")),
+        "landscape": figure_landscape(pts, rec, sub, attrs.get("total_device_budget"),
+                                      surface, room),
+        "bound": figure_bound(pts, rec, sub, attrs.get("bandwidths")),
         "pareto": figure_pareto(pts, rec, sub, limit),
         "progress": figure_progress(pts, sub),
     }
@@ -443,7 +509,11 @@ def _html(study: Any, pts: list[TrialPoint], rec: dict[str, Any] | None,
             + f": <b>{b['throughput_tok_s']:,.1f} tokens/s</b> (trial #{b['trial']}"
             + (f", peak memory {e(format_bytes(b['peak_memory_bytes']))}"
                if b.get("peak_memory_bytes") else "")
+            + (f", {100 * b['bound_fraction']:.0f}% of its {e(b['bound_by'])} bound"
+               if b.get("bound_fraction") is not None else "")
             + ").</p>",
+            f"<p><b>Why:</b> {e(rec['explanation']['text'])}</p>" if rec.get("explanation")
+            else "",
             f"<p>Reproduce: <code>{e(rec['reproduce'])}</code></p>",
         ]
         if rec["if_you_can_give"]:
@@ -456,7 +526,8 @@ def _html(study: Any, pts: list[TrialPoint], rec: dict[str, Any] | None,
                     f"</td><td>{row['throughput_tok_s']:,.1f}</td></tr>")
             parts.append("</table>")
     captions = {
-        "landscape": "Throughput over batch size x device budget",
+        "landscape": "Throughput over batch size x device budget: what the search saw",
+        "bound": "Fraction of the bound each trial reached",
         "pareto": "Throughput against peak device memory (Pareto front)",
         "progress": "Search progress",
     }

@@ -125,6 +125,24 @@ class Constants:
     ttft_error: float = 0.05  # ... of TTFT alone
     fitted_on: int = 0
 
+    @classmethod
+    def from_description(cls, d: dict[str, Any]) -> Constants:
+        """The constants of a stored :meth:`Model.describe` (the study's ``prior``)."""
+        (alpha, beta), (pi0, pi1) = d["decode_ms"], d["prefill_ms"]
+        return cls(bw=d["stream_gb_s"] * 1e9, alpha=alpha / 1e3, beta=beta / 1e3,
+                   pi0=pi0 / 1e3, pi1=pi1 / 1e3, error=d.get("error", 0.05),
+                   fitted_on=d.get("fitted_on", 0))
+
+
+def predict(c: Constants, b: np.ndarray, streamed: np.ndarray, osl: int) -> dict[str, np.ndarray]:
+    """The model's figures (seconds, tok/s) at batches ``b`` streaming ``streamed`` bytes a
+    step: copies overlap compute, so each phase takes the longer of the two."""
+    stream = streamed / c.bw
+    tpot = np.maximum(stream, c.alpha + c.beta * b)
+    ttft = np.maximum(stream, c.pi0 + c.pi1 * b)
+    e2e = ttft + (osl - 1) * tpot
+    return {"tpot_s": tpot, "ttft_s": ttft, "e2e_s": e2e, "throughput": b * osl / e2e}
+
 
 class Model:
     """Predictions over the candidate grid: the fitted model, its local correction and the
@@ -192,12 +210,8 @@ class Model:
                 streamed: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Predicted figures (seconds, tok/s) at batches ``b`` and fractions ``f`` (streaming
         ``streamed`` bytes per step where given)."""
-        c = c or self.constants
-        stream = (self.streamed_bytes(f) if streamed is None else streamed) / c.bw
-        tpot = np.maximum(stream, c.alpha + c.beta * b)
-        ttft = np.maximum(stream, c.pi0 + c.pi1 * b)
-        e2e = ttft + (self.osl - 1) * tpot
-        return {"tpot_s": tpot, "ttft_s": ttft, "e2e_s": e2e, "throughput": b * self.osl / e2e}
+        return predict(c or self.constants, b,
+                       self.streamed_bytes(f) if streamed is None else streamed, self.osl)
 
     def _lower_bounds(self, obs: list[Observation]) -> dict[str, np.ndarray]:
         """The fastest each candidate could possibly run (see the module docstring), never
@@ -335,16 +349,34 @@ class Model:
             "measured_bandwidth": self.measured_bw,
         }
 
-    def memory_edge(self, step_pct: int = 10) -> dict[str, Any] | None:
-        """Where the memory limit cuts the space, from the plans: the largest candidate batch
-        that fits at every ``step_pct`` of the budget (0: none fits). None without a limit."""
-        if self.available is None:
-            return None
-        pcts = list(range(0, 101, step_pct))
-        cols = [int(np.argmin(np.abs(self.fractions - p / 100))) for p in pcts]
-        top = [int(self.batches[self.fits[:, j]].max()) if self.fits[:, j].any() else 0
-               for j in cols]
-        return {"budget_pct": pcts, "max_batch": top, "available_bytes": int(self.available)}
+    def memory_edge(self) -> dict[str, Any]:
+        """The memory plan's feasibility edge, compact enough for a study attribute: at each
+        candidate fraction, the largest candidate batch whose plan fits the headroom (0: none),
+        its plan, and what one more sequence costs there (bytes, the plan's slope), with the
+        bytes streamed per step and the budget applied. What a report draws and a
+        recommendation explains, without a worker (:mod:`autotune.results.surface`)."""
+        nb = len(self.batches)
+        edge, peak, per_sequence = [], [], []
+        for j in range(len(self.fractions)):
+            rows = np.flatnonzero(self.fits[:, j])
+            i = int(rows[-1]) if len(rows) else -1
+            edge.append(int(self.batches[i]) if i >= 0 else 0)
+            peak.append(int(self.plans[i, j]) if i >= 0 else None)
+            # The slope between two batches that fit (the edge and about half of it): the
+            # plan beyond the edge may jump (a replayed landscape's next grid point).
+            hi = max(i, 1) if nb >= 2 else 0
+            lo = int(np.searchsorted(self.batches, self.batches[hi] / 2)) if i >= 1 else 0
+            lo = min(lo, hi - 1) if hi >= 1 else 0
+            slope = 0.0
+            if hi > lo:
+                slope = ((self.plans[hi, j] - self.plans[lo, j])
+                         / float(self.batches[hi] - self.batches[lo]))
+            per_sequence.append(int(round(slope)))
+        return {"available_bytes": self.available, "max_batch": self.max_batch,
+                "fractions": [round(float(f), 6) for f in self.fractions],
+                "edge_batch": edge, "edge_peak_bytes": peak, "bytes_per_sequence": per_sequence,
+                "streamed_bytes": [int(round(x)) for x in self.streamed_bytes(self.fractions)],
+                "applied_bytes": [int(x) for x in self.applied]}
 
     def nothing_fits(self) -> str | None:
         """Why no trial can run, when not even the smallest configuration fits; else None."""

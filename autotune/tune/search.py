@@ -30,7 +30,7 @@ from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import UserInputError
 from autotune.measure.trial import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
 from autotune.tune.prior import Limits, Observation, Prior
-from autotune.tune.trials import record
+from autotune.tune.trials import record, study_bandwidths
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
     # side by side once stored one that made every large batch look hopeless).
     check_calibration(study, prior, runner)
     study.set_user_attr("prior", prior.describe())
+    # What the report draws and the recommendation explains, with no worker to ask then.
     study.set_user_attr("memory_edge", prior.memory_edge())
     if isinstance(study.sampler, AutotuneSampler):
         study.sampler.attach(prior)
@@ -311,6 +312,10 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
     """The study loop without a worker process: ask, run, record, ``trials`` times (fewer
     with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
     outcomes: list[TrialOutcome] = []
+    if "bandwidths" not in study.user_attrs:  # as run_study records them
+        describe = getattr(getattr(runner, "engine", None), "describe", None)
+        study.set_user_attr("bandwidths", study_bandwidths(describe() if describe else {}, {}))
+    bandwidths = study.user_attrs["bandwidths"]
     for _ in range(trials):
         if early_stop and prior is not None and prior.converged(observations(study)):
             break
@@ -321,7 +326,8 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
         request = TrialRequest(batch=batch, budget=int(round(fraction * total)), isl=isl,
                                osl=osl, repeats=1, warmup=0, seed=seed)
         outcome = measure(runner, request, trial)
-        record(study, trial, request, outcome, total, "in-process", limits=limits)
+        record(study, trial, request, outcome, total, "in-process", limits=limits,
+               bandwidths=bandwidths)
         after_trial(study, prior, runner)
         outcomes.append(outcome)
     return outcomes

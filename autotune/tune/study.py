@@ -41,7 +41,7 @@ from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
 from autotune.tune import budget, resume
 from autotune.tune.acquisition import OUT_OF_REACH
 from autotune.tune.prior import Limits
-from autotune.tune.trials import OBJECTIVE, record
+from autotune.tune.trials import OBJECTIVE, record, study_bandwidths
 from autotune.units import GiB
 
 log = logging.getLogger(__name__)
@@ -470,6 +470,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                             max_batch=options.max_batch, limits=options.limits,
                             h2d_gb_s=info.environment.get("h2d_gb_s"))
                 prior = state.get("prior")
+                bandwidths = study.user_attrs.get("bandwidths")  # the study's, for the bounds
                 if prior is not None and (why := prior.nothing_fits()):
                     raise UserInputError(why)  # before any trial: none could run
                 first, held = True, None  # held: the budget this worker's engine holds
@@ -485,7 +486,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         first = False
                     with resume.heartbeat(trial):
                         outcome = search.measure(worker, request, trial)
-                    record(study, trial, request, outcome, total, device, limits=options.limits)
+                    record(study, trial, request, outcome, total, device, limits=options.limits,
+                           bandwidths=bandwidths)
                     if outcome.status in ("crash", "timeout"):  # a new worker: budget unknown
                         held = None
                     elif outcome.applied_budget is not None:
@@ -600,6 +602,8 @@ def _record_study_attrs(study: Any, options: RunOptions, gpu_name: str, info: Wo
     """The workload and environment, so that a recommendation says where it holds."""
     study.set_user_attr("workload", options.workload(gpu_name))
     study.set_user_attr("environment", info.environment)
+    # Measured once at the study's start: every trial's fraction of the bound uses these.
+    study.set_user_attr("bandwidths", study_bandwidths(info.engine, info.environment))
     study.set_user_attr("engine", info.engine)
     study.set_user_attr("total_device_budget", info.total_device_budget)
     study.set_user_attr("automatic_budget", info.automatic_budget)

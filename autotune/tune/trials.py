@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from autotune.measure.roofline import bound_attrs
 from autotune.measure.trial import TrialOutcome, TrialRequest
 from autotune.tune.prior import Limits
 from autotune.units import GiB
@@ -16,11 +17,13 @@ OBJECTIVE = "throughput_tok_s"
 
 
 def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
-           total: int, device: str, limits: Limits | None = None) -> None:
-    """Tells Optuna what a trial did, with every figure in the user attributes."""
+           total: int, device: str, limits: Limits | None = None,
+           bandwidths: dict[str, Any] | None = None) -> None:
+    """Tells Optuna what a trial did, with every figure in the user attributes (its fraction
+    of the bound from ``bandwidths``: the study's, see :func:`study_bandwidths`)."""
     import optuna
 
-    attrs = trial_attrs(request, outcome, total)
+    attrs = trial_attrs(request, outcome, total, bandwidths)
     attrs["worker_device"] = device
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
@@ -47,7 +50,8 @@ def record(study: Any, trial: Any, request: TrialRequest, outcome: TrialOutcome,
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
-def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dict[str, Any]:
+def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int,
+                bandwidths: dict[str, Any] | None = None) -> dict[str, Any]:
     """Flat, dashboard-friendly attributes (units in the names)."""
     attrs: dict[str, Any] = {
         "status": outcome.status,
@@ -86,6 +90,7 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int) -> dic
             "stream_gb_s": round(m["stream_gb_s"], 2),
             "tokens_sha256": m["tokens_sha256"],
         })
+        attrs.update(bound_attrs(m, outcome.plan, outcome.applied_budget, bandwidths))
         peak = m.get("peak_device_bytes") or m["peak_reserved_bytes"]
         for key in ("peak_allocated_bytes", "peak_reserved_bytes", "nvml_used_bytes",
                     "peak_device_bytes"):
@@ -105,3 +110,12 @@ def measurement_kind(m: dict[str, Any]) -> str:
         return (f"estimated: prefill + {m['decode_steps_timed']} of {m['osl'] - 1} decode steps "
                 f"timed, the rest extrapolated (uniform steps)")
     return "full"
+
+
+def study_bandwidths(engine: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    """The bandwidths a study's bounds use (GB/s): an engine that stands in for hardware (a
+    replayed landscape) gives its recording's; else those the worker measured at its start."""
+    own = engine.get("bandwidths")
+    if isinstance(own, dict) and own:
+        return {k: v for k, v in own.items() if k in ("h2d_gb_s", "hbm_gb_s") and v}
+    return {k: environment[k] for k in ("h2d_gb_s", "hbm_gb_s") if environment.get(k)}
