@@ -203,12 +203,6 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     memory plan's edge, where the limits exclude), trials the model misjudged ringed."""
     fig = _figure(8.6, 6.0)
     ax = fig.add_subplot()
-    fit = [(b, pct) for pct, b in zip(edge["budget_pct"], edge["max_batch"], strict=True)
-           if b] if edge else []
-    if fit:
-        ax.plot([b for b, _ in fit], [pct for _, pct in fit], color="#555",
-                linestyle="--", linewidth=1.2, zorder=1,
-                label="memory limit: the largest batch that fits (memory plan)")
     ok = [p for p in pts if p.feasible]
     top_batch = max([p.batch for p in pts] + [surface.max_batch if surface else 1])
     norm = drawing.throughput_norm([p.throughput_tok_s for p in ok], surface, top_batch)
