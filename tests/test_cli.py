@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from autotune.results import recommend
 
 
 def autotune(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    # Never the checkout: a run without --out writes studies/<study>.json where it runs.
+    cwd = cwd or Path(tempfile.mkdtemp(prefix="autotune-cli-"))
     return subprocess.run(
         [sys.executable, "-m", "autotune", *args], env=env, cwd=cwd, capture_output=True,
         text=True, timeout=240,

@@ -170,6 +170,10 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> No
             environment=environment,
             load_s=time.perf_counter() - t0,
         )
+        if getattr(engine, "simulate_measurement", None) is None:
+            # Prompts are torch tensors: imported now (seconds on a busy machine), not inside
+            # the first trial's timeout. A replay never needs torch, and skips it.
+            import torch  # noqa: F401
     except Exception as e:
         if isinstance(e, AutotuneError):  # the user's to fix: their words, as the CLI says them
             conn.send((0, "failed", ("user", _first_line(e))))
