@@ -515,7 +515,7 @@ def _models_table() -> Table:
                          no_wrap=True)
     for spec in PRESETS.values():
         table.add_row(
-            spec.name, _count(spec.num_params()), format_bytes(spec.weight_bytes("float16")),
+            spec.name, _count(spec.distinct_params()), format_bytes(spec.weight_bytes("float16")),
             format_bytes(spec.layer_params() * 2), format_bytes(spec.kv_bytes_per_token("float16")),
             spec.description,
         )

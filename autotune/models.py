@@ -113,6 +113,12 @@ class ModelSpec:
     def num_params(self) -> int:
         return sum(_numel(s) for s in self.all_shapes().values())
 
+    def distinct_params(self) -> int:
+        """The model's parameter count as published: a tied head counted once (engines still
+        hold it as its own copy, so weight_bytes counts it twice)."""
+        tied = self.vocab_size * self.hidden_size if self.tie_word_embeddings else 0
+        return self.num_params() - tied
+
     def layer_params(self) -> int:
         return sum(_numel(s) for s in self.layer_shapes(0).values())
 
@@ -211,9 +217,9 @@ PRESETS: dict[str, ModelSpec] = {
                   description="Llama-3.1 70B, GQA"),
         ModelSpec("llama3.2-1b", 2048, 8192, 16, 32, 8, 128256, max_position_embeddings=131072,
                   rope_theta=500000.0, rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True,
-                  description="Llama-3.2 1B, GQA, tied"),
+                  description="Llama-3.2 1B, GQA"),
         ModelSpec("tiny-llama", 128, 352, 6, 4, 2, 512, max_position_embeddings=1024,
-                  description="CPU tests: 6 layers"),
+                  description="CPU tests only"),
     )
 }
 

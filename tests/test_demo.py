@@ -15,6 +15,7 @@ from conftest import ANALYTIC, ROOT
 from rich.console import Console
 
 from autotune import demo
+from autotune.models import PRESETS
 from autotune.engines import EngineConfig
 from autotune.measure import worker as worker_mod
 from autotune.measure.trial import TrialRequest
@@ -74,7 +75,7 @@ def test_the_models_table_fits_80_columns() -> None:
     text = console.export_text()
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "…" not in text and "grouped-query" in text
-    assert len([line for line in text.splitlines() if line.startswith("│")]) == 6  # a row each
+    assert len([line for line in text.splitlines() if line.startswith("│")]) == len(PRESETS)  # a row each
 
 
 def test_a_long_trial_says_what_it_waits_for(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,15 +27,20 @@ H100_8GIB = ROOT / "benchmarks" / "landscapes" / "llama2-7b-8GiB-isl128-osl8-h10
 SYNTHETIC = ROOT / "tests" / "data" / "synthetic-llama2-7b-8GiB.json"
 
 
-def replay(url: str, path: Path, name: str, **options: object) -> optuna.Study:
-    """``autotune run --landscape PATH`` into ``url``; the stored study."""
+def replay_options(url: str, path: Path, name: str, **options: object) -> RunOptions:
+    """What ``autotune run --landscape PATH`` into ``url`` runs."""
     land = read(path)
     options.setdefault("max_batch", land.batches[-1])
-    run_study(RunOptions(model=land.workload["model"], engine="landscape",
-                         engine_options=(("landscape", str(path)),), device="cpu",
-                         dtype=land.workload.get("dtype", "float16"), isl=land.isl,
-                         osl=land.osl, repeats=1, storage=url, study_name=name,
-                         **options))  # type: ignore[arg-type]
+    return RunOptions(model=land.workload["model"], engine="landscape",
+                      engine_options=(("landscape", str(path)),), device="cpu",
+                      dtype=land.workload.get("dtype", "float16"), isl=land.isl,
+                      osl=land.osl, repeats=1, storage=url, study_name=name,
+                      **options)  # type: ignore[arg-type]
+
+
+def replay(url: str, path: Path, name: str, **options: object) -> optuna.Study:
+    """``autotune run --landscape PATH`` into ``url``; the stored study."""
+    run_study(replay_options(url, path, name, **options))
     return load_study(open_storage(url, create=False), name)
 
 
@@ -138,9 +143,11 @@ def test_unexplored_when_the_search_stopped_short(url: str) -> None:
     """Three trials far from the optimum (asked for by name, as a user's enqueued trials are):
     the model, fitted on them, points at the synthetic landscape's known best, batch 32
     streaming everything, and says it was not measured."""
+    from autotune.tune.study import create_or_load, resolve_gpu_name
+
     name = "stopped-short"
-    study = optuna.create_study(storage=open_storage(url), study_name=name,
-                                direction="maximize")
+    options = replay_options(url, SYNTHETIC, name, trials=3)
+    study, _ = create_or_load(options, resolve_gpu_name(options))  # as a run makes it
     for batch, fraction in ((2, 0.3), (4, 0.2), (8, 0.1)):
         study.enqueue_trial({"batch": batch, "budget_fraction": fraction})
     rec = recommend.build(replay(url, SYNTHETIC, name, trials=3))
