@@ -15,10 +15,10 @@ from conftest import ANALYTIC, ROOT
 from rich.console import Console
 
 from autotune import demo
-from autotune.models import PRESETS
 from autotune.engines import EngineConfig
 from autotune.measure import worker as worker_mod
 from autotune.measure.trial import TrialRequest
+from autotune.models import PRESETS
 
 
 def test_the_demo_replays_a_gpu_landscape_and_shows_both_axes(tmp_path: Path, cli_env) -> None:
