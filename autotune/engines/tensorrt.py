@@ -11,8 +11,9 @@ Torch-TensorRT's example instead: no cache, every step a forward over the whole 
 
 TensorRT allocates its memory outside PyTorch's allocator, so on a GPU the engine measures,
 once at load, what NVML sees at a few budgets, and plans from that
-(:meth:`TensorRTEngine.memory_plan`). The prompt goes through in chunks (``prefill_chunk``), so
-that no call is batch x isl tokens: TensorRT reserves activation memory for the largest call. torch_tensorrt is imported inside ``load`` only, so
+(:meth:`TensorRTEngine.memory_plan`). The prompt goes through in chunks (``prefill_chunk``),
+so that no call is batch x isl tokens: TensorRT reserves activation memory for the largest
+call. torch_tensorrt is imported inside ``load`` only, so
 ``import autotune.engines`` never needs it. Section numbers refer to
 ``research/torch-tensorrt-weight-streaming.md``. This module does not time generation
 (:mod:`autotune.measure.timing` does) and does not use CUDA graphs (TensorRT-RTX does not support
