@@ -50,10 +50,12 @@ def _regret(study: optuna.Study, osl: int) -> float:
     return 1 - mine / optimum
 
 
-def _study_with_calibration(storage_url: str, gemm_s: tuple[float, ...]) -> None:
-    """A study whose stored calibration is ``gemm_s``, as a run that measured it left it."""
+def _study_with_calibration(storage_url: str, gemm_s: tuple[float, ...], **kw) -> None:
+    """A study whose stored calibration is ``gemm_s``, as a run with options ``kw`` that
+    measured it left it (its workload, first, as every run stores it)."""
     study = optuna.create_study(storage=open_storage(storage_url, create=True), study_name="s",
                                 direction="maximize")
+    study.set_user_attr("workload", _options(storage_url, **kw).workload("cpu"))
     study.set_user_attr("calibration", {"h2d_gb_s": None, "gemm_rows": list(ROWS),
                                         "gemm_s": list(gemm_s)})
 
@@ -107,7 +109,7 @@ def test_bounds_step_aside_for_what_a_trial_measured() -> None:
 def test_a_stored_calibration_that_is_not_physical_is_measured_again(storage_url: str) -> None:
     """Issue 13: two runs calibrating at once stored CONTENDED; the run that reused it
     converged at batch 1, and every rerun kept it."""
-    _study_with_calibration(storage_url, CONTENDED)
+    _study_with_calibration(storage_url, CONTENDED, isl=128, osl=256)
     result = run_study(_options(storage_url, isl=128, osl=256))  # the issue's lengths
     study = load_study(open_storage(storage_url), "s")
     assert _regret(study, osl=256) <= 0.10, recommend.build(study)["best"]
@@ -139,8 +141,9 @@ def test_a_trial_far_off_its_prediction_is_measured_again(storage_url: str) -> N
     # The engine's own compute as the calibration (prefill of one token runs ``batch`` rows,
     # like a decode step): what the search makes of the trials alone, whatever this CPU's
     # matmuls measure today.
-    _study_with_calibration(storage_url, tuple(STEP_S + PER_SEQ_S * r for r in ROWS))
-    run_study(_options(storage_url, isl=1, engine_options=(("spoil_batch", 24),)))
+    spoiled = dict(isl=1, engine_options=(("spoil_batch", 24),))
+    _study_with_calibration(storage_url, tuple(STEP_S + PER_SEQ_S * r for r in ROWS), **spoiled)
+    run_study(_options(storage_url, **spoiled))
     study = load_study(open_storage(storage_url), "s")
     best = recommend.build(study)["best"]
     # What the study says of its best is that configuration's own speed, not a spoiled one
