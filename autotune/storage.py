@@ -23,7 +23,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from autotune.errors import StorageError, StudyNotFoundError, UserInputError
 
@@ -234,7 +234,7 @@ def check_schema(path: Path, *, create: bool) -> None:
     any table is new: a run fills it; a command that only reads finds no study there."""
     from optuna.storages._rdb.models import BaseModel  # the tables Optuna makes
 
-    tables = {row[0] for row in _query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = _settled_tables(path, set(BaseModel.metadata.tables))
     if not tables:
         if create:
             return
@@ -256,6 +256,30 @@ def check_schema(path: Path, *, create: bool) -> None:
             "brings it up to date)")
 
 
+# Another run creating the schema of a new file at this moment makes its tables one by one,
+# each committed on its own: a table set still growing is that, not a dropped table. It is
+# read again until it is whole or has not changed for this long.
+SCHEMA_SETTLE_S = 2.0
+
+
+def _settled_tables(path: Path, optuna_tables: set[str]) -> set[str]:
+    """The file's tables, once no other process is still creating Optuna's schema in it."""
+    def read() -> set[str]:
+        rows = _query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {row[0] for row in rows}
+
+    tables = read()
+    still = time.monotonic()
+    while tables & optuna_tables and not optuna_tables <= tables:
+        if time.monotonic() - still >= SCHEMA_SETTLE_S:
+            break  # unchanged: dropped, not being made
+        time.sleep(0.05)
+        now = read()
+        if now != tables:
+            tables, still = now, time.monotonic()
+    return tables
+
+
 def _unreadable(path: Path, e: sqlite3.DatabaseError) -> StorageError:
     """What keeps SQLite from reading a file that is not known to be damaged."""
     if _disk_full(path) or getattr(e, "sqlite_errorname", "") == "SQLITE_FULL":
@@ -274,19 +298,38 @@ def _unreadable(path: Path, e: sqlite3.DatabaseError) -> StorageError:
 
 
 def _enable_wal(path: Path) -> None:
-    """WAL lets readers (the dashboard) and the writer (the study) work at once."""
-    conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
-    try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            log.warning("SQLite at %s would not enter WAL mode (%s)", path, mode)
-    except sqlite3.DatabaseError as e:
-        known = explain(e)
-        if known is not None:
-            raise known from e
-        raise StorageError(f"storage: {path} is not a usable SQLite database ({e})") from e
-    finally:
-        conn.close()
+    """WAL lets readers (the dashboard) and the writer (the study) work at once.
+
+    Switching a new file to WAL needs its exclusive lock. SQLite answers "locked" at once,
+    without waiting out the busy timeout, where waiting could deadlock (another process on
+    the new file holds a write lock while this one holds a read lock: runs starting together),
+    so the switch is retried here until the same timeout has really passed."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    pause = 0.01
+    while True:
+        conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                log.warning("SQLite at %s would not enter WAL mode (%s)", path, mode)
+            return
+        except sqlite3.OperationalError as e:
+            busy = "locked" in str(e).lower() or "busy" in str(e).lower()
+            if not busy or time.monotonic() >= deadline:
+                _raise_storage_error(path, e)
+        except sqlite3.DatabaseError as e:
+            _raise_storage_error(path, e)
+        finally:
+            conn.close()
+        time.sleep(pause)
+        pause = min(0.5, pause * 2)
+
+
+def _raise_storage_error(path: Path, e: sqlite3.DatabaseError) -> NoReturn:
+    known = explain(e)
+    if known is not None:
+        raise known from e
+    raise StorageError(f"storage: {path} is not a usable SQLite database ({e})") from e
 
 
 def explain(exc: BaseException) -> StorageError | None:

@@ -44,6 +44,16 @@ def replay(url: str, path: Path, name: str, **options: object) -> optuna.Study:
     return load_study(open_storage(url, create=False), name)
 
 
+def made_as_a_run_makes_it(url: str, path: Path, name: str, **options: object) -> optuna.Study:
+    """The study ``replay`` will run into, made first (to enqueue trials into it) as a run
+    makes it: autotune refuses studies it did not make."""
+    from autotune.tune.study import create_or_load, resolve_gpu_name
+
+    run = replay_options(url, path, name, **options)
+    study, _ = create_or_load(run, resolve_gpu_name(run))
+    return study
+
+
 def grid(path: Path) -> dict[tuple[int, float], dict]:
     data = json.loads(path.read_text())
     return {(p["batch"], p["budget_fraction"]): p for p in data["points"]}
@@ -143,11 +153,8 @@ def test_unexplored_when_the_search_stopped_short(url: str) -> None:
     """Three trials far from the optimum (asked for by name, as a user's enqueued trials are):
     the model, fitted on them, points at the synthetic landscape's known best, batch 32
     streaming everything, and says it was not measured."""
-    from autotune.tune.study import create_or_load, resolve_gpu_name
-
     name = "stopped-short"
-    options = replay_options(url, SYNTHETIC, name, trials=3)
-    study, _ = create_or_load(options, resolve_gpu_name(options))  # as a run makes it
+    study = made_as_a_run_makes_it(url, SYNTHETIC, name, trials=3)
     for batch, fraction in ((2, 0.3), (4, 0.2), (8, 0.1)):
         study.enqueue_trial({"batch": batch, "budget_fraction": fraction})
     rec = recommend.build(replay(url, SYNTHETIC, name, trials=3))
@@ -199,8 +206,7 @@ def test_nothing_binds_on_a_saturated_landscape(url: str, tmp_path: Path) -> Non
     fraction of its HBM bound (everything resident)."""
     path = _saturated(tmp_path / "saturated.json")
     land, name = read(path), "saturated"
-    study = optuna.create_study(storage=open_storage(url), study_name=name,
-                                direction="maximize")
+    study = made_as_a_run_makes_it(url, path, name, trials=3, max_batch=64)
     for batch in (16, 32, 48):
         study.enqueue_trial({"batch": batch, "budget_fraction": 1.0})
     rec = recommend.build(replay(url, path, name, trials=3, max_batch=64))
@@ -222,8 +228,7 @@ def test_a_trial_the_model_misjudged_is_ringed(url: str, tmp_path: Path) -> None
     landscape rings it and says the model's figure beside it."""
     path = _saturated(tmp_path / "disturbed.json", slow=(8, 0.0))
     name = "disturbed"
-    study = optuna.create_study(storage=open_storage(url), study_name=name,
-                                direction="maximize")
+    study = made_as_a_run_makes_it(url, path, name, trials=5, max_batch=64)
     for batch in (2, 4, 8, 12, 16):
         study.enqueue_trial({"batch": batch, "budget_fraction": 0.0})
     stored = replay(url, path, name, trials=5, max_batch=64)
@@ -281,7 +286,9 @@ def test_the_run_ends_saying_why_and_show_has_the_bound(tmp_path: Path,
          "--osl", "8", "--storage", url, "--out", str(tmp_path / "rec.json")],
         capture_output=True, text=True, env=cli_env, timeout=300)
     assert run.returncode == 0, run.stderr
-    last = run.stdout.replace("\n ", " ").strip().splitlines()[-3:]
+    lines = run.stdout.replace("\n ", " ").strip().splitlines()
+    assert all(line.startswith("[replay] ") for line in lines[-3:])  # a replay, said so
+    last = [line.removeprefix("[replay] ") for line in lines[-3:]]
     assert last[0].startswith("best: batch 64")
     assert last[1].startswith("why: memory-bound at batch 64 with 10% of the weights resident")
     assert last[2].startswith("recommendation written to")

@@ -793,7 +793,7 @@ request = TrialRequest(batch=1, budget=0, isl=8, osl=4, repeats=1, warmup=0)
 with Worker(config, trial_timeout_s=120) as w:
     w.start()
     w.run(request)  # warm: the first trial imports what measuring needs
-    w.trial_timeout_s = 3.0
+    w.trial_timeout_s = 6.0  # 1.5 s of work: ample on a loaded machine
     print("warm", flush=True)
     print(w.run(TrialRequest(batch=2, budget=2**26, isl=8, osl=4, repeats=1, warmup=0)).status)
 """
@@ -808,7 +808,7 @@ def test_time_the_job_spent_stopped_is_not_the_trials(cli_env) -> None:
         assert proc.stdout.readline().strip() == "warm"
         time.sleep(0.5)  # mid-trial: changing the budget takes 1.5 s
         os.killpg(proc.pid, signal.SIGSTOP)  # what Ctrl-Z does to the job
-        time.sleep(5)  # past the 3 s timeout
+        time.sleep(8)  # past the 6 s timeout
         os.killpg(proc.pid, signal.SIGCONT)
         assert proc.stdout.readline().strip() == "ok"
         assert proc.wait(timeout=60) == 0

@@ -39,6 +39,15 @@ def _options(storage_url: str, **kw) -> RunOptions:
     return RunOptions(**base)
 
 
+def _made_as_a_run_makes_it(options: RunOptions) -> optuna.Study:
+    """The study a run of ``options`` makes, made first (to enqueue trials into it): autotune
+    refuses studies it did not make."""
+    from autotune.tune.study import create_or_load, resolve_gpu_name
+
+    study, _ = create_or_load(options, resolve_gpu_name(options))
+    return study
+
+
 def test_claims_are_exact_when_workers_race(storage_url: str) -> None:
     study = optuna.create_study(storage=open_storage(storage_url), study_name="race")
     study.enqueue_trial({"x": 0.5})  # enqueued: counts, in number order
@@ -98,7 +107,8 @@ def test_three_workers_on_postgresql(tmp_path: Path, cli_env) -> None:
     password = make_url(PG_URL).password
     assert password, "the test URL must hold a password: its redaction is tested here"
     name = f"scaleout-{uuid.uuid4().hex[:8]}"
-    created = optuna.create_study(storage=PG_URL, study_name=name, direction="maximize")
+    created = _made_as_a_run_makes_it(_options(
+        PG_URL, trials=len(GRID), study_name=name, engine_options=(("budget_sleep_s", "0.5"),)))
     for params in GRID:  # the same points on both storages: their exports can be compared
         created.enqueue_trial(params)
 
@@ -110,7 +120,7 @@ def test_three_workers_on_postgresql(tmp_path: Path, cli_env) -> None:
     procs = [start(*RUN, "--trials", str(len(GRID)), "--storage", PG_URL, "--study", name,
                    "--engine-option", "budget_sleep_s=0.5", "--out", str(tmp_path / "run.json"))]
     deadline = time.monotonic() + 120
-    while "run_options" not in optuna.load_study(study_name=name, storage=PG_URL).user_attrs:
+    while "trials" not in optuna.load_study(study_name=name, storage=PG_URL).user_attrs:
         assert procs[0].poll() is None and time.monotonic() < deadline, procs[0].communicate()
         time.sleep(0.2)
     procs += [start("worker", "--storage", PG_URL, "--study", name, "--device", "cpu",
@@ -138,11 +148,11 @@ def test_three_workers_on_postgresql(tmp_path: Path, cli_env) -> None:
 
     # The same points on SQLite give the same recommendation where timing does not enter.
     sqlite_url = f"sqlite:///{tmp_path / 'same.db'}"
-    local = optuna.create_study(storage=open_storage(sqlite_url), study_name=name,
-                                direction="maximize")
+    same = _options(sqlite_url, trials=len(GRID), study_name=name)
+    local = _made_as_a_run_makes_it(same)
     for params in GRID:
         local.enqueue_trial(params)
-    run_study(_options(sqlite_url, trials=len(GRID), study_name=name))
+    run_study(same)
     pg = recommend.read(tmp_path / "pg.json")
     lite = recommend.build(load_study(open_storage(sqlite_url), name))
     assert _configs(load_study(open_storage(sqlite_url), name)) == _configs(study)

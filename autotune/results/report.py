@@ -440,9 +440,6 @@ class ReportFiles:
     pngs: dict[str, Path]
 
 
-FIGURES = ("landscape", "pareto", "progress")
-
-
 def report_paths(out_dir: str | Path) -> list[Path]:
     """Every file :func:`write_report` writes in ``out_dir``."""
     return [Path(out_dir) / f"{name}.png" for name in FIGURES] + [Path(out_dir) / "report.html"]
