@@ -34,9 +34,42 @@ def _forget() -> None:
             logging.getLogger(name).filters.clear()
 
 
+# Exporting tiny-llama and decomposing the export each take about 8 s on a CI core, the same
+# work for every load of one model, dtype, seed and profile: the tests' processes keep both
+# (the engine's export code still runs once per key; nothing the tests check depends on
+# whether a result was kept). Keyed by what export_model reads.
+_EXPORTS: dict[str, Any] = {}
+_DECOMPOSED: dict[int, tuple[Any, Any]] = {}  # id(exported program) -> (it, decomposed)
+
+
+def _kept_export(spec: Any, config: Any, shapes: Any) -> Any:
+    import dataclasses
+    import json
+
+    from autotune.engines import _trt_build
+
+    key = json.dumps([dataclasses.asdict(spec), config.dtype, config.device, config.seed,
+                      config.weights, shapes.as_dict()], sort_keys=True, default=str)
+    if key not in _EXPORTS:
+        _EXPORTS[key] = _trt_build.export_model(spec, config, shapes)
+    return _EXPORTS[key]
+
+
+def _kept_decomposition(exported_program: Any) -> Any:
+    from torch_tensorrt.dynamo import lowering
+
+    kept = _DECOMPOSED.get(id(exported_program))
+    if kept is None or kept[0] is not exported_program:
+        kept = (exported_program,
+                exported_program.run_decompositions(lowering.get_decompositions()))
+        _DECOMPOSED[id(exported_program)] = kept
+    return kept[1]
+
+
 def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0",
-                           package: str = "tensorrt") -> Any:
-    """Imports the doubles at ``version``; undone with the monkeypatch (modules forgotten)."""
+                           package: str = "tensorrt", keep_exports: bool = True) -> Any:
+    """Imports the doubles at ``version``; undone with the monkeypatch (modules forgotten).
+    ``keep_exports``: exports and decompositions are reused across tests (see _EXPORTS)."""
     if package not in ("tensorrt", "tensorrt_rtx"):
         raise ValueError(f"package: expected 'tensorrt' or 'tensorrt_rtx'; got {package!r}")
     _forget()
@@ -48,6 +81,11 @@ def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0",
     monkeypatch.setattr(torch_tensorrt, "__version__", version)
     monkeypatch.setattr(tensorrt, "__version__", TENSORRT_FOR[".".join(version.split(".")[:2])])
     monkeypatch.setattr(tensorrt, "_package_name", package)
+    if keep_exports:
+        from autotune.engines import tensorrt as engine
+
+        monkeypatch.setattr(engine, "export_model", _kept_export)
+        monkeypatch.setattr(torch_tensorrt.dynamo._compiler, "_decompose", _kept_decomposition)
     return torch_tensorrt
 
 

@@ -39,6 +39,12 @@ from torch_tensorrt.dynamo.runtime._modules import (
 )
 
 _UNSET: Any = object()
+
+
+def _decompose(exported_program: Any) -> Any:
+    """The decomposition step (``tests/doubles`` swaps in a memo of it: see there)."""
+    return exported_program.run_decompositions(lowering.get_decompositions())
+
 _WS_ASSERT = ("When enable_weight_streaming is enabled, it requires use_explicit_typing to be "
               "set to True")
 _DEPRECATED_2_10 = ("`use_explicit_typing` is deprecated. This setting will be removed and you "
@@ -74,7 +80,7 @@ def compile(  # noqa: A001 - the real function's name
         use_python_runtime = False  # deprecated no-op in 2.13+ (§1.3)
     _check_inputs(inputs, arg_inputs, kwarg_inputs)
 
-    program = exported_program.run_decompositions(lowering.get_decompositions())
+    program = _decompose(exported_program)
     gm = lowering.lower(program.module())
     in_spec, out_spec = getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None)
     split = partitioning.fast_partition(gm, min_block_size, set(torch_executed_ops or ()))
