@@ -192,6 +192,7 @@ def _quiet_throughputs(configs: list[tuple[int, float]], isl: int, osl: int) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.alone  # its quiet reference must be quiet: no other test beside it
 def test_the_cpu_demo_beside_a_busy_loop_ends_near_the_quiet_optimum(storage_url: str) -> None:
     """Issue 13: a show/export/report loop beside one run ended at batch 1. Here a bursty busy
     loop runs beside the whole CPU demo (tiny-llama, the native engine, short lengths); its
