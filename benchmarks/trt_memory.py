@@ -58,7 +58,7 @@ def _inputs(trt: Any, shapes: _trt_build.BuildShapes, spec: Any, dtype: str,
     return found
 
 
-def _engine_facts(trt_module: Any, blob: bytes) -> dict[str, Any]:
+def _engine_facts(blob: bytes) -> dict[str, Any]:
     """What TensorRT's own API says about one serialized engine."""
     import tensorrt
 
@@ -145,7 +145,7 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
                 _trt_build.cache_tensors = original_cache  # type: ignore[assignment]
         compile_s = time.perf_counter() - start
         children = [n for n, _ in module.named_children() if "_run_on_acc" in n]
-        engines = {n: _engine_facts(torch_tensorrt, getattr(module, n).serialized_engine)
+        engines = {n: _engine_facts(getattr(module, n).serialized_engine)
                    for n in children}
         for n in children:
             getattr(module, n).serialized_engine = None
