@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu.sh install      carry [".trt"]   (Torch-TensorRT-RTX into /tmp/trt)
 #   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
+#   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
 # Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
@@ -40,11 +41,19 @@ case $stage in
     step report-7b 60 python3 -m autotune report --out "$OUT/report-7b" --storage "sqlite:///$OUT/7b.db" --study trt-7b
     ;;
   probe)
-    probe() { python3 benchmarks/trt_memory.py --model llama2-7b "$@"; }
-    step probe-base 200 probe --variants base --layers 2,4 --max-batch 17,8 --json "$OUT/probe-base.json"
-    step probe-kplain 80 probe --variants kplain --layers 4 --json "$OUT/probe-kplain.json"
-    step probe-chunk 80 probe --variants base --layers 4 --chunk 8 --json "$OUT/probe-chunk.json"
-    step probe-bmm 120 probe --variants bmm --layers 4 --json "$OUT/probe-bmm.json"
+    probe="python3 benchmarks/trt_memory.py --model llama2-7b"  # timeout runs programs, not functions
+    step probe-base 200 $probe --variants base --layers 2,4 --max-batch 17,8 --json "$OUT/probe-base.json"
+    step probe-kplain 80 $probe --variants kplain --layers 4 --json "$OUT/probe-kplain.json"
+    step probe-chunk 80 $probe --variants base --layers 4 --chunk 8 --json "$OUT/probe-chunk.json"
+    step probe-bmm 120 $probe --variants bmm --layers 4 --json "$OUT/probe-bmm.json"
+    ;;
+  probe2)  # round 2: keys untransposed (per layer: 2 and 4 layers), with chunk 8; pbmm
+    probe="python3 benchmarks/trt_memory.py --model llama2-7b"
+    step probe-kplain 150 $probe --variants kplain --layers 2,4 --json "$OUT/probe-kplain.json"
+    step probe-kplain-chunk 80 $probe --variants kplain --layers 4 --chunk 8 --json "$OUT/probe-kplain-chunk.json"
+    step probe-pbmm 170 $probe --variants pbmm --layers 4 --json "$OUT/probe-pbmm.json"
+    step native-7b 220 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
+      --storage "sqlite:///$OUT/native7b.db" --study native-7b --out "$OUT/native-7b.json"
     ;;
   table7b)
     step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \

@@ -11,6 +11,7 @@ batch. Comparing the variants says which tensor the extra memory is:
     base       today's graph (per-layer cache inputs, keys transposed)
     kplain     keys stored like values, [B, KV, S, d], transposed inside the graph
     bmm        attention's batched matmuls left to PyTorch (torch_executed_ops)
+    pbmm       attention written as explicit 3-D torch.bmm, those left to PyTorch
 
     python benchmarks/trt_memory.py --model llama2-7b --layers 2,4 --max-batch 17,8 \
         --variants base,kplain,bmm --json out.json
@@ -45,11 +46,47 @@ class _KeysPlain(_trt_model.ExportLlama):
         return super()._attention(h, layer, cos, sin, causal, filled, past)
 
 
-def _inputs(trt: Any, shapes: _trt_build.BuildShapes, spec: Any, dtype: str,
-            keys_plain: bool) -> list[Any]:
-    found = shapes.inputs(trt, spec, dtype)
-    if not keys_plain:
-        return found
+class _AttentionBmm(_trt_model.ExportLlama):
+    """Attention's products as explicit 3-D ``torch.bmm`` calls, which ``torch_executed_ops``
+    can leave to PyTorch, so that no TensorRT engine takes the cache as an input."""
+
+    def _attention(self, h, layer, cos, sin, causal, filled, past):  # type: ignore[no-untyped-def]
+        spec = self.spec
+        b, t = h.shape[0], h.shape[1]
+        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        g = nh // nkv
+        q = (h @ layer.q.t()).view(b, t, nh, d)
+        k = (h @ layer.k.t()).view(b, t, nkv, d)
+        v = (h @ layer.v.t()).view(b, t, nkv, d)
+        q = q * cos + _trt_model._rotate_half(q) * sin
+        k = k * cos + _trt_model._rotate_half(k) * sin
+        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b * nkv, g * t, d)
+        kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
+        v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
+        scale = d ** -0.5
+        minus_inf = torch.finfo(h.dtype).min
+        scores = torch.bmm(q, kt.reshape(b * nkv, d, t)).view(b, nkv, g * t, t) * scale
+        scores = scores.masked_fill(~causal.repeat(g, 1), minus_inf)
+        if past is not None:
+            past_kt, past_v = past
+            s = past_v.shape[2]
+            old = torch.bmm(q, past_kt.reshape(b * nkv, d, s)).view(b, nkv, g * t, s) * scale
+            scores = torch.cat((old.masked_fill(~filled, minus_inf), scores), dim=-1)
+        probs = scores.float().softmax(dim=-1).to(h.dtype)
+        vs = v.reshape(b * nkv, t, d)
+        if past is None:
+            o = torch.bmm(probs.reshape(b * nkv, g * t, t), vs)
+        else:
+            o = (torch.bmm(probs[..., :s].reshape(b * nkv, g * t, s),
+                           past_v.reshape(b * nkv, s, d))
+                 + torch.bmm(probs[..., s:].reshape(b * nkv, g * t, t), vs))
+        o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
+        return o @ layer.o.t(), kt, v
+
+
+def _inputs(original: Any, trt: Any, shapes: _trt_build.BuildShapes, spec: Any,
+            dtype: str) -> list[Any]:
+    found = original(shapes, trt, spec, dtype)
     kv, d, n = spec.num_key_value_heads, spec.head_dim, shapes.cache_len
     b = (shapes.min_batch, shapes.opt_batch, shapes.max_batch)
     for i in range(2, len(found), 2):  # keys: the first of each layer's pair
@@ -116,17 +153,19 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
                           max_batch=max_batch, max_seq_len=isl + osl, options=options)
     shapes = _trt_build.BuildShapes.from_config(config, kv_cache=True)
     keys_plain = variant == "kplain"
-    torch_ops = ["torch.ops.aten.bmm.default"] if variant == "bmm" else []
+    torch_ops = ["torch.ops.aten.bmm.default"] if variant in ("bmm", "pbmm") else []
     version = _trt_build.parse_version(torch_tensorrt.__version__)
     original_model, original_inputs = _trt_model.ExportLlama, _trt_build.BuildShapes.inputs
     torch.cuda.empty_cache()
     base = _used()
     start = time.perf_counter()
     try:
+        if variant == "pbmm":
+            _trt_model.ExportLlama = _AttentionBmm  # type: ignore[misc]
         if keys_plain:
             _trt_model.ExportLlama = _KeysPlain  # type: ignore[misc]
             _trt_build.BuildShapes.inputs = (  # type: ignore[method-assign]
-                lambda self, trt, s, d: _inputs(trt, self, s, d, True))
+                lambda self, trt, s, d: _inputs(original_inputs, trt, self, s, d))
             # export_model builds its example cache with cache_tensors: keys like values.
             original_cache = _trt_build.cache_tensors
 
