@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
+#   bash benchmarks/gpu.sh probe3       carry [".whl"]   (round 3: attention left to PyTorch)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
 # Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
@@ -54,6 +55,11 @@ case $stage in
     step probe-pbmm 170 $probe --variants pbmm --layers 4 --json "$OUT/probe-pbmm.json"
     step native-7b 220 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
       --storage "sqlite:///$OUT/native7b.db" --study native-7b --out "$OUT/native-7b.json"
+    ;;
+  probe3)  # round 3: attention over the cache as a custom op left to PyTorch; then all 32 layers
+    probe="python3 benchmarks/trt_memory.py --model llama2-7b"
+    step probe-custom 160 $probe --variants custom --layers 2,4 --json "$OUT/probe-custom.json"
+    step probe-custom-32 380 $probe --variants custom --layers 32 --max-batch 32 --json "$OUT/probe-custom-32.json"
     ;;
   table7b)
     step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \

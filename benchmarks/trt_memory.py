@@ -12,6 +12,7 @@ batch. Comparing the variants says which tensor the extra memory is:
     kplain     keys stored like values, [B, KV, S, d], transposed inside the graph
     bmm        attention's batched matmuls left to PyTorch (torch_executed_ops)
     pbmm       attention written as explicit 3-D torch.bmm, those left to PyTorch
+    custom     attention over the cache as one custom op that TensorRT leaves to PyTorch
 
     python benchmarks/trt_memory.py --model llama2-7b --layers 2,4 --max-batch 17,8 \
         --variants base,kplain,bmm --json out.json
@@ -80,6 +81,57 @@ class _AttentionBmm(_trt_model.ExportLlama):
             o = (torch.bmm(probs[..., :s].reshape(b * nkv, g * t, s),
                            past_v.reshape(b * nkv, s, d))
                  + torch.bmm(probs[..., s:].reshape(b * nkv, g * t, t), vs))
+        o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
+        return o @ layer.o.t(), kt, v
+
+
+@torch.library.custom_op("autotune_probe::cache_attention", mutates_args=())
+def _cache_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
+                     past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Attention of the new tokens over the cache and themselves, as the graph's own
+    (``_trt_model.ExportLlama._attention``): q ``[B, KV, G*T, d]`` group-major, kt
+    ``[B, KV, d, T]``, v ``[B, KV, T, d]``, past ``[B, KV, d, S]`` / ``[B, KV, S, d]``."""
+    t, s = positions.shape[0], past_v.shape[2]
+    g = q.shape[2] // t
+    scale = q.shape[-1] ** -0.5
+    minus_inf = torch.finfo(q.dtype).min
+    causal = positions[None, :] <= positions[:, None]
+    filled = torch.arange(s, device=q.device)[None, :] < positions[:1, None]
+    scores = ((q @ kt) * scale).masked_fill(~causal.repeat(g, 1), minus_inf)
+    old = ((q @ past_kt) * scale).masked_fill(~filled, minus_inf)
+    probs = torch.cat((old, scores), dim=-1).float().softmax(dim=-1).to(q.dtype)
+    return probs[..., :s] @ past_v + probs[..., s:] @ v
+
+
+@_cache_attention.register_fake
+def _(q, kt, v, past_kt, past_v, positions):  # type: ignore[no-untyped-def]
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+class _CustomAttention(_trt_model.ExportLlama):
+    """Attention over the cache as one op without a TensorRT converter: Torch-TensorRT runs it
+    in PyTorch, so the engines (one per stretch between attentions) never see the cache."""
+
+    def forward(self, tokens, positions, *cache):  # type: ignore[no-untyped-def]
+        self._positions = positions
+        return super().forward(tokens, positions, *cache)
+
+    def _attention(self, h, layer, cos, sin, causal, filled, past):  # type: ignore[no-untyped-def]
+        if past is None:
+            return super()._attention(h, layer, cos, sin, causal, filled, past)
+        spec = self.spec
+        b, t = h.shape[0], h.shape[1]
+        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        g = nh // nkv
+        q = (h @ layer.q.t()).view(b, t, nh, d)
+        k = (h @ layer.k.t()).view(b, t, nkv, d)
+        v = (h @ layer.v.t()).view(b, t, nkv, d)
+        q = q * cos + _trt_model._rotate_half(q) * sin
+        k = k * cos + _trt_model._rotate_half(k) * sin
+        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
+        kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
+        v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
+        o = torch.ops.autotune_probe.cache_attention(q, kt, v, past[0], past[1], self._positions)
         o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
         return o @ layer.o.t(), kt, v
 
@@ -162,6 +214,8 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
     try:
         if variant == "pbmm":
             _trt_model.ExportLlama = _AttentionBmm  # type: ignore[misc]
+        if variant == "custom":
+            _trt_model.ExportLlama = _CustomAttention  # type: ignore[misc]
         if keys_plain:
             _trt_model.ExportLlama = _KeysPlain  # type: ignore[misc]
             _trt_build.BuildShapes.inputs = (  # type: ignore[method-assign]
