@@ -58,8 +58,8 @@ case $stage in
     ;;
   probe3)  # round 3: attention over the cache as a custom op left to PyTorch; then all 32 layers
     probe="python3 benchmarks/trt_memory.py --model llama2-7b"
-    step probe-custom 160 $probe --variants custom --layers 2,4 --json "$OUT/probe-custom.json"
-    step probe-custom-32 380 $probe --variants custom --layers 32 --max-batch 32 --json "$OUT/probe-custom-32.json"
+    step probe-custom 110 $probe --variants custom,customdyn --layers 4 --json "$OUT/probe-custom.json"
+    step probe-custom-32 300 $probe --variants customdyn --layers 32 --max-batch 32 --json "$OUT/probe-custom-32.json"
     ;;
   table7b)
     step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \

@@ -13,6 +13,8 @@ batch. Comparing the variants says which tensor the extra memory is:
     bmm        attention's batched matmuls left to PyTorch (torch_executed_ops)
     pbmm       attention written as explicit 3-D torch.bmm, those left to PyTorch
     custom     attention over the cache as one custom op that TensorRT leaves to PyTorch
+    customdyn  custom, with each engine's context memory allocated per call
+               (dynamically_allocate_resources), so that engines do not each hold theirs
 
     python benchmarks/trt_memory.py --model llama2-7b --layers 2,4 --max-batch 17,8 \
         --variants base,kplain,bmm --json out.json
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import inspect
 import json
 import time
 import traceback
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 
 from autotune.engines import _trt_build, _trt_model
+from autotune.engines import tensorrt as tensorrt_engine
 from autotune.engines.base import EngineConfig
 from autotune.engines.tensorrt import TensorRTEngine
 from autotune.models import get_spec, torch_dtype
@@ -208,13 +212,20 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
     torch_ops = ["torch.ops.aten.bmm.default"] if variant in ("bmm", "pbmm") else []
     version = _trt_build.parse_version(torch_tensorrt.__version__)
     original_model, original_inputs = _trt_model.ExportLlama, _trt_build.BuildShapes.inputs
+    original_options = tensorrt_engine.compile_options
+    if variant.endswith("dyn"):  # context memory allocated per call, not held per engine
+        if "dynamically_allocate_resources" not in inspect.signature(
+                torch_tensorrt.dynamo.compile).parameters:
+            raise RuntimeError("this Torch-TensorRT has no dynamically_allocate_resources")
+        tensorrt_engine.compile_options = lambda v, d: {  # type: ignore[assignment]
+            **original_options(v, d), "dynamically_allocate_resources": True}
     torch.cuda.empty_cache()
     base = _used()
     start = time.perf_counter()
     try:
         if variant == "pbmm":
             _trt_model.ExportLlama = _AttentionBmm  # type: ignore[misc]
-        if variant == "custom":
+        if variant in ("custom", "customdyn"):
             _trt_model.ExportLlama = _CustomAttention  # type: ignore[misc]
         if keys_plain:
             _trt_model.ExportLlama = _KeysPlain  # type: ignore[misc]
@@ -234,6 +245,7 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         finally:
             _trt_model.ExportLlama = original_model  # type: ignore[misc]
             _trt_build.BuildShapes.inputs = original_inputs  # type: ignore[method-assign]
+            tensorrt_engine.compile_options = original_options  # type: ignore[assignment]
             if keys_plain:
                 _trt_build.cache_tensors = original_cache  # type: ignore[assignment]
         compile_s = time.perf_counter() - start
