@@ -107,14 +107,14 @@ def _resolve_model(model: str, device: str, weights: str | None = None) -> str:
 
 def _default_max_batch(device: str, engine: str, model: str, weights: str | None, dtype: str,
                        isl: int, osl: int, gpu_memory_limit: int | None,
-                       gpus: tuple[int, ...]) -> int:
+                       gpus: tuple[int, ...], engine_options: tuple[tuple[str, str], ...]) -> int:
     """CPU runs are demos and tests: their time grows with the batch, and nothing caps it.
     On a GPU, the native engine searches as far as the KV cache could fit (a grouped-query
     model on a large GPU runs well past 256). The tensorrt engine builds for its batch range
     and TensorRT reserves activations for the largest batch whatever the batch run (§2 of the
     research note): as many sequences as their cache could hold, at most 256, so no memory is
-    reserved for batches that cannot fit. Other
-    engines keep 256."""
+    reserved for batches that cannot fit (with ``attention=torch``, no engine holds a cache
+    copy). Other engines keep 256."""
     if device == "cpu":
         return 64
     if engine not in ("native", "tensorrt"):
@@ -127,7 +127,8 @@ def _default_max_batch(device: str, engine: str, model: str, weights: str | None
     memory = gpu_memory_limit or gpu.device_info(first).total_bytes
     spec = get_spec(model, weights)
     if engine == "tensorrt":
-        return trt_max_batch(spec, dtype, isl + osl, memory)
+        in_engine = dict(engine_options).get("attention", "tensorrt").strip().lower() != "torch"
+        return trt_max_batch(spec, dtype, isl + osl, memory, in_engine)
     return auto_max_batch(spec, dtype, isl + osl, memory)
 
 
@@ -260,7 +261,8 @@ def run(
     options = RunOptions(
         model=model, engine=engine, trials=trials, isl=isl, osl=osl, gpu_memory_limit=limit,
         max_batch=max_batch if max_batch is not None else _default_max_batch(
-            device, engine, model, weights, dtype, isl, osl, limit, gpu_ids),
+            device, engine, model, weights, dtype, isl, osl, limit, gpu_ids,
+            _engine_options(engine_option)),
         storage=storage, study_name=study, device=device, gpus=gpu_ids, dtype=dtype,
         seed=seed, weights=weights, repeats=repeats, trial_timeout_s=trial_timeout,
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,

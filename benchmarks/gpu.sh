@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
 #   bash benchmarks/gpu.sh probe3       carry [".whl"]   (round 3: attention left to PyTorch)
+#   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
 # Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
@@ -56,10 +57,15 @@ case $stage in
     step native-7b 220 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
       --storage "sqlite:///$OUT/native7b.db" --study native-7b --out "$OUT/native-7b.json"
     ;;
-  probe3)  # round 3: attention over the cache as a custom op left to PyTorch; then all 32 layers
+  probe3)  # round 3: --engine-option attention=torch (4 layers, then all 32 at max batch 32)
     probe="python3 benchmarks/trt_memory.py --model llama2-7b"
-    step probe-custom 110 $probe --variants custom,customdyn --layers 4 --json "$OUT/probe-custom.json"
-    step probe-custom-32 300 $probe --variants customdyn --layers 32 --max-batch 32 --json "$OUT/probe-custom-32.json"
+    step probe-torch 120 $probe --variants torch --layers 2,4 --json "$OUT/probe-torch.json"
+    step probe-torch-32 300 $probe --variants torch --layers 32 --max-batch 32 --json "$OUT/probe-torch-32.json"
+    ;;
+  study7b-torch)  # the seed's scenario with attention in PyTorch
+    step trt-7b-torch 575 python3 -m autotune run --model llama2-7b --engine tensorrt \
+      --engine-option attention=torch --gpu-memory-limit 8GiB --trials 4 \
+      --storage "sqlite:///$OUT/7b-torch.db" --study trt-7b-torch --out "$OUT/trt-7b-torch.json"
     ;;
   table7b)
     step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \

@@ -10,11 +10,11 @@ batch. Comparing the variants says which tensor the extra memory is:
 
     base       today's graph (per-layer cache inputs, keys transposed)
     kplain     keys stored like values, [B, KV, S, d], transposed inside the graph
-    bmm        attention's batched matmuls left to PyTorch (torch_executed_ops)
-    pbmm       attention written as explicit 3-D torch.bmm, those left to PyTorch
-    custom     attention over the cache as one custom op that TensorRT leaves to PyTorch
-    customdyn  custom, with each engine's context memory allocated per call
-               (dynamically_allocate_resources), so that engines do not each hold theirs
+    bmm        attention's batched matmuls left to PyTorch (torch_executed_ops: the graph
+               has aten.matmul, not bmm, so this changes nothing; kept as measured)
+    torch      the engine's --engine-option attention=torch: attention over the cache as a
+               custom op PyTorch runs between engines, one engine per layer, each engine's
+               context memory allocated per call where Torch-TensorRT offers it
 
     python benchmarks/trt_memory.py --model llama2-7b --layers 2,4 --max-batch 17,8 \
         --variants base,kplain,bmm --json out.json
@@ -36,7 +36,6 @@ from typing import Any
 import torch
 
 from autotune.engines import _trt_build, _trt_model
-from autotune.engines import tensorrt as tensorrt_engine
 from autotune.engines.base import EngineConfig
 from autotune.engines.tensorrt import TensorRTEngine
 from autotune.models import get_spec, torch_dtype
@@ -45,99 +44,10 @@ from autotune.models import get_spec, torch_dtype
 class _KeysPlain(_trt_model.ExportLlama):
     """Keys stored as values are, ``[B, KV, S, d]``; the transpose happens in the graph."""
 
-    def _attention(self, h, layer, cos, sin, causal, filled, past):  # type: ignore[no-untyped-def]
+    def _attention(self, h, layer, cos, sin, causal, filled, past, positions):  # type: ignore[no-untyped-def]
         if past is not None:
             past = (past[0].transpose(-1, -2), past[1])
-        return super()._attention(h, layer, cos, sin, causal, filled, past)
-
-
-class _AttentionBmm(_trt_model.ExportLlama):
-    """Attention's products as explicit 3-D ``torch.bmm`` calls, which ``torch_executed_ops``
-    can leave to PyTorch, so that no TensorRT engine takes the cache as an input."""
-
-    def _attention(self, h, layer, cos, sin, causal, filled, past):  # type: ignore[no-untyped-def]
-        spec = self.spec
-        b, t = h.shape[0], h.shape[1]
-        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        g = nh // nkv
-        q = (h @ layer.q.t()).view(b, t, nh, d)
-        k = (h @ layer.k.t()).view(b, t, nkv, d)
-        v = (h @ layer.v.t()).view(b, t, nkv, d)
-        q = q * cos + _trt_model._rotate_half(q) * sin
-        k = k * cos + _trt_model._rotate_half(k) * sin
-        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b * nkv, g * t, d)
-        kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
-        v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
-        scale = d ** -0.5
-        minus_inf = torch.finfo(h.dtype).min
-        scores = torch.bmm(q, kt.reshape(b * nkv, d, t)).view(b, nkv, g * t, t) * scale
-        scores = scores.masked_fill(~causal.repeat(g, 1), minus_inf)
-        if past is not None:
-            past_kt, past_v = past
-            s = past_v.shape[2]
-            old = torch.bmm(q, past_kt.reshape(b * nkv, d, s)).view(b, nkv, g * t, s) * scale
-            scores = torch.cat((old.masked_fill(~filled, minus_inf), scores), dim=-1)
-        probs = scores.float().softmax(dim=-1).to(h.dtype)
-        vs = v.reshape(b * nkv, t, d)
-        if past is None:
-            o = torch.bmm(probs.reshape(b * nkv, g * t, t), vs)
-        else:
-            o = (torch.bmm(probs[..., :s].reshape(b * nkv, g * t, s),
-                           past_v.reshape(b * nkv, s, d))
-                 + torch.bmm(probs[..., s:].reshape(b * nkv, g * t, t), vs))
-        o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
-        return o @ layer.o.t(), kt, v
-
-
-@torch.library.custom_op("autotune_probe::cache_attention", mutates_args=())
-def _cache_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
-                     past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Attention of the new tokens over the cache and themselves, as the graph's own
-    (``_trt_model.ExportLlama._attention``): q ``[B, KV, G*T, d]`` group-major, kt
-    ``[B, KV, d, T]``, v ``[B, KV, T, d]``, past ``[B, KV, d, S]`` / ``[B, KV, S, d]``."""
-    t, s = positions.shape[0], past_v.shape[2]
-    g = q.shape[2] // t
-    scale = q.shape[-1] ** -0.5
-    minus_inf = torch.finfo(q.dtype).min
-    causal = positions[None, :] <= positions[:, None]
-    filled = torch.arange(s, device=q.device)[None, :] < positions[:1, None]
-    scores = ((q @ kt) * scale).masked_fill(~causal.repeat(g, 1), minus_inf)
-    old = ((q @ past_kt) * scale).masked_fill(~filled, minus_inf)
-    probs = torch.cat((old, scores), dim=-1).float().softmax(dim=-1).to(q.dtype)
-    return probs[..., :s] @ past_v + probs[..., s:] @ v
-
-
-@_cache_attention.register_fake
-def _(q, kt, v, past_kt, past_v, positions):  # type: ignore[no-untyped-def]
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
-class _CustomAttention(_trt_model.ExportLlama):
-    """Attention over the cache as one op without a TensorRT converter: Torch-TensorRT runs it
-    in PyTorch, so the engines (one per stretch between attentions) never see the cache."""
-
-    def forward(self, tokens, positions, *cache):  # type: ignore[no-untyped-def]
-        self._positions = positions
-        return super().forward(tokens, positions, *cache)
-
-    def _attention(self, h, layer, cos, sin, causal, filled, past):  # type: ignore[no-untyped-def]
-        if past is None:
-            return super()._attention(h, layer, cos, sin, causal, filled, past)
-        spec = self.spec
-        b, t = h.shape[0], h.shape[1]
-        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        g = nh // nkv
-        q = (h @ layer.q.t()).view(b, t, nh, d)
-        k = (h @ layer.k.t()).view(b, t, nkv, d)
-        v = (h @ layer.v.t()).view(b, t, nkv, d)
-        q = q * cos + _trt_model._rotate_half(q) * sin
-        k = k * cos + _trt_model._rotate_half(k) * sin
-        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
-        kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
-        v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
-        o = torch.ops.autotune_probe.cache_attention(q, kt, v, past[0], past[1], self._positions)
-        o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
-        return o @ layer.o.t(), kt, v
+        return super()._attention(h, layer, cos, sin, causal, filled, past, positions)
 
 
 def _inputs(original: Any, trt: Any, shapes: _trt_build.BuildShapes, spec: Any,
@@ -205,28 +115,19 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
     options: tuple[tuple[str, Any], ...] = ()
     if chunk:
         options += (("prefill_chunk", chunk),)
+    if variant == "torch":
+        options += (("attention", "torch"),)
     config = EngineConfig(model=model, engine="tensorrt", dtype="float16", device="cuda:0",
                           max_batch=max_batch, max_seq_len=isl + osl, options=options)
     shapes = _trt_build.BuildShapes.from_config(config, kv_cache=True)
     keys_plain = variant == "kplain"
-    torch_ops = ["torch.ops.aten.bmm.default"] if variant in ("bmm", "pbmm") else []
+    torch_ops = ["torch.ops.aten.bmm.default"] if variant == "bmm" else []
     version = _trt_build.parse_version(torch_tensorrt.__version__)
     original_model, original_inputs = _trt_model.ExportLlama, _trt_build.BuildShapes.inputs
-    original_options = tensorrt_engine.compile_options
-    if variant.endswith("dyn"):  # context memory allocated per call, not held per engine
-        if "dynamically_allocate_resources" not in inspect.signature(
-                torch_tensorrt.dynamo.compile).parameters:
-            raise RuntimeError("this Torch-TensorRT has no dynamically_allocate_resources")
-        tensorrt_engine.compile_options = lambda v, d: {  # type: ignore[assignment]
-            **original_options(v, d), "dynamically_allocate_resources": True}
     torch.cuda.empty_cache()
     base = _used()
     start = time.perf_counter()
     try:
-        if variant == "pbmm":
-            _trt_model.ExportLlama = _AttentionBmm  # type: ignore[misc]
-        if variant in ("custom", "customdyn"):
-            _trt_model.ExportLlama = _CustomAttention  # type: ignore[misc]
         if keys_plain:
             _trt_model.ExportLlama = _KeysPlain  # type: ignore[misc]
             _trt_build.BuildShapes.inputs = (  # type: ignore[method-assign]
@@ -245,7 +146,6 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         finally:
             _trt_model.ExportLlama = original_model  # type: ignore[misc]
             _trt_build.BuildShapes.inputs = original_inputs  # type: ignore[method-assign]
-            tensorrt_engine.compile_options = original_options  # type: ignore[assignment]
             if keys_plain:
                 _trt_build.cache_tensors = original_cache  # type: ignore[assignment]
         compile_s = time.perf_counter() - start
@@ -260,6 +160,8 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         result: dict[str, Any] = {
             "model": model, "layers": layers, "max_batch": max_batch, "variant": variant,
             "shapes": shapes.as_dict(), "compile_s": round(compile_s, 1), "engines": engines,
+            "dynamic_context_memory": "dynamically_allocate_resources" in inspect.signature(
+                torch_tensorrt.dynamo.compile).parameters and variant == "torch",
             "kv_cache_bytes_max_batch": 2 * layers * max_batch * spec.num_key_value_heads
             * spec.head_dim * shapes.cache_len * 2,
         }

@@ -171,6 +171,8 @@ def test_the_tensorrt_default_batch_leaves_room_for_its_context() -> None:
 
     assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 8 * 2**30) == 17
     assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 2**30) == 1  # never below 1
+    # attention=torch: no engine holds a copy of the cache, each sequence costs its cache once
+    assert trt_max_batch(get_spec("llama2-7b"), "float16", 384, 8 * 2**30, False) == 35
 
 
 _CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -309,6 +310,32 @@ def test_prompts_go_through_in_chunks_with_the_same_tokens(trt: Any, tmp_path: P
     engine.decode(gen, 5)
     expected, _ = greedy(build_hf_model(spec, "float32", "cpu", weight_source(spec, 0)), prompt, 6)
     assert torch.equal(gen.tokens, expected)
+
+
+def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
+                                                                  tmp_path: Path) -> None:
+    """attention=torch: the custom op has no converter, so it runs in PyTorch between the
+    engines (embedding to layer 0's projections, one per layer after it); no engine takes a
+    cache tensor, and the tokens are transformers' greedy ones, as by default."""
+    spec = get_spec("tiny-llama")
+    engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
+    default = load_engine(_config(tmp_path, max_prompt_len=16))
+    assert engine.describe()["attention"] == "torch"
+    assert len(engine.describe()["engines"]) == spec.num_hidden_layers + 1
+    assert len(default.describe()["engines"]) == 1
+    inputs = {n: list(getattr(engine._module, n).input_binding_names)
+              for n in engine.describe()["engines"]}
+    assert not [n for names in inputs.values() for n in names
+                if re.fullmatch(r"cache_\d+", n)], inputs
+    assert len(list(tmp_path.glob("*"))) == 2  # each layout its own cache entry
+    prompt = torch.randint(1, spec.vocab_size, (2, 10))
+    expected, _ = greedy(build_hf_model(spec, "float32", "cpu", weight_source(spec, 0)), prompt, 6)
+    for e in (engine, default):
+        gen = e.prefill(prompt, 6)
+        e.decode(gen, 5)
+        assert torch.equal(gen.tokens, expected)
+    with pytest.raises(UserInputError, match="attention: expected one of tensorrt, torch"):
+        load_engine(_config(tmp_path, ("attention", "cuda")))
 
 
 def test_by_default_one_call_holds_at_most_1024_tokens(trt: Any, tmp_path: Path) -> None:

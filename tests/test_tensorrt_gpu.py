@@ -53,9 +53,11 @@ def test_second_load_compiles_nothing_and_generates_the_same(cache_dir: Path) ->
     second.close()
 
 
-def test_tokens_follow_transformers_and_do_not_depend_on_the_budget(cache_dir: Path) -> None:
+@pytest.mark.parametrize("attention", ["tensorrt", "torch"])
+def test_tokens_follow_transformers_and_do_not_depend_on_the_budget(cache_dir: Path,
+                                                                    attention: str) -> None:
     # The 9-token prompt goes through in three calls of 4, 4 and 1 tokens.
-    engine = load_engine(_config(cache_dir, ("prefill_chunk", "4")))
+    engine = load_engine(_config(cache_dir, ("prefill_chunk", "4"), ("attention", attention)))
     spec = get_spec("tiny-llama")
     prompt = random_prompt(3, 9, spec.vocab_size, 1, "cuda")
     ref = build_hf_model(spec, "float32", "cuda", weight_source(spec, 0))
@@ -72,8 +74,9 @@ def test_tokens_follow_transformers_and_do_not_depend_on_the_budget(cache_dir: P
     engine.close()
 
 
-def test_memory_plan_predicts_nvml_within_5_percent(cache_dir: Path) -> None:
-    engine = load_engine(_config(cache_dir))
+@pytest.mark.parametrize("attention", ["tensorrt", "torch"])
+def test_memory_plan_predicts_nvml_within_5_percent(cache_dir: Path, attention: str) -> None:
+    engine = load_engine(_config(cache_dir, ("attention", attention)))
     assert engine.calibration is not None
     total = engine.total_device_budget
     for batch, budget in ((1, 0), (8, 0), (8, total), (4, total // 2)):

@@ -181,6 +181,19 @@ def parse_version(text: str) -> tuple[int, int]:
         raise EngineUnavailableError(f"cannot read torch_tensorrt version {text!r}") from e
 
 
+ATTENTION_CHOICES = ("tensorrt", "torch")
+
+
+def attention_option(config: EngineConfig) -> str:
+    """Where attention over the cache runs: ``tensorrt`` (inside the engine) or ``torch`` (a
+    custom op PyTorch runs between engines; see :mod:`autotune.engines._trt_model`)."""
+    value = str(config.option("attention", "tensorrt")).strip().lower()
+    if value not in ATTENTION_CHOICES:
+        raise UserInputError(f"--engine-option attention: expected one of "
+                             f"{', '.join(ATTENTION_CHOICES)}; got {value!r}")
+    return value
+
+
 def compile_options(version: tuple[int, int], dtype: str) -> dict[str, Any]:
     """The version-dependent options of ``dynamo.compile`` for weight streaming (§2, §7.1).
 
@@ -210,7 +223,8 @@ def export_model(spec: ModelSpec, config: EngineConfig, shapes: BuildShapes) -> 
     from autotune.engines._trt_model import ExportLlama
 
     model = ExportLlama(spec, config.dtype, config.device, weight_source(spec, config.seed),
-                        shapes.cache_len if shapes.kv_cache else None, shapes.cache_len).eval()
+                        shapes.cache_len if shapes.kv_cache else None, shapes.cache_len,
+                        attention_option(config)).eval()
     b = s = 2  # examples above 1: export specializes a dimension whose example is 1
     batch = torch.export.Dim("batch", min=shapes.min_batch, max=max(shapes.max_batch, 2))
     seq = torch.export.Dim("seq", min=shapes.min_seq, max=max(shapes.max_seq, 2))
@@ -222,6 +236,11 @@ def export_model(spec: ModelSpec, config: EngineConfig, shapes: BuildShapes) -> 
         keys, values = cache_tensors(spec, config.dtype, b, shapes.cache_len, config.device)
         layers = cache_inputs(keys, values)
         args += tuple(layers)
+        if attention_option(config) == "torch":
+            # Only the attention op reads the cache: a batch of its own, or export may read
+            # the batch size off a cache tensor, which makes it an engine's input.
+            batch = torch.export.Dim("cache_batch", min=shapes.min_batch,
+                                     max=max(shapes.max_batch, 2))
         dims += (({0: batch},) * len(layers),)  # export groups the *cache varargs in one tuple
     with torch.no_grad():
         return torch.export.export(model, args, dynamic_shapes=dims, strict=False)

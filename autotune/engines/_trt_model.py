@@ -24,6 +24,15 @@ of the prompt (the slots before it filled by earlier chunks). Without a cache
 (``cache_len=None``, the seed's and Torch-TensorRT's example mode) the signature is
 ``forward(tokens, positions) -> logits [B, V]`` and every step recomputes the whole sequence.
 
+With ``attention="torch"`` the attention over the cache is one custom op,
+``autotune::cache_attention``, which no Torch-TensorRT converter claims: it runs in PyTorch, the
+graph becomes one engine per stretch between attentions, and no engine takes the cache as an
+input. Inside TensorRT, attention over a cache input costs about one more cache of the build's
+largest batch in the engines' context memory (measured on the H200 with
+``benchmarks/trt_memory.py``: +0.115 GB per llama2-7b layer at max batch 17, whose cache is
+0.107 GB a layer; keys stored untransposed, +0.169), which is what caps the tensorrt engine's
+batch at about half the native engine's.
+
 This module builds and runs no engine; :mod:`autotune.engines.tensorrt` does.
 """
 
@@ -52,13 +61,55 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _attend(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, causal: torch.Tensor,
+            past: tuple[torch.Tensor, torch.Tensor] | None,
+            filled: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of q ``[B, KV, G*T, d]`` (group-major rows) over the cache's filled
+    slots (``past``: keys ``[B, KV, d, S]``, values ``[B, KV, S, d]``) and the new keys ``kt``
+    ``[B, KV, d, T]`` and values ``v`` ``[B, KV, T, d]``; float32 softmax."""
+    g = q.shape[2] // causal.shape[0]
+    scale = q.shape[-1] ** -0.5
+    minus_inf = torch.finfo(q.dtype).min
+    scores = (q @ kt) * scale  # [B, KV, G * T, T]
+    scores = scores.masked_fill(~causal.repeat(g, 1), minus_inf)
+    if past is not None:
+        past_kt, past_v = past
+        old = (q @ past_kt) * scale  # [B, KV, G * T, S]
+        scores = torch.cat((old.masked_fill(~filled, minus_inf), scores), dim=-1)
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    if past is None:
+        return probs @ v
+    s = past[1].shape[2]
+    return probs[..., :s] @ past[1] + probs[..., s:] @ v  # [B, KV, G * T, d]
+
+
+def _masks(positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, T]: a new token sees the new tokens at or before it; [T, S]: and the cache's slots
+    before the first new position (the filled ones)."""
+    return (positions[None, :] <= positions[:, None]), (slots[None, :] < positions[:1, None])
+
+
+@torch.library.custom_op("autotune::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
+                    past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """:func:`_attend` over the cache as one op that Torch-TensorRT leaves to PyTorch."""
+    causal, filled = _masks(positions, torch.arange(past_v.shape[2], device=q.device))
+    return _attend(q, kt, v, causal, (past_kt, past_v), filled)
+
+
+@cache_attention.register_fake
+def _(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
+      past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
 class ExportLlama(nn.Module):
     """The model as one exportable function (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, dtype: str, device: str, source: WeightSource,
-                 cache_len: int | None, positions: int) -> None:
+                 cache_len: int | None, positions: int, attention: str = "tensorrt") -> None:
         super().__init__()
-        self.spec, self.cache_len = spec, cache_len
+        self.spec, self.cache_len, self.attention = spec, cache_len, attention
         tdtype = torch_dtype(dtype)
 
         def get(name: str) -> torch.Tensor:
@@ -90,15 +141,15 @@ class ExportLlama(nn.Module):
         x = self.embed[tokens]  # [B, T, h]
         cos = self.cos[positions][:, None, :]  # [T, 1, d]: broadcast over heads
         sin = self.sin[positions][:, None, :]
-        # Masks [T, keys]: a new token sees the new tokens at or before it, and the cache's
-        # slots before the first new position (the filled ones).
-        causal = positions[None, :] <= positions[:, None]
-        filled = self.slots[None, :] < positions[:1, None] if cache else None
+        if cache:
+            causal, filled = _masks(positions, self.slots)
+        else:
+            causal, filled = positions[None, :] <= positions[:, None], None
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             h = self._rms_norm(x, layer.attn_norm)
             past = (cache[2 * i], cache[2 * i + 1]) if cache else None
-            o, k, v = self._attention(h, layer, cos, sin, causal, filled, past)
+            o, k, v = self._attention(h, layer, cos, sin, causal, filled, past, positions)
             x = x + o
             new_k.append(k)
             new_v.append(v)
@@ -118,7 +169,7 @@ class ExportLlama(nn.Module):
 
     def _attention(self, h: torch.Tensor, layer: _Layer, cos: torch.Tensor, sin: torch.Tensor,
                    causal: torch.Tensor, filled: torch.Tensor | None,
-                   past: tuple[torch.Tensor, torch.Tensor] | None,
+                   past: tuple[torch.Tensor, torch.Tensor] | None, positions: torch.Tensor,
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention of the new tokens; returns the output, the new keys transposed
         ``[B, KV, d, T]`` and the new values ``[B, KV, T, d]``."""
@@ -136,19 +187,9 @@ class ExportLlama(nn.Module):
         q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
         kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
         v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
-        scale = d ** -0.5
-        minus_inf = torch.finfo(h.dtype).min
-        scores = (q @ kt) * scale  # [B, KV, G * T, T]
-        scores = scores.masked_fill(~causal.repeat(g, 1), minus_inf)
-        if past is not None:
-            past_kt, past_v = past  # [B, KV, d, S], [B, KV, S, d]
-            old = (q @ past_kt) * scale  # [B, KV, G * T, S]
-            scores = torch.cat((old.masked_fill(~filled, minus_inf), scores), dim=-1)
-        probs = scores.float().softmax(dim=-1).to(h.dtype)
-        if past is None:
-            o = probs @ v
+        if past is not None and self.attention == "torch":
+            o = torch.ops.autotune.cache_attention(q, kt, v, past[0], past[1], positions)
         else:
-            s = past_v.shape[2]
-            o = probs[..., :s] @ past_v + probs[..., s:] @ v  # [B, KV, G * T, d]
+            o = _attend(q, kt, v, causal, past, filled)
         o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
         return o @ layer.o.t(), kt, v

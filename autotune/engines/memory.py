@@ -80,13 +80,15 @@ _TRT_FIXED = 512 * 2**20
 TRT_CONTEXT_PER_KV = 1.0
 
 
-def trt_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int) -> int:
+def trt_max_batch(spec: ModelSpec, dtype: str, seq_len: int, memory: int,
+                  attention_in_engine: bool = True) -> int:
     """The tensorrt engine's default largest batch: TensorRT sizes its context memory for the
-    largest batch a build serves (about one more KV cache of that batch, measured), so a
-    build serves only batches whose cache and that context fit in ``memory`` beside the
-    fixed part; at most MIN_AUTO_BATCH."""
+    largest batch a build serves (about one more KV cache of that batch, measured, where the
+    engine attends over the cache), so a build serves only batches whose cache and that
+    context fit in ``memory`` beside the fixed part; at most MIN_AUTO_BATCH."""
     fixed = _TRT_FIXED + 2 * spec.layer_params() * dtype_bytes(dtype)
-    per_sequence = (1 + TRT_CONTEXT_PER_KV) * kv_cache_bytes(spec, dtype, 1, seq_len)
+    context = TRT_CONTEXT_PER_KV if attention_in_engine else 0.0
+    per_sequence = (1 + context) * kv_cache_bytes(spec, dtype, 1, seq_len)
     return int(max(1, min(MIN_AUTO_BATCH, (memory - fixed) // per_sequence)))
 
 

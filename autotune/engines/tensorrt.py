@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 from autotune.engines._trt_build import (
     BuildShapes,
+    attention_option,
     cache_inputs,
     cache_tensors,
     compile_options,
@@ -102,8 +103,12 @@ class TensorRTEngine:
         "prefill_chunk": "prompt tokens per sequence in one prefill call (default: "
                          "1024 tokens a call over the largest batch; TensorRT sizes its "
                          "activation memory for the largest call)",
+        "attention": "where attention over the KV cache runs: tensorrt (default, inside the "
+                     "engine, which then holds about one more cache of the largest batch) or "
+                     "torch (PyTorch between engines, one engine per layer; "
+                     "docs/tensorrt.md)",
         "torch_executed_ops": "operators left to PyTorch, comma-separated (for example "
-                              "torch.ops.aten.bmm.default: attention over the cache)",
+                              "torch.ops.aten.matmul.default)",
         "trt_cache": "reuse compiled modules from the on-disk cache (default true)",
         "trt_cache_dir": "the compiled-module cache directory (this host's)",
     }
@@ -154,11 +159,15 @@ class TensorRTEngine:
         spec = get_spec(config.model, config.weights)
         shapes = BuildShapes.from_config(config, kv_cache=flag(config, "kv_cache", True))
         torch_ops = _op_names(config.option("torch_executed_ops", ()))
+        attention = attention_option(config)
         found = versions(trt)
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
             "shapes": shapes.as_dict(), "torch_executed_ops": torch_ops, "versions": found,
             "device": device_identity(config.device), "export": _EXPORT_FORMAT,
+            # Only where it differs from the default, so that modules cached before the
+            # option existed keep their keys.
+            **({"attention": attention} if attention != "tensorrt" else {}),
         })
         cache = ModuleCache(config.option("trt_cache_dir") or default_cache_dir())
         use_cache = flag(config, "trt_cache", True)
@@ -187,7 +196,7 @@ class TensorRTEngine:
             facts = {
                 "versions": found, "built_for": shapes.as_dict(), "cache_hit": hit is not None,
                 "cache_path": str(cache.path(key)) if use_cache else None,
-                "compile_s": round(compile_s, 2), "load_s": load_s,
+                "compile_s": round(compile_s, 2), "load_s": load_s, "attention": attention,
                 "compile_options": {
                     k: sorted(map(str, v)) if isinstance(v, set) else v
                     for k, v in compile_options(version, config.dtype).items()
@@ -208,13 +217,19 @@ class TensorRTEngine:
         options = compile_options(version, config.dtype)
         if torch_ops:
             options["torch_executed_ops"] = set(torch_ops)
+        parameters = inspect.signature(trt.dynamo.compile).parameters
+        if attention_option(config) == "torch" and "dynamically_allocate_resources" in parameters:
+            # One engine per layer: each would hold its own context memory (the streaming
+            # scratch with it) for the module's life; allocated per call, one engine's is
+            # held at a time.
+            options["dynamically_allocate_resources"] = True
         if config.device.startswith("cuda"):
             device = torch.device(config.device)
             if device.index is None:  # Torch-TensorRT's Device needs the index ("cuda" fails)
                 device = torch.device("cuda", torch.cuda.current_device())
             options["device"] = device
             # The exported weights leave the GPU once lowered, so the build has it to itself.
-            if "offload_module_to_cpu" in inspect.signature(trt.dynamo.compile).parameters:
+            if "offload_module_to_cpu" in parameters:
                 options["offload_module_to_cpu"] = True
         log.info("compiling %s (%s) with Torch-TensorRT %s", spec.name, config.dtype,
                  trt.__version__)
@@ -396,18 +411,26 @@ class TensorRTEngine:
 
     def _held_after_generation(self, budget: int) -> int:
         """NVML's figure for this process at ``budget`` after one generation of the largest
-        call (batch 1 where the largest batch does not fit), the PyTorch cache freed."""
+        call (batch 1 where the largest batch does not fit), the PyTorch cache freed, plus
+        what PyTorch's allocator held during it beyond the tensors the plan counts: the
+        context memory of engines that allocate it per call (``attention=torch``), which
+        NVML no longer sees once the call is over."""
         import torch
 
         self.device_budget = budget
         longest = max(1, min(self._shapes.max_seq, self._shapes.cache_len - 2))
+        transient = 0
         for batch in dict.fromkeys((self._shapes.max_batch, 1)):
             try:
                 prompt = random_prompt(batch, longest, self.spec.vocab_size, 0,
                                        self.config.device)
+                torch.cuda.reset_peak_memory_stats(self.config.device)
+                before = torch.cuda.memory_allocated(self.config.device)
                 gen = self.prefill(prompt, 2)
                 self.decode(gen, 1)
                 self.synchronize()
+                peak = torch.cuda.max_memory_allocated(self.config.device) - before
+                transient = max(0, peak - self._planned_tensors(batch, longest))
                 del gen
                 break
             except torch.OutOfMemoryError:  # the largest batch does not fit here
@@ -415,7 +438,19 @@ class TensorRTEngine:
                 torch.cuda.empty_cache()
         self._cache, self._cache_args = None, []
         torch.cuda.empty_cache()
-        return self.device_used_bytes()
+        return self.device_used_bytes() + transient
+
+    def _output_bytes(self, batch: int) -> int:
+        return batch * self.spec.vocab_size * dtype_bytes(self.config.dtype) * 2
+
+    def _planned_tensors(self, batch: int, isl: int) -> int:
+        """The PyTorch tensors a generation holds, as the memory plan counts them: the
+        cache, one prefill call's new keys and values, and the logits."""
+        kv = 0
+        if self.kv_cache:
+            kv = self._cache_bytes(batch) + kv_cache_bytes(
+                self.spec, self.config.dtype, batch, min(isl, self._shapes.max_seq))
+        return kv + self._output_bytes(batch)
 
     def _cache_bytes(self, batch: int) -> int:
         return kv_cache_bytes(self.spec, self.config.dtype, batch, self._shapes.cache_len)
@@ -456,12 +491,8 @@ class TensorRTEngine:
         they are estimates."""
         budget = clamp_budget(budget, self._total, log)
         dt = self.config.dtype
-        if self.kv_cache:  # the cache, and one prefill call's new keys and values
-            kv = self._cache_bytes(batch) + kv_cache_bytes(self.spec, dt, batch,
-                                                           min(isl, self._shapes.max_seq))
-        else:
-            kv = 0
-        outputs = batch * self.spec.vocab_size * dtype_bytes(dt) * 2
+        outputs = self._output_bytes(batch)
+        kv = self._planned_tensors(batch, isl) - outputs
         nonstreamable = max(0, self.spec.weight_bytes(dt) - self._total)
         cal = self.calibration
         if cal is not None:

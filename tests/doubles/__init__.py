@@ -49,7 +49,8 @@ def _kept_export(spec: Any, config: Any, shapes: Any) -> Any:
     from autotune.engines import _trt_build
 
     key = json.dumps([dataclasses.asdict(spec), config.dtype, config.device, config.seed,
-                      config.weights, shapes.as_dict()], sort_keys=True, default=str)
+                      config.weights, shapes.as_dict(), _trt_build.attention_option(config)],
+                     sort_keys=True, default=str)
     if key not in _EXPORTS:
         _EXPORTS[key] = _trt_build.export_model(spec, config, shapes)
     return _EXPORTS[key]

@@ -9,8 +9,10 @@ does not depend on a PyTorch-executed node can join an earlier engine), merging 
 than ``min_block_size`` (default 5) into the PyTorch block before them, and the names
 ``_run_on_acc_N`` / ``_run_on_gpu_N`` where N counts all blocks.
 
-Not modelled: converter coverage and capability validators (in the double every ATen op
-converts), the global partitioner, resource partitioning, hierarchical partitioning.
+Converter coverage only by namespace: every ATen (and prims) op converts, and an op of any
+other namespace, a custom op such as ``autotune::cache_attention``, has no converter, so it
+runs in PyTorch. Not modelled: ATen ops without a converter, capability validators, the
+global partitioner, resource partitioning, hierarchical partitioning.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def qualified_name(target: Any) -> str:
     return str(target)
 
 
+def _has_converter(target: Any) -> bool:
+    """Torch-TRT's converters are registered for ATen ops (and Python operators such as
+    getitem); a custom op has none unless its author registers one."""
+    return not (isinstance(target, torch._ops.OpOverload)
+                and target.namespace not in ("aten", "prims"))
+
+
 class _Support(ops.OperatorSupportBase):
     def __init__(self, torch_executed_ops: Collection[Any]) -> None:
         super().__init__()
@@ -50,7 +59,8 @@ class _Support(ops.OperatorSupportBase):
 
     def is_node_supported(self, submodules: Any, node: torch.fx.Node) -> bool:
         name = qualified_name(node.target)
-        convertible = node.op in ("call_function", "get_attr")
+        convertible = node.op == "get_attr" or (
+            node.op == "call_function" and _has_converter(node.target))
         if convertible and name not in self.torch_executed_ops \
                 and node.target not in self.torch_executed_ops:
             return True
