@@ -321,6 +321,7 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
     engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
     default = load_engine(_config(tmp_path, max_prompt_len=16))
     assert engine.describe()["attention"] == "torch"
+    assert "attention in PyTorch between 7 engines" in engine.describe()["summary"]
     assert len(engine.describe()["engines"]) == spec.num_hidden_layers + 1
     assert len(default.describe()["engines"]) == 1
     inputs = {n: list(getattr(engine._module, n).input_binding_names)

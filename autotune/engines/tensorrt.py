@@ -201,7 +201,8 @@ class TensorRTEngine:
                     k: sorted(map(str, v)) if isinstance(v, set) else v
                     for k, v in compile_options(version, config.dtype).items()
                 }, "torch_executed_ops": torch_ops,
-                "summary": _summary(found, hit is not None, compile_s, load_s, use_cache, shapes),
+                "summary": _summary(found, hit is not None, compile_s, load_s, use_cache, shapes,
+                                    attention, module),
             }
             engine = cls(config, spec, trt, module, shapes, facts)
             if config.device.startswith("cuda"):
@@ -570,11 +571,14 @@ def _op_names(value: Any) -> list[str]:
 
 
 def _summary(found: dict[str, str], hit: bool, compile_s: float, load_s: float,
-             use_cache: bool, shapes: BuildShapes) -> str:
+             use_cache: bool, shapes: BuildShapes, attention: str, module: Any) -> str:
     """The one line a user reads about the load: backend, versions, compile or cache hit."""
     how = (f"loaded from the cache in {load_s:.0f} s" if hit else
            f"compiled in {compile_s:.0f} s" + (", cached" if use_cache else ", not cached"))
     chunks = f"; prompts in chunks of {shapes.max_seq} tokens" if shapes.kv_cache else ""
+    if attention == "torch":
+        engines = sum(1 for n, _ in module.named_children() if "_run_on_acc" in n)
+        chunks += f"; attention in PyTorch between {engines} engines"
     return (f"Torch-TensorRT {found['torch_tensorrt']} on {found['tensorrt_backend']} "
             f"{found['tensorrt']}; {how}{chunks}")
 
