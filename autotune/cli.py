@@ -314,7 +314,8 @@ def run(
     best = rec["best"]
     out.print(
         f"{tag}best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
-        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s",
+        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s"
+        + (_precision_note(best) if "by_precision" in rec else ""),
         highlight=False)
     out.print(f"{tag}why: {rec['explanation']['text']}", highlight=False, soft_wrap=True)
     out.print(f"{tag}recommendation written to {path}", highlight=False)
@@ -518,6 +519,17 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
     out.print(table)
     if quantized:
         _print_precisions(study)
+
+
+def _precision_note(best: dict[str, Any]) -> str:
+    """The best's weights and, for 8-bit ones, their accuracy against 16-bit."""
+    note = f", {best.get('precision', 'none')} weights"
+    acc = best.get("accuracy") or {}
+    if "top1_agreement" in acc:
+        note += (f" (top-1 agreement with 16-bit {100 * acc['top1_agreement']:.1f}%, "
+                 f"first-step logits error {acc['logits_rel_error']:.3g}, on "
+                 f"{acc.get('weights', 'these')} weights)")
+    return note
 
 
 def _quantized(study: Any) -> bool:

@@ -63,8 +63,13 @@ def quantize(w: torch.Tensor, precision: str, scale_dtype: torch.dtype
     x = w.float()
     top = INT8_MAX if precision == "int8" else FP8_MAX
     amax = x.abs().amax(dim=1)
-    # The scale as it will be stored (rounded to scale_dtype), never 0 (an all-zero row).
-    scale = (amax / top).to(scale_dtype)
+    # The scale as it will be stored (rounded to scale_dtype), never 0 (an all-zero row), and
+    # never rounded below max|w| / top (the row's largest value would then be clipped): a
+    # scale rounded down is rounded again from one step of scale_dtype above.
+    exact = amax / top
+    scale = exact.to(scale_dtype)
+    up = (exact * (1 + torch.finfo(scale_dtype).eps)).to(scale_dtype)
+    scale = torch.where(scale.float() < exact, up, scale)
     tiny = torch.finfo(scale_dtype).tiny
     scale = torch.where(scale.float() > 0, scale, torch.full_like(scale, tiny))
     y = x / scale.float()[:, None]

@@ -12,7 +12,8 @@ bound). What ties them together:
   ``incumbent``), so a precision whose physical bounds cannot beat another precision's
   measured best costs no trial;
 - the next configuration is the one, among the precisions whose search is not done, that its
-  own prior chooses and predicts fastest;
+  own prior chooses and predicts fastest (a precision not tried yet wins a tie: its
+  prediction counts 1% more);
 - the study may stop once every precision is done: its own prior has converged (or stalled,
   or its limits are out of reach), or nothing in its grid can beat the best measured by the
   bounds.
@@ -25,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from autotune.tune.acquisition import Prior
-from autotune.tune.model import Observation
+from autotune.tune.model import MIN_ERROR, Observation
 
 
 class PrecisionPriors:
@@ -104,6 +105,8 @@ class PrecisionPriors:
                 i, j = prior._index(*pick)
                 mu = float(pred["throughput"][i, j])
             done = self._done(prior, own) is not None
+            if not any(o.status != "running" for o in own):
+                mu *= 1 + MIN_ERROR  # among equals, a precision not tried yet goes first
             picks.append((done, -mu, order, p, pick))
         if not picks:
             return None
