@@ -263,6 +263,10 @@ def test_precision_is_a_third_parameter_and_the_json_shows_each(storage_url: str
     if rec["best"]["precision"] == "int8":
         assert "--quantization int8" in rec["reproduce"]
     recommend.validate(rec)
+    from autotune.results.report import _precision_table
+
+    html = "\n".join(_precision_table(rec["by_precision"]))
+    assert "<td>int8</td>" in html and "<td>none</td>" in html
 
 
 def test_a_default_study_has_the_parameters_it_always_had(storage_url: str) -> None:
@@ -315,7 +319,7 @@ def test_the_prior_searches_across_precisions_to_the_optimum(tmp_path: Path) -> 
     assert len(study.trials) < 40  # it converged: every precision's search is over
     best = max(done, key=lambda t: t.value)
     # The analytic engine's own optimum, at every batch x unit budget x precision that fits.
-    from fakes import KV_PER_SEQ, LINK_BYTES_PER_S, MiB, NON_STREAMABLE, PER_SEQ_S, STEP_S
+    from fakes import KV_PER_SEQ, LINK_BYTES_PER_S, NON_STREAMABLE, PER_SEQ_S, STEP_S, MiB
 
     def step(batch: int, streamed: int) -> float:
         return max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch)
