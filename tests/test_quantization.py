@@ -397,3 +397,28 @@ def autotune_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
         return subprocess.CompletedProcess(args, code, out.out, out.err)
 
     return call
+
+
+def test_the_quantized_benchmark_runs_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/quantized.py's smoke check: every precision swept, the best of each, the
+    accuracy record, the same tokens at every budget of one precision."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import quantized
+
+    out = tmp_path / "q.json"
+    assert quantized.main(["--device", "cpu", "--dtype", "float32", "--model", "tiny-llama",
+                           "--limit", "300MiB", "--isl", "8", "--osl", "4", "--max-batch", "6",
+                           "--fractions", "0,0.5", "--accuracy-steps", "4",
+                           "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures["best"]) == set(PRECISIONS)
+    assert [r["batch"] for r in figures["rows"]] == [6] * 6  # --max-batch: all fit
+    assert figures["tokens_identical_across_budgets"] == {p: True for p in PRECISIONS}
+    streamed = {r["precision"]: r["streamed_bytes_per_step"] for r in figures["rows"]
+                if r["budget_fraction"] == 0}
+    assert streamed["int8"] == streamed["fp8"] < streamed["none"] / 3  # float32: a quarter
+    assert figures["accuracy"]["precisions"]["int8"]["status"] == "ok"
+    assert figures["best"]["int8"]["speedup_vs_none"] > 0
