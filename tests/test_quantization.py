@@ -37,11 +37,11 @@ SOURCE = models.RandomWeights(seed=0, std=0.1)
 PRECISIONS = ("none", "int8", "fp8")
 
 
-def _load(quantization: tuple[str, ...] = PRECISIONS, weights: str | None = None
-          ) -> native.NativeEngine:
-    config = EngineConfig(model="ckpt" if weights else "tiny-llama", dtype="float32",
-                          device="cpu", max_seq_len=48, quantization=quantization,
-                          weights=weights)
+def _load(quantization: tuple[str, ...] = PRECISIONS, weights: str | None = None,
+          device: str = "cpu", dtype: str = "float32", **options) -> native.NativeEngine:
+    config = EngineConfig(model="ckpt" if weights else "tiny-llama", dtype=dtype,
+                          device=device, max_seq_len=48, quantization=quantization,
+                          weights=weights, options=tuple(options.items()))
     if weights is not None:
         return load_engine(config)
     with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE):
@@ -422,3 +422,36 @@ def test_the_quantized_benchmark_runs_on_cpu(tmp_path: Path) -> None:
     assert streamed["int8"] == streamed["fp8"] < streamed["none"] / 3  # float32: a quarter
     assert figures["accuracy"]["precisions"]["int8"]["status"] == "ok"
     assert figures["best"]["int8"]["speedup_vs_none"] > 0
+
+
+# -- GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_gpu_graphs_equal_eager_at_every_budget_of_each_precision(dtype) -> None:
+    """On the GPU the widening runs inside the captured decode graph: graphs and eager give
+    the same tokens at every budget of each precision (fp8 where the GPU has it)."""
+    from conftest import has_cuda
+
+    if not has_cuda():
+        pytest.skip("needs a CUDA GPU")
+    cap = torch.cuda.get_device_capability()
+    precisions = ("int8", "fp8") if cap >= (8, 9) else ("int8",)
+    eager = _load(precisions, device="cuda", dtype=dtype, cuda_graphs=False)
+    graphs = _load(precisions, device="cuda", dtype=dtype)
+    try:
+        assert graphs.describe()["cuda_graphs"] is True
+        prompt = random_prompt(3, 12, eager.spec.vocab_size, seed=1, device="cuda")
+        for p in precisions:
+            eager.precision = graphs.precision = p
+            eager.device_budget = eager.total_device_budget
+            reference = _generate(eager, prompt, 20)
+            for fraction in (0.0, 0.3, 1.0, 0.6):
+                for e in (eager, graphs):
+                    e.device_budget = int(fraction * e.total_device_budget)
+                    assert torch.equal(_generate(e, prompt, 20), reference), (p, fraction)
+                    assert torch.equal(_generate(e, prompt, 20), reference), (p, fraction)
+    finally:
+        eager.close()
+        graphs.close()
