@@ -408,8 +408,12 @@ def _print_worker(device: str, seconds: float, info: Any, tag: str = "") -> None
         say(f"{tag}{device}: still loading the model ({seconds:.0f} s)...")
         return
     link = info.environment.get("h2d_gb_s")
+    totals = getattr(info, "total_device_budgets", None) or {}
+    weights = (", ".join(f"{p} {format_bytes(v)}" for p, v in totals.items())
+               if len(totals) > 1 or set(totals) - {"none"}
+               else format_bytes(info.total_device_budget))
     say(f"{tag}{device}: engine loaded in {info.load_s:.1f} s, "
-        f"{format_bytes(info.total_device_budget)} of streamable weights"
+        f"{weights} of streamable weights"
         + (f"; host-to-device {link:.1f} GB/s" if link else ""))
     summary = info.engine.get("summary")
     if summary:  # the engine's own line: how it was built or loaded

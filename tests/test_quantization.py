@@ -325,7 +325,7 @@ def test_the_prior_searches_across_precisions_to_the_optimum(tmp_path: Path) -> 
         return max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch)
 
     available = config.gpu_memory_limit - 256 * 2**20
-    optimum = 0.0
+    modelled: dict[tuple[int, int, str], float] = {}
     for p in PRECISIONS:
         unit = UNIT if p == "none" else UNIT // 2
         for units in range(UNITS + 1):
@@ -333,9 +333,14 @@ def test_the_prior_searches_across_precisions_to_the_optimum(tmp_path: Path) -> 
                 peak = (NON_STREAMABLE + units * unit + (2 * unit if units < UNITS else 0)
                         + batch * (KV_PER_SEQ + MiB))
                 if peak <= available:
-                    optimum = max(optimum, batch * 4 / (4 * step(batch, (UNITS - units) * unit)))
-    # Timed sleeps: within 15% of the modelled optimum (CPU timing noise).
-    assert best.value >= 0.85 * optimum, (best.params, best.value, optimum)
+                    modelled[batch, units, p] = batch / step(batch, (UNITS - units) * unit)
+    optimum = max(modelled.values())
+    a = best.user_attrs
+    unit = UNIT if a["precision"] == "none" else UNIT // 2
+    chosen = modelled[a["batch"], a["budget_applied_bytes"] // unit, a["precision"]]
+    # The configuration it chose, by the engine's own model (its sleeps are timed, and a
+    # loaded machine adds to each): within 10% of the best that fits.
+    assert chosen >= 0.9 * optimum, (best.params, chosen, optimum)
     assert best.params["precision"] != "none"
     assert "precisions" in study.user_attrs["prior"]
 
