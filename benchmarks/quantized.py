@@ -139,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{p:>5} {100 * f:3.0f}%: nothing fits", flush=True)
                     continue
                 steps = args.decode_steps if cuda else None
-                outcome = run_trial(engine, TrialRequest(
-                    batch=batch, budget=budget, isl=args.isl, osl=args.osl,
-                    repeats=args.repeats, warmup=1, decode_steps=steps, warmup_steps=steps,
-                    precision=p))
+                for _ in range(3):  # out of memory beyond the plan: 10% fewer sequences
+                    outcome = run_trial(engine, TrialRequest(
+                        batch=batch, budget=budget, isl=args.isl, osl=args.osl,
+                        repeats=args.repeats, warmup=1, decode_steps=steps,
+                        warmup_steps=steps, precision=p))
+                    if outcome.status != "oom" or batch == 1:
+                        break
+                    print(f"{p:>5} {100 * f:3.0f}% batch {batch:4d}: out of memory "
+                          "(the plan said it fits); 10% fewer", flush=True)
+                    row.setdefault("oom_batches", []).append(batch)
+                    batch = max(1, batch * 9 // 10)
+                row["batch"] = batch
                 row.update(status=outcome.status, reason=outcome.reason,
                            applied_budget=outcome.applied_budget,
                            predicted_peak_bytes=(outcome.plan or {}).get("total"))
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"bound" if row.get("bound_fraction") else "")
                          if m else f"{outcome.status}: {outcome.reason}")
                 print(f"{p:>5} {100 * f:3.0f}% batch {batch:4d}: {shown}", flush=True)
+                _write(args.json, result)  # as it goes: a step killed at its limit keeps rows
         result["tokens_identical_across_budgets"] = {}
         for p in precisions:
             ok = [r for r in result["rows"] if r["precision"] == p and r.get("throughput_tok_s")]
@@ -201,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        _write(args.json, result)
         print(f"written to {args.json}")
     return 0
+
+
+def _write(path: Path | None, result: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
