@@ -155,6 +155,12 @@ def _gpus(text: str | None) -> tuple[int, ...]:
     return ids
 
 
+def _precisions(text: str) -> tuple[str, ...]:
+    from autotune.precision import parse_precisions
+
+    return parse_precisions(text)
+
+
 def _engine_options(items: list[str]) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in items:
@@ -219,6 +225,10 @@ def run(
         True, help="Stop before --trials once the autotune sampler's model has converged."),
     confirm: bool = typer.Option(
         True, help="Measure the best over every decode step at the end, when it was estimated."),
+    quantization: str = typer.Option(
+        "none", help="Weight precision: none (the --dtype), int8 or fp8 (8-bit weight-only, "
+        "per-channel scales; fp8 needs compute capability 8.9+; native engine only), or a "
+        "comma list (none,int8,fp8) to search precision as a third parameter."),
 ) -> None:
     """Tune batch size x weight-streaming budget; resumes the study if it exists."""
     from autotune import jsonfile
@@ -268,6 +278,7 @@ def run(
         engine_options=_engine_options(engine_option), max_tpot_ms=max_tpot_ms,
         max_ttft_ms=max_ttft_ms, max_latency_s=max_latency_s, sampler=sampler,
         decode_steps=_decode_steps(decode_steps), early_stop=early_stop, confirm=confirm,
+        quantization=_precisions(quantization),
     )
     # Before any trial: an export that cannot be written, or would be written over one of the
     # run's inputs, is found now, not after the study.
@@ -305,7 +316,8 @@ def run(
     best = rec["best"]
     out.print(
         f"{tag}best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "
-        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s",
+        f"({100 * best['budget_fraction']:.0f}%), {best['throughput_tok_s']:.1f} tok/s"
+        + (_precision_note(best) if "by_precision" in rec else ""),
         highlight=False)
     out.print(f"{tag}why: {rec['explanation']['text']}", highlight=False, soft_wrap=True)
     out.print(f"{tag}recommendation written to {path}", highlight=False)
@@ -398,8 +410,12 @@ def _print_worker(device: str, seconds: float, info: Any, tag: str = "") -> None
         say(f"{tag}{device}: still loading the model ({seconds:.0f} s)...")
         return
     link = info.environment.get("h2d_gb_s")
+    totals = getattr(info, "total_device_budgets", None) or {}
+    weights = (", ".join(f"{p} {format_bytes(v)}" for p, v in totals.items())
+               if len(totals) > 1 or set(totals) - {"none"}
+               else format_bytes(info.total_device_budget))
     say(f"{tag}{device}: engine loaded in {info.load_s:.1f} s, "
-        f"{format_bytes(info.total_device_budget)} of streamable weights"
+        f"{weights} of streamable weights"
         + (f"; host-to-device {link:.1f} GB/s" if link else ""))
     summary = info.engine.get("summary")
     if summary:  # the engine's own line: how it was built or loaded
@@ -412,6 +428,8 @@ def _print_progress(event: Any, tag: str = "") -> None:
     o, p = event.outcome, event.params
     asked = 100 * p["budget_fraction"]
     line = f"{tag}trial {event.done}/{event.total} (#{event.number}): batch {p['batch']}, budget {asked:.0f}%"
+    if "precision" in p:  # precision searched as a parameter
+        line += f", {p['precision']}"
     if o.applied_budget is not None and event.total_device_budget:
         applied = 100 * o.applied_budget / event.total_device_budget
         if round(applied) != round(asked):  # engines round budgets down to whole units
@@ -427,7 +445,8 @@ def _print_progress(event: Any, tag: str = "") -> None:
         line += f" (+{o.budget_change_s:.1f} s to change the budget)"
     if event.best:
         line += (f"  | best #{event.best['number']}: {event.best['throughput_tok_s']:.1f} tok/s "
-                 f"(batch {event.best['batch']}, {event.best['budget_pct']:.0f}%)")
+                 f"(batch {event.best['batch']}, {event.best['budget_pct']:.0f}%"
+                 + (f", {event.best['precision']}" if "precision" in event.best else "") + ")")
     say(line)
 
 
@@ -479,14 +498,20 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
     table = Table(title=tag + (title or study.study_name),
                   caption=f"{tag}figures replayed from a landscape measured on a GPU, not measured "
                           "here" if tag else None)
-    for col in ("#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
-                "bound %", "peak GiB", "pred GiB", "reason"):
-        table.add_column(col, justify="right" if col not in ("status", "reason") else "left")
+    quantized = _quantized(study)
+    cols = ["#", "batch", "budget", "status", "tok/s", "TTFT ms", "TPOT ms",
+            "bound %", "peak GiB", "pred GiB", "reason"]
+    if quantized:
+        cols.insert(3, "weights")
+    for col in cols:
+        table.add_column(col, justify="right" if col not in ("status", "reason", "weights")
+                         else "left")
     for t in ranked[:limit]:
         a = t.user_attrs
         table.add_row(
             str(t.number), str(a.get("batch", "")),
             _budget_cell(a),
+            *([a.get("precision", "none")] if quantized else []),
             tag + a.get("status", t.state.name.lower())
             + (f" (over {', '.join(over(t))} limit)" if over(t) else ""),
             f"{a['throughput_tok_s']:.1f}" if "throughput_tok_s" in a else "",
@@ -496,6 +521,55 @@ def _print_trials(study: Any, limit: int | None = None, title: str = "") -> None
             f"{a['peak_memory_gib']:.2f}" if "peak_memory_gib" in a else "",
             f"{a['predicted_peak_gib']:.2f}" if "predicted_peak_gib" in a else "",
             (a.get("reason") or "")[:60],
+        )
+    out.print(table)
+    if quantized:
+        _print_precisions(study)
+
+
+def _precision_note(best: dict[str, Any]) -> str:
+    """The best's weights and, for 8-bit ones, their accuracy against 16-bit."""
+    note = f", {best.get('precision', 'none')} weights"
+    acc = best.get("accuracy") or {}
+    if "top1_agreement" in acc:
+        note += (f" (top-1 agreement with 16-bit {100 * acc['top1_agreement']:.1f}%, "
+                 f"first-step logits error {acc['logits_rel_error']:.3g}, on "
+                 f"{acc.get('weights', 'these')} weights)")
+    return note
+
+
+def _quantized(study: Any) -> bool:
+    """Whether the study measured 8-bit weights (--quantization other than none)."""
+    from autotune.results.recommend import quantized
+
+    return quantized(study.user_attrs)
+
+
+def _print_precisions(study: Any) -> None:
+    """The best per precision, with its accuracy beside it (the recommendation's
+    ``by_precision``)."""
+    from autotune.results import recommend
+
+    rows = recommend.by_precision(study)
+    if not rows:
+        return
+    table = Table(title="best per precision (accuracy: vs 16-bit on the same prompts)")
+    for col in ("weights", "#", "batch", "budget", "tok/s", "x 16-bit", "bound %",
+                "top-1 agree", "logits err", "accuracy"):
+        table.add_column(col, justify="left" if col in ("weights", "accuracy") else "right")
+    for p, row in rows.items():
+        acc = row.get("accuracy") or {}
+        best = row.get("best")
+        table.add_row(
+            p, str(best["trial"]) if best else "", str(best["batch"]) if best else "",
+            f"{100 * best['budget_fraction']:.0f}%" if best else "",
+            f"{best['throughput_tok_s']:.1f}" if best else "none feasible",
+            f"{row['speedup_vs_none']:.2f}" if row.get("speedup_vs_none") else "",
+            f"{100 * best['bound_fraction']:.0f}" if best and best.get("bound_fraction") else "",
+            f"{100 * acc['top1_agreement']:.1f}%" if "top1_agreement" in acc else "",
+            f"{acc['logits_rel_error']:.3g}" if "logits_rel_error" in acc else "",
+            acc.get("status", "") if acc.get("status") != "ok" else
+            ("16-bit itself" if p == "none" else f"{acc.get('weights', '')} weights"),
         )
     out.print(table)
 
@@ -543,6 +617,9 @@ def bench(
     repeats: int = typer.Option(3, help="Timed repeats (median reported)."),
     warmup: int = typer.Option(1, help="Untimed warm-up generations before timing."),
     as_json: bool = typer.Option(False, "--json", help="Print the measurement as JSON."),
+    quantization: str = typer.Option(
+        "none", help="Weight precision: none (the --dtype), int8 or fp8 (8-bit weight-only; "
+        "native engine)."),
 ) -> None:
     """Measure one configuration (prints a SHA-256 of the generated token ids)."""
     from autotune.measure.bench import run_bench
@@ -558,7 +635,7 @@ def bench(
         device=device, seed=seed, weights=weights, repeats=repeats,
         warmup=warmup, gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
         budget=None if budget is None else _budget_bytes(budget),
-        budget_fraction=budget_fraction,
+        budget_fraction=budget_fraction, quantization=_one_precision(quantization),
     )
     if as_json:
         out.print_json(json.dumps(result))
@@ -576,6 +653,13 @@ def bench(
     out.print(f"memory: predicted {format_bytes(plan['total'])}"
               + (f", measured peak {format_bytes(peak)}" if peak else ""))
     out.print(f"tokens sha256 {m['tokens_sha256']}")
+
+
+def _one_precision(text: str) -> str:
+    precisions = _precisions(text)
+    if len(precisions) != 1:
+        raise UserInputError(f"--quantization: bench measures one precision; got {text!r}")
+    return precisions[0]
 
 
 def _count(n: int) -> str:

@@ -8,6 +8,12 @@
 #   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
+# Issue 21 (8-bit weights, native engine; needs no Torch-TensorRT, so no install stage):
+#   bash benchmarks/gpu.sh quanttest    carry [".whl"]   (first: the GPU tests of 8-bit weights,
+#                                                         CUDA graphs and fp8 on the device; ~2 min)
+#   bash benchmarks/gpu.sh quant        carry [".whl"]   (benchmarks/quantized.py: none/int8/fp8,
+#                                                         llama2-7b 8GiB, llama2-13b 16GiB,
+#                                                         llama3-8b 12GiB; about 9 minutes)
 # Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
 set -uo pipefail
 stage=$1
@@ -19,7 +25,9 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-[ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
+if [ "$stage" != quant ] && [ "$stage" != quanttest ]; then
+  [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
+fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 step() {  # step NAME SECONDS COMMAND...: one logged, time-limited step
@@ -70,5 +78,19 @@ case $stage in
   table7b)
     step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \
       --repeats 1 --decode-steps 8 --engines tensorrt,native --json "$OUT/table-7b.json"
+    ;;
+  quanttest)
+    step quant-gpu-tests 150 python3 -m pytest -q -m gpu tests/test_quantization.py \
+      tests/test_native_engine.py tests/test_streaming.py
+    step quant-smoke-7b 150 python3 benchmarks/quantized.py --model llama2-7b --limit 8GiB \
+      --fractions 0,0.5 --osl 64 --decode-steps 8 --accuracy-steps 8 --json "$OUT/quant-smoke-7b.json"
+    ;;
+  quant)
+    quant() { python3 benchmarks/quantized.py --precisions none,int8,fp8 --isl 128 --osl 256 \
+      --decode-steps 16 --repeats 1 "$@"; }
+    step quant-llama2-7b 165 quant --model llama2-7b --limit 8GiB --json "$OUT/quant-llama2-7b.json"
+    step quant-llama2-13b 215 quant --model llama2-13b --limit 16GiB --fractions 0,0.2,0.4,0.6 \
+      --json "$OUT/quant-llama2-13b.json"
+    step quant-llama3-8b 165 quant --model llama3-8b --limit 12GiB --json "$OUT/quant-llama3-8b.json"
     ;;
 esac

@@ -11,6 +11,10 @@ enough for fault tests to kill a process mid-trial; ``first_plan_sleep_s`` stall
 memory plan (a worker that stalls past a query's wait, then goes on). ``spoil_batch`` emulates
 a neighbour busy during single trials: the first trial of each configuration from that batch
 upward runs ``spoil_factor`` (9) times slower; measured again, it runs at its own speed.
+
+Precisions (``EngineConfig.quantization``): 8-bit units are half a 16-bit unit, so at one budget
+fraction an 8-bit configuration streams half the bytes (and keeps half resident); the compute is
+the same.
 """
 
 from __future__ import annotations
@@ -37,8 +41,14 @@ STEP_S = 2e-4  # compute of one step at batch 1
 PER_SEQ_S = 2e-5
 
 
+def unit_bytes(precision: str) -> int:
+    """One unit's bytes at ``precision``: 8-bit units are half a 16-bit one."""
+    return UNIT if precision == "none" else UNIT // 2
+
+
 class AnalyticEngine:
     name: ClassVar[str] = "analytic"
+    precisions: ClassVar[tuple[str, ...]] = ("none", "int8", "fp8")
     uniform_decode_steps: ClassVar[bool] = True  # every step sleeps the same modelled time
     engine_options: ClassVar[dict[str, str]] = {
         k: "a test fault or delay" for k in ("fault", "fault_batch", "budget_sleep_s",
@@ -49,7 +59,8 @@ class AnalyticEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.spec = get_spec(config.model, config.weights)
-        self._budget = UNITS * UNIT
+        self.precision = config.quantization[0]
+        self._budget = self.total_device_budget
         self.fault = config.option("fault")
         self.fault_batch = int(config.option("fault_batch", 1))
         self.budget_sleep_s = float(config.option("budget_sleep_s", 0))
@@ -68,7 +79,11 @@ class AnalyticEngine:
 
     @property
     def total_device_budget(self) -> int:
-        return UNITS * UNIT
+        return UNITS * unit_bytes(self.precision)
+
+    @property
+    def total_device_budgets(self) -> dict[str, int]:
+        return {p: UNITS * unit_bytes(p) for p in self.config.quantization}
 
     @property
     def device_budget(self) -> int:
@@ -78,11 +93,13 @@ class AnalyticEngine:
     def device_budget(self, value: int) -> None:
         value = clamp_budget(value, self.total_device_budget, log)
         time.sleep(self.budget_sleep_s)
-        self._budget = value // UNIT * UNIT  # unit granularity, like a real engine
+        unit = unit_bytes(self.precision)
+        self._budget = value // unit * unit  # unit granularity, like a real engine
         self._spoiling = False
 
-    def applied_budget(self, value: int) -> int:
-        return clamp_budget(value, self.total_device_budget, log) // UNIT * UNIT
+    def applied_budget(self, value: int, precision: str | None = None) -> int:
+        unit = unit_bytes(precision or self.precision)
+        return clamp_budget(value, UNITS * unit, log) // unit * unit
 
     def get_automatic_weight_streaming_budget(self) -> int:
         return self.total_device_budget
@@ -131,12 +148,14 @@ class AnalyticEngine:
     def synchronize(self) -> None:
         pass
 
-    def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
+    def memory_plan(self, batch: int, isl: int, osl: int, budget: int,
+                    precision: str | None = None) -> MemoryPlan:
         time.sleep(self.first_plan_sleep_s)  # a worker that stalls once, then goes on
         self.first_plan_sleep_s = 0.0
+        unit = unit_bytes(precision or self.precision)
         return MemoryPlan(
-            resident_weights=NON_STREAMABLE + budget // UNIT * UNIT,
-            streaming_scratch=2 * UNIT if budget < self.total_device_budget else 0,
+            resident_weights=NON_STREAMABLE + budget // unit * unit,
+            streaming_scratch=2 * unit if budget < UNITS * unit else 0,
             kv_cache=batch * KV_PER_SEQ, activations=batch * MiB, workspace=0,
         )
 

@@ -25,8 +25,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("engines", ("autotune.engines",)),  # engines behind one contract, their memory plans
     ("streaming", ("autotune.streaming",)),  # the native weight-streaming runtime
     ("utilities", ("autotune", "autotune.errors", "autotune.gpu", "autotune.jsonfile",
-                   "autotune.landscape", "autotune.models", "autotune.storage",
-                   "autotune.units")),
+                   "autotune.landscape", "autotune.models", "autotune.precision",
+                   "autotune.storage", "autotune.units")),
 )
 
 

@@ -12,13 +12,14 @@ from autotune.engines.base import (
     EngineConfig,
     Generation,
     check_options,
+    check_precisions,
     clamp_budget,
     declared_options,
 )
 from autotune.errors import UserInputError
 
 __all__ = [
-    "BUILTIN", "ENGINES", "Engine", "EngineConfig", "Generation", "check_options",
+    "BUILTIN", "ENGINES", "Engine", "EngineConfig", "Generation", "check_options", "check_precisions",
     "clamp_budget", "declared_options", "engine_class", "engine_names", "load_engine",
     "register_engine",
 ]
@@ -67,4 +68,6 @@ def engine_class(name: str) -> type[Engine]:
 
 
 def load_engine(config: EngineConfig) -> Engine:
-    return engine_class(config.engine).load(config)
+    cls = engine_class(config.engine)
+    check_precisions(cls, config)
+    return cls.load(config)

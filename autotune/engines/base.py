@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from autotune.engines.memory import MemoryPlan
 from autotune.errors import UserInputError
 from autotune.models import ModelSpec, check_dtype
+from autotune.precision import parse_precisions
 
 
 @dataclass(frozen=True)
@@ -39,9 +40,13 @@ class EngineConfig:
     seed: int = 0
     gpu_memory_limit: int | None = None  # bytes; caps the worker's allocator
     options: tuple[tuple[str, Any], ...] = field(default=())  # engine-specific, hashable
+    # The weight precisions the engine loads (--quantization): the first is in use after
+    # load; engines that offer more than "none" say so in their ``precisions`` class attribute.
+    quantization: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype)
+        object.__setattr__(self, "quantization", parse_precisions(self.quantization))
         for name in ("max_batch", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -84,6 +89,13 @@ class Engine(Protocol):
     # whole units say so, and the search never measures one configuration twice), and
     # ``learn_peak(planned, measured)`` (engines whose memory lies outside PyTorch's allocator
     # take each trial's measured peak, so that later plans include what the first missed).
+    # Weight precisions (--quantization): ``precisions``, the class's tuple of the ones it can
+    # load (absent: "none" only); an engine loaded with several has a ``precision``
+    # attribute (get/set: setting it switches the weights in use, the budget then applies to
+    # them), ``total_device_budgets`` (precision -> streamable bytes), the keyword
+    # ``precision`` on ``memory_plan``, ``applied_budget`` and ``streamed_bytes_at`` (planned
+    # without switching), and optionally ``accuracy(isl, osl, seed)`` (how far each 8-bit
+    # precision's output is from 16-bit: autotune.engines.native).
     # Engine options (``--engine-option KEY=VALUE``): ``engine_options``, a dict of the keys
     # the engine takes -> what each does (any other key is refused by name), and
     # ``host_options``, the keys that name something on the worker's own host (a cache
@@ -160,6 +172,22 @@ def check_options(cls: type, options: tuple[tuple[str, Any], ...]) -> None:
             raise UserInputError(
                 f"--engine-option {key}: the {getattr(cls, 'name', cls.__name__)} engine does "
                 f"not take it; it takes {takes}")
+
+
+def check_precisions(cls: type, config: EngineConfig) -> None:
+    """Refuses precisions the engine class cannot load, in one line."""
+    offered = tuple(getattr(cls, "precisions", ("none",)))
+    name = getattr(cls, "name", cls.__name__)
+    for p in config.quantization:
+        if p not in offered:
+            if name == "tensorrt":
+                raise UserInputError(
+                    f"--quantization {p}: the tensorrt engine streams 16-bit weights only "
+                    "(8-bit weight streaming with Torch-TensorRT is not yet measured; see "
+                    "docs/tensorrt.md); use --engine native for int8 or fp8")
+            raise UserInputError(
+                f"--quantization {p}: the {name} engine offers "
+                f"{', '.join(offered)} only")
 
 
 def flag(config: EngineConfig, key: str, default: bool) -> bool:

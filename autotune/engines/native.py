@@ -14,6 +14,13 @@ outside it, the older layout) and ``fused`` (default True: one GEMM for q, k, v 
 gate, up; False: one per matrix). The last two exist so that old and new can be measured side
 by side (``benchmarks/decode.py``).
 
+Weight precisions (``EngineConfig.quantization``, ``--quantization``): ``none`` (the compute
+dtype), ``int8`` and ``fp8`` (8-bit matrices with per-row scales, widened just before each
+matmul, inside the decode graph: :mod:`autotune.streaming.quant`). Each precision the config
+names is loaded once, as its own store (pinned host copies); ``precision`` switches the one in
+use (the others hold no device memory), and the budget then counts that precision's bytes.
+:meth:`NativeEngine.accuracy` measures how far each 8-bit precision's output is from 16-bit.
+
 One generation at a time: a new ``prefill`` invalidates the previous generation's state.
 This module does not time anything (:mod:`autotune.measure.timing` does).
 """
@@ -30,11 +37,28 @@ from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
 from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, get_spec, weight_source
-from autotune.streaming import plan
+from autotune.precision import PRECISIONS
+from autotune.streaming import plan, quant
 from autotune.streaming.llama import KVCache, Llama
-from autotune.streaming.runtime import WeightStore
+from autotune.streaming.runtime import WeightStore, unit_layouts
 
 log = logging.getLogger(__name__)
+
+# The accuracy check's prompts and generated tokens (NativeEngine.accuracy).
+ACCURACY_BATCH = 8
+ACCURACY_STEPS = 32
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (bytes); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 @dataclass
@@ -61,6 +85,7 @@ class NativeEngine:
     """Weight-streaming Llama runtime (see the module docstring)."""
 
     name: ClassVar[str] = "native"
+    precisions: ClassVar[tuple[str, ...]] = PRECISIONS
     engine_options: ClassVar[dict[str, str]] = {
         "slots": "device slots streamed units pass through (default 2)",
         "cuda_graphs": "capture decode steps as CUDA graphs (default true; off on CPU)",
@@ -70,10 +95,14 @@ class NativeEngine:
         "fused": "one GEMM for q, k, v and one for gate, up (default true; false: one each)",
     }
 
-    def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore) -> None:
+    def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
+                 others: dict[str, WeightStore] | None = None) -> None:
         self.config, self.spec = config, spec
         self.device = store.device
         self._store = store
+        # Every precision loaded, by name; the one in use is self._store.
+        self._stores = {store.quantization: store, **(others or {})}
+        self._precision = store.quantization
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
         self._model = Llama(spec, store, self.positions)
@@ -93,8 +122,16 @@ class NativeEngine:
     @classmethod
     def host_bytes(cls, config: EngineConfig) -> int:
         """Host memory a loaded engine holds: every streamable unit pinned once (on CPU, the
-        whole model); the whole model bounds both."""
-        return get_spec(config.model, config.weights).weight_bytes(config.dtype)
+        whole model), once per precision loaded (8-bit: about half the 16-bit bytes)."""
+        spec = get_spec(config.model, config.weights)
+        total = 0
+        for p in config.quantization:
+            if p == "none":
+                total += spec.weight_bytes(config.dtype)
+            else:
+                total += sum(u.nbytes for u in unit_layouts(spec, config.dtype,
+                                                           quantization=p))
+        return total
 
     @classmethod
     def load(cls, config: EngineConfig) -> NativeEngine:
@@ -119,13 +156,58 @@ class NativeEngine:
             slots = int(slots)
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise UserInputError(f"option slots: expected a positive integer; got {slots!r}")
-        store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed), slots,
-                            stream_embed_head=flag(config, "stream_embed_head", True),
-                            fused=flag(config, "fused", True))
-        engine = cls(config, spec, store)
+        for p in config.quantization:
+            quant.check_supported(p, device)
+        stores: dict[str, WeightStore] = {}
+        for p in config.quantization:
+            store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed),
+                                slots, stream_embed_head=flag(config, "stream_embed_head", True),
+                                fused=flag(config, "fused", True), quantization=p)
+            if stores:  # only the precision in use holds device memory
+                store.release_device()
+            stores[p] = store
+        first = stores.pop(config.quantization[0])
+        engine = cls(config, spec, first, stores)
         # Like Torch-TensorRT: the budget after load is the automatic one.
         engine.device_budget = engine.get_automatic_weight_streaming_budget()
         return engine
+
+    # -- the precision --------------------------------------------------------------------
+
+    @property
+    def precision(self) -> str:
+        """The weights in use: ``none``, ``int8`` or ``fp8`` (one of those loaded)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in self._stores:
+            raise UserInputError(f"precision {value!r}: this engine loaded "
+                                 f"{', '.join(self._stores)} (EngineConfig.quantization)")
+        if value == self._precision:
+            return
+        self._release_static()  # its graphs captured the old store's buffers
+        self._serial += 1
+        self._store.release_device()
+        if self._store.cuda:
+            torch.cuda.empty_cache()
+        self._precision = value
+        self._store = self._stores[value]
+        self._model.store = self._store
+        self._budget = self._store.apply_budget(0)  # the trial's budget comes next
+
+    @property
+    def total_device_budgets(self) -> dict[str, int]:
+        """Streamable bytes of each precision loaded."""
+        return {p: s.total for p, s in self._stores.items()}
+
+    def _store_of(self, precision: str | None) -> WeightStore:
+        if precision is None:
+            return self._store
+        if precision not in self._stores:
+            raise UserInputError(f"precision {precision!r}: this engine loaded "
+                                 f"{', '.join(self._stores)}")
+        return self._stores[precision]
 
     # -- the budget -----------------------------------------------------------------------
 
@@ -148,17 +230,20 @@ class NativeEngine:
         if self._store.cuda:
             torch.cuda.empty_cache()  # freed buffers go back, so peaks describe this budget
 
-    def applied_budget(self, budget: int) -> int:
-        """The budget that assigning ``budget`` would apply (whole units), without applying it."""
-        budget = clamp_budget(budget, self.total_device_budget, log)
-        store = self._store
+    def applied_budget(self, budget: int, precision: str | None = None) -> int:
+        """The budget that assigning ``budget`` would apply (whole units), without applying it
+        (of ``precision``'s weights; None: those in use)."""
+        store = self._store_of(precision)
+        budget = clamp_budget(budget, store.total, log)
         want = store.choose(budget)
         return sum(s for s, r, b in zip(store.sizes, want, store.budgeted, strict=True) if r and b)
 
-    def streamed_bytes_at(self, budget: int) -> int:
+    def streamed_bytes_at(self, budget: int, precision: str | None = None) -> int:
         """Bytes a forward pass would stream under ``budget``, without applying it (the
-        gathered embedding's rows are not counted: see ``streamed_bytes_per_step``)."""
-        return self._store.streamed_at(clamp_budget(budget, self.total_device_budget, log))
+        gathered embedding's rows are not counted: see ``streamed_bytes_per_step``); 8-bit
+        weights count their bytes and their scales'."""
+        store = self._store_of(precision)
+        return store.streamed_at(clamp_budget(budget, store.total, log))
 
     def get_automatic_weight_streaming_budget(self) -> int:
         """Free device memory now (within ``gpu_memory_limit``), counting the weights this
@@ -299,6 +384,112 @@ class NativeEngine:
             self._static.graph = None
             self._static.warm = False
 
+    # -- accuracy -------------------------------------------------------------------------
+
+    def accuracy(self, isl: int, osl: int, seed: int = 0, batch: int = ACCURACY_BATCH,
+                 steps: int = ACCURACY_STEPS) -> dict[str, Any]:
+        """How far each 8-bit precision loaded is from 16-bit, on the same random prompts
+        (``batch`` of ``isl`` tokens, seed ``seed + 1``: not the trials' prompts):
+
+        - ``top1_agreement``: the 16-bit weights generate ``min(osl, steps)`` tokens greedily;
+          then each precision reads that same sequence (teacher-forced, one pass) and the
+          fraction of positions where its top-1 token equals 16-bit's top-1 is its agreement;
+        - ``generated_match``: the fraction of its own greedy tokens (free-running, each
+          precision from the prompt) equal to 16-bit's, position by position;
+        - ``logits_rel_error``: ``||l - l16|| / ||l16||`` of the first step's logits (the
+          prompt's last position), float32 norms over the batch.
+
+        Run eagerly with nothing resident (budget 0: it fits wherever a trial did); the
+        16-bit reference uses the ``none`` weights when they are loaded, else a store built
+        for the check and freed after it, when the host can hold it (else not measured)."""
+        from autotune.engines.base import random_prompt
+
+        quantized = [p for p in self._stores if p != "none"]
+        out: dict[str, Any] = {"batch": batch, "isl": isl, "steps": min(osl, steps),
+                               "prompt_seed": seed + 1, "dtype": self.config.dtype,
+                               "weights": "checkpoint" if self.spec.weights_dir else "random",
+                               "precisions": {}}
+        if not quantized:
+            return out
+        n = min(osl, steps)
+        self._release_static()
+        self._serial += 1  # a generation in flight does not survive the check
+        was = self._precision
+        self._store.release_device()
+        reference = self._stores.get("none")
+        transient = None
+        try:
+            if reference is None:
+                need = sum(u.nbytes for u in unit_layouts(self.spec, self.config.dtype))
+                free = _host_available_bytes()
+                if free is not None and need > 0.8 * free:
+                    for p in quantized:
+                        out["precisions"][p] = {
+                            "status": "not measured",
+                            "reason": f"the 16-bit reference needs {need / 2**30:.1f} GiB of "
+                                      f"host memory and {free / 2**30:.1f} GiB is available"}
+                    return out
+                transient = reference = WeightStore(
+                    self.spec, self.config.dtype, self.device,
+                    weight_source(self.spec, self.config.seed), self._store.num_slots,
+                    stream_embed_head=flag(self.config, "stream_embed_head", True),
+                    fused=flag(self.config, "fused", True))
+            prompt = random_prompt(batch, isl, self.spec.vocab_size, seed + 1, self.device)
+            ref = self._check_pass(reference, prompt, n, None)
+            sequence = torch.cat([prompt, ref["tokens"][:, :-1]], dim=1)
+            ref_forced = self._check_pass(reference, prompt, n, sequence)
+            for p in quantized:
+                free_run = self._check_pass(self._stores[p], prompt, n, None)
+                forced = self._check_pass(self._stores[p], prompt, n, sequence)
+                first, first16 = free_run["first_logits"], ref["first_logits"]
+                error = (first - first16).norm() / first16.norm().clamp_min(1e-30)
+                out["precisions"][p] = {
+                    "status": "ok",
+                    "top1_agreement": round(float(
+                        (forced["top1"] == ref_forced["top1"]).float().mean()), 5),
+                    "generated_match": round(float(
+                        (free_run["tokens"] == ref["tokens"]).float().mean()), 5),
+                    "logits_rel_error": round(float(error), 6),
+                }
+        finally:
+            if transient is not None:
+                transient.close()
+            for st in self._stores.values():
+                if st.devices and any(d is not None for d, b in zip(st.devices, st.budgeted,
+                                                                     strict=True) if b):
+                    st.release_device()
+            self._store = self._stores[was]
+            self._model.store = self._store
+            self._budget = self._store.apply_budget(self._budget)
+        return out
+
+    def _check_pass(self, store: WeightStore, prompt: torch.Tensor, n: int,
+                    sequence: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One accuracy pass on ``store`` (budget 0, eager): greedy generation of ``n``
+        tokens from ``prompt``, or with ``sequence`` one teacher-forced pass whose top-1
+        tokens at the ``n`` generated positions are returned."""
+        store.apply_budget(0)
+        model = Llama(self.spec, store, self.positions)
+        batch, isl = prompt.shape
+        try:
+            with torch.inference_mode():
+                cache = KVCache(self.spec, batch, isl + n, store.tdtype, self.device)
+                if sequence is not None:
+                    logits = model.prefill(sequence, cache, all_positions=True)
+                    return {"top1": logits[:, isl - 1:].argmax(dim=-1).cpu()}
+                logits = model.prefill(prompt, cache)
+                first = logits.float().cpu()
+                tok = logits.argmax(dim=-1)
+                tokens = [tok]
+                pos = torch.full((1,), isl, dtype=torch.long, device=self.device)
+                for _ in range(n - 1):
+                    tok = model.decode(tok.view(batch, 1), pos, cache).argmax(dim=-1)
+                    tokens.append(tok)
+                    pos += 1
+                return {"tokens": torch.stack(tokens, dim=1).cpu(), "first_logits": first}
+        finally:
+            store.release_device()
+
     # -- reports --------------------------------------------------------------------------
 
     def _fixed_alloc(self) -> int:
@@ -309,18 +500,23 @@ class NativeEngine:
             + sum(plan.alloc_size(s) for s, b in zip(store.sizes, store.budgeted, strict=True)
                   if not b)
 
-    def memory_plan(self, batch: int, isl: int, osl: int, budget: int) -> MemoryPlan:
-        store, spec, dtype = self._store, self.spec, self.config.dtype
-        budget = clamp_budget(budget, self.total_device_budget, log)
+    def memory_plan(self, batch: int, isl: int, osl: int, budget: int,
+                    precision: str | None = None) -> MemoryPlan:
+        store, spec, dtype = self._store_of(precision), self.spec, self.config.dtype
+        budget = clamp_budget(budget, store.total, log)
         want = store.choose(budget)
         resident = sum(plan.alloc_size(t.numel() * t.element_size())
                        for t in store.fixed.values())
         resident += sum(plan.alloc_size(s) for s, r in zip(store.sizes, want, strict=True) if r)
         streamed = len(store.ring(want))
         scratch = min(store.num_slots, streamed) * plan.alloc_size(store.slot_bytes(want))
-        activations = plan.prefill_bytes(spec, dtype, batch, isl)
+        # 8-bit weights: the widest matrix widened to the compute dtype before its matmul, a
+        # transient of prefill and one the decode graph's pool keeps.
+        activations = plan.prefill_bytes(spec, dtype, batch, isl) + plan.alloc_size(
+            store.widen_bytes)
         if self.cuda_graphs:  # the graph's pool stays held while prefill runs
-            activations += plan.decode_pool_bytes(spec, dtype, batch)
+            activations += plan.decode_pool_bytes(spec, dtype, batch) + plan.alloc_size(
+                store.widen_bytes)
         if store.cuda:  # the caching allocator's split blocks around the temporaries
             activations = int(activations * plan.FRAGMENTATION)
         return MemoryPlan(
@@ -342,6 +538,9 @@ class NativeEngine:
             "engine": self.name,
             "model": self.spec.name,
             "dtype": self.config.dtype,
+            "precision": self._precision,
+            "precisions": list(self._stores),
+            "total_device_budgets": self.total_device_budgets,
             "device": str(self.device),
             "units": len(store.layouts),
             "unit_bytes": sorted(set(store.sizes)),
@@ -355,7 +554,7 @@ class NativeEngine:
             "slots": len(store.slots),
             "slot_bytes": int(store.slots[0].numel()) if store.slots else 0,
             "cuda_graphs": self.cuda_graphs,
-            "pinned_bytes": store.total if store.cuda else 0,
+            "pinned_bytes": sum(s.total for s in self._stores.values()) if store.cuda else 0,
             "non_streamable_bytes": store.fixed_nbytes,
             "total_device_budget": self.total_device_budget,
             "device_budget": self.device_budget,
@@ -363,7 +562,8 @@ class NativeEngine:
 
     def close(self) -> None:
         self._release_static()
-        self._store.close()
+        for s in self._stores.values():
+            s.close()
         if self._store.cuda:
             torch.cuda.empty_cache()
             if self.config.gpu_memory_limit is not None:

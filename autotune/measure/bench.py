@@ -25,7 +25,7 @@ def run_bench(
     *, model: str, engine: str, batch: int, isl: int, osl: int, dtype: str, device: str,
     seed: int = 0, weights: str | None = None, repeats: int = 3, warmup: int = 1,
     gpu_memory_limit: int | None = None, budget: int | None = None,
-    budget_fraction: float | None = None,
+    budget_fraction: float | None = None, quantization: str = "none",
 ) -> dict[str, Any]:
     if device.startswith("cuda"):
         from autotune import gpu
@@ -41,6 +41,7 @@ def run_bench(
     config = EngineConfig(
         model=model, engine=engine, dtype=dtype, device=device, max_batch=batch,
         max_seq_len=isl + osl, max_prompt_len=isl, weights=weights, seed=seed, gpu_memory_limit=gpu_memory_limit,
+        quantization=(quantization,),
     )
     warning = host.check_engine(config, workers=1)
     if warning:

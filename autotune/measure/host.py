@@ -110,6 +110,8 @@ def check_engine(config: EngineConfig, workers: int) -> str | None:
         return None
     smaller = ("--dtype float16 (half the bytes) or a smaller model" if config.dtype == "float32"
                else "a smaller model")
+    if config.engine == "native" and "none" in config.quantization:
+        smaller += " or --quantization int8 (8-bit weights: about half the bytes)"
     return check_room(host_bytes(config), workers,
                       f"{config.model} ({config.dtype}) on the {config.engine} engine",
                       smaller=smaller)

@@ -41,6 +41,7 @@ class TrialRequest:
     margin_bytes: int = DEFAULT_MARGIN
     decode_steps: int | None = None  # time this many decode steps, extrapolate (measure.py)
     warmup_steps: int | None = None  # decode steps of each warm-up generation
+    precision: str = "none"  # the weights' precision (--quantization); budget counts its bytes
 
 
 @dataclass
@@ -136,6 +137,11 @@ def run_trial(engine: Any, request: TrialRequest,
 
     config: EngineConfig = engine.config
     start = time.perf_counter()
+    try:
+        set_precision(engine, request.precision)
+    except Exception as e:  # a precision the engine did not load: this trial's error
+        return TrialOutcome(status="error", reason=f"{type(e).__name__}: {_first_line(e)}",
+                            elapsed_s=time.perf_counter() - start)
     plan = engine.memory_plan(request.batch, request.isl, request.osl, request.budget)
     try:
         available = available_bytes(engine, request.margin_bytes)
@@ -204,26 +210,46 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else repr(e)
 
 
+def set_precision(engine: Any, precision: str) -> None:
+    """Switches the engine's weights to ``precision`` (engines loaded with one precision
+    have none to switch: ``none`` is theirs)."""
+    if getattr(engine, "precision", "none") != precision:
+        engine.precision = precision
+
+
 def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int,
-                 margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
+                 margin: int = DEFAULT_MARGIN, precision: str | None = None) -> dict[str, Any]:
     """Memory plans of many (batch, budget) pairs in one round trip, the budgets the engine
     would apply (engines round to whole units), the bytes each would stream per step (engines
-    with ``streamed_bytes_at``) and the headroom now."""
-    totals = [engine.memory_plan(b, isl, osl, budget).total for b, budget in configs]
+    with ``streamed_bytes_at``) and the headroom now; of ``precision``'s weights where given
+    (planned without switching to them)."""
+    kw = {} if precision is None else {"precision": precision}
+    totals = [engine.memory_plan(b, isl, osl, budget, **kw).total for b, budget in configs]
     rounding = getattr(engine, "applied_budget", None)
     streams = getattr(engine, "streamed_bytes_at", None)
     applied: dict[int, int] = {}
     streamed: dict[int, int] = {}
     for _, budget in configs:
         if budget not in applied:
-            applied[budget] = int(rounding(budget)) if rounding else budget
+            applied[budget] = int(rounding(budget, **kw)) if rounding else budget
             if streams:
-                streamed[budget] = int(streams(budget))
+                streamed[budget] = int(streams(budget, **kw))
     reply = {"totals": totals, "applied": [applied[budget] for _, budget in configs],
              "available": available_bytes(engine, margin)}
     if streams:
         reply["streamed"] = [streamed[budget] for _, budget in configs]
     return reply
+
+
+def accuracy(engine: Any, isl: int, osl: int, seed: int) -> dict[str, Any]:
+    """Each 8-bit precision's distance from 16-bit (the engine's ``accuracy``; engines
+    without one say so)."""
+    check = getattr(engine, "accuracy", None)
+    if check is None:
+        return {"precisions": {p: {"status": "not measured",
+                                   "reason": f"the {engine.name} engine has no accuracy check"}
+                               for p in engine.config.quantization if p != "none"}}
+    return check(isl, osl, seed)
 
 
 def calibrate(engine: Any) -> dict[str, Any]:

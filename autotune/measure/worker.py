@@ -45,6 +45,7 @@ from autotune.measure.trial import (
     TrialOutcome,
     TrialRequest,
     _first_line,
+    accuracy,
     calibrate,
     plan_configs,
     run_trial,
@@ -63,7 +64,8 @@ _QUERY_TIMEOUT_S = 300.0
 # A wait longer than this says what it waits for, and again as often (never silent).
 NOTICE_S = 5.0
 # What each request is doing, for those notices.
-_DOING = {"trial": "measuring", "plan": "planning memory", "calibrate": "timing the matmuls"}
+_DOING = {"trial": "measuring", "plan": "planning memory", "calibrate": "timing the matmuls",
+          "accuracy": "comparing 8-bit outputs with 16-bit"}
 
 
 @dataclass
@@ -75,6 +77,8 @@ class WorkerInfo:
     engine: dict[str, Any]
     environment: dict[str, Any] = field(default_factory=dict)
     load_s: float = 0.0
+    # Streamable bytes of each precision the engine loaded ({"none": total} for one).
+    total_device_budgets: dict[str, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------
@@ -82,7 +86,7 @@ class WorkerInfo:
 
 
 # Short requests answered between trials: op -> function(engine, *payload).
-_QUERIES = {"plan": plan_configs, "calibrate": calibrate}
+_QUERIES = {"plan": plan_configs, "calibrate": calibrate, "accuracy": accuracy}
 
 
 def describe_environment(config: EngineConfig) -> dict[str, Any]:
@@ -169,6 +173,8 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> No
             engine=engine.describe(),
             environment=environment,
             load_s=time.perf_counter() - t0,
+            total_device_budgets=dict(getattr(engine, "total_device_budgets", None) or {
+                getattr(engine, "precision", "none"): engine.total_device_budget}),
         )
         if getattr(engine, "simulate_measurement", None) is None:
             # Prompts are torch tensors: imported now (seconds on a busy machine), not inside
@@ -293,10 +299,16 @@ class Worker:
         self._proc = None
         return outcome
 
+    def accuracy(self, isl: int, osl: int, seed: int) -> dict[str, Any]:
+        """Each 8-bit precision's distance from 16-bit (see :func:`accuracy`)."""
+        return self._query("accuracy", (isl, osl, seed))
+
     def plan(self, configs: list[tuple[int, int]], isl: int, osl: int,
-             margin: int = DEFAULT_MARGIN) -> dict[str, Any]:
+             margin: int = DEFAULT_MARGIN, precision: str | None = None) -> dict[str, Any]:
         """Memory plans of many configurations and the headroom (see :func:`plan_configs`)."""
-        return self._query("plan", (configs, isl, osl, margin))
+        if precision is None:
+            return self._query("plan", (configs, isl, osl, margin))
+        return self._query("plan", (configs, isl, osl, margin, precision))
 
     def calibrate(self) -> dict[str, Any]:
         """Times the model's matmuls in the worker (see :func:`autotune.measure.calibration.measure_compute`)."""

@@ -27,6 +27,12 @@ def from_study(study: Any, command: str | None = None) -> dict[str, Any]:
     Every (batch, budget fraction) pair of the grid must have a finished trial; when one was
     tried twice, a measured result wins over a failure, and the later over the earlier.
     """
+    precisions = list((study.user_attrs.get("workload") or {}).get("quantization") or ["none"])
+    if len(precisions) > 1:  # a landscape is one grid of batch x budget
+        raise UserInputError(
+            f"study {study.study_name} searched precision ({','.join(precisions)}); a landscape "
+            "is one precision's grid: record one per precision (--quantization int8 "
+            "--sampler grid)")
     grid: dict[tuple[int, float], dict[str, Any]] = {}
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs

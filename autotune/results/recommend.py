@@ -6,6 +6,11 @@ give N GiB, use ...", the trial counts, the study's name and storage (password r
 workload and environment, and ``schema_version``. It is small enough to read and complete
 enough to reproduce with ``autotune bench``. Reading one back checks it.
 
+A study of 8-bit weights (``--quantization``) adds ``precision`` to every configuration,
+``by_precision`` (the best of each precision, its speed against 16-bit's best and its
+accuracy against 16-bit, measured once per study) and ``accuracy`` beside the best; the Pareto
+front is then across precisions.
+
 This module does not run anything.
 """
 
@@ -56,7 +61,56 @@ def _config(trial: Any, total: int | None) -> dict[str, Any]:
         "bound_fraction": a.get("bound_fraction"),
         "bound_by": a.get("bound_by"),
         "bound_tpot_ms": a.get("bound_tpot_ms"),
+        "precision": a.get("precision", "none"),
     }
+
+
+def _total_of(trial: Any, attrs: dict[str, Any]) -> int | None:
+    """The streamable bytes of the trial's precision (each precision has its own)."""
+    totals = attrs.get("total_device_budgets") or {}
+    return totals.get(trial.user_attrs.get("precision", "none"),
+                      attrs.get("total_device_budget"))
+
+
+def quantized(attrs: dict[str, Any]) -> bool:
+    """Whether a study measured 8-bit weights (--quantization other than none)."""
+    wl = attrs.get("workload") or {}
+    return list(wl.get("quantization") or ["none"]) != ["none"]
+
+
+def accuracy_of(attrs: dict[str, Any], precision: str) -> dict[str, Any] | None:
+    """The study's accuracy record of one precision (None: not measured or 16-bit)."""
+    record = attrs.get("accuracy")
+    if not isinstance(record, dict):
+        return None
+    if "error" in record:
+        return {"status": "error", "reason": record["error"]}
+    one = (record.get("precisions") or {}).get(precision)
+    if one is None:
+        return None
+    shared = {k: record[k] for k in ("batch", "isl", "steps", "weights", "dtype") if k in record}
+    return {**one, **shared}
+
+
+def by_precision(study: Any) -> dict[str, dict[str, Any]]:
+    """The best configuration of each precision the study searched (None where none was
+    feasible), its throughput over 16-bit's best, and its accuracy against 16-bit."""
+    attrs = study.user_attrs
+    precisions = list((attrs.get("workload") or {}).get("quantization") or ["none"])
+    configs = [_config(t, _total_of(t, attrs)) for t in _feasible_completed(study)]
+    out: dict[str, dict[str, Any]] = {}
+    for p in precisions:
+        mine = [c for c in configs if c["precision"] == p]
+        out[p] = {"best": max(mine, key=lambda c: c["throughput_tok_s"]) if mine else None}
+        acc = accuracy_of(attrs, p)
+        if acc is not None:
+            out[p]["accuracy"] = acc
+    base = out.get("none", {}).get("best")
+    for row in out.values():
+        if base and row["best"] and base["throughput_tok_s"] > 0:
+            row["speedup_vs_none"] = round(row["best"]["throughput_tok_s"]
+                                           / base["throughput_tok_s"], 3)
+    return out
 
 
 def _feasible_completed(study: Any) -> list[Any]:
@@ -115,10 +169,11 @@ def build(study: Any) -> dict[str, Any]:
         raise NoCompletedTrialError(
             f"study {study.study_name} has no completed feasible trial to recommend from; "
             + _why_none(study))
-    configs = [_config(t, study.user_attrs.get("total_device_budget")) for t in feasible]
+    attrs = study.user_attrs
+    configs = [_config(t, _total_of(t, attrs)) for t in feasible]
     best = max(configs, key=lambda c: c["throughput_tok_s"])
     front = pareto_front(configs)
-    attrs = study.user_attrs
+    totals = attrs.get("total_device_budgets") or {}
     workload = attrs.get("workload", {})
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
@@ -138,7 +193,8 @@ def build(study: Any) -> dict[str, Any]:
         "study": {"name": study.study_name, "storage": attrs.get("storage")},
         "workload": workload,
         "environment": attrs.get("environment", {}),
-        "total_device_budget": attrs.get("total_device_budget"),
+        # Of the best's precision: its budget's bytes are of those weights.
+        "total_device_budget": totals.get(best["precision"], attrs.get("total_device_budget")),
         "automatic_budget": automatic,
         "best": best,
         "pareto_front": front,
@@ -148,6 +204,12 @@ def build(study: Any) -> dict[str, Any]:
         "engine": _engine_summary(attrs.get("engine", {})),
         "costs": _costs(study, attrs.get("engine", {})),
     }
+    if quantized(attrs):
+        rec["total_device_budgets"] = totals
+        rec["by_precision"] = by_precision(study)
+        acc = accuracy_of(attrs, best["precision"])
+        if acc is not None:
+            best["accuracy"] = acc  # beside the throughput: what the speed costs
     edge = edge_by_tenths(attrs.get("memory_edge"))
     if edge:  # where the memory limit cuts the space (the memory plan)
         rec["memory_edge"] = edge
@@ -233,6 +295,8 @@ def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
         options.append(("--gpu-memory-limit", workload["gpu_memory_limit"]))
     if workload.get("gpu") == "cpu":
         options.append(("--device", "cpu"))
+    if best.get("precision", "none") != "none":
+        options.append(("--quantization", best["precision"]))
     return "autotune bench " + " ".join(f"{flag} {shlex.quote(str(value))}"
                                         for flag, value in options)
 

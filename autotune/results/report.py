@@ -474,6 +474,34 @@ text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}img{max-width:1
 code{background:#f3f3f3;padding:2px 4px}.sub{color:#555}"""
 
 
+def _precision_table(rows: dict[str, Any]) -> list[str]:
+    """The best of each precision (8-bit weights), its speed over 16-bit's best and its
+    accuracy against 16-bit (the recommendation's ``by_precision``); the Pareto front figure
+    spans the precisions."""
+    e = html.escape
+    out = ["<h2>Best per precision</h2>",
+           "<table><tr><th>weights</th><th>trial</th><th>batch</th><th>budget</th>"
+           "<th>tokens/s</th><th>x 16-bit</th><th>bound</th><th>top-1 agreement</th>"
+           "<th>logits error</th></tr>"]
+    for p, row in rows.items():
+        b, acc = row.get("best"), row.get("accuracy") or {}
+        cells = [e(p), f"#{b['trial']}" if b else "", str(b["batch"]) if b else "",
+                 f"{100 * b['budget_fraction']:.0f}%" if b else "",
+                 f"{b['throughput_tok_s']:,.1f}" if b else "none feasible",
+                 f"{row['speedup_vs_none']:.2f}" if row.get("speedup_vs_none") else "",
+                 f"{100 * b['bound_fraction']:.0f}%" if b and b.get("bound_fraction") else "",
+                 f"{100 * acc['top1_agreement']:.1f}%" if "top1_agreement" in acc
+                 else e(acc.get("reason", "")),
+                 f"{acc['logits_rel_error']:.3g}" if "logits_rel_error" in acc else ""]
+        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    weights = {(r.get("accuracy") or {}).get("weights") for r in rows.values()} - {None}
+    out.append("</table><p>Accuracy: against 16-bit weights on the same prompts, measured "
+               f"once per study on {e(', '.join(sorted(weights)) or 'the study')} weights; "
+               "random weights understate a real checkpoint's sensitivity "
+               "(docs/quantization.md).</p>")
+    return out
+
+
 def _html(study: Any, pts: list[TrialPoint], rec: dict[str, Any] | None,
           images: dict[str, bytes]) -> str:
     e = html.escape
@@ -516,6 +544,8 @@ def _html(study: Any, pts: list[TrialPoint], rec: dict[str, Any] | None,
                     f"<td>{row['batch']}</td><td>{e(format_bytes(row['device_budget_bytes']))}"
                     f"</td><td>{row['throughput_tok_s']:,.1f}</td></tr>")
             parts.append("</table>")
+        if rec.get("by_precision"):
+            parts += _precision_table(rec["by_precision"])
     captions = {
         "landscape": "Throughput over batch size x device budget: what the search saw",
         "bound": "Fraction of the bound each trial reached",

@@ -4,6 +4,8 @@ RMSNorm, rotary embeddings (Hugging Face's rotate-half convention), grouped-quer
 through ``torch.nn.functional.scaled_dot_product_attention`` over a static KV cache
 ``[B, kv_heads, L, head_dim]`` per layer, and the SwiGLU MLP, written so that a decode step
 has static shapes and reads its position from a device tensor: a CUDA graph can capture it.
+Matrices stored 8-bit (``--quantization``) are widened to the compute dtype just before their
+matmul (:mod:`autotune.streaming.quant`), inside the step, so the graph captures that too.
 Each unit's weights come from ``store.acquire`` / ``store.release``, which stream them; the LM
 head is one or more vocabulary chunks, each writing its columns of the logits.
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from autotune.models import ModelSpec
+from autotune.streaming import quant
 from autotune.streaming.runtime import WeightStore
 
 
@@ -117,9 +120,12 @@ class Llama:
         self.gqa = spec.num_attention_heads != spec.num_key_value_heads
         self.eps = spec.rms_norm_eps
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Prompt ``[B, S]`` at positions 0..S-1 -> logits of its last position ``[B, V]``."""
-        return self._forward(tokens, cache, None, None, capturing=False)
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool = False
+                ) -> torch.Tensor:
+        """Prompt ``[B, S]`` at positions 0..S-1 -> logits of its last position ``[B, V]``
+        (``all_positions``: of every position, ``[B, S, V]``: a teacher-forced pass)."""
+        return self._forward(tokens, cache, None, None, capturing=False,
+                             all_positions=all_positions)
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                capturing: bool = False) -> torch.Tensor:
@@ -134,7 +140,8 @@ class Llama:
         return self._forward(tokens, cache, pos, mask, capturing)
 
     def _forward(self, tokens: torch.Tensor, cache: KVCache, pos: torch.Tensor | None,
-                 mask: torch.Tensor | None, capturing: bool) -> torch.Tensor:
+                 mask: torch.Tensor | None, capturing: bool,
+                 all_positions: bool = False) -> torch.Tensor:
         store = self.store
         if pos is None:
             s = tokens.shape[1]
@@ -151,12 +158,17 @@ class Llama:
             else:
                 x = self._mlp(x, w)
             store.release(unit.index)
-        x = rms_norm(x[:, -1], store.fixed["model.norm.weight"], self.eps)  # [B, h]
-        logits = x.new_empty(x.shape[0], self.spec.vocab_size)  # [B, V]
+        x = x if all_positions else x[:, -1]
+        x = rms_norm(x, store.fixed["model.norm.weight"], self.eps)  # [B, h] ([B, S, h])
+        logits = x.new_empty(*x.shape[:-1], self.spec.vocab_size)  # [B, V] ([B, S, V])
         for unit in store.head:  # each vocabulary chunk writes its columns, in place
             w = store.acquire(unit.index)
             a, b = unit.params[0].rows
-            torch.mm(x, w["head"].t(), out=logits[:, a:b])
+            head = quant.weight(w, "head", x.dtype)  # widened here where stored 8-bit
+            if all_positions:
+                logits[..., a:b] = torch.matmul(x, head.t())
+            else:
+                torch.mm(x, head.t(), out=logits[:, a:b])
             store.release(unit.index)
         store.end_step()
         return logits
@@ -169,10 +181,10 @@ class Llama:
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
         h = rms_norm(x, w["norm"], self.eps)
         if "qkv" in w:
-            qk, v = F.linear(h, w["qkv"]).split([(nh + nkv) * d, nkv * d], dim=-1)
+            qk, v = quant.linear(h, w, "qkv").split([(nh + nkv) * d, nkv * d], dim=-1)
         else:
-            qk = torch.cat([F.linear(h, w["q"]), F.linear(h, w["k"])], dim=-1)
-            v = F.linear(h, w["v"])
+            qk = torch.cat([quant.linear(h, w, "q"), quant.linear(h, w, "k")], dim=-1)
+            v = quant.linear(h, w, "v")
         del h
         # q and k rotated together, in the projection's layout, then viewed head-major.
         qk = apply_rope(qk.view(b, s, nh + nkv, d), cos, sin).transpose(1, 2)
@@ -189,15 +201,15 @@ class Llama:
             vc.index_copy_(2, pos, v)
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)
         o = o.transpose(1, 2).reshape(b, s, nh * d)
-        return _linear_add(x, o, w["o"])
+        return _linear_add(x, o, quant.weight(w, "o", x.dtype))
 
     def _mlp(self, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
         h = rms_norm(x, w["norm"], self.eps)
         if "gate_up" in w:
-            g, u = F.linear(h, w["gate_up"]).chunk(2, dim=-1)  # [B, S, I] each
+            g, u = quant.linear(h, w, "gate_up").chunk(2, dim=-1)  # [B, S, I] each
         else:
-            g, u = F.linear(h, w["gate"]), F.linear(h, w["up"])
+            g, u = quant.linear(h, w, "gate"), quant.linear(h, w, "up")
         del h
         y = F.silu(g).mul_(u)  # in place: one [B, S, I] temporary fewer
         del g, u
-        return _linear_add(x, y, w["down"])
+        return _linear_add(x, y, quant.weight(w, "down", x.dtype))

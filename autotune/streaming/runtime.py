@@ -35,6 +35,8 @@ from typing import Any
 import torch
 
 from autotune.models import ModelSpec, RandomWeights, WeightSource, dtype_bytes, torch_dtype
+from autotune.precision import QUANTIZED_BYTES
+from autotune.streaming import quant
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class ParamSlice:
     offset: int  # bytes into the unit's flat buffer
     nbytes: int
     rows: tuple[int, int] | None = None  # rows [a, b) of the named tensor held here; None: all
+    # "w": in the compute dtype; "q": 8-bit values (int8 or fp8) of a quantized matrix;
+    # "s": that matrix's scales, one per row, in the compute dtype (key: "<matrix>.scale").
+    fmt: str = "w"
 
 
 @dataclass(frozen=True)
@@ -80,10 +85,13 @@ class UnitLayout:
     nbytes: int  # size of the flat buffer (bytes), padding included
 
 
-def head_chunks(spec: ModelSpec, dtype: str, limit: int) -> list[tuple[int, int]]:
+def head_chunks(spec: ModelSpec, dtype: str, limit: int, quantization: str = "none"
+                ) -> list[tuple[int, int]]:
     """Row ranges ``[a, b)`` of the LM head, as few as keep each chunk within ``limit`` bytes
     (its buffer aligned), rows a multiple of 64 but the last."""
     row = spec.hidden_size * dtype_bytes(dtype)  # bytes
+    if quantization in QUANTIZED_BYTES:  # 8-bit values and a scale per row
+        row = spec.hidden_size * QUANTIZED_BYTES[quantization] + dtype_bytes(dtype)
     vocab = spec.vocab_size
     n = max(1, -(-vocab * row // limit))
     while True:
@@ -95,21 +103,38 @@ def head_chunks(spec: ModelSpec, dtype: str, limit: int) -> list[tuple[int, int]
     return [(a, min(a + rows, vocab)) for a in range(0, vocab, rows)]
 
 
-def unit_layouts(spec: ModelSpec, dtype: str, chunk_head: bool = True) -> list[UnitLayout]:
+def unit_layouts(spec: ModelSpec, dtype: str, chunk_head: bool = True,
+                 quantization: str = "none") -> list[UnitLayout]:
     """The units of ``spec`` in forward order: embed, attn 0, mlp 0, attn 1, mlp 1, ..., then
-    the head's chunks (one chunk, the whole head, when ``chunk_head`` is False)."""
+    the head's chunks (one chunk, the whole head, when ``chunk_head`` is False).
+
+    With ``quantization`` int8 or fp8, every matrix of the decoder units and the head is held
+    as 8-bit values (aligned, adjacent, so q|k|v and gate|up still fuse) followed by the
+    unit's scales packed one after another (one per row, compute dtype); the norms and the
+    embedding stay in the compute dtype."""
     b = dtype_bytes(dtype)
+    q8 = QUANTIZED_BYTES.get(quantization)
     units: list[UnitLayout] = []
 
     def add(kind: str, layer: int, params: list[tuple[str, str, tuple[int, ...], Any]]) -> None:
         slices, offset = [], 0
+        scales = []
         for name, key, shape, rows in params:
-            nbytes = b
+            numel = 1
             for s in shape:
-                nbytes *= s
-            slices.append(ParamSlice(name, key, shape, offset, nbytes, rows))
-            offset = _align(offset + nbytes)
-        units.append(UnitLayout(len(units), kind, layer, tuple(slices), offset))
+                numel *= s
+            if q8 is not None and len(shape) == 2 and kind != "embed":
+                slices.append(ParamSlice(name, key, shape, offset, numel * q8, rows, "q"))
+                offset = _align(offset + numel * q8)
+                scales.append((name, key, shape, rows))
+                continue
+            slices.append(ParamSlice(name, key, shape, offset, numel * b, rows))
+            offset = _align(offset + numel * b)
+        for name, key, shape, rows in scales:  # packed: a unit's scales read as one vector
+            slices.append(ParamSlice(name, key + ".scale", (shape[0],), offset, shape[0] * b,
+                                     rows, "s"))
+            offset += shape[0] * b
+        units.append(UnitLayout(len(units), kind, layer, tuple(slices), _align(offset)))
 
     outer = spec.other_shapes()
     add("embed", -1, [(_EMBED, "embed", outer[_EMBED], None)])
@@ -120,32 +145,49 @@ def unit_layouts(spec: ModelSpec, dtype: str, chunk_head: bool = True) -> list[U
                                shapes[f"model.layers.{layer}.{short}.weight"], None)
                               for short in names])
     vocab, hidden = outer[_HEAD]
-    chunks = head_chunks(spec, dtype, max(u.nbytes for u in units[1:])) if chunk_head else [
-        (0, vocab)]
+    chunks = head_chunks(spec, dtype, max(u.nbytes for u in units[1:]), quantization) \
+        if chunk_head else [(0, vocab)]
     for a, z in chunks:
         add("head", -1, [(_HEAD, "head", (z - a, hidden), (a, z))])
     return units
 
 
 def unit_views(layout: UnitLayout, buf: torch.Tensor, dtype: torch.dtype,
-               fused: bool = True) -> dict[str, Any]:
+               fused: bool = True, qdtype: torch.dtype | None = None) -> dict[str, Any]:
     """Parameter views of a flat uint8 buffer (``buf`` may be longer than the unit: a slot);
-    with ``fused``, also the stacked ``qkv`` and ``gate_up`` matrices (one GEMM each)."""
+    with ``fused``, also the stacked ``qkv`` and ``gate_up`` matrices (one GEMM each), and of
+    a quantized unit their stacked scales (``qkv.scale``). ``qdtype``: the 8-bit values'
+    dtype (int8 or float8_e4m3fn) in a quantized unit."""
     views: dict[str, Any] = {}
     by_key = {p.key: p for p in layout.params}
+
+    def of(p: ParamSlice) -> torch.dtype:
+        if p.fmt == "q":
+            assert qdtype is not None, "a quantized unit needs the dtype of its values"
+            return qdtype
+        return dtype
+
     for p in layout.params:
-        views[p.key] = buf[p.offset:p.offset + p.nbytes].view(dtype).view(p.shape)
+        views[p.key] = buf[p.offset:p.offset + p.nbytes].view(of(p)).view(p.shape)
     for fused_key, keys in _FUSED.items():
         if not fused:
             break
-        parts = [by_key[k] for k in keys if k in by_key]
-        if len(parts) != len(keys):
-            continue
-        contiguous = all(a.offset + a.nbytes == c.offset for a, c in zip(parts, parts[1:], strict=False))
-        if contiguous:  # rows stacked in memory: [sum of rows, hidden]
+        for suffix in ("", ".scale"):
+            parts = [by_key[k + suffix] for k in keys if k + suffix in by_key]
+            if len(parts) != len(keys):
+                continue
+            contiguous = all(a.offset + a.nbytes == c.offset
+                             for a, c in zip(parts, parts[1:], strict=False))
+            if not contiguous:
+                continue
             rows = sum(p.shape[0] for p in parts)
-            span = buf[parts[0].offset:parts[-1].offset + parts[-1].nbytes]
-            views[fused_key] = span.view(dtype).view(rows, parts[0].shape[1])
+            span = buf[parts[0].offset:parts[-1].offset + parts[-1].nbytes].view(of(parts[0]))
+            # Rows stacked in memory: [sum of rows, hidden] (scales: [sum of rows]).
+            views[fused_key + suffix] = span.view(
+                (rows, parts[0].shape[1]) if suffix == "" else (rows,))
+        if fused_key in views and by_key.get(keys[0] + ".scale") is not None \
+                and fused_key + ".scale" not in views:
+            del views[fused_key]  # values fused but not their scales: use the parts
     return views
 
 
@@ -201,17 +243,23 @@ class WeightStore:
     ``stream_embed_head`` False is the older layout: the embedding and the whole LM head (one
     unit) stay resident outside the budget, as TensorRT's non-streamable weights do.
     ``fused`` False computes q, k, v (and gate, up) with one GEMM each instead of one per unit
-    (for comparison)."""
+    (for comparison). ``quantization`` int8 or fp8 holds every matrix 8-bit with per-row
+    scales (:func:`unit_layouts`), on the host, in the slots and resident alike: the bytes
+    that move are 8-bit; the forward pass widens each matrix just before its matmul."""
 
     def __init__(self, spec: ModelSpec, dtype: str, device: torch.device, source: WeightSource,
-                 slots: int = 2, *, stream_embed_head: bool = True, fused: bool = True) -> None:
+                 slots: int = 2, *, stream_embed_head: bool = True, fused: bool = True,
+                 quantization: str = "none") -> None:
         if slots < 1:
             raise ValueError(f"slots: expected 1 or more; got {slots}")
         self.spec, self.dtype, self.device = spec, dtype, device
         self.tdtype = torch_dtype(dtype)
+        self.quantization = quantization
+        self.qdtype = quant.storage_dtype(quantization) if quantization != "none" else None
         self.num_slots = slots
         self.fused = fused
-        self.layouts = unit_layouts(spec, dtype, chunk_head=stream_embed_head)
+        self.layouts = unit_layouts(spec, dtype, chunk_head=stream_embed_head,
+                                    quantization=quantization)
         self.embed = self.layouts[0]
         self.decoder = [u for u in self.layouts if u.kind in ("attn", "mlp")]
         self.head = [u for u in self.layouts if u.kind == "head"]
@@ -274,16 +322,24 @@ class WeightStore:
         gen_device = self.device if isinstance(source, RandomWeights) else "cpu"
         whole: dict[str, torch.Tensor] = {}  # a tensor split over units (the head), read once
         for u, host in zip(self.layouts, self.hosts, strict=True):
-            views = unit_views(u, host, self.tdtype, fused=False)
+            views = unit_views(u, host, self.tdtype, fused=False, qdtype=self.qdtype)
             for p in u.params:
-                if p.rows is None:
-                    views[p.key].copy_(source.get(p.name, p.shape, self.tdtype, gen_device))
+                if p.fmt == "s":  # written with its matrix
                     continue
-                if p.name not in whole:
-                    whole.clear()
-                    shape = self.spec.other_shapes()[p.name]
-                    whole[p.name] = source.get(p.name, shape, self.tdtype, gen_device)
-                views[p.key].copy_(whole[p.name][p.rows[0]:p.rows[1]])
+                if p.rows is None:
+                    w = source.get(p.name, p.shape, self.tdtype, gen_device)
+                else:
+                    if p.name not in whole:
+                        whole.clear()
+                        shape = self.spec.other_shapes()[p.name]
+                        whole[p.name] = source.get(p.name, shape, self.tdtype, gen_device)
+                    w = whole[p.name][p.rows[0]:p.rows[1]]
+                if p.fmt == "q":  # the 16-bit matrix, quantized: what `none` would hold
+                    values, scale = quant.quantize(w, self.quantization, self.tdtype)
+                    views[p.key].copy_(values)
+                    views[p.key + ".scale"].copy_(scale)
+                else:
+                    views[p.key].copy_(w)
 
     def _map_embedding(self) -> torch.Tensor | None:
         """The embedding's pinned host bytes as a tensor the step's gather kernel can read.
@@ -385,13 +441,43 @@ class WeightStore:
             buf = self.devices[i] if j < 0 else self.slots[j % nslots]
             if buf is None:  # the embedding, gathered from the host
                 buf = self._embed_host
-            self.views.append(unit_views(u, buf, self.tdtype, self.fused))
+            self.views.append(unit_views(u, buf, self.tdtype, self.fused, self.qdtype))
         self.ready = [None] * nslots
         self.prefetched = False
         if self.cuda:
             # Host sync: the resident copies above must land before anything is timed.
             torch.cuda.synchronize(self.device)
         return self.resident_bytes
+
+    def release_device(self) -> None:
+        """Frees every device buffer of the budgeted units and the slots (the host copies
+        stay): another store of the same model (another precision) takes the device. The next
+        :meth:`apply_budget` makes this store usable again."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # host sync: queued work may still read them
+        self.slots, self.views, self.ready = [], [], []
+        self.devices = [None if b else d for d, b in zip(self.devices, self.budgeted,
+                                                          strict=True)]
+        self.streamed, self.stream_pos = [], [-1] * len(self.layouts)
+        self.prefetched = False
+
+    @property
+    def widen_bytes(self) -> int:
+        """The largest matrix a quantized forward pass widens at once, in the compute dtype
+        (bytes; the fused q|k|v or gate|up): a transient its memory plan counts. 0 unquantized."""
+        if self.qdtype is None:
+            return 0
+        size = self.tdtype.itemsize
+        most = 0
+        for u in self.layouts:
+            by_key = {p.key: p for p in u.params if p.fmt == "q"}
+            groups = [[k] for k in by_key]
+            if self.fused:
+                groups += [[k for k in keys if k in by_key] for keys in _FUSED.values()]
+            for keys in groups:
+                numel = sum(by_key[k].shape[0] * by_key[k].shape[1] for k in keys)
+                most = max(most, numel * size)
+        return most
 
     # -- the step protocol ----------------------------------------------------------------
 

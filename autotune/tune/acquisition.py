@@ -50,7 +50,13 @@ OUT_OF_REACH = "no configuration that fits can meet the limits"
 
 
 class Prior(Model):
-    """The model over the candidate grid, and the choice of the next configuration."""
+    """The model over the candidate grid, and the choice of the next configuration.
+
+    ``incumbent``: the best feasible throughput measured elsewhere (another precision's
+    trials, in a study that searches several: :mod:`autotune.tune.precisions`): what this
+    grid's candidates must beat besides its own trials. 0 in a study of one precision."""
+
+    incumbent: float = 0.0
 
     # -- what to skip ---------------------------------------------------------------------
 
@@ -83,6 +89,8 @@ class Prior(Model):
         if lim.max_latency_s is not None:
             cannot_meet |= lb["e2e_s"] > lim.max_latency_s
         best = max((o.throughput for o in obs if o.feasible), default=None)
+        if self.incumbent > 0:
+            best = max(best or 0.0, self.incumbent)
         cannot_win = (lb["throughput"] < best) if best is not None else np.zeros_like(cannot_meet)
         return {"cannot_fit": cannot_fit, "cannot_meet": np.broadcast_to(
             cannot_meet, self.plans.shape), "cannot_win": cannot_win}
@@ -143,7 +151,7 @@ class Prior(Model):
             can_run = untried & ~masks["cannot_fit"]
         allowed = can_run & ~masks["cannot_win"]
         c = self.constants
-        best = max((o.throughput for o in obs if o.feasible), default=0.0)
+        best = max([self.incumbent, *(o.throughput for o in obs if o.feasible)])
         if not can_run.any():
             return None, best > 0
         # Constrained expected improvement: the expected gain over the best feasible trial,

@@ -90,6 +90,7 @@ class Observation:
     applied: int | None = None  # the budget the engine applied (bytes), where it ran
     seconds: float | None = None  # the trial's wall time, budget change included
     change_s: float | None = None  # what changing the engine's budget cost, where it changed
+    precision: str = "none"  # the weights' precision (--quantization)
 
     @classmethod
     def from_trial(cls, t: Any) -> Observation | None:
@@ -97,10 +98,12 @@ class Observation:
         if "batch" not in params or "budget_fraction" not in params:
             return None
         batch, fraction = int(params["batch"]), float(params["budget_fraction"])
+        precision = str(params.get("precision", a.get("precision", "none")))
         status = a.get("status", t.state.name.lower())  # "running": asked, not finished
         applied = a.get("budget_applied_bytes")
         costs = {"seconds": a.get("elapsed_s"),
-                 "change_s": a.get("budget_change_s") if a.get("budget_changed") else None}
+                 "change_s": a.get("budget_change_s") if a.get("budget_changed") else None,
+                 "precision": precision}
         if status != "ok" or "tpot_ms" not in a:
             return cls(batch, fraction, status, applied=applied, **costs)
         return cls(

@@ -39,12 +39,15 @@ def plan_requests(batches: np.ndarray, fractions: np.ndarray, total: int) -> lis
 
 
 def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits: Limits,
-          h2d_gb_s: float | None, margin: int, compute: dict[str, Any] | None = None) -> Prior:
+          h2d_gb_s: float | None, margin: int, compute: dict[str, Any] | None = None,
+          precision: str | None = None) -> Prior:
     """Measures (through ``runner``: a Worker or an in-process runner) and builds the prior.
 
     ``compute``: the study's stored calibration, reused (its matmul times) when a run resumes
     or a worker joins, so that every prior of a study reasons from the same measurements (and
-    a resumed study that had converged stays converged); the link is this worker's own."""
+    a resumed study that had converged stays converged); the link is this worker's own.
+    ``precision``: plan that precision's weights (a study searching several; ``total`` is
+    then that precision's streamable bytes)."""
     batches, fractions = candidate_batches(max_batch), candidate_fractions()
     if compute is not None and compute.get("gemm_rows"):
         why = Calibration.from_dict(compute).problem()
@@ -56,7 +59,9 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
         calibration = {**compute, "h2d_gb_s": h2d_gb_s or compute.get("h2d_gb_s")}
     else:
         calibration = runner.calibrate()
-    reply = runner.plan(plan_requests(batches, fractions, total), isl, osl, margin)
+    configs = plan_requests(batches, fractions, total)
+    reply = (runner.plan(configs, isl, osl, margin) if precision is None
+             else runner.plan(configs, isl, osl, margin, precision))
     plans = np.array(reply["totals"], float).reshape(len(batches), len(fractions))
     # The same for every batch (plan_requests is batch-major): one row is enough.
     applied = (np.array(reply["applied"], np.int64).reshape(plans.shape)[0]

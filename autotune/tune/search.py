@@ -28,7 +28,15 @@ import optuna
 
 from autotune.engines.memory import DEFAULT_MARGIN
 from autotune.errors import UserInputError
-from autotune.measure.trial import TrialOutcome, TrialRequest, calibrate, plan_configs, run_trial
+from autotune.measure.trial import (
+    TrialOutcome,
+    TrialRequest,
+    accuracy,
+    calibrate,
+    plan_configs,
+    run_trial,
+)
+from autotune.tune.precisions import PrecisionPriors
 from autotune.tune.prior import Limits, Observation, Prior
 from autotune.tune.trials import record, study_bandwidths
 
@@ -56,7 +64,8 @@ def grid_size(max_batch: int) -> int:
     return len(grid_batches(max_batch)) * len(GRID_FRACTIONS)
 
 
-def make_sampler(name: str, seed: int, max_batch: int) -> Any:
+def make_sampler(name: str, seed: int, max_batch: int,
+                 precisions: tuple[str, ...] = ("none",)) -> Any:
     if name == "autotune":
         return AutotuneSampler(seed=seed)
     if name == "tpe":
@@ -64,7 +73,10 @@ def make_sampler(name: str, seed: int, max_batch: int) -> Any:
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        space = {"batch": grid_batches(max_batch), "budget_fraction": list(GRID_FRACTIONS)}
+        space: dict[str, list[Any]] = {"batch": grid_batches(max_batch),
+                                       "budget_fraction": list(GRID_FRACTIONS)}
+        if len(precisions) > 1:
+            space["precision"] = list(precisions)
         return _GridSampler(space, seed=seed)
     if name == "gp":
         try:
@@ -100,7 +112,7 @@ class AutotuneSampler(optuna.samplers.BaseSampler):
     def __init__(self, seed: int | None = None) -> None:
         self._fallback = optuna.samplers.TPESampler(seed=seed, n_startup_trials=5,
                                                     multivariate=True)
-        self.prior: Prior | None = None
+        self.prior: Any = None  # a Prior, or PrecisionPriors for several precisions
         self._worker = threading.local()  # Optuna's ask() has no way to say who asks
 
     @contextlib.contextmanager
@@ -113,16 +125,23 @@ class AutotuneSampler(optuna.samplers.BaseSampler):
         finally:
             self._worker.budget = None
 
-    def attach(self, prior: Prior) -> None:
+    def attach(self, prior: Any) -> None:
         self.prior = prior
 
     def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
         if self.prior is None:
             return self._fallback.infer_relative_search_space(study, trial)
-        from optuna.distributions import FloatDistribution, IntDistribution
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
 
-        return {"batch": IntDistribution(1, self.prior.max_batch, log=True),
-                "budget_fraction": FloatDistribution(0.0, 1.0)}
+        space = {"batch": IntDistribution(1, self.prior.max_batch, log=True),
+                 "budget_fraction": FloatDistribution(0.0, 1.0)}
+        if isinstance(self.prior, PrecisionPriors):
+            space["precision"] = CategoricalDistribution(list(self.prior.precisions))
+        return space
 
     def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]
                         ) -> dict[str, Any]:
@@ -133,6 +152,8 @@ class AutotuneSampler(optuna.samplers.BaseSampler):
             log.info("the prior has no untried configuration left; TPE proposes")
             space = self._fallback.infer_relative_search_space(study, trial)
             return self._fallback.sample_relative(study, trial, space)
+        if len(pick) == 3:
+            return {"batch": pick[0], "budget_fraction": pick[1], "precision": pick[2]}
         return {"batch": pick[0], "budget_fraction": pick[1]}
 
     def sample_independent(self, study: Any, trial: Any, name: str, dist: Any) -> Any:
@@ -160,12 +181,16 @@ class InProcessRunner:
     def run(self, request: TrialRequest) -> TrialOutcome:
         return run_trial(self.engine, request)
 
-    def plan(self, configs: list[tuple[int, int]], isl: int, osl: int, margin: int
-             ) -> dict[str, Any]:
-        key = (tuple(configs[:1]), tuple(configs[-1:]), len(configs), isl, osl, margin)
+    def plan(self, configs: list[tuple[int, int]], isl: int, osl: int, margin: int,
+             precision: str | None = None) -> dict[str, Any]:
+        key = (tuple(configs[:1]), tuple(configs[-1:]), len(configs), isl, osl, margin,
+               precision)
         if key not in self._plans:  # the same candidates every study: plan them once
-            self._plans[key] = plan_configs(self.engine, configs, isl, osl, margin)
+            self._plans[key] = plan_configs(self.engine, configs, isl, osl, margin, precision)
         return self._plans[key]
+
+    def accuracy(self, isl: int, osl: int, seed: int) -> dict[str, Any]:
+        return accuracy(self.engine, isl, osl, seed)
 
     def calibrate(self) -> dict[str, Any]:
         if self._calibration is None:
@@ -173,24 +198,41 @@ class InProcessRunner:
         return self._calibration
 
 
-def suggest(study: Any, trial: Any, max_batch: int, prior: Prior | None = None,
+def suggest(study: Any, trial: Any, max_batch: int, prior: Any = None,
             held: int | None = None) -> tuple[int, float]:
     """The trial's configuration, for a worker whose engine holds budget ``held`` (bytes;
-    None: unknown), with the prior's prediction in its attributes."""
+    None: unknown), with the prior's prediction in its attributes (a study of one
+    precision; :func:`suggest_config` for several)."""
+    batch, fraction, _ = suggest_config(study, trial, max_batch, prior, held)
+    return batch, fraction
+
+
+def suggest_config(study: Any, trial: Any, max_batch: int, prior: Any = None,
+                   held: int | None = None, precisions: tuple[str, ...] = ("none",)
+                   ) -> tuple[int, float, str]:
+    """The trial's batch, budget fraction and precision: ``precision`` is a categorical
+    parameter only when the study searches more than one (else it is the one given, and
+    the parameters are those of every study before precision became an axis)."""
     sampler = study.sampler
     with sampler.held_by(held) if isinstance(sampler, AutotuneSampler) else contextlib.nullcontext():
         batch = trial.suggest_int("batch", 1, max_batch, log=True)
         fraction = trial.suggest_float("budget_fraction", 0.0, 1.0)
+        precision = (trial.suggest_categorical("precision", list(precisions))
+                     if len(precisions) > 1 else precisions[0])
     if prior is not None:
         if not isinstance(study.sampler, AutotuneSampler):  # it refits when it samples
             prior.refit(observations(study))
-        for key, value in prior.predicted_attrs(batch, fraction).items():
+        attrs = (prior.predicted_attrs(batch, fraction, precision)
+                 if isinstance(prior, PrecisionPriors)
+                 else prior.predicted_attrs(batch, fraction))
+        for key, value in attrs.items():
             trial.set_user_attr(key, value)
-    return batch, fraction
+    return batch, fraction, precision
 
 
 def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_batch: int,
-                limits: Limits, h2d_gb_s: float | None) -> Prior | None:
+                limits: Limits, h2d_gb_s: float | None,
+                totals: dict[str, int] | None = None) -> Any:
     """Measures the hardware through ``runner`` (the matmuls only once per study: a resumed
     run or a joining worker reuses the stored calibration), builds the prior, stores its
     calibration with the study (a landscape exported later carries it) and hands it to an
@@ -202,9 +244,23 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
     from autotune.tune import prior as prior_mod
 
     try:
-        prior = prior_mod.build(runner, total=total, isl=isl, osl=osl, max_batch=max_batch,
-                                limits=limits, h2d_gb_s=h2d_gb_s, margin=DEFAULT_MARGIN,
-                                compute=study.user_attrs.get("calibration"))
+        if totals is not None and len(totals) > 1:  # precision is an axis: a prior each
+            compute = study.user_attrs.get("calibration")
+            priors: dict[str, Prior] = {}
+            for p, p_total in totals.items():
+                priors[p] = prior_mod.build(
+                    runner, total=p_total, isl=isl, osl=osl, max_batch=max_batch,
+                    limits=limits, h2d_gb_s=h2d_gb_s, margin=DEFAULT_MARGIN, compute=compute,
+                    precision=p)
+                # The matmuls are timed once: the other precisions reuse the first's.
+                compute = compute or priors[p].calibration.as_dict()
+            prior: Any = PrecisionPriors(priors)
+        else:
+            only = next(iter(totals)) if totals else "none"
+            prior = prior_mod.build(runner, total=total, isl=isl, osl=osl, max_batch=max_batch,
+                                    limits=limits, h2d_gb_s=h2d_gb_s, margin=DEFAULT_MARGIN,
+                                    compute=study.user_attrs.get("calibration"),
+                                    precision=None if only == "none" else only)
     except WorkerError as e:
         log.warning("no prior (%s); the search goes on without it", e)
         study.set_user_attr("prior", {"error": str(e)})
@@ -216,6 +272,8 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
     study.set_user_attr("prior", prior.describe())
     # What the report draws and the recommendation explains, with no worker to ask then.
     study.set_user_attr("memory_edge", prior.memory_edge())
+    if isinstance(prior, PrecisionPriors):
+        study.set_user_attr("memory_edges", prior.memory_edges())
     if isinstance(study.sampler, AutotuneSampler):
         study.sampler.attach(prior)
     for note in prior.notes():
@@ -223,7 +281,7 @@ def start_prior(study: Any, runner: Any, *, total: int, isl: int, osl: int, max_
     return prior
 
 
-def after_trial(study: Any, prior: Prior | None, runner: Any = None) -> None:
+def after_trial(study: Any, prior: Any, runner: Any = None) -> None:
     """Refits the prior on every finished trial and stores its constants with the study;
     with ``runner``, measures the calibration again when a trial contradicts it."""
     if prior is not None:
@@ -238,7 +296,7 @@ def after_trial(study: Any, prior: Prior | None, runner: Any = None) -> None:
 MAX_RECALIBRATIONS = 2
 
 
-def check_calibration(study: Any, prior: Prior, runner: Any) -> None:
+def check_calibration(study: Any, prior: Any, runner: Any) -> None:
     """Measures the matmul calibration again (through ``runner``) when a measured trial ran
     faster than it allows, and stores the new one with the study, saying why."""
     from dataclasses import replace
@@ -307,10 +365,12 @@ def _wild(outcome: TrialOutcome, predicted: float) -> bool:
 
 def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl: int,
                    osl: int, total: int, limits: Limits | None = None,
-                   prior: Prior | None = None, seed: int = 0, early_stop: bool = False
-                   ) -> list[TrialOutcome]:
+                   prior: Any = None, seed: int = 0, early_stop: bool = False,
+                   totals: dict[str, int] | None = None) -> list[TrialOutcome]:
     """The study loop without a worker process: ask, run, record, ``trials`` times (fewer
-    with ``early_stop`` once the prior has converged, as ``autotune run`` does)."""
+    with ``early_stop`` once the prior has converged, as ``autotune run`` does).
+    ``totals``: precision -> streamable bytes, for a study that searches precisions."""
+    precisions = tuple(totals) if totals else ("none",)
     outcomes: list[TrialOutcome] = []
     if "bandwidths" not in study.user_attrs:  # as run_study records them
         describe = getattr(getattr(runner, "engine", None), "describe", None)
@@ -322,11 +382,13 @@ def run_in_process(study: Any, runner: Any, *, trials: int, max_batch: int, isl:
         held = next((o.applied_budget for o in reversed(outcomes)
                      if o.applied_budget is not None), None)
         trial = study.ask()
-        batch, fraction = suggest(study, trial, max_batch, prior, held)
-        request = TrialRequest(batch=batch, budget=int(round(fraction * total)), isl=isl,
-                               osl=osl, repeats=1, warmup=0, seed=seed)
+        batch, fraction, precision = suggest_config(study, trial, max_batch, prior, held,
+                                                    precisions)
+        p_total = totals[precision] if totals else total
+        request = TrialRequest(batch=batch, budget=int(round(fraction * p_total)), isl=isl,
+                               osl=osl, repeats=1, warmup=0, seed=seed, precision=precision)
         outcome = measure(runner, request, trial)
-        record(study, trial, request, outcome, total, "in-process", limits=limits,
+        record(study, trial, request, outcome, p_total, "in-process", limits=limits,
                bandwidths=bandwidths)
         after_trial(study, prior, runner)
         outcomes.append(outcome)

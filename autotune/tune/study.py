@@ -30,13 +30,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from autotune.engines import EngineConfig, check_options, engine_class
+from autotune.engines import EngineConfig, check_options, check_precisions, engine_class
 from autotune.engines.memory import MAX_BATCH
 from autotune.errors import UserInputError, stop_name
 from autotune.measure import host
 from autotune.measure.trial import TrialOutcome, TrialRequest
 from autotune.measure.worker import Worker, WorkerInfo
 from autotune.models import check_dtype, get_spec
+from autotune.precision import parse_precisions
 from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
 from autotune.tune import budget, resume
 from autotune.tune.acquisition import OUT_OF_REACH
@@ -104,8 +105,12 @@ class RunOptions:
     decode_steps: int | None = 32
     early_stop: bool = True
     confirm: bool = True
+    # Weight precisions searched (--quantization): one is fixed; several are a categorical
+    # parameter of the study (autotune.tune.precisions). ("none",): the study as before.
+    quantization: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "quantization", parse_precisions(self.quantization))
         if self.decode_steps is not None and (
                 not isinstance(self.decode_steps, int) or self.decode_steps < 1):
             raise UserInputError(f"--decode-steps: expected a positive integer (0: every step); "
@@ -141,6 +146,7 @@ class RunOptions:
         get_spec(self.model, self.weights)  # unknown model / bad --weights fail here
         # Unknown engine or option keys fail here; missing extras fail at load.
         check_options(engine_class(self.engine), self.engine_options)
+        check_precisions(engine_class(self.engine), self.engine_config("cpu"))
         parse_url(self.storage)
         if self.study_name is not None:
             check_study_name(self.study_name)
@@ -168,6 +174,7 @@ class RunOptions:
             model=self.model, engine=self.engine, dtype=self.dtype, device=device,
             max_batch=self.max_batch, max_seq_len=self.isl + self.osl, max_prompt_len=self.isl,
             weights=self.weights, seed=self.seed, gpu_memory_limit=self.gpu_memory_limit, options=self.engine_options,
+            quantization=self.quantization,
         )
 
     def workload(self, gpu_name: str) -> dict[str, Any]:
@@ -176,15 +183,17 @@ class RunOptions:
             "osl": self.osl, "gpu_memory_limit": self.gpu_memory_limit, "gpu": gpu_name,
             "max_batch": self.max_batch, "weights": self.weights, "repeats": self.repeats,
             "warmup": self.warmup, "limits": self.limits.as_dict(), "sampler": self.sampler,
-            "decode_steps": self.decode_steps,
+            "decode_steps": self.decode_steps, "quantization": list(self.quantization),
         }
 
-    def trial_request(self, batch: int, budget: int) -> TrialRequest:
+    def trial_request(self, batch: int, budget: int, precision: str | None = None
+                      ) -> TrialRequest:
         """A trial's measurement: short warm-ups and ``decode_steps`` timed steps (where the
         engine's steps are uniform; measure.py checks)."""
         return TrialRequest(batch=batch, budget=budget, isl=self.isl, osl=self.osl,
                             repeats=self.repeats, warmup=self.warmup, seed=self.seed,
-                            decode_steps=self.decode_steps, warmup_steps=self.decode_steps)
+                            decode_steps=self.decode_steps, warmup_steps=self.decode_steps,
+                            precision=precision or self.quantization[0])
 
 
 def default_study_name(options: RunOptions, gpu_name: str) -> str:
@@ -193,6 +202,8 @@ def default_study_name(options: RunOptions, gpu_name: str) -> str:
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
     name = (f"{options.model}-{options.engine}-{options.dtype}-isl{options.isl}-osl{options.osl}"
             f"-{limit}-{gpu}")
+    if options.quantization != ("none",):  # other weights: another study
+        name += "-" + "+".join(options.quantization)
     # Limits change what is feasible: another limit is another study.
     units = {"max_tpot_ms": "tpot{:g}ms", "max_ttft_ms": "ttft{:g}ms", "max_latency_s": "e2e{:g}s"}
     for key, value in options.limits.as_dict().items():
@@ -261,7 +272,7 @@ def create_or_load(options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
     seed = None if options.joined else options.seed
     from autotune.tune.search import make_sampler
 
-    sampler = make_sampler(options.sampler, seed, options.max_batch)
+    sampler = make_sampler(options.sampler, seed, options.max_batch, options.quantization)
     if options.joined:  # a joiner takes the study's own options
         return optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
     try:
@@ -305,6 +316,12 @@ def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
     mine = options.workload(gpu_name)
     differs = [f"{key} {stored.get(key)!r} (this run: {mine[key]!r})" for key in WORKLOAD_KEYS
                if key in stored and stored[key] != mine[key]]
+    # A study from before precision was an axis measured 16-bit weights ("none").
+    precisions = stored.get("quantization", ["none"])
+    if precisions != mine["quantization"]:
+        differs.append(f"--quantization {','.join(map(str, precisions))} (this run: "
+                       f"{','.join(mine['quantization'])}; another set of precisions would "
+                       "compare trials the study's search did not choose among)")
     ran = study.user_attrs.get("run_options", {}).get("engine_options")
     if ran is not None and [list(p) for p in ran] != [list(p) for p in options.engine_options]:
         differs.append(f"engine options {ran!r} (this run: {list(options.engine_options)!r})")
@@ -338,6 +355,18 @@ def check_total(study: Any, total: int) -> None:
             f"study {study.study_name!r} was measured with {stored} bytes of streamable weights; "
             f"the engine now has {total} (its units changed), so the stored budgets would mean "
             "other bytes: give another --study")
+
+
+def measure_accuracy(worker: Any, options: RunOptions) -> dict[str, Any]:
+    """Each 8-bit precision's distance from 16-bit, measured once per study in the worker
+    (stored as the study's ``accuracy``); a failure is recorded, not fatal."""
+    from autotune.errors import WorkerError
+
+    try:
+        return worker.accuracy(options.isl, options.osl, options.seed)
+    except WorkerError as e:
+        log.warning("the accuracy check failed (%s); the study goes on without it", e)
+        return {"error": str(e)}
 
 
 def best_summary(study: Any) -> dict[str, Any] | None:
@@ -452,6 +481,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     lambda seconds: on_worker(device, seconds, None))
                 info = worker.start(on_wait=loading)
                 check_total(study, info.total_device_budget)
+                totals = dict(info.total_device_budgets) or {
+                    options.quantization[0]: info.total_device_budget}
                 if on_worker is not None:
                     on_worker(device, info.load_s, info)
                 with lock:
@@ -468,26 +499,35 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         state["prior"] = search.start_prior(
                             study, worker, total=total, isl=options.isl, osl=options.osl,
                             max_batch=options.max_batch, limits=options.limits,
-                            h2d_gb_s=info.environment.get("h2d_gb_s"))
+                            h2d_gb_s=info.environment.get("h2d_gb_s"), totals=totals)
+                    if (work and not options.joined and "accuracy" not in study.user_attrs
+                            and any(p != "none" for p in options.quantization)):
+                        on_step(f"{device}: comparing 8-bit outputs with 16-bit on the same "
+                                "prompts (once per study)...")
+                        study.set_user_attr("accuracy", measure_accuracy(worker, options))
                 prior = state.get("prior")
                 bandwidths = study.user_attrs.get("bandwidths")  # the study's, for the bounds
                 if prior is not None and (why := prior.nothing_fits()):
                     raise UserInputError(why)  # before any trial: none could run
                 first, held = True, None  # held: the budget this worker's engine holds
                 while work and (trial := claim()) is not None:
-                    batch, fraction = search.suggest(study, trial, options.max_batch, prior,
-                                                     held)
-                    request = options.trial_request(batch, int(round(fraction * total)))
-                    doing[0] = f"trial #{trial.number} (batch {batch}, budget {100 * fraction:.0f}%): "
+                    batch, fraction, precision = search.suggest_config(
+                        study, trial, options.max_batch, prior, held, options.quantization)
+                    p_total = totals.get(precision, total)
+                    request = options.trial_request(batch, int(round(fraction * p_total)),
+                                                    precision)
+                    shown = "" if options.quantization == ("none",) else f", {precision}"
+                    doing[0] = (f"trial #{trial.number} (batch {batch}, budget "
+                                f"{100 * fraction:.0f}%{shown}): ")
                     if first:  # the slow one: kernels compile and caches warm up in it
                         on_step(f"{device}: trial #{trial.number} (batch {batch}, budget "
-                                f"{100 * fraction:.0f}%): warming up and measuring; a first "
+                                f"{100 * fraction:.0f}%{shown}): warming up and measuring; a first "
                                 "trial also compiles and fills caches, so it takes longest...")
                         first = False
                     with resume.heartbeat(trial):
                         outcome = search.measure(worker, request, trial)
-                    record(study, trial, request, outcome, total, device, limits=options.limits,
-                           bandwidths=bandwidths)
+                    record(study, trial, request, outcome, p_total, device,
+                           limits=options.limits, bandwidths=bandwidths)
                     if outcome.status in ("crash", "timeout"):  # a new worker: budget unknown
                         held = None
                     elif outcome.applied_budget is not None:
@@ -498,7 +538,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         done = budget.spent(study)
                     if progress is not None:
                         progress(TrialEvent(trial.number, done, options.trials, trial.params,
-                                            outcome, best_summary(study), total))
+                                            outcome, best_summary(study), p_total))
                 with lock:  # the last worker to finish confirms the best, on its engine
                     state["serving"] -= 1
                     last = state["serving"] == 0
@@ -570,8 +610,8 @@ def confirm_best(study: Any, worker: Any, options: RunOptions, total: int) -> st
     a = best.user_attrs
     if not str(a.get("measurement", "")).startswith("estimated"):
         return None
-    request = replace(options.trial_request(a["batch"], a["budget_bytes"]), repeats=1,
-                      decode_steps=None)
+    request = replace(options.trial_request(a["batch"], a["budget_bytes"],
+                                            a.get("precision")), repeats=1, decode_steps=None)
     outcome = worker.run(request)
     record: dict[str, Any] = {
         "trial": best.number, "batch": a["batch"], "budget_bytes": a["budget_bytes"],
@@ -606,6 +646,8 @@ def _record_study_attrs(study: Any, options: RunOptions, gpu_name: str, info: Wo
     study.set_user_attr("bandwidths", study_bandwidths(info.engine, info.environment))
     study.set_user_attr("engine", info.engine)
     study.set_user_attr("total_device_budget", info.total_device_budget)
+    if options.quantization != ("none",):
+        study.set_user_attr("total_device_budgets", dict(info.total_device_budgets))
     study.set_user_attr("automatic_budget", info.automatic_budget)
     study.set_user_attr("storage", redact(options.storage))
     # What `autotune worker` needs to join: the budget and the options (password redacted).

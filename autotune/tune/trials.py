@@ -60,6 +60,7 @@ def trial_attrs(request: TrialRequest, outcome: TrialOutcome, total: int,
         "budget_gib": round(request.budget / GiB, 3),
         "budget_pct": round(100 * request.budget / total, 2) if total else 100.0,
         "elapsed_s": round(outcome.elapsed_s, 3),
+        "precision": request.precision,
     }
     if outcome.reason:
         attrs["reason"] = outcome.reason
