@@ -86,11 +86,10 @@ case $stage in
       --fractions 0,0.5 --osl 64 --decode-steps 8 --accuracy-steps 8 --json "$OUT/quant-smoke-7b.json"
     ;;
   quant)
-    quant() { python3 benchmarks/quantized.py --precisions none,int8,fp8 --isl 128 --osl 256 \
-      --decode-steps 16 --repeats 1 "$@"; }
-    step quant-llama2-7b 165 quant --model llama2-7b --limit 8GiB --json "$OUT/quant-llama2-7b.json"
-    step quant-llama2-13b 215 quant --model llama2-13b --limit 16GiB --fractions 0,0.2,0.4,0.6 \
+    quant="python3 benchmarks/quantized.py --precisions none,int8,fp8 --isl 128 --osl 256 --decode-steps 16 --repeats 1"
+    step quant-llama2-7b 165 $quant --model llama2-7b --limit 8GiB --json "$OUT/quant-llama2-7b.json"
+    step quant-llama2-13b 215 $quant --model llama2-13b --limit 16GiB --fractions 0,0.2,0.4,0.6 \
       --json "$OUT/quant-llama2-13b.json"
-    step quant-llama3-8b 165 quant --model llama3-8b --limit 12GiB --json "$OUT/quant-llama3-8b.json"
+    step quant-llama3-8b 165 $quant --model llama3-8b --limit 12GiB --json "$OUT/quant-llama3-8b.json"
     ;;
 esac
