@@ -132,11 +132,17 @@ CAPTURED = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
 
 
 def _children(pid: int) -> list[int]:
-    """The processes ``pid`` started (Linux /proc), the worker among them."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    """The processes ``pid`` started and theirs (Linux /proc), the worker among them (a child
+    of the tuner's fork server)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
         with contextlib.suppress(OSError):
-            found += [int(c) for c in (task / "children").read_text().split()]
+            for task in Path(f"/proc/{parent}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    kids = [int(c) for c in (task / "children").read_text().split()]
+                    found += kids
+                    todo += kids
     return found
 
 
