@@ -72,6 +72,11 @@ def storage_url(tmp_path: Path) -> str:
 @pytest.fixture
 def cli_env() -> dict[str, str]:
     """Environment for `python -m autotune` subprocesses that can load the test engines."""
+    return cli_environment()
+
+
+def cli_environment() -> dict[str, str]:
+    """See ``cli_env`` (for module-scoped fixtures)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TESTS), str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
