@@ -61,7 +61,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("finished")
     url = f"sqlite:///{folder / 'studies' / 'test.db'}"
     out = folder / "rec.json"
-    env = cli_environment()
+    env = cli_environment(tmp_path_factory)
     r = autotune(*RUN, "--trials", "2", "--no-early-stop", "--storage", url, "--out", str(out),
                  env=env, cwd=folder)
     name = recommend.read(out)["study"]["name"] if r.returncode == 0 else None
