@@ -414,6 +414,32 @@ def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True,
         raise StorageError(f"storage {redact(url)}: cannot open it ({_scrub(first)})") from e
 
 
+def _head_version_once() -> None:
+    """Makes Optuna read its schema's newest version once per process, not at every open.
+
+    Every ``RDBStorage`` asks which alembic revision is Optuna's newest (to stamp a new file,
+    and to check an existing one against it), and finds out by loading (compiling) each of its
+    30 migration scripts: 0.2-0.3 s of CPU each time, two times for a new file. The answer is
+    a fact of the installed Optuna, the same for every database: asked once, kept. Everything
+    else Optuna checks (the database's own version) is still read from each database."""
+    try:
+        from optuna.storages._rdb.storage import _VersionManager
+    except ImportError:  # pragma: no cover - another Optuna layout: it reads it each time
+        return
+    asked = getattr(_VersionManager, "get_head_version", None)
+    if asked is None or getattr(asked, "autotune_once", False):
+        return
+    head: list[str] = []
+
+    def get_head_version(self: Any) -> str:
+        if not head:
+            head.append(asked(self))
+        return head[0]
+
+    get_head_version.autotune_once = True  # type: ignore[attr-defined]
+    _VersionManager.get_head_version = get_head_version
+
+
 _SCHEMA_RACE = ("already exists", "unique constraint failed: alembic_version",
                 "duplicate key value")
 
@@ -427,6 +453,7 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], attempts: int = 6,
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
+    _head_version_once()
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,

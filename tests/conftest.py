@@ -70,9 +70,17 @@ def storage_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def cli_env() -> dict[str, str]:
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for `python -m autotune` subprocesses that can load the test engines."""
+    return cli_environment(tmp_path_factory)
+
+
+def cli_environment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """See ``cli_env`` (for module-scoped fixtures). Their temporary files go in the test's
+    temporary folders too (TMPDIR): a process killed on purpose cannot clean up after itself
+    (its fork server's socket folder, pymp-*, would be left in /tmp)."""
     env = dict(os.environ)
+    env["TMPDIR"] = str(tmp_path_factory.mktemp("tmpdir"))
     env["PYTHONPATH"] = os.pathsep.join(
         [str(TESTS), str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     )

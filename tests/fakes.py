@@ -104,6 +104,15 @@ class AnalyticEngine:
     def get_automatic_weight_streaming_budget(self) -> int:
         return self.total_device_budget
 
+    def compute_calibration(self) -> dict[str, Any]:
+        """This engine's hardware, as the prior's calibration: a step's modelled compute at
+        each row count (what measure_compute would time on a GPU whose matmuls this engine
+        models), instead of timing this CPU's matmuls, which have nothing to do with it."""
+        from autotune.measure.calibration import CALIBRATION_ROWS
+
+        return {"gemm_rows": list(CALIBRATION_ROWS),
+                "gemm_s": [STEP_S + PER_SEQ_S * rows for rows in CALIBRATION_ROWS]}
+
     def _step(self, batch: int) -> None:
         streamed = self.streamed_bytes_per_step()
         slow = self.spoil_factor if self._spoiling else 1.0

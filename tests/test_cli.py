@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import ANALYTIC, has_cuda
+from conftest import ANALYTIC, cli_environment, has_cuda
 
 from autotune.results import recommend
 
 
 def autotune(*args: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    # Never the checkout: a run without --out writes studies/<study>.json where it runs.
-    cwd = cwd or Path(tempfile.mkdtemp(prefix="autotune-cli-"))
+    # Never the checkout: a run without --out writes studies/<study>.json where it runs. A
+    # folder of its own inside the test's (conftest: every test runs in a temporary folder).
+    cwd = cwd or Path(tempfile.mkdtemp(prefix="autotune-cli-", dir=Path.cwd()))
     return subprocess.run(
         [sys.executable, "-m", "autotune", *args], env=env, cwd=cwd, capture_output=True,
         text=True, timeout=240,
@@ -51,16 +53,38 @@ RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC, 
        "--osl", "4", "--max-batch", "32", "--dtype", "float32", "--repeats", "1")
 
 
-def test_run_show_export(tmp_path: Path, storage_url: str, cli_env) -> None:
-    out = tmp_path / "rec.json"
-    r = autotune(*RUN, "--trials", "4", "--no-early-stop", "--storage", storage_url, "--out",
-                 str(out), env=cli_env)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One CLI run (2 trials, the default study name, its recommendation in rec.json), shared
+    by the tests that only read it or read a copy of it: each would otherwise run the same
+    study."""
+    folder = tmp_path_factory.mktemp("finished")
+    url = f"sqlite:///{folder / 'studies' / 'test.db'}"
+    out = folder / "rec.json"
+    env = cli_environment(tmp_path_factory)
+    r = autotune(*RUN, "--trials", "2", "--no-early-stop", "--storage", url, "--out", str(out),
+                 env=env, cwd=folder)
+    name = recommend.read(out)["study"]["name"] if r.returncode == 0 else None
+    return {"run": r, "url": url, "db": folder / "studies" / "test.db", "out": out,
+            "name": name}
+
+
+def _copy_of(finished: dict, tmp_path: Path) -> str:
+    """A storage URL of this test's own copy of the finished study (for tests that write)."""
+    (tmp_path / "copy").mkdir()
+    shutil.copy(finished["db"], tmp_path / "copy" / "test.db")
+    return f"sqlite:///{tmp_path / 'copy' / 'test.db'}"
+
+
+def test_run_show_export(tmp_path: Path, finished: dict, cli_env) -> None:
+    r, storage_url, out = finished["run"], finished["url"], finished["out"]
     assert r.returncode == 0, r.stderr
-    assert "trial 4/4" in r.stderr and "best" in r.stderr
+    assert "trial 2/2" in r.stderr and "best" in r.stderr
     assert "cpu: engine loaded in " in r.stderr and "512 MiB of streamable weights" in r.stderr
+    assert "warming up and measuring" in r.stderr  # the first trial says what it does
     assert "recommendation written to" in r.stdout
     rec = recommend.read(out)
-    assert rec["workload"]["model"] == "tiny-llama" and sum(rec["trials"].values()) == 4
+    assert rec["workload"]["model"] == "tiny-llama" and sum(rec["trials"].values()) == 2
 
     r = autotune("show", "--storage", storage_url, env=cli_env)
     assert r.returncode == 0, r.stderr
@@ -197,14 +221,14 @@ def test_unwritable_studies_directory_as_a_file(tmp_path: Path, cli_env) -> None
     _error(r, "not a writable directory")
 
 
-def test_show_and_export_of_missing_things(tmp_path: Path, storage_url: str, cli_env) -> None:
+def test_show_and_export_of_missing_things(tmp_path: Path, finished: dict, cli_env) -> None:
     r = autotune("show", "--storage", f"sqlite:///{tmp_path}/none.db", env=cli_env)
     _error(r, "does not exist")
     assert not (tmp_path / "none.db").exists()
-    autotune(*RUN, "--trials", "1", "--storage", storage_url, "--study", "s1", env=cli_env)
+    storage_url = finished["url"]  # one study, of the default name
     r = autotune("export", "--storage", storage_url, "--study", "s2", "--out",
                  str(tmp_path / "x.json"), env=cli_env)
-    _error(r, "no study named 's2'", "s1")
+    _error(r, "no study named 's2'", finished["name"])
     assert not (tmp_path / "x.json").exists()
 
 
@@ -267,11 +291,9 @@ def test_gpus_without_a_gpu_never_fall_back_to_the_cpu(tmp_path: Path, cli_env) 
     assert not (tmp_path / "studies").exists()
 
 
-def test_outputs_that_cannot_be_written_are_one_line(tmp_path: Path, storage_url: str,
+def test_outputs_that_cannot_be_written_are_one_line(tmp_path: Path, finished: dict,
                                                      cli_env) -> None:
-    r = autotune(*RUN, "--trials", "1", "--storage", storage_url, "--out",
-                 str(tmp_path / "rec.json"), env=cli_env)
-    assert r.returncode == 0, r.stderr
+    storage_url = finished["url"]
     r = autotune("export", "--storage", storage_url, "--out", str(tmp_path), env=cli_env)
     _error(r, "is a directory; give a file name")
     blocker = tmp_path / "a-file"
@@ -315,20 +337,17 @@ def test_an_unwritable_out_is_refused_before_the_first_trial(tmp_path: Path, cli
         assert not (tmp_path / "studies").exists()  # nothing written
 
 
-def test_a_refused_run_leaves_no_empty_study(tmp_path: Path, storage_url: str, cli_env) -> None:
-    r = autotune(*RUN, "--trials", "1", "--storage", storage_url, "--study", "s1",
-                 env=cli_env)
-    assert r.returncode == 0, r.stderr
+def test_a_refused_run_leaves_no_empty_study(tmp_path: Path, finished: dict, cli_env) -> None:
+    storage_url = _copy_of(finished, tmp_path)  # one study; this test writes
     r = autotune(*RUN, "--storage", storage_url, "--study", "s2", "--engine-option",
                  "fault_at_load=1", env=cli_env)
     _error(r, "could not load the engine")
-    r = autotune("show", "--storage", storage_url, env=cli_env)  # s1 is still the only one
-    assert r.returncode == 0 and "s1" in r.stdout, r.stderr
+    r = autotune("show", "--storage", storage_url, env=cli_env)  # still the only one
+    assert r.returncode == 0 and finished["name"] in r.stdout, r.stderr
 
 
-def test_dashboard_on_a_host_that_does_not_exist(storage_url: str, cli_env) -> None:
-    autotune(*RUN, "--trials", "1", "--storage", storage_url, env=cli_env)
-    r = autotune("dashboard", "--storage", storage_url, "--host", "999.1.1.1", "--port",
+def test_dashboard_on_a_host_that_does_not_exist(finished: dict, cli_env) -> None:
+    r = autotune("dashboard", "--storage", finished["url"], "--host", "999.1.1.1", "--port",
                  "18089", env=cli_env)
     _error(r, "cannot serve on 999.1.1.1")
 
@@ -344,16 +363,13 @@ def test_no_feasible_trial_names_the_limit_that_was_set(storage_url: str, cli_en
     assert "its trials: 1 ok" in r.stderr
 
 
-def test_version_show_json_and_help(storage_url: str, cli_env) -> None:
+def test_version_show_json_and_help(finished: dict, cli_env) -> None:
     from autotune import __version__
 
     r = autotune("--version", env=cli_env)
     assert r.returncode == 0 and r.stdout.strip() == f"autotune {__version__}"
-    r = autotune(*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url,
-                 env=cli_env)
-    assert r.returncode == 0, r.stderr
-    assert "warming up and measuring" in r.stderr  # the first trial says what it does
-    r = autotune("show", "--storage", storage_url, "--json", env=cli_env)
+    assert finished["run"].returncode == 0, finished["run"].stderr  # 2 trials, --no-early-stop
+    r = autotune("show", "--storage", finished["url"], "--json", env=cli_env)
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert shown["autotune_version"] == __version__

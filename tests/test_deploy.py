@@ -19,6 +19,11 @@ from autotune.results import recommend
 from autotune.storage import load_study, open_storage
 from autotune.tune.study import RunOptions, run_study
 
+# One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
+# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# per worker.
+pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
+
 
 @pytest.fixture(scope="module")
 def rec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:

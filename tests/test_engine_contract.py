@@ -24,6 +24,11 @@ from autotune.errors import UserInputError
 from autotune.measure.timing import random_prompt
 from autotune.streaming import weight_streaming
 
+# One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
+# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# per worker.
+pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
+
 
 def _real_torch_tensorrt() -> bool:
     """The real package (not the double, which is importable only once installed) with a GPU."""

@@ -28,6 +28,11 @@ from autotune.engines.memory import prefill_activation_bytes
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import build_hf_model, get_spec, weight_source
 
+# One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
+# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# per worker.
+pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
+
 ROOT = Path(__file__).resolve().parents[1]
 # The cache mask's comparison in PyTorch splits the graph into two engines around it.
 SPLIT = ("torch_executed_ops", ("torch.ops.aten.lt.Tensor",))

@@ -123,30 +123,48 @@ def describe_environment(config: EngineConfig) -> dict[str, Any]:
 _PR_SET_PDEATHSIG = 1
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - someone else's process: it exists
+        return True
+    return True
+
+
 def _die_with_parent(parent_pid: int) -> None:
-    """Ends this worker when its parent dies, however it dies (SIGKILL included): an orphan
-    would go on loading the GPU and the host beside the next run's worker, spoiling its
-    figures."""
+    """Ends this worker when its parent (the tuner) dies, however it dies (SIGKILL included):
+    an orphan would go on loading the GPU and the host beside the next run's worker, spoiling
+    its figures. The process that forked this one is the tuner itself (spawn) or the tuner's
+    fork server (:func:`_context`), which ends as soon as the tuner does."""
     if sys.platform.startswith("linux"):
         try:  # the kernel's way: no polling, works while this process is busy in C code
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent_pid:  # it died before the above took effect
-        os._exit(1)
+    forker = os.getppid()
+    if not _alive(parent_pid) or (forker != parent_pid and forker == 1):
+        os._exit(1)  # it died before the above took effect
 
-    def watch() -> None:  # elsewhere (and as a second line): reparented means orphaned
-        while os.getppid() == parent_pid:
+    def watch() -> None:  # elsewhere (and as a second line): reparented or gone: orphaned
+        while os.getppid() == forker and _alive(parent_pid):
             time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> None:
+def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
+           environment: dict[str, str] | None = None) -> None:
     """The worker's main loop (child process). Messages are ``(seq, op, payload)`` in and
-    ``(seq, kind, data)`` out; the load's messages carry seq 0."""
+    ``(seq, kind, data)`` out; the load's messages carry seq 0. ``environment``: the parent's
+    now, which a process forked by the fork server takes on (a spawned one inherits it; the
+    working directory and sys.path come with either)."""
+    if environment is not None:
+        os.environ.clear()
+        os.environ.update(environment)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the parent stops the study and this process
@@ -211,6 +229,33 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None) -> No
 # The parent side
 
 
+# What the fork server imports once, so that each worker it forks has them already.
+_PRELOAD = ["autotune.measure.worker", "torch"]
+
+
+def _context(config: EngineConfig) -> Any:
+    """How worker processes start. Never by forking the tuner (a process that may hold CUDA
+    state, and threads): on Linux, forked from a fork server, a clean process started once per
+    tuner that has imported torch and this module (never touching CUDA) and that forks a
+    worker in milliseconds, where a spawned one imports torch anew (seconds: at every restart
+    after a crash or a hang, and for every study a Python process runs). Engines that replay
+    measurements need no torch: they are spawned, as everything is elsewhere."""
+    if not sys.platform.startswith("linux") or _replays(config.engine):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)  # read once, when the server starts
+    return ctx
+
+
+def _replays(engine: str) -> bool:
+    from autotune.engines import engine_class
+
+    try:
+        return getattr(engine_class(engine), "simulate_measurement", None) is not None
+    except Exception:  # the worker says what is wrong with it, as it loads
+        return False
+
+
 class Worker:
     """Parent-side handle of one worker process; restarts it after a crash or hang."""
 
@@ -240,14 +285,15 @@ class Worker:
               every_s: float = NOTICE_S) -> WorkerInfo:
         """Spawns the process and waits for the engine to load, calling ``on_wait(seconds)``
         every ``every_s`` while it loads (a large model takes minutes to pin)."""
-        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA state
+        ctx = _context(self.config)
         # The pipe carries pickles (Connection.send/recv), which is safe only because it is an
         # anonymous pipe between this process and the child it spawns: no one else can write
         # to it. Never hand this connection, or pickles from elsewhere, to anything else.
         parent, child = ctx.Pipe()
+        environment = dict(os.environ) if ctx.get_start_method() == "forkserver" else None
         self._proc = ctx.Process(
-            target=_serve, args=(child, self.config, os.getpid()), name=f"autotune-worker-{self.config.device}",
-            daemon=True,
+            target=_serve, args=(child, self.config, os.getpid(), environment),
+            name=f"autotune-worker-{self.config.device}", daemon=True,
         )
         self._proc.start()
         child.close()
