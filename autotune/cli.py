@@ -67,8 +67,13 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Commands that never import Optuna: they do not pay its import (~0.3 s) to quiet its logs.
+_WITHOUT_OPTUNA = frozenset({"models", "bench"})
+
+
 @app.callback()
 def _main(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
     version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
                                  help="Print the version and exit."),
@@ -79,10 +84,11 @@ def _main(
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not debug:
-        import optuna
+        if ctx.invoked_subcommand not in _WITHOUT_OPTUNA:
+            import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 

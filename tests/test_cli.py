@@ -103,8 +103,10 @@ def test_run_show_export(tmp_path: Path, finished: dict, cli_env) -> None:
 
 
 def test_python_m_and_models(cli_env) -> None:
-    r = autotune("models", env=cli_env)
+    # -X importtime's list: a command that needs no Optuna does not import it (~0.3 s a call).
+    r = autotune("models", env={**cli_env, "PYTHONPROFILEIMPORTTIME": "1"})
     assert r.returncode == 0
+    assert "| optuna\n" not in r.stderr and "| autotune.cli\n" in r.stderr
     for name in ("llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "llama3-70b", "tiny-llama"):
         assert name in r.stdout
     assert "12.55 GiB" in r.stdout  # llama2-7b fp16: 13.48 GB
