@@ -267,6 +267,20 @@ def test_precision_is_a_third_parameter_and_the_json_shows_each(storage_url: str
 
     html = "\n".join(_precision_table(rec["by_precision"]))
     assert "<td>int8</td>" in html and "<td>none</td>" in html
+    # The landscape: each precision's budget as a share of its own bytes, its own marker.
+    from autotune.results.report import figure_landscape, points
+
+    pts = points(study)
+    for t in trials:
+        p = next(p for p in pts if p.number == t.number)
+        assert p.precision == t.params["precision"]
+        applied = t.user_attrs.get("budget_applied_bytes", t.user_attrs["budget_bytes"])
+        own = attrs["total_device_budgets"][p.precision]
+        assert abs(p.budget_pct - 100 * applied / own) < 1e-9
+    fig = figure_landscape(pts, rec)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "16-bit weights (colour: throughput)" in labels
+    assert "int8 weights (colour: throughput)" in labels
 
 
 def test_a_default_study_has_the_parameters_it_always_had(storage_url: str) -> None:

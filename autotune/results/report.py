@@ -55,6 +55,7 @@ class TrialPoint:
     streamed_bytes: int | None = None  # per decode step, ok trials only
     bound_fraction: float | None = None  # time per token: its bound / measured (roofline)
     bound_by: str | None = None  # what sets the bound: "link" or "HBM"
+    precision: str = "none"  # the weights' format (--quantization)
 
     @property
     def measured(self) -> bool:
@@ -72,12 +73,16 @@ class TrialPoint:
 
 def points(study: Any) -> list[TrialPoint]:
     """The study's finished trials (running ones have no outcome yet and are left out)."""
-    total = study.user_attrs.get("total_device_budget")
+    attrs = study.user_attrs
+    totals = attrs.get("total_device_budgets") or {}
     out = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         if "status" not in a or "batch" not in a:
             continue
+        precision = str(a.get("precision", "none"))
+        # Each precision's budget is a share of its own streamable bytes.
+        total = totals.get(precision, attrs.get("total_device_budget"))
         budget = a.get("budget_applied_bytes", a["budget_bytes"])
         pct = 100 * budget / total if total else a.get("budget_pct", 0.0)
         measured = a.get("peak_device_bytes") or a.get("peak_reserved_bytes")
@@ -91,6 +96,7 @@ def points(study: Any) -> list[TrialPoint]:
                               if k != "memory_gib"),
             streamed_bytes=a.get("streamed_bytes_per_step") if a["status"] == "ok" else None,
             bound_fraction=a.get("bound_fraction"), bound_by=a.get("bound_by"),
+            precision=precision,
         ))
     return out
 
@@ -195,6 +201,11 @@ def _mark_failures(ax: Any, pts: list[TrialPoint], x: Any, y: Any) -> None:
             ax.scatter([x(p) for p in sel], [y(p) for p in sel], zorder=3, **style)
 
 
+# One marker per weight format in a study that searched precision (--quantization a list).
+_PRECISION_MARKERS = {"none": "o", "int8": "s", "fp8": "^"}
+_PRECISION_NAMES = {"none": "16-bit", "int8": "int8", "fp8": "fp8"}
+
+
 def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
                      subtitle: str = "", total_budget: int | None = None,
                      surface: Surface | None = None, memory_note: str = "") -> Any:
@@ -204,18 +215,31 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     fig = _figure(8.6, 6.0)
     ax = fig.add_subplot()
     ok = [p for p in pts if p.feasible]
+    order = list(_PRECISION_MARKERS)
+    precisions = sorted({p.precision for p in pts},
+                        key=lambda x: order.index(x) if x in order else len(order))
+    if len(precisions) > 1:
+        # The model's surface and the bytes axis are one precision's: with several, the dots
+        # alone, each precision its own marker, budgets as shares of its own bytes.
+        surface, total_budget = None, None
     top_batch = max([p.batch for p in pts] + [surface.max_batch if surface else 1])
     norm = drawing.throughput_norm([p.throughput_tok_s for p in ok], surface, top_batch)
     if surface is not None:
         drawing.draw_surface(ax, fig, surface, top_batch, norm, memory_note)
     if ok:
-        sc = ax.scatter([p.batch for p in ok], [p.budget_pct for p in ok],
-                        c=[p.throughput_tok_s for p in ok], cmap="viridis", norm=norm, s=70,
-                        edgecolors="black", linewidths=0.6, zorder=4)
+        for precision in precisions:
+            mine = [p for p in ok if p.precision == precision]
+            marker = _PRECISION_MARKERS.get(precision, "D") if len(precisions) > 1 else "o"
+            sc = ax.scatter([p.batch for p in mine], [p.budget_pct for p in mine],
+                            c=[p.throughput_tok_s for p in mine], cmap="viridis", norm=norm,
+                            s=70, marker=marker, edgecolors="black", linewidths=0.6, zorder=4)
+            label = ("measured trial (colour: throughput)" if len(precisions) == 1 else
+                     f"{_PRECISION_NAMES.get(precision, precision)} weights "
+                     "(colour: throughput)")
+            ax.scatter([], [], color="#9e9e9e", edgecolors="black", linewidths=0.6, s=70,
+                       marker=marker, label=label)
         if surface is None:
             fig.colorbar(sc, ax=ax, label="throughput (tokens/s)", pad=0.02)
-        ax.scatter([], [], color="#9e9e9e", edgecolors="black", linewidths=0.6, s=70,
-                   label="measured trial (colour: throughput)")
         best = _best(ok, rec)
         drawing.label_trials(ax, ok, best.number if best else None, surface)
     _mark_over_limit(ax, pts, lambda p: p.batch, lambda p: p.budget_pct)
@@ -237,7 +261,8 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     _log2_batch_axis(ax, [p.batch for p in pts] + [top_batch])
     ax.set_ylim(-4, 104)
     ax.set_xlabel("batch size (sequences, log2 scale)")
-    ax.set_ylabel("device budget (% of streamable weights resident)")
+    ax.set_ylabel("device budget (% of streamable weights resident)" if len(precisions) < 2
+                  else "device budget (% of that precision's streamable weights resident)")
     if total_budget:
         name, scale = _unit(total_budget)
         ax.secondary_yaxis("right", functions=(
