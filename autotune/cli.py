@@ -133,8 +133,10 @@ def _default_max_batch(device: str, engine: str, model: str, weights: str | None
     memory = gpu_memory_limit or gpu.device_info(first).total_bytes
     spec = get_spec(model, weights)
     if engine == "tensorrt":
-        in_engine = dict(engine_options).get("attention", "tensorrt").strip().lower() != "torch"
-        return trt_max_batch(spec, dtype, isl + osl, memory, in_engine)
+        from autotune.engines._trt_build import parse_attention
+
+        attention = parse_attention(dict(engine_options).get("attention", "tensorrt"))
+        return trt_max_batch(spec, dtype, isl + osl, memory, attention == "tensorrt")
     return auto_max_batch(spec, dtype, isl + osl, memory)
 
 

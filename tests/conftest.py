@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,28 @@ def cli_environment(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         [str(TESTS), str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     )
     return env
+
+
+@pytest.fixture
+def autotune_here(monkeypatch: pytest.MonkeyPatch,
+                  capsys: pytest.CaptureFixture[str]) -> Any:
+    """The CLI in this process, for what fails before any process or file exists (bad input):
+    the same ``main`` and messages, without a new interpreter per case. Signal handlers that
+    ``main`` installs are put back."""
+    import signal
+    import subprocess
+
+    from autotune.cli import main
+
+    def call(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(cwd)
+        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            code = main(list(args))
+        finally:
+            for s, handler in saved.items():
+                signal.signal(s, handler)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+    return call

@@ -26,29 +26,6 @@ def autotune(*args: str, env: dict[str, str], cwd: Path | None = None) -> subpro
     )
 
 
-@pytest.fixture
-def autotune_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """The CLI in this process, for what fails before any process or file exists (bad input):
-    the same ``main`` and messages, without a new interpreter per case. Signal handlers that
-    ``main`` installs are put back."""
-    import signal
-
-    from autotune.cli import main
-
-    def call(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            code = main(list(args))
-        finally:
-            for s, handler in saved.items():
-                signal.signal(s, handler)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return call
-
-
 RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC, "--isl", "8",
        "--osl", "4", "--max-batch", "32", "--dtype", "float32", "--repeats", "1")
 

@@ -8,7 +8,6 @@ analytic engine (tests/fakes.py), whose 8-bit units are half a 16-bit one.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from unittest import mock
 
@@ -395,27 +394,6 @@ def test_a_precision_the_engine_did_not_load_is_the_trials_error(engine) -> None
     finally:
         one.close()
     assert outcome.status == "error" and "loaded int8" in outcome.reason
-
-
-@pytest.fixture
-def autotune_here(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """The CLI in this process (as tests/test_cli.py has it)."""
-    import signal
-
-    from autotune.cli import main
-
-    def call(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(cwd)
-        saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-        try:
-            code = main(list(args))
-        finally:
-            for s, handler in saved.items():
-                signal.signal(s, handler)
-        out = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-    return call
 
 
 def test_the_quantized_benchmark_runs_on_cpu(tmp_path: Path) -> None:

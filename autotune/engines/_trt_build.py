@@ -187,7 +187,12 @@ ATTENTION_CHOICES = ("tensorrt", "torch")
 def attention_option(config: EngineConfig) -> str:
     """Where attention over the cache runs: ``tensorrt`` (inside the engine) or ``torch`` (a
     custom op PyTorch runs between engines; see :mod:`autotune.engines._trt_model`)."""
-    value = str(config.option("attention", "tensorrt")).strip().lower()
+    return parse_attention(config.option("attention", "tensorrt"))
+
+
+def parse_attention(given: Any) -> str:
+    """The ``attention`` engine option's value, checked (see :func:`attention_option`)."""
+    value = str(given).strip().lower()
     if value not in ATTENTION_CHOICES:
         raise UserInputError(f"--engine-option attention: expected one of "
                              f"{', '.join(ATTENTION_CHOICES)}; got {value!r}")
