@@ -53,7 +53,7 @@ def _copy_of(finished: dict, tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'copy' / 'test.db'}"
 
 
-def test_run_show_export(tmp_path: Path, finished: dict, cli_env) -> None:
+def test_run_show_export(tmp_path: Path, finished: dict, autotune_here) -> None:
     r, storage_url, out = finished["run"], finished["url"], finished["out"]
     assert r.returncode == 0, r.stderr
     assert "trial 2/2" in r.stderr and "best" in r.stderr
@@ -63,17 +63,17 @@ def test_run_show_export(tmp_path: Path, finished: dict, cli_env) -> None:
     rec = recommend.read(out)
     assert rec["workload"]["model"] == "tiny-llama" and sum(rec["trials"].values()) == 2
 
-    r = autotune("show", "--storage", storage_url, env=cli_env)
+    r = autotune_here("show", "--storage", storage_url)
     assert r.returncode == 0, r.stderr
     assert "tiny-llama" in r.stdout and "ok" in r.stdout
 
     out2 = tmp_path / "again.json"
-    r = autotune("export", "--storage", storage_url, "--out", str(out2), env=cli_env)
+    r = autotune_here("export", "--storage", storage_url, "--out", str(out2))
     assert r.returncode == 0, r.stderr
     assert recommend.read(out2)["best"] == rec["best"]
 
     # Without --out, export writes where run writes by default: studies/<study>.json.
-    r = autotune("export", "--storage", storage_url, env=cli_env, cwd=tmp_path)
+    r = autotune_here("export", "--storage", storage_url, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert recommend.read(tmp_path / "studies" / f"{rec['study']['name']}.json")["best"] == \
         rec["best"]
@@ -89,10 +89,10 @@ def test_python_m_and_models(cli_env) -> None:
     assert "12.55 GiB" in r.stdout  # llama2-7b fp16: 13.48 GB
 
 
-def test_bench_prints_token_digest(cli_env) -> None:
-    r = autotune("bench", "--model", "tiny-llama", "--engine", ANALYTIC, "--batch", "2",
+def test_bench_prints_token_digest(autotune_here) -> None:
+    r = autotune_here("bench", "--model", "tiny-llama", "--engine", ANALYTIC, "--batch", "2",
                  "--budget-fraction", "0.5", "--isl", "8", "--osl", "4", "--device", "cpu",
-                 "--json", env=cli_env)
+                 "--json")
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)["measurement"]
     assert m["batch"] == 2 and len(m["tokens_sha256"]) == 64
@@ -159,81 +159,80 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, autotune_here,
     assert not (tmp_path / "studies").exists()  # nothing half-written
 
 
-def test_non_integer_batch_is_a_usage_error(cli_env) -> None:
-    r = autotune("run", "--model", "tiny-llama", "--trials", "two", env=cli_env)
+def test_non_integer_batch_is_a_usage_error(autotune_here) -> None:
+    r = autotune_here("run", "--model", "tiny-llama", "--trials", "two")
     assert r.returncode == 2 and "Invalid value" in r.stderr
 
 
-def test_weights_dir_that_is_not_a_checkpoint(tmp_path: Path, cli_env) -> None:
-    r = autotune("run", "--model", "tiny-llama", "--device", "cpu", "--weights", str(tmp_path),
-                 env=cli_env, cwd=tmp_path)
+def test_weights_dir_that_is_not_a_checkpoint(tmp_path: Path, autotune_here) -> None:
+    r = autotune_here("run", "--model", "tiny-llama", "--device", "cpu", "--weights", str(tmp_path), cwd=tmp_path)
     _error(r, "not a Hugging Face checkpoint")
 
 
 @pytest.mark.skipif(has_cuda(), reason="this machine has a GPU")
-def test_cuda_without_gpu(tmp_path: Path, cli_env) -> None:
-    r = autotune(*RUN, "--device", "cuda", env=cli_env, cwd=tmp_path)
+def test_cuda_without_gpu(tmp_path: Path, autotune_here) -> None:
+    r = autotune_here(*RUN, "--device", "cuda", cwd=tmp_path)
     _error(r, "no NVIDIA GPU", "--device cpu")
     assert not (tmp_path / "studies").exists()
 
 
-def test_storage_that_is_not_sqlite_is_never_overwritten(tmp_path: Path, cli_env) -> None:
+def test_storage_that_is_not_sqlite_is_never_overwritten(tmp_path: Path, autotune_here) -> None:
     bogus = tmp_path / "notes.db"
     bogus.write_text("my precious notes\n")
-    r = autotune(*RUN, "--storage", f"sqlite:///{bogus}", env=cli_env)
+    r = autotune_here(*RUN, "--storage", f"sqlite:///{bogus}")
     _error(r, "not a SQLite database")
     assert bogus.read_text() == "my precious notes\n"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_studies_directory(tmp_path: Path, cli_env) -> None:
+def test_unwritable_studies_directory(tmp_path: Path, autotune_here) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    r = autotune(*RUN, "--storage", f"sqlite:///{locked}/sub/a.db", env=cli_env)
+    r = autotune_here(*RUN, "--storage", f"sqlite:///{locked}/sub/a.db")
     _error(r, "not a writable directory")
 
 
-def test_unwritable_studies_directory_as_a_file(tmp_path: Path, cli_env) -> None:
+def test_unwritable_studies_directory_as_a_file(tmp_path: Path, autotune_here) -> None:
     blocker = tmp_path / "studies"
     blocker.write_text("a file where the directory should be")
-    r = autotune(*RUN, "--storage", f"sqlite:///{blocker}/a.db", env=cli_env)
+    r = autotune_here(*RUN, "--storage", f"sqlite:///{blocker}/a.db")
     _error(r, "not a writable directory")
 
 
-def test_show_and_export_of_missing_things(tmp_path: Path, finished: dict, cli_env) -> None:
-    r = autotune("show", "--storage", f"sqlite:///{tmp_path}/none.db", env=cli_env)
+def test_show_and_export_of_missing_things(tmp_path: Path, finished: dict, autotune_here) -> None:
+    r = autotune_here("show", "--storage", f"sqlite:///{tmp_path}/none.db")
     _error(r, "does not exist")
     assert not (tmp_path / "none.db").exists()
     storage_url = finished["url"]  # one study, of the default name
-    r = autotune("export", "--storage", storage_url, "--study", "s2", "--out",
-                 str(tmp_path / "x.json"), env=cli_env)
+    r = autotune_here("export", "--storage", storage_url, "--study", "s2", "--out",
+                 str(tmp_path / "x.json"))
     _error(r, "no study named 's2'", finished["name"])
     assert not (tmp_path / "x.json").exists()
 
 
 def test_run_and_export_with_no_completed_trial(tmp_path: Path, storage_url: str,
-                                                 cli_env) -> None:
+                                                 autotune_here) -> None:
     out = tmp_path / "rec.json"
-    r = autotune(*RUN, "--trials", "2", "--storage", storage_url, "--engine-option",
-                 "fault=error", "--out", str(out), env=cli_env)
+    r = autotune_here(*RUN, "--trials", "2", "--storage", storage_url, "--engine-option",
+                 "fault=error", "--out", str(out))
     _error(r, "no completed feasible trial")
     assert "trial 2/2" in r.stderr  # both trials ran and were recorded before the error
     assert not out.exists()
-    r = autotune("export", "--storage", storage_url, "--out", str(out), env=cli_env)
+    r = autotune_here("export", "--storage", storage_url, "--out", str(out))
     _error(r, "no completed feasible trial")
     assert not out.exists()
-    r = autotune(*RUN, "--engine-option", "novalue", env=cli_env, cwd=tmp_path)
+    r = autotune_here(*RUN, "--engine-option", "novalue", cwd=tmp_path)
     _error(r, "KEY=VALUE")
 
 
-def test_budgets_shown_are_the_ones_applied(storage_url: str, cli_env) -> None:
+def test_budgets_shown_are_the_ones_applied(storage_url: str, autotune_here) -> None:
     """The test engine applies budgets in whole 12.5% units, as real engines round to theirs:
     progress lines say what a budget asked for became, and the table, the best line and the
     JSON all show the applied one."""
     import re
 
-    r = autotune(*RUN, "--trials", "4", "--no-early-stop", "--sampler", "random",
-                 "--storage", storage_url, env=cli_env)
+    r = autotune_here(*RUN, "--trials", "4", "--no-early-stop", "--sampler", "random",
+                 "--storage", storage_url)
     assert r.returncode == 0, r.stderr
     applied = re.findall(r"budget (\d+)% \((\d+)% applied\)", r.stderr)
     assert applied, r.stderr  # random fractions are rarely whole units
@@ -263,77 +262,74 @@ def test_auto_max_batch_follows_the_kv_cache() -> None:
 
 
 @pytest.mark.skipif(has_cuda(), reason="needs a machine without a GPU")
-def test_gpus_without_a_gpu_never_fall_back_to_the_cpu(tmp_path: Path, cli_env) -> None:
-    r = autotune("run", "--model", "tiny-llama", "--gpus", "0", "--trials", "1", env=cli_env,
+def test_gpus_without_a_gpu_never_fall_back_to_the_cpu(tmp_path: Path, autotune_here) -> None:
+    r = autotune_here("run", "--model", "tiny-llama", "--gpus", "0", "--trials", "1",
                  cwd=tmp_path)
     _error(r, "no NVIDIA GPU is usable here")
     assert not (tmp_path / "studies").exists()
 
 
 def test_outputs_that_cannot_be_written_are_one_line(tmp_path: Path, finished: dict,
-                                                     cli_env) -> None:
+                                                     autotune_here) -> None:
     storage_url = finished["url"]
-    r = autotune("export", "--storage", storage_url, "--out", str(tmp_path), env=cli_env)
+    r = autotune_here("export", "--storage", storage_url, "--out", str(tmp_path))
     _error(r, "is a directory; give a file name")
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    r = autotune("export", "--storage", storage_url, "--out", str(blocker / "rec.json"),
-                 env=cli_env)
+    r = autotune_here("export", "--storage", storage_url, "--out", str(blocker / "rec.json"))
     _error(r, f"cannot write {blocker / 'rec.json'}")
-    r = autotune("report", "--storage", storage_url, "--out", str(blocker), env=cli_env)
+    r = autotune_here("report", "--storage", storage_url, "--out", str(blocker))
     _error(r, f"--out {blocker}: cannot make that folder")
     assert blocker.read_text() == "not a folder"  # untouched
 
 
-def test_inputs_that_are_the_wrong_kind_of_thing(tmp_path: Path, cli_env) -> None:
+def test_inputs_that_are_the_wrong_kind_of_thing(tmp_path: Path, autotune_here) -> None:
     """A file where a folder is wanted, a dangling link, a malformed landscape: each one line,
     saying what it is."""
     a_file = tmp_path / "model.safetensors"
     a_file.write_bytes(b"not a folder")
-    r = autotune("run", "--model", "tiny-llama", "--device", "cpu", "--weights", str(a_file),
-                 env=cli_env, cwd=tmp_path)
+    r = autotune_here("run", "--model", "tiny-llama", "--device", "cpu", "--weights", str(a_file), cwd=tmp_path)
     _error(r, "is a file; give the checkpoint's folder")
     (tmp_path / "studies").symlink_to(tmp_path / "gone")
-    r = autotune(*RUN, env=cli_env, cwd=tmp_path)
+    r = autotune_here(*RUN, cwd=tmp_path)
     _error(r, "symbolic link to nothing")
     (tmp_path / "studies").unlink()
     landscape = tmp_path / "l.json"
     landscape.write_text(json.dumps({
         "schema_version": 1, "kind": "autotune.landscape", "workload": "tiny-llama",
         "total_device_budget": 1, "batches": [1], "budget_fractions": [0.0], "points": []}))
-    r = autotune("run", "--landscape", str(landscape), env=cli_env, cwd=tmp_path)
+    r = autotune_here("run", "--landscape", str(landscape), cwd=tmp_path)
     _error(r, "workload must be a JSON object; got str")
     assert not (tmp_path / "studies").exists()
 
 
-def test_an_unwritable_out_is_refused_before_the_first_trial(tmp_path: Path, cli_env) -> None:
+def test_an_unwritable_out_is_refused_before_the_first_trial(tmp_path: Path, autotune_here) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     for out in (blocker / "rec.json", tmp_path / ("x" * 250 + ".json")):
-        r = autotune(*RUN, "--out", str(out), env=cli_env, cwd=tmp_path)
+        r = autotune_here(*RUN, "--out", str(out), cwd=tmp_path)
         _error(r, str(out.name)[:20])
         assert "trial" not in r.stderr  # refused before any
         assert not (tmp_path / "studies").exists()  # nothing written
 
 
-def test_a_refused_run_leaves_no_empty_study(tmp_path: Path, finished: dict, cli_env) -> None:
+def test_a_refused_run_leaves_no_empty_study(tmp_path: Path, finished: dict, autotune_here) -> None:
     storage_url = _copy_of(finished, tmp_path)  # one study; this test writes
-    r = autotune(*RUN, "--storage", storage_url, "--study", "s2", "--engine-option",
-                 "fault_at_load=1", env=cli_env)
+    r = autotune_here(*RUN, "--storage", storage_url, "--study", "s2", "--engine-option",
+                 "fault_at_load=1")
     _error(r, "could not load the engine")
-    r = autotune("show", "--storage", storage_url, env=cli_env)  # still the only one
+    r = autotune_here("show", "--storage", storage_url)  # still the only one
     assert r.returncode == 0 and finished["name"] in r.stdout, r.stderr
 
 
-def test_dashboard_on_a_host_that_does_not_exist(finished: dict, cli_env) -> None:
-    r = autotune("dashboard", "--storage", finished["url"], "--host", "999.1.1.1", "--port",
-                 "18089", env=cli_env)
+def test_dashboard_on_a_host_that_does_not_exist(finished: dict, autotune_here) -> None:
+    r = autotune_here("dashboard", "--storage", finished["url"], "--host", "999.1.1.1", "--port",
+                 "18089")
     _error(r, "cannot serve on 999.1.1.1")
 
 
-def test_no_feasible_trial_names_the_limit_that_was_set(storage_url: str, cli_env) -> None:
-    r = autotune(*RUN, "--trials", "6", "--storage", storage_url, "--max-tpot-ms", "0.001",
-                 env=cli_env)
+def test_no_feasible_trial_names_the_limit_that_was_set(storage_url: str, autotune_here) -> None:
+    r = autotune_here(*RUN, "--trials", "6", "--storage", storage_url, "--max-tpot-ms", "0.001")
     _error(r, "no completed feasible trial", "--max-tpot-ms 0.001")
     error = "\n".join(line for line in r.stderr.splitlines() if line.startswith("error: "))
     assert "memory limit" not in error and "--gpu-memory-limit" not in error
@@ -342,13 +338,13 @@ def test_no_feasible_trial_names_the_limit_that_was_set(storage_url: str, cli_en
     assert "its trials: 1 ok" in r.stderr
 
 
-def test_version_show_json_and_help(finished: dict, cli_env) -> None:
+def test_version_show_json_and_help(finished: dict, autotune_here) -> None:
     from autotune import __version__
 
-    r = autotune("--version", env=cli_env)
+    r = autotune_here("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"autotune {__version__}"
     assert finished["run"].returncode == 0, finished["run"].stderr  # 2 trials, --no-early-stop
-    r = autotune("show", "--storage", finished["url"], "--json", env=cli_env)
+    r = autotune_here("show", "--storage", finished["url"], "--json")
     assert r.returncode == 0, r.stderr
     shown = json.loads(r.stdout)
     assert shown["autotune_version"] == __version__

@@ -100,7 +100,10 @@ def test_reads_and_writes_wait_for_a_concurrent_writer(storage_url: str) -> None
 
 def test_dashboard_serves_while_a_study_writes(tmp_path: Path, storage_url: str,
                                                cli_env: dict[str, str]) -> None:
-    trials = 15  # enough for polls to overlap the writes; each trial is a few writes
+    # Enough for polls to overlap the writes (each trial is a few writes), and trials slowed
+    # (a sleep, no CPU) past optuna-dashboard's 2 s cache of a study's trials: 15 analytic
+    # trials alone took 1.5 s, and the dashboard showed 0 then 15.
+    trials = 15
     open_storage(storage_url)  # tables exist before either process starts
     with _dashboard(storage_url, cli_env, tmp_path / "dashboard.log") as base:
         run_log = tmp_path / "run.log"
@@ -109,7 +112,8 @@ def test_dashboard_serves_while_a_study_writes(tmp_path: Path, storage_url: str,
                 [sys.executable, "-m", "autotune", "run", "--model", "tiny-llama", "--engine",
                  ANALYTIC, "--device", "cpu", "--dtype", "float32", "--trials", str(trials),
                  "--no-early-stop", "--isl", "8", "--osl", "4", "--repeats", "1", "--max-batch", "64",
-                 "--storage", storage_url, "--study", "concurrent",
+                 "--engine-option", "budget_sleep_s=0.3", "--storage", storage_url,
+                 "--study", "concurrent",
                  "--out", str(tmp_path / "rec.json")],
                 stdout=f, stderr=subprocess.STDOUT, env=cli_env)
         seen: set[int] = set()  # trial counts the dashboard reported mid-run

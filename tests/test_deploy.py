@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import ANALYTIC
-from doubles import install_torch_tensorrt, uninstall_torch_tensorrt
+from doubles import TRT_MODEL, install_torch_tensorrt, uninstall_torch_tensorrt
 
 from autotune import deploy
 from autotune.engines import EngineConfig, load_engine
@@ -20,7 +20,7 @@ from autotune.storage import load_study, open_storage
 from autotune.tune.study import RunOptions, run_study
 
 # One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
-# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# its exports of TRT_MODEL are kept within a process (tests/doubles), and made once, not once
 # per worker.
 pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
 
@@ -38,8 +38,9 @@ def rec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _engine(engine: str, **kw: Any) -> Any:
-    return load_engine(EngineConfig(model="tiny-llama", engine=engine, dtype="float32",
-                                    device="cpu", max_batch=4, max_seq_len=32, **kw))
+    fields = {"model": "tiny-llama", "engine": engine, "dtype": "float32", "device": "cpu",
+              "max_batch": 4, "max_seq_len": 32, **kw}
+    return load_engine(EngineConfig(**fields))
 
 
 def test_the_tuned_build_gets_the_recommended_bytes(rec_path: Path) -> None:
@@ -71,7 +72,9 @@ def trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def test_a_torch_tensorrt_module_keeps_the_budget(rec_path: Path, trt: Any,
                                                   tmp_path: Path) -> None:
-    engine = _engine("tensorrt", options=(("trt_cache_dir", str(tmp_path)),))
+    # The double's model at its seed: the export test_tensorrt_engine's tests share.
+    engine = _engine("tensorrt", model=TRT_MODEL, seed=7,
+                     options=(("trt_cache_dir", str(tmp_path)),))
     module = engine._module  # what a user serves: the compiled Torch-TensorRT module
     total = trt.runtime.weight_streaming(module).total_device_budget
     rec = recommend.read(rec_path)

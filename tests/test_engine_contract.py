@@ -2,8 +2,9 @@
 
 ``tensorrt`` runs against the torch_tensorrt test double (tests/doubles) at several versions,
 and (marked ``gpu``) against the real Torch-TensorRT where it is installed with a GPU;
-``native`` is the real native engine. On CPU, or that GPU, with tiny-llama in float32. An engine whose
-module is not importable yet is skipped with the reason, never failed.
+``native`` is the real native engine. On CPU, or that GPU, with tiny-llama in float32 (the
+double: its two-layer ``TRT_MODEL``). An engine whose module is not importable yet is skipped
+with the reason, never failed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from doubles import install_torch_tensorrt, uninstall_torch_tensorrt
+from doubles import TRT_MODEL, install_torch_tensorrt, uninstall_torch_tensorrt
 
 from autotune.engines import EngineConfig, load_engine
 from autotune.errors import UserInputError
@@ -25,7 +26,7 @@ from autotune.measure.timing import random_prompt
 from autotune.streaming import weight_streaming
 
 # One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
-# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# its exports of TRT_MODEL are kept within a process (tests/doubles), and made once, not once
 # per worker.
 pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
 
@@ -64,8 +65,10 @@ def engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 importlib.import_module(f"autotune.engines.{name}")
             except ImportError as e:
                 pytest.skip(f"engine {name!r} is not importable yet: {e}")
-        # Seed 7: test_tensorrt_engine's, so that the double's export of tiny-llama is shared.
-        config = EngineConfig(model="tiny-llama", engine=name, dtype="float32", device=device,
+        # The double builds its tests' model at seed 7, test_tensorrt_engine's, so that the
+        # export is shared.
+        model = TRT_MODEL if name == "tensorrt" and version != "real" else "tiny-llama"
+        config = EngineConfig(model=model, engine=name, dtype="float32", device=device,
                               max_batch=4, max_seq_len=32, seed=7, options=options)
         eng = load_engine(config)
         yield eng

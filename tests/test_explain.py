@@ -273,18 +273,12 @@ def test_the_bound_panel_shows_each_trials_fraction(memory_study: optuna.Study) 
     assert any(ln.get_ydata()[0] == 100 for ln in ax.get_lines())  # the bound itself
 
 
-def test_the_run_ends_saying_why_and_show_has_the_bound(tmp_path: Path,
-                                                        cli_env: dict[str, str]) -> None:
+def test_the_run_ends_saying_why_and_show_has_the_bound(tmp_path: Path, autotune_here) -> None:
     """The command a user runs: its last lines are the best, why, and where the JSON went;
     ``autotune show`` has each trial's fraction of its bound and what sets it."""
-    import subprocess
-    import sys
-
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    run = subprocess.run(
-        [sys.executable, "-m", "autotune", "run", "--landscape", str(H100_8GIB), "--isl", "128",
-         "--osl", "8", "--storage", url, "--out", str(tmp_path / "rec.json")],
-        capture_output=True, text=True, env=cli_env, timeout=300)
+    run = autotune_here("run", "--landscape", str(H100_8GIB), "--isl", "128", "--osl", "8",
+                        "--storage", url, "--out", str(tmp_path / "rec.json"))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.replace("\n ", " ").strip().splitlines()
     assert all(line.startswith("[replay] ") for line in lines[-3:])  # a replay, said so
@@ -294,8 +288,7 @@ def test_the_run_ends_saying_why_and_show_has_the_bound(tmp_path: Path,
     assert last[2].startswith("recommendation written to")
     written = recommend.read(tmp_path / "rec.json")
     assert last[1] == "why: " + written["explanation"]["text"]
-    show = subprocess.run([sys.executable, "-m", "autotune", "show", "--storage", url],
-                          capture_output=True, text=True, env=cli_env, timeout=120)
+    show = autotune_here("show", "--storage", url)
     assert show.returncode == 0, show.stderr
     assert "bound %" in show.stdout
     best = written["best"]

@@ -71,7 +71,7 @@ def _running_trial(db: Path) -> bool:
     return "COMPLETE" in states and marked > 0
 
 
-def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env) -> None:
+def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env, autotune_here) -> None:
     db = Path(storage_url.removeprefix("sqlite:///"))
     # 5 trials of 0.6 s: the run is still going when it is killed, even on a busy machine.
     args = (*RUN, "--trials", "5", "--no-early-stop", "--storage", storage_url, "--study", "k",
@@ -92,7 +92,7 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
                  if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(dead) == 1 and completed
 
-    r = autotune(*args, env=cli_env)
+    r = autotune_here(*args)
     assert r.returncode == 0, r.stderr
     assert f"trial {dead[0]} was interrupted" in r.stderr, r.stderr
     trials = {t.number: t for t in _study(storage_url).trials}
@@ -395,7 +395,7 @@ def finished_db(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_sqlite_file_is_refused_and_never_written(tmp_path: Path, finished_db: Path,
-                                                          damage: str, cli_env) -> None:
+                                                          damage: str, autotune_here) -> None:
     db = tmp_path / "done.db"
     shutil.copy(finished_db, db)
     size = db.stat().st_size
@@ -407,7 +407,7 @@ def test_damaged_sqlite_file_is_refused_and_never_written(tmp_path: Path, finish
             f.write(b"\xa5" * 8192)
     digest = _digest(db)
     for args in (("show",), RUN + ("--trials", "3")):
-        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        r = autotune_here(*args, "--storage", f"sqlite:///{db}", cwd=tmp_path)
         _error(r, "is damaged", "untouched")
         assert _digest(db) == digest  # not a byte changed
     # No export; SQLite's shared-memory index may appear beside it (read-only WAL access).
@@ -445,14 +445,14 @@ def _fill(directory: Path) -> Path:
 
 
 def test_disk_full_is_a_clear_error_and_the_rerun_resumes(tiny_tmpfs: Path, tmp_path: Path,
-                                                          cli_env) -> None:
+                                                          autotune_here) -> None:
     url = f"sqlite:///{tiny_tmpfs / 'studies' / 'full.db'}"
     run_study(_options(url, trials=1))
     filler = _fill(tiny_tmpfs)
     with pytest.raises(Exception) as info:
         run_study(_options(url, trials=30))
     assert "disk is full" in str(explain(info.value)), info.value
-    r = autotune(*RUN, "--trials", "30", "--storage", url, env=cli_env, cwd=tmp_path)
+    r = autotune_here(*RUN, "--trials", "30", "--storage", url, cwd=tmp_path)
     _error(r, "disk is full", "rerun")
     # The export is written atomically: a full disk leaves the old file whole.
     rec = recommend.build(_study(url))
@@ -470,9 +470,9 @@ def test_disk_full_is_a_clear_error_and_the_rerun_resumes(tiny_tmpfs: Path, tmp_
     assert all(t.state.is_finished() for t in study.trials)
 
 
-def test_read_only_studies_directory_even_for_root(tiny_tmpfs: Path, cli_env) -> None:
+def test_read_only_studies_directory_even_for_root(tiny_tmpfs: Path, autotune_here) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
-    r = autotune(*RUN, "--storage", f"sqlite:///{tiny_tmpfs}/studies/a.db", env=cli_env)
+    r = autotune_here(*RUN, "--storage", f"sqlite:///{tiny_tmpfs}/studies/a.db")
     _error(r, "not a writable directory")
     with pytest.raises(StorageError, match="not a writable directory"):
         open_storage(f"sqlite:///{tiny_tmpfs}/a.db")
@@ -536,7 +536,7 @@ def test_a_worker_dying_elsewhere_mid_study_is_retried_by_the_running_one(
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
-        tmp_path: Path, storage_url: str, cli_env) -> None:
+        tmp_path: Path, storage_url: str, cli_env, autotune_here) -> None:
     """Ctrl-C reaches the tuner and its worker (one process group): one line says what is
     kept, no traceback, the running trial is interrupted at once and runs again on resume."""
     db = Path(storage_url.removeprefix("sqlite:///"))
@@ -556,7 +556,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     assert "Ctrl-C" in stopped[0].user_attrs["reason"]
     assert not [t for t in trials.values() if t.state == optuna.trial.TrialState.RUNNING]
 
-    r = autotune(*args, env=cli_env)
+    r = autotune_here(*args)
     assert r.returncode == 0, r.stderr
     trials = {t.number: t for t in _study(storage_url).trials}
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == stopped[0].number]
@@ -566,12 +566,11 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
 
 
 _OPEN_AT = """
-import sys, time
+import sys
 import optuna
 from autotune.storage import open_storage
-start = float(sys.argv[2])
-while time.time() < start:  # all at once: the schema is created by whoever gets there
-    pass
+print("ready", flush=True)
+sys.stdin.readline()  # all at once: the schema is created by whoever gets there
 optuna.create_study(storage=open_storage(sys.argv[1]), study_name="s", load_if_exists=True)
 print("opened")
 """
@@ -579,10 +578,16 @@ print("opened")
 
 def test_runs_starting_at_once_on_a_new_sqlite_file(tmp_path: Path, cli_env) -> None:
     url = f"sqlite:///{tmp_path / 'new.db'}"
-    start = str(time.time() + 4)  # after every interpreter has imported optuna
-    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url, start], env=cli_env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, url], env=cli_env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for _ in range(6)]
+    # A barrier, not a clock: each has imported Optuna before any is let go (no busy wait).
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.communicate()[1]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = [p.communicate(timeout=120) for p in procs]
     for p, (stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0 and stdout.strip() == "opened", stderr
@@ -624,13 +629,13 @@ def test_tuner_killed_between_ask_and_recording_itself(storage_url: str, cli_env
 
 
 def test_tuner_killed_during_the_confirmation_confirms_on_resume(
-        tmp_path: Path, storage_url: str, cli_env) -> None:
+        tmp_path: Path, storage_url: str, cli_env, autotune_here) -> None:
     _killed_at(storage_url, "confirm", cli_env)
     study = _study(storage_url)
     assert budget.spent(study) == 3 and "confirmation" not in study.user_attrs
     out = tmp_path / "rec.json"
-    r = autotune(*RUN, "--trials", "3", "--no-early-stop", "--decode-steps", "1",
-                 "--storage", storage_url, "--out", str(out), env=cli_env)
+    r = autotune_here(*RUN, "--trials", "3", "--no-early-stop", "--decode-steps", "1",
+                 "--storage", storage_url, "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "confirmed trial" in r.stderr, r.stderr
     rec = recommend.read(out)
@@ -654,7 +659,7 @@ def _write_then_die(url: str, trials: int, env: dict[str, str]) -> None:
 
 
 def test_a_damaged_file_with_a_wal_beside_it_is_left_untouched(
-        tmp_path: Path, finished_db: Path, cli_env) -> None:
+        tmp_path: Path, finished_db: Path, cli_env, autotune_here) -> None:
     db = tmp_path / "done.db"
     shutil.copy(finished_db, db)
     _write_then_die(f"sqlite:///{db}", 3, cli_env)  # a trial more, in the -wal
@@ -665,26 +670,27 @@ def test_a_damaged_file_with_a_wal_beside_it_is_left_untouched(
         f.write(b"\xa5" * (db.stat().st_size - 4096))
     digests = (_digest(db), _digest(wal))
     for args in (("show",), ("export", "--out", str(tmp_path / "r.json")), RUN):
-        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        r = autotune_here(*args, "--storage", f"sqlite:///{db}", cwd=tmp_path)
         _error(r, "is damaged", "untouched")
         assert wal.exists() and (_digest(db), _digest(wal)) == digests  # nor checkpointed
 
 
-def test_a_deleted_wal_is_said_as_such_not_as_damage(tmp_path: Path, cli_env) -> None:
+def test_a_deleted_wal_is_said_as_such_not_as_damage(tmp_path: Path, cli_env, autotune_here) -> None:
     db = tmp_path / "w.db"
     _write_then_die(f"sqlite:///{db}", 1, cli_env)
     Path(f"{db}-wal").unlink()
     digest = _digest(db)
     for args in (("show",), RUN):
-        r = autotune(*args, "--storage", f"sqlite:///{db}", env=cli_env, cwd=tmp_path)
+        r = autotune_here(*args, "--storage", f"sqlite:///{db}", cwd=tmp_path)
         _error(r, "w.db-wal is missing", "put w.db-wal back")
         assert "damaged" not in r.stderr.replace("not damaged", "")
     assert _digest(db) == digest
 
 
 def test_no_space_left_is_said_as_such_not_as_damage(tiny_tmpfs: Path, tmp_path: Path,
-                                                     cli_env) -> None:
+                                                     cli_env, autotune_here) -> None:
     url = f"sqlite:///{tiny_tmpfs / 'full.db'}"
+    # A process of its own, which ends: its file is closed, and the -wal with it.
     r = autotune(*RUN, "--trials", "1", "--storage", url, "--out", str(tmp_path / "r.json"),
                  env=cli_env)
     assert r.returncode == 0, r.stderr
@@ -692,7 +698,7 @@ def test_no_space_left_is_said_as_such_not_as_damage(tiny_tmpfs: Path, tmp_path:
     filler = _fill(tiny_tmpfs)
     try:
         for args in (("show",), RUN):
-            r = autotune(*args, "--storage", url, env=cli_env, cwd=tmp_path)
+            r = autotune_here(*args, "--storage", url, cwd=tmp_path)
             _error(r, "is full")
             assert "damaged" not in r.stderr.replace("not damaged", "")
     finally:
@@ -700,19 +706,19 @@ def test_no_space_left_is_said_as_such_not_as_damage(tiny_tmpfs: Path, tmp_path:
 
 
 def test_read_only_database_serves_show_export_and_report(tiny_tmpfs: Path, tmp_path: Path,
-                                                          finished_db: Path, cli_env) -> None:
+                                                          finished_db: Path, autotune_here) -> None:
     shutil.copy(finished_db, tiny_tmpfs / "ro.db")  # a finished study, closed cleanly
     url = f"sqlite:///{tiny_tmpfs / 'ro.db'}"
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
-    r = autotune("show", "--storage", url, env=cli_env)
+    r = autotune_here("show", "--storage", url)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
-    r = autotune("export", "--storage", url, "--out", str(tmp_path / "b.json"), env=cli_env)
+    r = autotune_here("export", "--storage", url, "--out", str(tmp_path / "b.json"))
     assert r.returncode == 0, r.stderr
     best = recommend.build(_study(f"sqlite:///{finished_db}"))["best"]
     assert recommend.read(tmp_path / "b.json")["best"] == json.loads(json.dumps(best))
-    r = autotune("report", "--storage", url, "--out", str(tmp_path / "rep"), env=cli_env)
+    r = autotune_here("report", "--storage", url, "--out", str(tmp_path / "rep"))
     assert r.returncode == 0, r.stderr
-    r = autotune(*RUN, "--storage", url, env=cli_env, cwd=tmp_path)  # a run must write: refused
+    r = autotune_here(*RUN, "--storage", url, cwd=tmp_path)  # a run must write: refused
     _error(r, "not writable")
 
 

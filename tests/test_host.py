@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_cli import autotune
 
 from autotune.engines import EngineConfig, engine_class
 from autotune.errors import UserInputError
@@ -82,11 +81,11 @@ def _too_big_for_this_host(model: str, dtype: str) -> None:
         pytest.skip(f"this host could hold {model}: nothing to refuse")
 
 
-def test_run_refuses_a_model_the_host_cannot_hold(tmp_path: Path, cli_env) -> None:
+def test_run_refuses_a_model_the_host_cannot_hold(tmp_path: Path, autotune_here) -> None:
     _too_big_for_this_host("llama2-70b", "float32")
     db = tmp_path / "studies" / "big.db"
-    r = autotune("run", "--model", "llama2-70b", "--device", "cpu", "--dtype", "float32",
-                 "--trials", "1", "--storage", f"sqlite:///{db}", env=cli_env)
+    r = autotune_here("run", "--model", "llama2-70b", "--device", "cpu", "--dtype", "float32",
+                 "--trials", "1", "--storage", f"sqlite:///{db}")
     assert r.returncode == 2, r.stderr
     assert "error: host memory: llama2-70b (float32) on the native engine keeps its weights " \
            "in host memory: 257 GiB, but this host has" in r.stderr.replace("\n", " ")
@@ -94,9 +93,9 @@ def test_run_refuses_a_model_the_host_cannot_hold(tmp_path: Path, cli_env) -> No
     assert not db.exists()  # refused before anything was written
 
 
-def test_bench_refuses_a_model_the_host_cannot_hold(cli_env) -> None:
+def test_bench_refuses_a_model_the_host_cannot_hold(autotune_here) -> None:
     _too_big_for_this_host("llama2-70b", "float32")
-    r = autotune("bench", "--model", "llama2-70b", "--device", "cpu", "--dtype", "float32",
-                 "--batch", "1", "--budget-fraction", "0", env=cli_env)
+    r = autotune_here("bench", "--model", "llama2-70b", "--device", "cpu", "--dtype", "float32",
+                 "--batch", "1", "--budget-fraction", "0")
     assert r.returncode == 2, r.stderr
     assert "error: host memory: llama2-70b" in r.stderr

@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -196,25 +194,20 @@ def test_bad_limits_and_sampler_are_user_errors(storage_url: str) -> None:
             RunOptions(model="tiny-llama", device="cpu", storage=storage_url, **kw)
 
 
-def test_cli_replays_and_exports_a_landscape(tmp_path: Path, cli_env: dict) -> None:
+def test_cli_replays_and_exports_a_landscape(tmp_path: Path, autotune_here) -> None:
     db = f"sqlite:///{tmp_path / 'l.db'}"
-    run = subprocess.run(
-        [sys.executable, "-m", "autotune", "run", "--landscape", str(SYNTHETIC), "--trials",
-         "3", "--storage", db, "--max-tpot-ms", "180", "--out", str(tmp_path / "rec.json")],
-        capture_output=True, text=True, env=cli_env, timeout=120)
+    run = autotune_here("run", "--landscape", str(SYNTHETIC), "--trials", "3", "--storage", db,
+                        "--max-tpot-ms", "180", "--out", str(tmp_path / "rec.json"))
     assert run.returncode == 0, run.stderr
     assert "best: batch" in run.stdout
     rec = recommend.read(tmp_path / "rec.json")
     assert rec["best"]["tpot_ms"] <= 180
     # `show` ranks feasible trials first: its first row is the recommendation.
-    show = subprocess.run([sys.executable, "-m", "autotune", "show", "--storage", db],
-                          capture_output=True, text=True, env=cli_env, timeout=60)
+    show = autotune_here("show", "--storage", db)
     rows = [line for line in show.stdout.splitlines() if line.startswith("│")]
     assert rows[0].split("│")[1].strip() == str(rec["best"]["trial"]), show.stdout
     # Three trials are not a grid: export explains, in one line, with exit code 2.
-    exp = subprocess.run(
-        [sys.executable, "-m", "autotune", "export", "--storage", db, "--landscape",
-         str(tmp_path / "l.json")], capture_output=True, text=True, env=cli_env, timeout=60)
+    exp = autotune_here("export", "--storage", db, "--landscape", str(tmp_path / "l.json"))
     assert exp.returncode == 2 and "not a full grid" in exp.stderr
 
 

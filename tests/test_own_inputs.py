@@ -239,14 +239,13 @@ def test_a_study_plain_optuna_made_is_refused(storage_url: str) -> None:
 
 
 _CREATE_AT = """
-import sys, time
+import sys
 from test_own_inputs import _options
 from autotune.errors import UserInputError
 from autotune.tune.study import create_or_load
-options = _options(sys.argv[1], study_name="mixrace", isl=int(sys.argv[3]))
-start = float(sys.argv[2])
-while time.time() < start:  # both at once
-    pass
+options = _options(sys.argv[1], study_name="mixrace", isl=int(sys.argv[2]))
+print("ready", flush=True)
+sys.stdin.readline()  # both at once
 try:
     create_or_load(options, "cpu")
     print("created or resumed")
@@ -260,13 +259,17 @@ def test_two_runs_creating_one_study_with_two_workloads(storage_url: str, cli_en
     into it. The workload is the study's first record, and the other run compares with it."""
     import subprocess
     import sys
-    import time
 
     open_storage(storage_url)  # the schema: the race is the study's, not the tables'
-    start = str(time.time() + 3)  # once both interpreters have imported autotune
-    procs = [subprocess.Popen([sys.executable, "-c", _CREATE_AT, storage_url, start, isl],
-                              env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for isl in ("8", "4")]
+    procs = [subprocess.Popen([sys.executable, "-c", _CREATE_AT, storage_url, isl],
+                              env=cli_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for isl in ("8", "4")]
+    # A barrier, not a clock: both have imported autotune before either is let go.
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.communicate()[1]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     said = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert said[0] == "created or resumed", said
     assert said[1].startswith("refused: study 'mixrace' measured another workload: isl"), said

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -115,19 +114,16 @@ def test_report_before_any_feasible_trial(tmp_path: Path) -> None:
     assert not (tmp_path / "empty-out").exists()
 
 
-def test_cli_report(study_url: str, tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_cli_report(study_url: str, tmp_path: Path, autotune_here) -> None:
     out = tmp_path / "cli"
-    proc = subprocess.run(
-        [sys.executable, "-m", "autotune", "report", "--storage", study_url, "--out", str(out)],
-        capture_output=True, text=True, env=cli_env, timeout=120)
+    proc = autotune_here("report", "--storage", study_url, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert f"report written to {out / 'report.html'}" in proc.stdout.replace("\n", "")
     assert sorted(p.name for p in out.iterdir()) == [
         "bound.png", "landscape.png", "pareto.png", "progress.png", "report.html"]
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "autotune", "report", "--storage", study_url, "--study", "nope",
-         "--out", str(tmp_path / "x")], capture_output=True, text=True, env=cli_env, timeout=120)
+    proc = autotune_here("report", "--storage", study_url, "--study", "nope", "--out",
+                         str(tmp_path / "x"))
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no study named 'nope'")
 

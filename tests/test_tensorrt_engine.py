@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from doubles import DOUBLES_DIR, install_torch_tensorrt, uninstall_torch_tensorrt
+from doubles import DOUBLES_DIR, TRT_MODEL, install_torch_tensorrt, uninstall_torch_tensorrt
 from reference import greedy
 
 from autotune.engines import EngineConfig, load_engine
@@ -29,7 +29,7 @@ from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import build_hf_model, get_spec, weight_source
 
 # One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
-# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# its exports of TRT_MODEL are kept within a process (tests/doubles), and made once, not once
 # per worker.
 pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
 
@@ -48,8 +48,8 @@ def trt(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iter
 def _config(cache: Path, *options: tuple[str, Any], **kw: Any) -> EngineConfig:
     # Seed 7, not EngineConfig's 0: the tests that compare tokens with transformers' check that
     # the seed reaches the weights, and the tests (and test_engine_contract's) of one dtype and
-    # profile share one export of tiny-llama (tests/doubles).
-    fields = {"model": "tiny-llama", "engine": "tensorrt", "dtype": "float32", "device": "cpu",
+    # profile share one export of the model (tests/doubles).
+    fields = {"model": TRT_MODEL, "engine": "tensorrt", "dtype": "float32", "device": "cpu",
               "max_batch": 4, "max_seq_len": 32, "seed": 7, **kw}
     return EngineConfig(**fields, options=(("trt_cache_dir", str(cache)), *options))
 
@@ -219,7 +219,7 @@ def test_tokens_match_transformers_greedy(trt: Any, tmp_path: Path) -> None:
     prompt = torch.randint(1, 500, (3, 9), generator=torch.Generator().manual_seed(1))
     gen = engine.prefill(prompt, 8)
     engine.decode(gen, 7)
-    spec = get_spec("tiny-llama")
+    spec = get_spec(TRT_MODEL)
     expected, _ = greedy(build_hf_model(spec, "float32", "cpu", weight_source(spec, 7)), prompt, 8)
     assert torch.equal(gen.tokens, expected)
 
@@ -313,7 +313,7 @@ def test_prompts_go_through_in_chunks_with_the_same_tokens(trt: Any, tmp_path: P
     tokens, positions, *_ = trt._state.COMPILE_CALLS[-1]["inputs"]
     assert tokens.shape["max_shape"] == (4, 3) and positions.shape["max_shape"] == (3,)
     assert "prompts in chunks of 3 tokens" in engine.describe()["summary"]
-    spec = get_spec("tiny-llama")
+    spec = get_spec(TRT_MODEL)
     prompt = torch.randint(1, spec.vocab_size, (2, 10))
     gen = engine.prefill(prompt, 6)
     engine.decode(gen, 5)
@@ -327,11 +327,12 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
     engines (embedding to layer 0's projections, one per layer after it); no engine takes a
     cache tensor, and the tokens are transformers' greedy ones, as by default (at the default
     profile: the export the other tests share)."""
-    spec = get_spec("tiny-llama")
+    spec = get_spec(TRT_MODEL)
     engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
     default = load_engine(_config(tmp_path))
     assert engine.describe()["attention"] == "torch"
-    assert "attention in PyTorch between 7 engines" in engine.describe()["summary"]
+    between = f"attention in PyTorch between {spec.num_hidden_layers + 1} engines"
+    assert between in engine.describe()["summary"]
     assert len(engine.describe()["engines"]) == spec.num_hidden_layers + 1
     assert len(default.describe()["engines"]) == 1
     inputs = {n: list(getattr(engine._module, n).input_binding_names)

@@ -15,7 +15,7 @@ import torch
 from doubles import install_torch_tensorrt, uninstall_torch_tensorrt
 
 # One xdist worker runs every test of the torch_tensorrt double (pyproject: --dist loadgroup):
-# its exports of tiny-llama are kept within a process (tests/doubles), and made once, not once
+# its exports of TRT_MODEL are kept within a process (tests/doubles), and made once, not once
 # per worker.
 pytestmark = pytest.mark.xdist_group("torch_tensorrt_double")
 

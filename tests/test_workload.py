@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ANALYTIC
-from test_cli import autotune
 
 from autotune.errors import UserInputError
 from autotune.storage import load_study, open_storage
@@ -26,20 +25,20 @@ def _files(db: Path) -> dict[str, str]:
 
 
 def test_resuming_a_study_with_another_workload_is_refused(tmp_path: Path, storage_url: str,
-                                                           cli_env) -> None:
+                                                           autotune_here) -> None:
     """Issue 13: --study mix --isl 16 --osl 16, then --study mix --dtype bfloat16 --isl 128
     --osl 256 joined the first study; its JSON said isl 128 of a best measured at isl 16."""
     first = tmp_path / "first.json"
-    r = autotune(*RUN, "--trials", "2", "--isl", "16", "--osl", "16", "--dtype", "float32",
+    r = autotune_here(*RUN, "--trials", "2", "--isl", "16", "--osl", "16", "--dtype", "float32",
                  "--storage",
-                 storage_url, "--out", str(first), env=cli_env)
+                 storage_url, "--out", str(first))
     assert r.returncode == 0, r.stderr
     db = Path(storage_url.removeprefix("sqlite:///"))
     before = _files(db)
 
     second = tmp_path / "second.json"
-    r = autotune(*RUN, "--trials", "4", "--isl", "128", "--osl", "256", "--dtype", "bfloat16",
-                 "--storage", storage_url, "--out", str(second), env=cli_env)
+    r = autotune_here(*RUN, "--trials", "4", "--isl", "128", "--osl", "256", "--dtype", "bfloat16",
+                 "--storage", storage_url, "--out", str(second))
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, r.stderr
@@ -55,8 +54,8 @@ def test_resuming_a_study_with_another_workload_is_refused(tmp_path: Path, stora
     assert json.loads(first.read_text())["workload"]["isl"] == 16
 
     # The same workload resumes as before.
-    r = autotune(*RUN, "--trials", "3", "--isl", "16", "--osl", "16", "--dtype", "float32",
-                 "--storage", storage_url, "--out", str(first), env=cli_env)
+    r = autotune_here(*RUN, "--trials", "3", "--isl", "16", "--osl", "16", "--dtype", "float32",
+                 "--storage", storage_url, "--out", str(first))
     assert r.returncode == 0, r.stderr
     assert len(load_study(open_storage(storage_url), "mix").trials) == 3
 

@@ -3,8 +3,9 @@
 ``install_torch_tensorrt(monkeypatch, version, package)`` makes ``import torch_tensorrt`` and
 ``import tensorrt`` resolve to the doubles in this folder at the given Torch-TensorRT version,
 with TensorRT's version set to the one that release pins (research note §0) and
-``tensorrt._package_name`` to ``package`` ("tensorrt" or "tensorrt_rtx"); call
-``uninstall_torch_tensorrt()`` after the test. The doubles never ship in the package.
+``tensorrt._package_name`` to ``package`` ("tensorrt" or "tensorrt_rtx"), and registers the
+preset ``TRT_MODEL`` that the double's tests build; call ``uninstall_torch_tensorrt()`` after
+the test. The doubles never ship in the package.
 """
 
 from __future__ import annotations
@@ -15,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 DOUBLES_DIR = Path(__file__).resolve().parent
+
+# The model the double's tests build: tiny-llama with two layers, a preset while the double is
+# installed. Exporting and decomposing a model costs CPU in proportion to its layers (tiny-llama's
+# six: about 11 s of a CI core per export; two: about 5 s), and two still give layer 0 and one
+# after it, each with its own cache inputs, engines and attention.
+TRT_MODEL = "tiny-llama-2l"
 
 # Torch-TensorRT release -> the TensorRT it pins (research note §0).
 TENSORRT_FOR = {
@@ -34,7 +41,7 @@ def _forget() -> None:
             logging.getLogger(name).filters.clear()
 
 
-# Exporting tiny-llama and decomposing the export each take about 8 s on a CI core, the same
+# Exporting a model and decomposing the export take seconds of CPU each, the same
 # work for every load of one model, dtype, seed and profile: the tests' processes keep both
 # (the engine's export code still runs once per key; nothing the tests check depends on
 # whether a result was kept). Keyed by what export_model reads.
@@ -73,7 +80,14 @@ def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0",
     ``keep_exports``: exports and decompositions are reused across tests (see _EXPORTS)."""
     if package not in ("tensorrt", "tensorrt_rtx"):
         raise ValueError(f"package: expected 'tensorrt' or 'tensorrt_rtx'; got {package!r}")
+    import dataclasses
+
+    from autotune import models
+
     _forget()
+    tiny = models.PRESETS["tiny-llama"]
+    monkeypatch.setitem(models.PRESETS, TRT_MODEL, dataclasses.replace(
+        tiny, name=TRT_MODEL, num_hidden_layers=2, description="tests of the double"))
     monkeypatch.syspath_prepend(str(DOUBLES_DIR))
     import tensorrt
     import torch_tensorrt
