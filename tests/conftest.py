@@ -56,6 +56,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: two workers a core, up to 8. Tests wait on the processes they start
+    (sleeps, timeouts, signals, servers) about 40% of their time: one worker a core left the
+    2-core CI machine 40% idle (3 min 16 s against 2 min 53 s with two a core)."""
+    return min(2 * len(os.sched_getaffinity(0)), 8)
+
+
 _UNGROUPED = pytest.StashKey[str]()
 
 
