@@ -314,13 +314,16 @@ def run(
                            on_step=lambda text: _print_step(tag + text))
     for note in result.notes:
         say(tag + note)
-    from autotune.storage import load_study, open_storage
+    from autotune.storage import close_storage, load_study, open_storage
 
     stored = load_study(open_storage(storage, create=False), result.study_name)
-    rec = recommend.build(stored)
-    path = recommend.write(rec, target)  # first: it is the result, stdout only shows it
-    _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
-    _print_edge(stored)
+    try:
+        rec = recommend.build(stored)
+        path = recommend.write(rec, target)  # first: it is the result, stdout only shows it
+        _print_trials(stored, limit=10, title=f"best configurations of {result.study_name}")
+        _print_edge(stored)
+    finally:
+        close_storage(stored._storage)
     best = rec["best"]
     out.print(
         f"{tag}best: batch {best['batch']}, budget {format_bytes(best['device_budget_bytes'])} "

@@ -414,6 +414,20 @@ def open_storage(url: str = DEFAULT_STORAGE, *, create: bool = True,
         raise StorageError(f"storage {redact(url)}: cannot open it ({_scrub(first)})") from e
 
 
+def close_storage(storage: Any) -> None:
+    """Closes the database connections a storage holds; used again, it reconnects. For
+    SQLite, closing the last connection checkpoints the ``-wal`` into the file and removes it:
+    a Python caller's file is then whole when a run returns, as a CLI process's is when it
+    exits (otherwise not until the garbage collector reaches the storage, and a copy of the
+    file alone would miss the newest trials)."""
+    backend = getattr(storage, "_backend", storage)  # Optuna caches an RDBStorage behind it
+    engine = getattr(backend, "engine", None)
+    if engine is None:  # not a database (an in-memory storage)
+        return
+    backend.remove_session()  # the session's connection back to the pool first
+    engine.dispose()
+
+
 def _head_version_once() -> None:
     """Makes Optuna read its schema's newest version once per process, not at every open.
 

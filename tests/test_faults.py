@@ -24,7 +24,7 @@ from typing import Any
 import optuna
 import pytest
 from conftest import ANALYTIC
-from test_cli import RUN, _error, autotune
+from test_cli import RUN, _error
 
 from autotune.errors import EngineUnavailableError, SchemaError, StorageError
 from autotune.results import recommend
@@ -449,6 +449,10 @@ def test_disk_full_is_a_clear_error_and_the_rerun_resumes(tiny_tmpfs: Path, tmp_
                                                           autotune_here) -> None:
     url = f"sqlite:///{tiny_tmpfs / 'studies' / 'full.db'}"
     run_study(_options(url, trials=1))
+    # A reader keeps the file open (a dashboard, say), so its index exists: the run below
+    # fails where it writes, not where it would make the index (another clear error).
+    reader = _study(url)
+    assert reader.trials
     filler = _fill(tiny_tmpfs)
     with pytest.raises(Exception) as info:
         run_study(_options(url, trials=30))
@@ -649,8 +653,11 @@ def test_tuner_killed_during_the_confirmation_confirms_on_resume(
 _WRITE_THEN_DIE = """
 import os, signal, sys
 from test_faults import _options
+from autotune.storage import load_study, open_storage
 from autotune.tune.study import run_study
-run_study(_options(sys.argv[1], trials=int(sys.argv[2])))
+run_study(_options(sys.argv[1], trials=int(sys.argv[2])))  # returns with the file whole
+study = load_study(open_storage(sys.argv[1]), None)  # the process goes on writing
+study.set_user_attr("written_after_the_run", True)
 os.kill(os.getpid(), signal.SIGKILL)  # its last writes stay in the -wal, not the file
 """
 
@@ -691,11 +698,9 @@ def test_a_deleted_wal_is_said_as_such_not_as_damage(tmp_path: Path, cli_env, au
 
 
 def test_no_space_left_is_said_as_such_not_as_damage(tiny_tmpfs: Path, tmp_path: Path,
-                                                     cli_env, autotune_here) -> None:
+                                                     autotune_here) -> None:
     url = f"sqlite:///{tiny_tmpfs / 'full.db'}"
-    # A process of its own, which ends: its file is closed, and the -wal with it.
-    r = autotune(*RUN, "--trials", "1", "--storage", url, "--out", str(tmp_path / "r.json"),
-                 env=cli_env)
+    r = autotune_here(*RUN, "--trials", "1", "--storage", url, "--out", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr
     assert not Path(f"{tiny_tmpfs}/full.db-wal").exists()  # closed cleanly: no index left
     filler = _fill(tiny_tmpfs)

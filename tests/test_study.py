@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from pathlib import Path
 
 import optuna
 import pytest
@@ -32,6 +33,10 @@ def _study(storage_url: str) -> optuna.Study:
 def test_study_runs_records_and_resumes(storage_url: str) -> None:
     events = []
     result = run_study(_options(storage_url), progress=events.append)
+    # The file is whole when the run returns: no -wal beside it holding the newest trials
+    # (this process goes on, as a notebook does; its storage is closed all the same).
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    assert sorted(p.name for p in db.parent.iterdir()) == ["test.db"]
     assert result.ran == 6 and len(events) == 6
     assert [e.done for e in events] == [1, 2, 3, 4, 5, 6]
     study = _study(storage_url)

@@ -38,7 +38,7 @@ from autotune.measure.trial import TrialOutcome, TrialRequest
 from autotune.measure.worker import Worker, WorkerInfo
 from autotune.models import check_dtype, get_spec
 from autotune.precision import parse_precisions
-from autotune.storage import DEFAULT_STORAGE, open_storage, parse_url, redact
+from autotune.storage import DEFAULT_STORAGE, close_storage, open_storage, parse_url, redact
 from autotune.tune import budget, resume
 from autotune.tune.acquisition import OUT_OF_REACH
 from autotune.tune.prior import Limits
@@ -264,9 +264,17 @@ def create_or_load(options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
     run that finds the study made waits for it before comparing (:func:`check_workload`), so
     two runs started together on a new study cannot both measure, one workload each, into it.
     """
+    storage = open_storage(options.storage, create=True)
+    try:
+        return _create_or_load(storage, options, gpu_name)
+    except BaseException:
+        close_storage(storage)  # refused: nothing written, and nothing left open
+        raise
+
+
+def _create_or_load(storage: Any, options: RunOptions, gpu_name: str) -> tuple[Any, bool]:
     import optuna
 
-    storage = open_storage(options.storage, create=True)
     name = options.study_name or default_study_name(options, gpu_name)
     check_study_name(name)  # a default name from a long checkpoint folder name, say
     seed = None if options.joined else options.seed
@@ -418,6 +426,8 @@ def run_study(
             except Exception as e:  # the refusal is what the user must hear, not this
                 log.warning("could not remove the empty study %s: %s", study.study_name, e)
         raise
+    finally:
+        close_storage(study._storage)  # the file whole when the run returns (storage.py)
 
 
 def _run(study: Any, options: RunOptions, gpu_name: str,
