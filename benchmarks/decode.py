@@ -10,7 +10,8 @@ read once, at B_hbm measured by a device-to-device copy in the same run; the emb
 not counted, a step reads only its tokens' rows: issue 14's 3.23 ms counted it, 2% more for
 llama2-7b), and the kernels of one
 eager decode step (``torch.profiler``): the launch count bounds batch-1 speed once the weights
-are read at full bandwidth.
+are read at full bandwidth; and of 8 replays of the decode graph, the device time a step and
+its share of the span the kernels cover (``graph``: the gaps between kernels are the rest).
 
 ``streaming`` (``--stream-model``, default llama3-8b, at ``--memory-limit``, default 12GiB):
 everything streamed (budget 0), at the largest batch whose memory plan fits the limit; variants
@@ -94,6 +95,31 @@ def eager_step_kernels(engine: Any, batch: int, isl: int, osl: int) -> tuple[Cou
     return kernels, times
 
 
+def graph_step_profile(engine: Any, batch: int, isl: int, osl: int,
+                       steps: int = 8) -> dict[str, Any]:
+    """What the device does during ``steps`` replays of the decode graph (issue 22: profile
+    first): kernels and copies a step, their device time a step, and that time as a share of
+    the span from the first one's start to the last one's end (the rest: gaps between
+    kernels, which bound batch-1 speed once the weights are read at full bandwidth)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = min(steps, osl - 3)
+    gen = engine.prefill(random_prompt(batch, isl, engine.spec.vocab_size, 3,
+                                       engine.config.device), osl)
+    engine.decode(gen, 2)  # the warm-up step, then the capture and its first replay
+    engine.synchronize()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.decode(gen, steps)
+        engine.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    if not events:  # this profiler sees no kernel inside a graph
+        return {"kernels_per_step": 0}
+    span_us = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    busy_us = sum(e.device_time for e in events)
+    return {"kernels_per_step": len(events) / steps, "device_ms_per_step": busy_us / steps / 1e3,
+            "span_ms_per_step": span_us / steps / 1e3, "busy_fraction": busy_us / span_us}
+
+
 def _config(args: argparse.Namespace, model: str, options: dict[str, Any],
             limit: int | None = None) -> EngineConfig:
     return EngineConfig(model=model, dtype=args.dtype, device=args.device,
@@ -143,10 +169,22 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
                 kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
                 row["kernels_per_step"] = sum(kernels.values())
                 row["costliest"] = [(k, kernels[k], us) for k, us in times.most_common(8)]
+                try:  # a figure beside the timed ones: its failure costs only itself
+                    row["graph"] = graph_step_profile(engine, batch, args.isl, args.osl)
+                except Exception as e:
+                    row["graph"] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  batch {batch:3d} {name:>10}: {m.throughput_tok_s:9.1f} tok/s "
                   f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.3f} ms/token = "
                   f"{row['bound_fraction']:.1%} of the HBM bound, kernels/step "
                   f"{row.get('kernels_per_step', 'n/a (CPU)')}", flush=True)
+            graph = row.get("graph", {})
+            if "busy_fraction" in graph:
+                print(f"      graph replay: {graph['kernels_per_step']:.0f} kernels and copies "
+                      f"a step, {graph['device_ms_per_step']:.3f} ms of device time in "
+                      f"{graph['span_ms_per_step']:.3f} ms ({graph['busy_fraction']:.0%} busy)",
+                      flush=True)
+            elif graph:
+                print(f"      graph replay: {graph}", flush=True)
         out["rows"] += group
     for engine in engines.values():
         engine.close()
