@@ -10,8 +10,9 @@ read once, at B_hbm measured by a device-to-device copy in the same run; the emb
 not counted, a step reads only its tokens' rows: issue 14's 3.23 ms counted it, 2% more for
 llama2-7b), and the kernels of one
 eager decode step (``torch.profiler``): the launch count bounds batch-1 speed once the weights
-are read at full bandwidth; and of 8 replays of the decode graph, the device time a step and
-its share of the span the kernels cover (``graph``: the gaps between kernels are the rest).
+are read at full bandwidth; with ``--graph-profile``, of 8 replays of the decode graph too,
+the device time a step and its share of the span the kernels cover (``graph``: the gaps
+between kernels are the rest).
 
 ``streaming`` (``--stream-model``, default llama3-8b, at ``--memory-limit``, default 12GiB):
 everything streamed (budget 0), at the largest batch whose memory plan fits the limit; variants
@@ -169,6 +170,7 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
                 kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
                 row["kernels_per_step"] = sum(kernels.values())
                 row["costliest"] = [(k, kernels[k], us) for k, us in times.most_common(8)]
+            if args.graph_profile and args.device != "cpu":
                 try:  # a figure beside the timed ones: its failure costs only itself
                     row["graph"] = graph_step_profile(engine, batch, args.isl, args.osl)
                 except Exception as e:
@@ -256,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--osl", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--graph-profile", action="store_true",
+                   help="the resident part also profiles replays of the decode graph (opt-in: "
+                        "profiling CUDA graphs has hung or crashed some torch/CUDA versions)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
