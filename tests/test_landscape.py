@@ -276,11 +276,11 @@ def test_every_value_a_landscape_carries_is_checked(mutate, match) -> None:
         landscape.validate(bad)
 
 
-def test_the_repositorys_own_landscapes_replay_at_their_own_lengths(capsys, tmp_path) -> None:
+def test_the_repositorys_own_landscapes_replay_at_their_own_lengths(autotune_here, tmp_path) -> None:
     """Issue 19: `autotune run --landscape benchmarks/landscapes/...-isl128-osl8-h100.json`
     crashed each trial (recorded at osl 8; got osl 256). Its lengths are adopted; others given
     are refused in one line before any trial."""
-    from test_own_inputs import cli, refused
+    from test_own_inputs import refused
 
     recorded = sorted((Path(__file__).parents[1] / "benchmarks" / "landscapes").glob("*.json"))
     assert recorded
@@ -288,11 +288,11 @@ def test_the_repositorys_own_landscapes_replay_at_their_own_lengths(capsys, tmp_
         landscape.read(path)  # each one is valid
     path = recorded[0]
     url = f"sqlite:///{tmp_path / 'b.db'}"
-    code, out, err = cli(capsys, "run", "--landscape", str(path), "--trials", "3",
-                         "--storage", url, "--out", str(tmp_path / "rec.json"))
-    assert code == 0, err
+    r = autotune_here("run", "--landscape", str(path), "--trials", "3", "--storage", url,
+                      "--out", str(tmp_path / "rec.json"))
+    assert r.returncode == 0, r.stderr
     workload = recommend.read(tmp_path / "rec.json")["workload"]
     assert (workload["isl"], workload["osl"]) == (128, 8)
-    refused(cli(capsys, "run", "--landscape", str(path), "--trials", "3", "--osl", "16",
-                "--storage", url, "--study", "other"),
+    refused(autotune_here("run", "--landscape", str(path), "--trials", "3", "--osl", "16",
+                          "--storage", url, "--study", "other"),
             "recorded at isl 128, osl 8; got isl 128, osl 16")

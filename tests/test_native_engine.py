@@ -32,10 +32,15 @@ BIG_VOCAB = models.ModelSpec("tiny-big-vocab", 128, 352, 3, 4, 2, 4000,
                              max_position_embeddings=256)
 
 
-def _load(device: str = "cpu", spec: models.ModelSpec | None = None,
-          **options) -> native.NativeEngine:
-    config = EngineConfig(model="tiny-llama", dtype="float32", device=device, max_seq_len=48,
+def _load(device: str = "cpu", spec: models.ModelSpec | None = None, *,
+          dtype: str = "float32", quantization: tuple[str, ...] = ("none",),
+          weights: str | None = None, **options) -> native.NativeEngine:
+    """tiny-llama (or ``spec``) with SOURCE's weights, or the checkpoint in ``weights``."""
+    config = EngineConfig(model="ckpt" if weights else "tiny-llama", dtype=dtype, device=device,
+                          max_seq_len=48, quantization=quantization, weights=weights,
                           options=tuple(options.items()))
+    if weights is not None:
+        return load_engine(config)
     with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE), \
             mock.patch.object(native, "get_spec", lambda name, weights: spec or models.get_spec(name)):
         return load_engine(config)

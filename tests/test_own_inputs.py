@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,23 +29,10 @@ RUN = ("run", "--model", "tiny-llama", "--device", "cpu", "--engine", ANALYTIC, 
        "--osl", "4", "--max-batch", "32", "--dtype", "float32", "--repeats", "1")
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``autotune *args`` in this process: its exit code, stdout and stderr."""
-    from autotune.cli import main
-
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        code = main(list(args))
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def refused(result: tuple[int, str, str], *needles: str) -> None:
-    """One ``error:`` line naming every needle, exit 2, no traceback."""
-    code, out, err = result
+def refused(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """One ``error:`` line naming every needle, exit 2, no traceback (``autotune_here``'s
+    result: the CLI in this process)."""
+    code, out, err = result.returncode, result.stdout, result.stderr
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and lines and lines[-1].startswith("error: "), (code, out, err)
     assert "Traceback" not in err and sum(x.startswith("error: ") for x in lines) == 1, err
@@ -86,31 +73,31 @@ def victim(tmp_path: Path, finished: Path) -> Path:
 # No command writes over its own inputs
 
 
-def test_export_never_writes_over_its_storage(capsys, tmp_path: Path, victim: Path) -> None:
+def test_export_never_writes_over_its_storage(autotune_here, tmp_path: Path, victim: Path) -> None:
     url = f"sqlite:///{victim}"
     before = digest(victim)
     link = tmp_path / "link.json"
     link.symlink_to(victim)
     for args in (("--out", str(victim)), ("--out", str(link)), ("--landscape", str(victim)),
                  ("--out", f"{victim}-wal")):
-        refused(cli(capsys, "export", "--storage", url, *args), "the study storage",
+        refused(autotune_here("export", "--storage", url, *args), "the study storage",
                 "which this command reads")
         assert digest(victim) == before
     assert len(load_study(open_storage(url, create=False), "s").trials) == 2
 
 
-def test_export_refuses_two_outputs_that_are_one_file(capsys, tmp_path: Path,
+def test_export_refuses_two_outputs_that_are_one_file(autotune_here, tmp_path: Path,
                                                        victim: Path) -> None:
     both = tmp_path / "both.json"
-    refused(cli(capsys, "export", "--storage", f"sqlite:///{victim}", "--out", str(both),
+    refused(autotune_here("export", "--storage", f"sqlite:///{victim}", "--out", str(both),
                 "--landscape", str(both)), "name one file")
     assert not both.exists()
 
 
-def test_run_never_writes_over_its_storage_or_landscape(capsys, tmp_path: Path, victim: Path,
+def test_run_never_writes_over_its_storage_or_landscape(autotune_here, tmp_path: Path, victim: Path,
                                                          monkeypatch) -> None:
     before = digest(victim)
-    refused(cli(capsys, *RUN, "--storage", f"sqlite:///{victim}", "--study", "s", "--out",
+    refused(autotune_here(*RUN, "--storage", f"sqlite:///{victim}", "--study", "s", "--out",
                 str(victim)), "--out", "the study storage")
     assert digest(victim) == before
     # With no --out, the default export path is checked too: here, the storage itself.
@@ -118,47 +105,47 @@ def test_run_never_writes_over_its_storage_or_landscape(capsys, tmp_path: Path, 
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copy(victim, studies / "s.json")
-    refused(cli(capsys, *RUN, "--storage", f"sqlite:///{studies / 's.json'}", "--study", "s"),
+    refused(autotune_here(*RUN, "--storage", f"sqlite:///{studies / 's.json'}", "--study", "s"),
             "the study storage")
     landscape = tmp_path / "l.json"
     shutil.copy(SYNTHETIC, landscape)
     before = digest(landscape)
-    refused(cli(capsys, "run", "--landscape", str(landscape), "--trials", "2", "--storage",
+    refused(autotune_here("run", "--landscape", str(landscape), "--trials", "2", "--storage",
                 f"sqlite:///{tmp_path / 'new.db'}", "--out", str(landscape)), "the landscape")
     assert digest(landscape) == before
     assert not (tmp_path / "new.db").exists()  # refused before the storage was made
 
 
-def test_export_never_writes_over_the_landscape_its_study_replays(capsys,
+def test_export_never_writes_over_the_landscape_its_study_replays(autotune_here,
                                                                     tmp_path: Path) -> None:
     landscape = tmp_path / "l.json"
     shutil.copy(SYNTHETIC, landscape)
     url = f"sqlite:///{tmp_path / 'l.db'}"
-    code, _, err = cli(capsys, "run", "--landscape", str(landscape), "--trials", "2",
-                       "--storage", url, "--out", str(tmp_path / "rec.json"))
-    assert code == 0, err
+    r = autotune_here("run", "--landscape", str(landscape), "--trials", "2", "--storage", url,
+                      "--out", str(tmp_path / "rec.json"))
+    assert r.returncode == 0, r.stderr
     before = digest(landscape)
-    refused(cli(capsys, "export", "--storage", url, "--landscape", str(landscape)),
+    refused(autotune_here("export", "--storage", url, "--landscape", str(landscape)),
             "--landscape", "is the landscape")
     assert digest(landscape) == before
 
 
-def test_run_never_writes_into_its_checkpoint(capsys, tmp_path: Path) -> None:
+def test_run_never_writes_into_its_checkpoint(autotune_here, tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(TINY_CONFIG))
     run = [a if a != "tiny-llama" else "mine" for a in RUN]  # a checkpoint is no preset
-    refused(cli(capsys, *run, "--weights", str(ckpt), "--out", str(ckpt / "config.json")),
+    refused(autotune_here(*run, "--weights", str(ckpt), "--out", str(ckpt / "config.json")),
             "lies in the checkpoint folder")
 
 
-def test_report_never_writes_over_its_storage(capsys, tmp_path: Path, finished: Path) -> None:
+def test_report_never_writes_over_its_storage(autotune_here, tmp_path: Path, finished: Path) -> None:
     folder = tmp_path / "rep"
     folder.mkdir()
     db = folder / "report.html"
     shutil.copy(finished, db)
     before = digest(db)
-    refused(cli(capsys, "report", "--storage", f"sqlite:///{db}", "--out", str(folder)),
+    refused(autotune_here("report", "--storage", f"sqlite:///{db}", "--out", str(folder)),
             "the study storage")
     assert digest(db) == before
 
@@ -174,19 +161,19 @@ def _foreign(db: Path) -> None:
 
 
 def test_another_applications_database_is_refused_even_by_the_dashboard(
-        capsys, tmp_path: Path) -> None:
+        autotune_here, tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     _foreign(db)
     before = digest(db)
     for args in (RUN, ("dashboard", "--port", "18123"), ("show",)):
-        refused(cli(capsys, *args, "--storage", f"sqlite:///{db}"),
+        refused(autotune_here(*args, "--storage", f"sqlite:///{db}"),
                 "another application's SQLite database (tables: users)")
         assert digest(db) == before  # no table added, the journal mode as it was
     assert set(p.name for p in tmp_path.iterdir()) <= {"app.db", "app.db-shm", "app.db-wal"}
 
 
 @pytest.mark.parametrize("kind", ["empty file", "no tables", "trials dropped"])
-def test_an_empty_or_incomplete_database(capsys, tmp_path: Path, victim: Path,
+def test_an_empty_or_incomplete_database(autotune_here, tmp_path: Path, victim: Path,
                                          kind: str) -> None:
     db = victim
     if kind == "empty file":
@@ -204,10 +191,10 @@ def test_an_empty_or_incomplete_database(capsys, tmp_path: Path, victim: Path,
     needle = "tables missing (trials)" if kind == "trials dropped" else "holds no study"
     for args in (("show",), ("export", "--out", str(tmp_path / "r.json")),
                  ("report", "--out", str(tmp_path / "rep"))):
-        refused(cli(capsys, *args, "--storage", url), needle)
+        refused(autotune_here(*args, "--storage", url), needle)
     assert digest(db) == before and not (tmp_path / "r.json").exists()
     if kind == "trials dropped":  # a run would make the table again and mix old attributes
-        refused(cli(capsys, *RUN, "--storage", url, "--out", str(tmp_path / "r.json")),
+        refused(autotune_here(*RUN, "--storage", url, "--out", str(tmp_path / "r.json")),
                 needle, "untouched")
         assert digest(db) == before
     else:  # nothing in it to lose: a run may fill it
@@ -257,7 +244,6 @@ except UserInputError as e:
 def test_two_runs_creating_one_study_with_two_workloads(storage_url: str, cli_env) -> None:
     """Issue 19: started together on a new study, an isl-16 and an isl-8 run both measured
     into it. The workload is the study's first record, and the other run compares with it."""
-    import subprocess
     import sys
 
     open_storage(storage_url)  # the schema: the race is the study's, not the tables'

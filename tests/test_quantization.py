@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import ANALYTIC
 from fakes import UNIT, UNITS, AnalyticEngine
+from test_native_engine import _generate
+from test_native_engine import _load as load_native
 
 import autotune.engines.native as native
 from autotune import models
@@ -32,19 +34,12 @@ from autotune.tune.precisions import PrecisionPriors
 from autotune.tune.search import InProcessRunner, make_sampler, run_in_process, start_prior
 from autotune.tune.study import RunOptions, run_study
 
-SOURCE = models.RandomWeights(seed=0, std=0.1)
 PRECISIONS = ("none", "int8", "fp8")
 
 
 def _load(quantization: tuple[str, ...] = PRECISIONS, weights: str | None = None,
-          device: str = "cpu", dtype: str = "float32", **options) -> native.NativeEngine:
-    config = EngineConfig(model="ckpt" if weights else "tiny-llama", dtype=dtype,
-                          device=device, max_seq_len=48, quantization=quantization,
-                          weights=weights, options=tuple(options.items()))
-    if weights is not None:
-        return load_engine(config)
-    with mock.patch.object(native, "weight_source", lambda spec, seed: SOURCE):
-        return load_engine(config)
+          device: str = "cpu", **kw) -> native.NativeEngine:
+    return load_native(device, quantization=quantization, weights=weights, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +47,6 @@ def engine() -> native.NativeEngine:
     e = _load()
     yield e
     e.close()
-
-
-def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
-    gen = engine.prefill(prompt, osl)
-    engine.decode(gen, osl - 1)
-    return gen.tokens.clone()
 
 
 # -- the arithmetic -----------------------------------------------------------------------

@@ -145,7 +145,7 @@ def _die_with_parent(parent_pid: int) -> None:
         except (OSError, AttributeError):
             pass
     forker = os.getppid()
-    if not _alive(parent_pid) or (forker != parent_pid and forker == 1):
+    if not _alive(parent_pid) or forker == 1:  # reparented to init: the forker is gone too
         os._exit(1)  # it died before the above took effect
 
     def watch() -> None:  # elsewhere (and as a second line): reparented or gone: orphaned
@@ -352,8 +352,6 @@ class Worker:
     def plan(self, configs: list[tuple[int, int]], isl: int, osl: int,
              margin: int = DEFAULT_MARGIN, precision: str | None = None) -> dict[str, Any]:
         """Memory plans of many configurations and the headroom (see :func:`plan_configs`)."""
-        if precision is None:
-            return self._query("plan", (configs, isl, osl, margin))
         return self._query("plan", (configs, isl, osl, margin, precision))
 
     def calibrate(self) -> dict[str, Any]:
