@@ -5,12 +5,15 @@ step takes max(streamed bytes / link bandwidth, compute(batch)) and the engine r
 that long, so measure.py times it like any engine. Tokens are a deterministic function of the
 prompt. Faults are switched on through ``EngineConfig.options`` (the same path a user's own
 engine options take): ``fault`` = abort | kill | oom | hang | error, from batch
-``fault_batch`` upward, so the parent sees what a real worker would do. ``budget_sleep_s``
-makes every budget change take that long (outside the timed region), so that trials last long
-enough for fault tests to kill a process mid-trial; ``first_plan_sleep_s`` stalls the first
-memory plan (a worker that stalls past a query's wait, then goes on). ``spoil_batch`` emulates
-a neighbour busy during single trials: the first trial of each configuration from that batch
-upward runs ``spoil_factor`` (9) times slower; measured again, it runs at its own speed.
+``fault_batch`` upward, except in the first ``fault_after`` configurations (batch, budget)
+this engine measures (1: the first trial finishes, measured again or not; the next one faults),
+so the parent sees what a real worker would do; a hang holds a trial RUNNING for as long as a
+test needs, on any machine. ``budget_sleep_s`` makes every budget change take that long
+(outside the timed region), so that trials last long enough for fault tests to kill a process
+mid-trial; ``first_plan_sleep_s`` stalls the first memory plan (a worker that stalls past a
+query's wait, then goes on). ``spoil_batch`` emulates a neighbour busy during single trials:
+the first trial of each configuration from that batch upward runs ``spoil_factor`` (9) times
+slower; measured again, it runs at its own speed.
 
 Precisions (``EngineConfig.quantization``): 8-bit units are half a 16-bit unit, so at one budget
 fraction an 8-bit configuration streams half the bytes (and keeps half resident); the compute is
@@ -51,8 +54,8 @@ class AnalyticEngine:
     precisions: ClassVar[tuple[str, ...]] = ("none", "int8", "fp8")
     uniform_decode_steps: ClassVar[bool] = True  # every step sleeps the same modelled time
     engine_options: ClassVar[dict[str, str]] = {
-        k: "a test fault or delay" for k in ("fault", "fault_batch", "budget_sleep_s",
-                                             "fault_at_load", "load_sleep_s",
+        k: "a test fault or delay" for k in ("fault", "fault_batch", "fault_after",
+                                             "budget_sleep_s", "fault_at_load", "load_sleep_s",
                                              "first_plan_sleep_s", "spoil_batch",
                                              "spoil_factor")}
 
@@ -63,6 +66,8 @@ class AnalyticEngine:
         self._budget = self.total_device_budget
         self.fault = config.option("fault")
         self.fault_batch = int(config.option("fault_batch", 1))
+        self.fault_after = int(config.option("fault_after", 0))  # configurations spared
+        self._measured: list[tuple[int, int]] = []  # (batch, budget), in the order first seen
         self.budget_sleep_s = float(config.option("budget_sleep_s", 0))
         self.first_plan_sleep_s = float(config.option("first_plan_sleep_s", 0))
         self.spoil_batch = int(config.option("spoil_batch", 0))
@@ -120,6 +125,10 @@ class AnalyticEngine:
 
     def _maybe_fault(self, batch: int) -> None:
         if self.fault is None or batch < self.fault_batch:
+            return
+        if (batch, self._budget) not in self._measured:
+            self._measured.append((batch, self._budget))
+        if self._measured.index((batch, self._budget)) < self.fault_after:
             return
         if self.fault == "abort":
             os.abort()

@@ -71,12 +71,19 @@ def _running_trial(db: Path) -> bool:
     return "COMPLETE" in states and marked > 0
 
 
+# The first trial finishes; the next one hangs in its worker (until the trial timeout, 120 s):
+# a stop sent once it is seen running finds it running, however slow the machine. (A trial
+# of a fixed length, 1.5 s, could end first when a busy CI machine delayed the stop.)
+_HANGS_AFTER_ONE = ("--engine-option", "fault=hang", "--engine-option", "fault_after=1",
+                    "--trial-timeout", "120")
+
+
 def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_env, autotune_here) -> None:
     db = Path(storage_url.removeprefix("sqlite:///"))
-    # 3 trials of 1.5 s: the trial seen running still runs when the tuner is killed, even on
-    # a busy machine (0.6 s was not always enough beside 3 other test processes on 2 cores).
-    args = (*RUN, "--trials", "3", "--no-early-stop", "--storage", storage_url, "--study", "k",
-            "--engine-option", "budget_sleep_s=1.5", "--out", str(tmp_path / "rec.json"))
+    # 2 trials, the second hanging (it runs when the tuner is killed); the rerun's new worker
+    # runs its first configuration, the killed trial's retry.
+    args = (*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url, "--study", "k",
+            *_HANGS_AFTER_ONE, "--out", str(tmp_path / "rec.json"))
     proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **QUIET)
     workers = _children(proc.pid)
     assert workers, "the tuner has no worker process"
@@ -107,7 +114,7 @@ def test_tuner_killed_mid_study_resumes(tmp_path: Path, storage_url: str, cli_en
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == dead[0]]
     assert len(retries) == 1 and retries[0].params == failed.params  # retried once
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
-    assert budget.spent(_study(storage_url)) == 3  # the budget, interrupted trial aside
+    assert budget.spent(_study(storage_url)) == 2  # the budget, interrupted trial aside
 
 
 def _start_until(args: tuple[str, ...], env: dict[str, str], ready: Callable[[int], bool],
@@ -194,7 +201,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_worker_goes_with_it(
     failed and retried on resume, and no worker left behind."""
     db = Path(storage_url.removeprefix("sqlite:///"))
     args = (*RUN, "--trials", "3", "--no-early-stop", "--storage", storage_url, "--study", "t",
-            "--engine-option", "budget_sleep_s=1.5", "--out", str(tmp_path / "rec.json"))
+            *_HANGS_AFTER_ONE, "--out", str(tmp_path / "rec.json"))
     proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
     try:
         workers = _children(proc.pid)
@@ -545,10 +552,10 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     """Ctrl-C reaches the tuner and its worker (one process group): one line says what is
     kept, no traceback, the running trial is interrupted at once and runs again on resume."""
     db = Path(storage_url.removeprefix("sqlite:///"))
-    # 3 trials of 1.5 s: the trial seen running still runs when the signal comes, even on a
-    # busy machine (0.6 s was not always enough beside 3 other test processes on 2 cores).
-    args = (*RUN, "--trials", "3", "--no-early-stop", "--storage", storage_url, "--study", "c",
-            "--engine-option", "budget_sleep_s=1.5", "--out", str(tmp_path / "rec.json"))
+    # 2 trials, the second hanging: it still runs when the signal comes, on any machine. The
+    # rerun's worker is new: its first prefill (the stopped trial's retry) runs.
+    args = (*RUN, "--trials", "2", "--no-early-stop", "--storage", storage_url, "--study", "c",
+            *_HANGS_AFTER_ONE, "--out", str(tmp_path / "rec.json"))
     proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, stderr = proc.communicate(timeout=60)
@@ -569,7 +576,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     retries = [t for t in trials.values() if t.user_attrs.get("retry_of") == stopped[0].number]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert retries[0].params == stopped[0].params
-    assert budget.spent(_study(storage_url)) == 3
+    assert budget.spent(_study(storage_url)) == 2
 
 
 _OPEN_AT = """
@@ -758,7 +765,7 @@ def test_two_quick_ctrl_c_still_leave_the_trial_to_run_again(
     RUNNING, or failed without being queued again. A second press is ignored while it runs."""
     db = Path(storage_url.removeprefix("sqlite:///"))
     args = (*RUN, "--trials", "3", "--no-early-stop", "--storage", storage_url, "--study", "cc",
-            "--engine-option", "budget_sleep_s=1.5", "--out", str(tmp_path / "rec.json"))
+            *_HANGS_AFTER_ONE, "--out", str(tmp_path / "rec.json"))
     proc = _start_until(args, cli_env, lambda pid: _running_trial(db), **CAPTURED)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.02)
