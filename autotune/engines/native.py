@@ -10,9 +10,11 @@ Options (``EngineConfig.options``): ``slots`` (device slots streamed units pass 
 default 2), ``cuda_graphs`` (default True; always off on CPU), ``workspace_bytes`` (memory
 plan's workspace term, see :mod:`autotune.streaming.plan`), ``stream_embed_head`` (default
 True: the embedding and the LM head's vocabulary chunks are units of the budget; False: resident
-outside it, the older layout) and ``fused`` (default True: one GEMM for q, k, v and one for
-gate, up; False: one per matrix). The last two exist so that old and new can be measured side
-by side (``benchmarks/decode.py``).
+outside it, the older layout), ``fused`` (default True: one GEMM for q, k, v and one for
+gate, up; False: one per matrix) and ``compile`` (default False: decode steps run the unit
+functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; the first step of each
+new batch compiles, in the warm-up, before any graph is captured). The last three exist so
+that old and new can be measured side by side (``benchmarks/decode.py``).
 
 Weight precisions (``EngineConfig.quantization``, ``--quantization``): ``none`` (the compute
 dtype), ``int8`` and ``fp8`` (8-bit matrices with per-row scales, widened just before each
@@ -93,6 +95,8 @@ class NativeEngine:
         "stream_embed_head": "the embedding and the LM head (in vocabulary chunks) are units "
                              "of the budget (default true; false: always resident, as before)",
         "fused": "one GEMM for q, k, v and one for gate, up (default true; false: one each)",
+        "compile": "decode steps run kernels compiled by TorchInductor (default false); the "
+                   "first step of each new batch compiles them, in the warm-up",
     }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
@@ -105,7 +109,9 @@ class NativeEngine:
         self._precision = store.quantization
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
-        self._model = Llama(spec, store, self.positions)
+        self.compiled = flag(config, "compile", False)
+        self._model = Llama(spec, store, self.positions, compiled=self.compiled)
+        self._compiled_batches: set[int] = set()  # batches whose decode step has run compiled
         self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
@@ -314,7 +320,15 @@ class NativeEngine:
                     self._step(st, capturing=False)
                 state.out[:, state.n].copy_(st.out)
                 state.n += 1
+        if steps:
+            self._compiled_batches.add(gen.batch)
         gen.tokens = state.out[:, :state.n]
+
+    def warmup_note(self, batch: int) -> str | None:
+        """What the next warm-up at ``batch`` does besides warming up (the progress line)."""
+        if self.compiled and batch not in self._compiled_batches:
+            return "compiling the decode step's kernels for this batch (once per worker)"
+        return None
 
     def synchronize(self) -> None:
         if self._store.cuda:
@@ -549,6 +563,7 @@ class NativeEngine:
             "head_in_budget": store.budgeted[store.head[0].index],
             "embedding_gathered_bytes": store.gathered_bytes,
             "fused": store.fused,
+            "compiled": self.compiled,
             "resident_units": sum(d is not None for d in store.devices),
             "streamed_units": len(store.streamed),
             "slots": len(store.slots),

@@ -79,8 +79,10 @@ def measure(
             steps = min(decode_steps, steps)
         warm_steps = steps if warmup_steps is None else min(warmup_steps, osl - 1)
     prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
+    note = getattr(engine, "warmup_note", None)  # what a first warm-up does besides
     for k in range(warmup):
-        say(f"warm-up {k + 1}/{warmup}")
+        doing = note(batch) if note is not None else None
+        say(f"warm-up {k + 1}/{warmup}" + (f": {doing}" if doing else ""))
         _generate(engine, prompt, osl, warm_steps)
     engine.synchronize()
     _reset_peak(engine)

@@ -14,8 +14,13 @@ float32 cast to the model dtype), so float32 greedy tokens equal its tokens; a f
 fused to cut the kernels of a decode step (which bound batch-1 speed even under a CUDA graph):
 the fused RMSNorm kernel; q and k rotated together in three kernels on the projection's own
 layout; the decode mask made additive once per step (a boolean mask is converted inside every
-attention call); residual adds inside the output GEMMs. This module holds no generation loop
-and no CUDA graph: :mod:`autotune.engines.native` does.
+attention call); residual adds inside the output GEMMs. With ``compiled``, a decode step's
+per-unit compute (everything between the weight waits) is compiled by TorchInductor instead:
+RMSNorm, RoPE, the cache writes and SwiGLU become a few generated kernels around the GEMMs and
+the attention, which stay library calls (issue 22: a batch-1 step is bound by its kernel
+count, not its bytes). Compilation happens at the first decode step of each new shape, eagerly
+(never inside a CUDA graph capture), and prefill stays eager. This module holds no generation
+loop and no CUDA graph: :mod:`autotune.engines.native` does.
 """
 
 from __future__ import annotations
@@ -99,9 +104,11 @@ class Llama:
     """The forward pass: ``prefill`` of a prompt, ``decode`` of one token per sequence.
 
     ``positions``: how many positions the rotary tables cover (the engine's longest
-    sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB)."""
+    sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB). ``compiled``:
+    decode steps run the compiled unit functions (the module docstring)."""
 
-    def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None) -> None:
+    def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
+                 compiled: bool = False) -> None:
         self.spec, self.store = spec, store
         device, dtype = store.device, store.tdtype
         d = spec.head_dim
@@ -119,6 +126,13 @@ class Llama:
         self.hidden = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.gqa = spec.num_attention_heads != spec.num_key_value_heads
         self.eps = spec.rms_norm_eps
+        # The decode step's unit functions. Compiled whole (fullgraph: a graph break would
+        # split the fusions silently); a unit's weights, cache and tables are arguments, so
+        # every layer shares one compiled function per shape.
+        self._decode_attention, self._decode_mlp = self._attention, self._mlp
+        if compiled:
+            self._decode_attention = torch.compile(self._attention, fullgraph=True)
+            self._decode_mlp = torch.compile(self._mlp, fullgraph=True)
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool = False
                 ) -> torch.Tensor:
@@ -151,12 +165,15 @@ class Llama:
         store.begin_step(capturing)
         # Resident, or read from the host's pinned table (never streamed): the same kernel.
         x = F.embedding(tokens, store.acquire(store.embed.index)["embed"])  # [B, S, h]
+        attention, mlp = ((self._attention, self._mlp) if pos is None
+                          else (self._decode_attention, self._decode_mlp))
         for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
-                x = self._attention(x, w, cache, unit.layer, cos, sin, pos, mask)
+                kc, vc = cache.k[unit.layer], cache.v[unit.layer]
+                x = attention(x, w, kc, vc, cos, sin, pos, mask)
             else:
-                x = self._mlp(x, w)
+                x = mlp(x, w)
             store.release(unit.index)
         x = x if all_positions else x[:, -1]
         x = rms_norm(x, store.fixed["model.norm.weight"], self.eps)  # [B, h] ([B, S, h])
@@ -173,9 +190,10 @@ class Llama:
         store.end_step()
         return logits
 
-    def _attention(self, x: torch.Tensor, w: dict[str, Any], cache: KVCache, layer: int,
-                   cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor | None,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, w: dict[str, Any], kc: torch.Tensor,
+                   vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """One layer's attention block, its keys and values written into ``kc``, ``vc``."""
         spec = self.spec
         b, s, _ = x.shape
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
@@ -190,7 +208,6 @@ class Llama:
         qk = apply_rope(qk.view(b, s, nh + nkv, d), cos, sin).transpose(1, 2)
         q, k = qk[:, :nh], qk[:, nh:]  # [B, H, S, d], [B, KV, S, d]
         v = v.view(b, s, nkv, d).transpose(1, 2)
-        kc, vc = cache.k[layer], cache.v[layer]
         extra = {"enable_gqa": True} if self.gqa else {}
         if pos is None:  # prefill from position 0: attend within the prompt
             kc[:, :, :s].copy_(k)
