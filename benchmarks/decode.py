@@ -4,7 +4,9 @@ Each variant is a set of engine options; every variant of a part is measured in 
 process, in turn for each batch, so that their figures compare (across runs they drift).
 
 ``resident`` (``--model``, default llama2-7b): nothing streamed, batches ``--batches``
-(1, 8, 32); variants ``unfused`` (``fused=false``: one GEMM per matrix) and ``fused``. Reports
+(1, 8, 32); variants ``unfused`` (``fused=false``: one GEMM per matrix), ``fused``,
+``compiled`` (``compile=true``: TorchInductor kernels in the decode step, issue 22) and
+``autotuned`` (``compile=max-autotune``: its GEMMs too, the fastest it benchmarks). Reports
 tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
 read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is
 not counted, a step reads only its tokens' rows: issue 14's 3.23 ms counted it, 2% more for
@@ -17,8 +19,12 @@ between kernels are the rest).
 ``streaming`` (``--stream-model``, default llama3-8b, at ``--memory-limit``, default 12GiB):
 everything streamed (budget 0), at the largest batch whose memory plan fits the limit; variants
 ``embed-head-resident`` (``stream_embed_head=false``: the older layout, 2.1 GB of Llama 3
-resident outside the budget) and ``embed-head-in-budget``. Reports tok/s and the fraction of
-the link's bound (streamed bytes per step / pinned H2D bandwidth measured in the same run).
+resident outside the budget), ``embed-head-in-budget`` and ``in-budget-compiled`` (issue 22:
+streaming must not lose). Reports tok/s and the fraction of the link's bound (streamed bytes per step /
+pinned H2D bandwidth measured in the same run).
+
+``--variants`` keeps some of them (names from either part). Each row's ``wall_s`` is its
+whole measurement, warm-up included: at a variant's first batch, ``compiled`` compiles there.
 
 Both report each variant's ratio to the first. Timed through :func:`autotune.measure.timing.measure`
 (warm-up never counted, the device synchronized before every clock read); on a GPU, prefill +
@@ -51,8 +57,10 @@ from autotune.measure.timing import measure, measure_h2d_bandwidth, random_promp
 from autotune.measure.worker import plan_configs  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 
-RESIDENT = {"unfused": {"fused": False}, "fused": {}}
-STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {}}
+RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": True},
+            "autotuned": {"compile": "max-autotune"}}
+STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {},
+             "in-budget-compiled": {"compile": True}}
 
 
 def memory_gb_s(device: str) -> float:
@@ -128,9 +136,17 @@ def _config(args: argparse.Namespace, model: str, options: dict[str, Any],
                         options=tuple(options.items()))
 
 
-def _measure(engine: Any, batch: int, args: argparse.Namespace) -> Any:
-    return measure(engine, batch, args.isl, args.osl, repeats=args.repeats, warmup=1,
-                   decode_steps=args.decode_steps)
+def _measure(engine: Any, batch: int, args: argparse.Namespace) -> tuple[Any, float]:
+    """The measurement, and its wall time (warm-up, and any compile in it, included)."""
+    t0 = time.perf_counter()
+    m = measure(engine, batch, args.isl, args.osl, repeats=args.repeats, warmup=1,
+                decode_steps=args.decode_steps)
+    return m, time.perf_counter() - t0
+
+
+def _variants(table: dict[str, dict[str, Any]], args: argparse.Namespace
+              ) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in table.items() if not args.variants or k in args.variants}
 
 
 def _add(group: list[dict[str, Any]], variant: str, m: Any, **extra: Any) -> dict[str, Any]:
@@ -151,7 +167,7 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
     """Nothing streamed: every variant loaded at once, measured in turn at each batch."""
     bw = memory_gb_s(args.device)
     engines = {}
-    for name, options in RESIDENT.items():
+    for name, options in _variants(RESIDENT, args).items():
         engines[name] = load_engine(_config(args, args.model, options))
         engines[name].device_budget = engines[name].total_device_budget
     first = next(iter(engines.values()))
@@ -164,8 +180,9 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
     for batch in args.batches:
         group: list[dict[str, Any]] = []
         for name, engine in engines.items():
-            m = _measure(engine, batch, args)
-            row = _add(group, name, m, bound_fraction=weights / (bw * 1e9) / m.tpot_s)
+            m, wall = _measure(engine, batch, args)
+            row = _add(group, name, m, bound_fraction=weights / (bw * 1e9) / m.tpot_s,
+                       wall_s=wall)
             if args.device != "cpu":
                 kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
                 row["kernels_per_step"] = sum(kernels.values())
@@ -214,13 +231,13 @@ def streaming(args: argparse.Namespace) -> dict[str, Any]:
                            "h2d_gb_s": link, "rows": []}
     print(f"[streaming] {args.stream_model} at {args.memory_limit}, budget 0: H2D "
           f"{link or float('nan'):.1f} GB/s", flush=True)
-    for name, options in STREAMING.items():
+    for name, options in _variants(STREAMING, args).items():
         engine = load_engine(_config(args, args.stream_model, options, limit))
         engine.device_budget = 0
         batch, oom_at = largest_batch(engine, args), []
         while True:
             try:
-                m = _measure(engine, batch, args)
+                m, wall = _measure(engine, batch, args)
                 break
             except torch.OutOfMemoryError:  # the plan was short: record it, go 5% lower
                 if len(oom_at) == 3:
@@ -228,8 +245,9 @@ def streaming(args: argparse.Namespace) -> dict[str, Any]:
                 oom_at.append(batch)
                 engine.device_budget = 0  # frees the cache and graphs of the failed batch
                 batch = max(1, batch * 95 // 100)
-        row = _add(out["rows"], name, m, planned_batch=(oom_at or [batch])[0], oom_at=oom_at,
-                   total_device_budget=engine.total_device_budget, describe=engine.describe())
+        row = _add(out["rows"], name, m, wall_s=wall, planned_batch=(oom_at or [batch])[0],
+                   oom_at=oom_at, total_device_budget=engine.total_device_budget,
+                   describe=engine.describe())
         if link:
             row["link_fraction"] = m.streamed_bytes_per_step / (link * 1e9) / m.tpot_s
         print(f"  {name:>21}: batch {batch}, {m.throughput_tok_s:9.1f} tok/s "
@@ -261,9 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--graph-profile", action="store_true",
                    help="the resident part also profiles replays of the decode graph (opt-in: "
                         "profiling CUDA graphs has hung or crashed some torch/CUDA versions)")
+    p.add_argument("--variants", default="",
+                   help="comma-separated variants to keep (default: every one of each part)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(RESIDENT) - set(STREAMING)
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(sorted(unknown))}; expected some of "
+                         f"{', '.join(dict.fromkeys([*RESIDENT, *STREAMING]))}")
     parts = {"resident": resident, "streaming": streaming}
     out: dict[str, Any] = {"command": " ".join(sys.argv), "torch": torch.__version__,
                            "device": (torch.cuda.get_device_name() if args.device != "cpu"

@@ -17,6 +17,12 @@
 #   bash benchmarks/gpu.sh native7b     carry [".whl"]   (the native engine's own study, llama2-7b at
 #                                                         8 GiB: the timed path through the fork-server
 #                                                         workers, against 146.4 tok/s; ~4 min)
+# Issue 22 (the decode step's kernels, native engine; no install stage):
+#   bash benchmarks/gpu.sh decode22     carry [".whl"]   (GPU tests of the compiled step, then
+#                                                         llama2-7b fp16 resident: unfused, fused,
+#                                                         compiled, autotuned, graph profiles; ~8 min)
+#   bash benchmarks/gpu.sh decode22b    carry [".whl"]   (bf16 resident, fused vs compiled; streaming
+#                                                         llama3-8b at 12 GiB, budget 0; ~6 min)
 # Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
 set -uo pipefail
 stage=$1
@@ -28,7 +34,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [ "$stage" != quant ] && [ "$stage" != quanttest ] && [ "$stage" != native7b ]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -98,5 +104,17 @@ case $stage in
     step quant-llama2-13b 215 $quant --model llama2-13b --limit 16GiB --fractions 0,0.2,0.4,0.6 \
       --json "$OUT/quant-llama2-13b.json"
     step quant-llama3-8b 165 $quant --model llama3-8b --limit 12GiB --json "$OUT/quant-llama3-8b.json"
+    ;;
+  decode22)
+    step triton 30 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
+    step decode22-tests 120 python3 -m pytest -q -m gpu tests/test_native_engine.py -k compiled
+    step decode22-fp16 400 python3 benchmarks/decode.py --parts resident --graph-profile \
+      --json "$OUT/decode22-fp16.json"
+    ;;
+  decode22b)
+    step decode22-bf16 240 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
+      --variants fused,compiled --json "$OUT/decode22-bf16.json"
+    step decode22-stream 300 python3 benchmarks/decode.py --parts streaming \
+      --variants embed-head-in-budget,in-budget-compiled --json "$OUT/decode22-stream.json"
     ;;
 esac

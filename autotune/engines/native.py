@@ -12,8 +12,9 @@ plan's workspace term, see :mod:`autotune.streaming.plan`), ``stream_embed_head`
 True: the embedding and the LM head's vocabulary chunks are units of the budget; False: resident
 outside it, the older layout), ``fused`` (default True: one GEMM for q, k, v and one for
 gate, up; False: one per matrix) and ``compile`` (default False: decode steps run the unit
-functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; the first step of each
-new batch compiles, in the warm-up, before any graph is captured). The last three exist so
+functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; ``max-autotune``: its
+GEMMs too, each the fastest of the kernels it benchmarks; the first step of each new batch
+compiles, in the warm-up, before any graph is captured). The last three exist so
 that old and new can be measured side by side (``benchmarks/decode.py``).
 
 Weight precisions (``EngineConfig.quantization``, ``--quantization``): ``none`` (the compute
@@ -49,6 +50,19 @@ log = logging.getLogger(__name__)
 # The accuracy check's prompts and generated tokens (NativeEngine.accuracy).
 ACCURACY_BATCH = 8
 ACCURACY_STEPS = 32
+
+
+def _compile_mode(config: EngineConfig) -> str | None:
+    """``torch.compile``'s mode for the ``compile`` option; None: not compiled. Never a mode
+    with CUDA graphs of its own: the engine captures the whole step (weight copies included)."""
+    value = config.option("compile", False)
+    if str(value).strip().lower() == "max-autotune":
+        return "max-autotune-no-cudagraphs"
+    try:
+        return "default" if flag(config, "compile", False) else None
+    except UserInputError:
+        raise UserInputError(f"--engine-option compile: expected true, false or max-autotune; "
+                             f"got {value!r}") from None
 
 
 def _host_available_bytes() -> int | None:
@@ -95,7 +109,8 @@ class NativeEngine:
         "stream_embed_head": "the embedding and the LM head (in vocabulary chunks) are units "
                              "of the budget (default true; false: always resident, as before)",
         "fused": "one GEMM for q, k, v and one for gate, up (default true; false: one each)",
-        "compile": "decode steps run kernels compiled by TorchInductor (default false); the "
+        "compile": "decode steps run kernels compiled by TorchInductor: true, max-autotune "
+                   "(GEMMs too, the fastest of those benchmarked) or false (the default); the "
                    "first step of each new batch compiles them, in the warm-up",
     }
 
@@ -109,8 +124,8 @@ class NativeEngine:
         self._precision = store.quantization
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
-        self.compiled = flag(config, "compile", False)
-        self._model = Llama(spec, store, self.positions, compiled=self.compiled)
+        self.compile_mode = _compile_mode(config)
+        self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode)
         self._compiled_batches: set[int] = set()  # batches whose decode step has run compiled
         self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
@@ -326,7 +341,7 @@ class NativeEngine:
 
     def warmup_note(self, batch: int) -> str | None:
         """What the next warm-up at ``batch`` does besides warming up (the progress line)."""
-        if self.compiled and batch not in self._compiled_batches:
+        if self.compile_mode and batch not in self._compiled_batches:
             return "compiling the decode step's kernels for this batch (once per worker)"
         return None
 
@@ -563,7 +578,7 @@ class NativeEngine:
             "head_in_budget": store.budgeted[store.head[0].index],
             "embedding_gathered_bytes": store.gathered_bytes,
             "fused": store.fused,
-            "compiled": self.compiled,
+            "compile_mode": self.compile_mode,
             "resident_units": sum(d is not None for d in store.devices),
             "streamed_units": len(store.streamed),
             "slots": len(store.slots),

@@ -18,7 +18,8 @@ attention call); residual adds inside the output GEMMs. With ``compiled``, a dec
 per-unit compute (everything between the weight waits) is compiled by TorchInductor instead:
 RMSNorm, RoPE, the cache writes and SwiGLU become a few generated kernels around the GEMMs and
 the attention, which stay library calls (issue 22: a batch-1 step is bound by its kernel
-count, not its bytes). Compilation happens at the first decode step of each new shape, eagerly
+count, not its bytes); in ``max-autotune`` mode the GEMMs are the fastest of the kernels it
+benchmarks, cuBLAS's among them. Compilation happens at the first decode step of each new shape, eagerly
 (never inside a CUDA graph capture), and prefill stays eager. This module holds no generation
 loop and no CUDA graph: :mod:`autotune.engines.native` does.
 """
@@ -104,11 +105,12 @@ class Llama:
     """The forward pass: ``prefill`` of a prompt, ``decode`` of one token per sequence.
 
     ``positions``: how many positions the rotary tables cover (the engine's longest
-    sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB). ``compiled``:
-    decode steps run the compiled unit functions (the module docstring)."""
+    sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB).
+    ``compile_mode``: decode steps run the unit functions compiled in this ``torch.compile``
+    mode (the module docstring); None: eager."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
-                 compiled: bool = False) -> None:
+                 compile_mode: str | None = None) -> None:
         self.spec, self.store = spec, store
         device, dtype = store.device, store.tdtype
         d = spec.head_dim
@@ -130,9 +132,10 @@ class Llama:
         # split the fusions silently); a unit's weights, cache and tables are arguments, so
         # every layer shares one compiled function per shape.
         self._decode_attention, self._decode_mlp = self._attention, self._mlp
-        if compiled:
-            self._decode_attention = torch.compile(self._attention, fullgraph=True)
-            self._decode_mlp = torch.compile(self._mlp, fullgraph=True)
+        if compile_mode is not None:
+            self._decode_attention = torch.compile(self._attention, fullgraph=True,
+                                                   mode=compile_mode)
+            self._decode_mlp = torch.compile(self._mlp, fullgraph=True, mode=compile_mode)
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool = False
                 ) -> torch.Tensor:
