@@ -465,7 +465,8 @@ class NativeEngine:
                     fused=flag(self.config, "fused", True))
             prompt = random_prompt(batch, isl, self.spec.vocab_size, seed + 1, self.device)
             ref = self._check_pass(reference, prompt, n, None)
-            sequence = torch.cat([prompt, ref["tokens"][:, :-1]], dim=1)
+            # The tokens come back on the host (for the comparisons): the prompt is on the device.
+            sequence = torch.cat([prompt, ref["tokens"][:, :-1].to(self.device)], dim=1)
             ref_forced = self._check_pass(reference, prompt, n, sequence)
             for p in quantized:
                 free_run = self._check_pass(self._stores[p], prompt, n, None)

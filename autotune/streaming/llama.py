@@ -101,13 +101,23 @@ def rope_frequencies(spec: ModelSpec, device: Any) -> torch.Tensor:
     return inv_freq
 
 
+def compile_options(mode: str) -> dict[str, Any]:
+    """TorchInductor's options for ``torch.compile`` ``mode`` (one without CUDA graphs of its
+    own), rounding every intermediate to the model dtype where eager would: fused kernels
+    otherwise keep float32 between ops, and 16-bit greedy tokens drift from the eager step's
+    (85% equal on the H200, tiny-llama, 20 steps)."""
+    import torch._inductor
+
+    return {**torch._inductor.list_mode_options(mode), "emulate_precision_casts": True}
+
+
 class Llama:
     """The forward pass: ``prefill`` of a prompt, ``decode`` of one token per sequence.
 
     ``positions``: how many positions the rotary tables cover (the engine's longest
     sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB).
     ``compile_mode``: decode steps run the unit functions compiled in this ``torch.compile``
-    mode (the module docstring); None: eager."""
+    mode (the module docstring, :func:`compile_options`); None: eager."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
                  compile_mode: str | None = None) -> None:
@@ -133,9 +143,10 @@ class Llama:
         # every layer shares one compiled function per shape.
         self._decode_attention, self._decode_mlp = self._attention, self._mlp
         if compile_mode is not None:
+            options = compile_options(compile_mode)
             self._decode_attention = torch.compile(self._attention, fullgraph=True,
-                                                   mode=compile_mode)
-            self._decode_mlp = torch.compile(self._mlp, fullgraph=True, mode=compile_mode)
+                                                   options=options)
+            self._decode_mlp = torch.compile(self._mlp, fullgraph=True, options=options)
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool = False
                 ) -> torch.Tensor:
