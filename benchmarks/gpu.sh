@@ -23,6 +23,9 @@
 #                                                         compiled, autotuned, graph profiles; ~8 min)
 #   bash benchmarks/gpu.sh decode22b    carry [".whl"]   (bf16 resident, fused vs compiled; streaming
 #                                                         llama3-8b at 12 GiB, budget 0; ~6 min)
+# One call for a session with little device time left (~9 min; no install stage):
+#   bash benchmarks/gpu.sh short        carry [".whl"]   (issue 21's llama2-7b and llama3-8b rows;
+#                                                         issue 22's GPU tests and batches 1, 32)
 # Logs and results go to $OUT (the device tool brings them back); see ../shared/gpu/README.md.
 set -uo pipefail
 stage=$1
@@ -34,7 +37,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -104,6 +107,14 @@ case $stage in
     step quant-llama2-13b 215 $quant --model llama2-13b --limit 16GiB --fractions 0,0.2,0.4,0.6 \
       --json "$OUT/quant-llama2-13b.json"
     step quant-llama3-8b 165 $quant --model llama3-8b --limit 12GiB --json "$OUT/quant-llama3-8b.json"
+    ;;
+  short)
+    quant="python3 benchmarks/quantized.py --precisions none,int8,fp8 --isl 128 --osl 256 --decode-steps 16 --repeats 1"
+    step quant-llama2-7b 165 $quant --model llama2-7b --limit 8GiB --json "$OUT/quant-llama2-7b.json"
+    step quant-llama3-8b 165 $quant --model llama3-8b --limit 12GiB --json "$OUT/quant-llama3-8b.json"
+    step decode22-tests 60 python3 -m pytest -q -m gpu tests/test_native_engine.py -k compiled
+    step decode22-short 140 python3 benchmarks/decode.py --parts resident --batches 1,32 \
+      --variants fused,compiled,autotuned --repeats 3 --json "$OUT/decode22-short.json"
     ;;
   decode22)
     step triton 30 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"
