@@ -490,6 +490,8 @@ class NativeEngine:
                     st.release_device()
             self._store = self._stores[was]
             self._model.store = self._store
+            if self._store.cuda:  # the check's blocks, cached in other sizes, go back first:
+                torch.cuda.empty_cache()  # llama3-8b at 12 GiB ran out restoring without it
             self._budget = self._store.apply_budget(self._budget)
         return out
 
