@@ -490,9 +490,18 @@ class NativeEngine:
                     st.release_device()
             self._store = self._stores[was]
             self._model.store = self._store
-            if self._store.cuda:  # the check's blocks, cached in other sizes, go back first:
-                torch.cuda.empty_cache()  # llama3-8b at 12 GiB ran out restoring without it
-            self._budget = self._store.apply_budget(self._budget)
+            if self._store.cuda:  # the check's blocks, cached in other sizes, go back first
+                torch.cuda.empty_cache()
+            try:
+                self._budget = self._store.apply_budget(self._budget)
+            except torch.OutOfMemoryError:
+                # llama3-8b at 12 GiB on the H200: the automatic budget of the load no longer
+                # fits beside what the check left. Nothing resident then; a trial sets its own.
+                log.warning("after the accuracy check, budget %d no longer fits: budget 0",
+                            self._budget)
+                self._store.release_device()
+                torch.cuda.empty_cache()
+                self._budget = self._store.apply_budget(0)
         return out
 
     def _check_pass(self, store: WeightStore, prompt: torch.Tensor, n: int,
