@@ -86,6 +86,35 @@ def test_fp8_round_trip_keeps_three_mantissa_bits_per_row() -> None:
     assert float(err.max()) > 0  # it is a lossy format: the check above can fail
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_widening_is_the_cast_times_the_scale_in_one_matrix(dtype) -> None:
+    """fp8 widens by a cast, then a multiply in place: the values of ``q.to(dtype) * s``,
+    with one matrix allocated (two made fp8 run out of memory where its plan fitted)."""
+    g = torch.Generator().manual_seed(2)
+    q, s = quant.quantize(torch.randn(32, 48, generator=g), "fp8", dtype)
+    wide = quant.widen(q, s, dtype)
+    assert wide.dtype == dtype and torch.equal(wide, q.to(dtype) * s.unsqueeze(1))
+    allocated = []
+    with _Allocations(allocated):
+        quant.widen(q, s, dtype)
+    assert allocated == [(32, 48)], allocated
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shapes of the tensors that ops create (not views, not in-place results)."""
+
+    def __init__(self, shapes: list) -> None:
+        super().__init__()
+        self.shapes = shapes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        aliases = func._schema.returns[0].alias_info is not None  # a view, or in place
+        if isinstance(out, torch.Tensor) and not aliases:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
 def test_the_precision_list_is_checked_by_name() -> None:
     assert parse_precisions("none,int8, FP8") == ("none", "int8", "fp8")
     assert parse_precisions(None) == ("none",)
