@@ -14,13 +14,13 @@ float32 cast to the model dtype), so float32 greedy tokens equal its tokens; a f
 fused to cut the kernels of a decode step (which bound batch-1 speed even under a CUDA graph):
 the fused RMSNorm kernel; q and k rotated together in three kernels on the projection's own
 layout; the decode mask made additive once per step (a boolean mask is converted inside every
-attention call); residual adds inside the output GEMMs. With ``compiled``, a decode step's
-per-unit compute (everything between the weight waits) is compiled by TorchInductor instead:
-RMSNorm, RoPE, the cache writes and SwiGLU become a few generated kernels around the GEMMs and
-the attention, which stay library calls (issue 22: a batch-1 step is bound by its kernel
-count, not its bytes); in ``max-autotune`` mode the GEMMs are the fastest of the kernels it
-benchmarks, cuBLAS's among them. Compilation happens at the first decode step of each new shape, eagerly
-(never inside a CUDA graph capture), and prefill stays eager. This module holds no generation
+attention call); residual adds inside the output GEMMs. With ``compile_mode``, a decode
+step's per-unit compute after its RMSNorm is compiled by TorchInductor instead: RoPE with the
+cache writes, and SwiGLU, become generated kernels around the GEMMs and the attention, which
+stay library calls (issue 22: a batch-1 step is bound by its kernel count, not its bytes); in
+``max-autotune`` mode the GEMMs are the fastest of the kernels it benchmarks, cuBLAS's among
+them. Compilation happens at the first decode step of each new shape, eagerly (never inside a
+CUDA graph capture), and prefill stays eager. This module holds no generation
 loop and no CUDA graph: :mod:`autotune.engines.native` does.
 """
 
@@ -138,15 +138,20 @@ class Llama:
         self.hidden = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.gqa = spec.num_attention_heads != spec.num_key_value_heads
         self.eps = spec.rms_norm_eps
-        # The decode step's unit functions. Compiled whole (fullgraph: a graph break would
-        # split the fusions silently); a unit's weights, cache and tables are arguments, so
-        # every layer shares one compiled function per shape.
+        # The decode step's unit functions. Compiled whole after the RMSNorm (fullgraph: a
+        # graph break would split the fusions silently); a unit's weights, cache and tables
+        # are arguments, so every layer shares one compiled function per shape. The RMSNorm
+        # stays the eager kernel, one kernel either way: Inductor's sums its squares in
+        # another order, and on llama2-7b fp16 (random weights, flat logits) the compiled
+        # step's greedy tokens then drifted from the eager step's.
         self._decode_attention, self._decode_mlp = self._attention, self._mlp
         if compile_mode is not None:
             options = compile_options(compile_mode)
-            self._decode_attention = torch.compile(self._attention, fullgraph=True,
-                                                   options=options)
-            self._decode_mlp = torch.compile(self._mlp, fullgraph=True, options=options)
+            attention = torch.compile(self._attention, fullgraph=True, options=options)
+            mlp = torch.compile(self._mlp, fullgraph=True, options=options)
+            self._decode_attention = lambda x, w, *rest: attention(
+                x, w, *rest, h=rms_norm(x, w["norm"], self.eps))
+            self._decode_mlp = lambda x, w: mlp(x, w, h=rms_norm(x, w["norm"], self.eps))
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool = False
                 ) -> torch.Tensor:
@@ -206,12 +211,15 @@ class Llama:
 
     def _attention(self, x: torch.Tensor, w: dict[str, Any], kc: torch.Tensor,
                    vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
-        """One layer's attention block, its keys and values written into ``kc``, ``vc``."""
+                   pos: torch.Tensor | None, mask: torch.Tensor | None,
+                   h: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer's attention block, its keys and values written into ``kc``, ``vc``
+        (``h``: ``x`` normalized, where the caller did it)."""
         spec = self.spec
         b, s, _ = x.shape
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        h = rms_norm(x, w["norm"], self.eps)
+        if h is None:  # here, so that prefill frees it right after the projections
+            h = rms_norm(x, w["norm"], self.eps)
         if "qkv" in w:
             qk, v = quant.linear(h, w, "qkv").split([(nh + nkv) * d, nkv * d], dim=-1)
         else:
@@ -234,8 +242,10 @@ class Llama:
         o = o.transpose(1, 2).reshape(b, s, nh * d)
         return _linear_add(x, o, quant.weight(w, "o", x.dtype))
 
-    def _mlp(self, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
-        h = rms_norm(x, w["norm"], self.eps)
+    def _mlp(self, x: torch.Tensor, w: dict[str, Any], h: torch.Tensor | None = None
+             ) -> torch.Tensor:
+        if h is None:
+            h = rms_norm(x, w["norm"], self.eps)
         if "gate_up" in w:
             g, u = quant.linear(h, w, "gate_up").chunk(2, dim=-1)  # [B, S, I] each
         else:
