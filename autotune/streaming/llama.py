@@ -141,9 +141,9 @@ class Llama:
         # The decode step's unit functions. Compiled whole after the RMSNorm (fullgraph: a
         # graph break would split the fusions silently); a unit's weights, cache and tables
         # are arguments, so every layer shares one compiled function per shape. The RMSNorm
-        # stays the eager kernel, one kernel either way: Inductor's sums its squares in
-        # another order, and on llama2-7b fp16 (random weights, flat logits) the compiled
-        # step's greedy tokens then drifted from the eager step's.
+        # stays the eager kernel, one kernel either way: with Inductor's (its own order of
+        # summing the squares, the likely cause; not yet measured without it) the compiled
+        # step's greedy tokens drifted from the eager step's on llama2-7b fp16.
         self._decode_attention, self._decode_mlp = self._attention, self._mlp
         if compile_mode is not None:
             options = compile_options(compile_mode)
