@@ -126,7 +126,7 @@ class NativeEngine:
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
         self.compile_mode = _compile_mode(config)
         self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode)
-        self._compiled_batches: set[int] = set()  # batches whose decode step has run compiled
+        self._compiled_batches: set[int] = set()  # batches whose first warm-up was announced
         self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
@@ -335,15 +335,16 @@ class NativeEngine:
                     self._step(st, capturing=False)
                 state.out[:, state.n].copy_(st.out)
                 state.n += 1
-        if steps:
-            self._compiled_batches.add(gen.batch)
         gen.tokens = state.out[:, :state.n]
 
     def warmup_note(self, batch: int) -> str | None:
-        """What the next warm-up at ``batch`` does besides warming up (the progress line)."""
-        if self.compile_mode and batch not in self._compiled_batches:
-            return "compiling the decode step's kernels for this batch (once per worker)"
-        return None
+        """What the warm-up about to run at ``batch`` does besides warming up (the progress
+        line): the first one of each batch compiles. Kept here, before the warm-up, so that
+        the timed decode loop keeps no account of it."""
+        if not self.compile_mode or batch in self._compiled_batches:
+            return None
+        self._compiled_batches.add(batch)
+        return "compiling the decode step's kernels for this batch (once per worker)"
 
     def synchronize(self) -> None:
         if self._store.cuda:
@@ -490,8 +491,6 @@ class NativeEngine:
                     st.release_device()
             self._store = self._stores[was]
             self._model.store = self._store
-            if self._store.cuda:  # the check's blocks, cached in other sizes, go back first
-                torch.cuda.empty_cache()
             try:
                 self._budget = self._store.apply_budget(self._budget)
             except torch.OutOfMemoryError:
