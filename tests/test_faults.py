@@ -221,6 +221,43 @@ def test_sigterm_stops_like_ctrl_c_and_the_worker_goes_with_it(
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
 
 
+_SIGNALLED_ON_ANOTHER_THREAD = """
+import signal, sys, threading, time
+from pathlib import Path
+from test_faults import _running_trial
+from autotune.cli import main
+
+def stop_from_here():  # the kernel may hand a process's signal to any thread that takes it
+    while not _running_trial(Path(sys.argv[1])):
+        time.sleep(0.1)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=stop_from_here, daemon=True).start()
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_stop_signal_taken_by_another_thread_still_stops_the_run(
+        tmp_path: Path, storage_url: str, cli_env) -> None:
+    """Python runs signal handlers in the main thread only, and a main thread blocked for good
+    (joining the trial threads) never ran it: a SIGTERM that the kernel gave another thread
+    waited for the trial to end (CI saw it twice). The run must stop while the trial hangs."""
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    args = (*RUN, "--trials", "3", "--no-early-stop", "--storage", storage_url, "--study", "o",
+            *_HANGS_AFTER_ONE, "--out", str(tmp_path / "rec.json"))
+    proc = subprocess.Popen([sys.executable, "-c", _SIGNALLED_ON_ANOTHER_THREAD, str(db), *args],
+                            env=cli_env, start_new_session=True, **CAPTURED)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM, stderr
+        assert "interrupted (SIGTERM): every finished trial is kept in" in stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    stopped = [t for t in _study(storage_url).trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 1 and "SIGTERM" in stopped[0].user_attrs["reason"]
+
+
 def test_a_late_reply_is_dropped_not_taken_for_the_next_answer(monkeypatch) -> None:
     """A worker stalls past a query's wait, then answers it: that answer must not be read as
     the outcome of the next trial (the pipe's messages are tagged)."""

@@ -394,6 +394,9 @@ def budget_shown(attrs: dict[str, Any]) -> tuple[int, float]:
     return attrs["budget_bytes"], attrs["budget_pct"]
 
 
+STOP_POLL_S = 0.2  # how soon a stop signal taken by a trial's thread stops the run
+
+
 def run_study(
     options: RunOptions,
     progress: Callable[[TrialEvent], None] | None = None,
@@ -565,7 +568,11 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         t.start()
     try:
         for t in threads:
-            t.join()
+            while t.is_alive():
+                # Waking often: Python runs signal handlers in the main thread only, and when
+                # the kernel hands SIGTERM to another thread, a main thread blocked in join()
+                # for good would not stop the run until the trial ended.
+                t.join(STOP_POLL_S)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the running trials are failed now and
         # run again later
         for number in resume.interrupt_own(study, f"the run was stopped ({stop_name(e)})"):
