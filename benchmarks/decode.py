@@ -57,10 +57,13 @@ from autotune.measure.timing import measure, measure_h2d_bandwidth, random_promp
 from autotune.measure.worker import plan_configs  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 
+TRITON = {"attention": "triton"}
 RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": True},
-            "autotuned": {"compile": "max-autotune"}}
+            "autotuned": {"compile": "max-autotune"}, "triton": TRITON,
+            "compiled-triton": {"compile": True, **TRITON}}
 STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {},
-             "in-budget-compiled": {"compile": True}}
+             "in-budget-compiled": {"compile": True},
+             "in-budget-compiled-triton": {"compile": True, **TRITON}}
 
 
 def memory_gb_s(device: str) -> float:
@@ -125,8 +128,23 @@ def graph_step_profile(engine: Any, batch: int, isl: int, osl: int,
         return {"kernels_per_step": 0}
     span_us = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
     busy_us = sum(e.device_time for e in events)
+    times: Counter = Counter()
+    counts: Counter = Counter()
+    for e in events:
+        times[e.name] += e.device_time / steps
+        counts[e.name] += 1 / steps
     return {"kernels_per_step": len(events) / steps, "device_ms_per_step": busy_us / steps / 1e3,
-            "span_ms_per_step": span_us / steps / 1e3, "busy_fraction": busy_us / span_us}
+            "span_ms_per_step": span_us / steps / 1e3, "busy_fraction": busy_us / span_us,
+            "costliest": [(k, counts[k], us) for k, us in times.most_common(10)]}
+
+
+def kv_bytes_per_step(engine: Any, batch: int, isl: int, osl: int) -> float:
+    """Keys and values a decode step must read: the filled positions' (pos + 1 at position
+    pos), averaged over the osl - 1 steps of a generation (positions isl .. isl + osl - 2)."""
+    spec = engine.spec
+    per_position = (2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim
+                    * torch.finfo(getattr(torch, engine.config.dtype)).bits // 8)
+    return batch * per_position * (isl + osl / 2)
 
 
 def _config(args: argparse.Namespace, model: str, options: dict[str, Any],
@@ -181,8 +199,10 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
         group: list[dict[str, Any]] = []
         for name, engine in engines.items():
             m, wall = _measure(engine, batch, args)
+            kv = kv_bytes_per_step(engine, batch, args.isl, args.osl)
             row = _add(group, name, m, bound_fraction=weights / (bw * 1e9) / m.tpot_s,
-                       wall_s=wall)
+                       kv_bytes_per_step=kv,
+                       kv_bound_fraction=(weights + kv) / (bw * 1e9) / m.tpot_s, wall_s=wall)
             if args.device != "cpu":
                 kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
                 row["kernels_per_step"] = sum(kernels.values())
@@ -194,7 +214,8 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
                     row["graph"] = {"error": f"{type(e).__name__}: {e}"}
             print(f"  batch {batch:3d} {name:>10}: {m.throughput_tok_s:9.1f} tok/s "
                   f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.3f} ms/token = "
-                  f"{row['bound_fraction']:.1%} of the HBM bound, kernels/step "
+                  f"{row['bound_fraction']:.1%} of the HBM bound "
+                  f"({row['kv_bound_fraction']:.1%} with the filled KV), kernels/step "
                   f"{row.get('kernels_per_step', 'n/a (CPU)')}", flush=True)
             graph = row.get("graph", {})
             if "busy_fraction" in graph:
@@ -202,6 +223,8 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
                       f"a step, {graph['device_ms_per_step']:.3f} ms of device time in "
                       f"{graph['span_ms_per_step']:.3f} ms ({graph['busy_fraction']:.0%} busy)",
                       flush=True)
+                for kernel, count, us in graph["costliest"]:
+                    print(f"        {us:8.1f} us {count:5.1f}x {kernel[:90]}", flush=True)
             elif graph:
                 print(f"      graph replay: {graph}", flush=True)
         out["rows"] += group

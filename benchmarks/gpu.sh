@@ -23,6 +23,15 @@
 #                                                         compiled, autotuned, graph profiles; ~8 min)
 #   bash benchmarks/gpu.sh decode22b    carry [".whl"]   (bf16 resident, fused vs compiled; streaming
 #                                                         llama3-8b at 12 GiB, budget 0; ~6 min)
+#   bash benchmarks/gpu.sh decode22c    carry [".whl"]   (GPU tests of the Triton attention and the
+#                                                         compiled step; llama2-7b fp16 resident,
+#                                                         batches 1, 8, 32: fused, compiled, triton,
+#                                                         compiled-triton, every step timed; ~8 min)
+#   bash benchmarks/gpu.sh decode22d    carry [".whl"]   (bf16 resident, fused vs compiled-triton;
+#                                                         streaming llama3-8b at 12 GiB, budget 0:
+#                                                         in-budget vs in-budget-compiled-triton)
+#   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
+#                                                         8 GiB, default options, then compiled-triton)
 # One call for a session with little device time left (~9 min; no install stage):
 #   bash benchmarks/gpu.sh short        carry [".whl"]   (issue 21's llama2-7b and llama3-8b rows;
 #                                                         issue 22's GPU tests and batches 1, 32)
@@ -37,7 +46,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|short)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|study22|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -127,5 +136,29 @@ case $stage in
       --variants fused,compiled --json "$OUT/decode22-bf16.json"
     step decode22-stream 300 python3 benchmarks/decode.py --parts streaming \
       --variants embed-head-in-budget,in-budget-compiled --json "$OUT/decode22-stream.json"
+    ;;
+  decode22c)
+    step decode22c-tests 150 python3 -m pytest -q -m gpu tests/test_attention.py \
+      tests/test_native_engine.py -k "compiled or triton or kernel"
+    step decode22c-fp16 420 python3 benchmarks/decode.py --parts resident --graph-profile \
+      --variants fused,compiled,triton,compiled-triton --decode-steps 256 --repeats 3 \
+      --json "$OUT/decode22c-fp16.json"
+    ;;
+  decode22d)
+    step decode22d-bf16 220 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
+      --batches 1,32 --variants fused,compiled-triton --decode-steps 256 --repeats 3 \
+      --json "$OUT/decode22d-bf16.json"
+    step decode22d-stream 330 python3 benchmarks/decode.py --parts streaming \
+      --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
+      --json "$OUT/decode22d-stream.json"
+    ;;
+  study22)
+    for variant in default compiled-triton; do
+      options=()
+      [ "$variant" = compiled-triton ] && options=(--engine-option compile=true --engine-option attention=triton)
+      step "study22-$variant" 285 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
+        "${options[@]}" --storage "sqlite:///$OUT/study22.db" --study "native-7b-$variant" \
+        --out "$OUT/study22-$variant.json"
+    done
     ;;
 esac

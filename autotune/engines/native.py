@@ -14,8 +14,11 @@ outside it, the older layout), ``fused`` (default True: one GEMM for q, k, v and
 gate, up; False: one per matrix) and ``compile`` (default False: decode steps run the unit
 functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; ``max-autotune``: its
 GEMMs too, each the fastest of the kernels it benchmarks; the first step of each new batch
-compiles, in the warm-up, before any graph is captured). The last three exist so
-that old and new can be measured side by side (``benchmarks/decode.py``).
+compiles, in the warm-up, before any graph is captured) and ``attention`` (default ``sdpa``:
+decode steps attend over the whole static cache, masked; ``triton``: over its filled positions
+only, :mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; its steps cost more as
+the sequence grows, so they are all timed). ``stream_embed_head``, ``fused`` and ``compile``
+exist so that old and new can be measured side by side (``benchmarks/decode.py``).
 
 Weight precisions (``EngineConfig.quantization``, ``--quantization``): ``none`` (the compute
 dtype), ``int8`` and ``fp8`` (8-bit matrices with per-row scales, widened just before each
@@ -41,7 +44,7 @@ from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, get_spec, weight_source
 from autotune.precision import PRECISIONS
-from autotune.streaming import plan, quant
+from autotune.streaming import attention, plan, quant
 from autotune.streaming.llama import KVCache, Llama
 from autotune.streaming.runtime import WeightStore, unit_layouts
 
@@ -63,6 +66,18 @@ def _compile_mode(config: EngineConfig) -> str | None:
     except UserInputError:
         raise UserInputError(f"--engine-option compile: expected true, false or max-autotune; "
                              f"got {value!r}") from None
+
+
+def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
+    """The ``attention`` option: ``sdpa`` or ``triton`` where that kernel can run here."""
+    value = str(config.option("attention", "sdpa")).strip().lower()
+    if value not in ("sdpa", "triton"):
+        raise UserInputError(f"--engine-option attention: expected sdpa or triton; got "
+                             f"{config.option('attention')!r}")
+    why = attention.unavailable(device, spec.head_dim) if value == "triton" else None
+    if why:
+        raise UserInputError(f"--engine-option attention=triton: {why}; use attention=sdpa")
+    return value
 
 
 def _host_available_bytes() -> int | None:
@@ -112,6 +127,8 @@ class NativeEngine:
         "compile": "decode steps run kernels compiled by TorchInductor: true, max-autotune "
                    "(GEMMs too, the fastest of those benchmarked) or false (the default); the "
                    "first step of each new batch compiles them, in the warm-up",
+        "attention": "decode attention: sdpa (the default: the whole static cache, masked) "
+                     "or triton (a kernel that reads the filled positions only; CUDA)",
     }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
@@ -125,14 +142,17 @@ class NativeEngine:
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
         self.compile_mode = _compile_mode(config)
-        self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode)
+        self.attention = _attention(config, spec, store.device)
+        self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode,
+                            attention=self.attention)
         self._compiled_batches: set[int] = set()  # batches whose first warm-up was announced
         self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
         # within 3% on the H100 (benchmarks/shortcut.py). Eager steps (CPU) do the same work
-        # too, but their timing noise there exceeds 3%: they are timed in full.
-        self.uniform_decode_steps = self.cuda_graphs
+        # too, but their timing noise there exceeds 3%: they are timed in full. Attention over
+        # the filled positions only costs more at each step: timed in full too.
+        self.uniform_decode_steps = self.cuda_graphs and self.attention == "sdpa"
         self.workspace_bytes = int(config.option("workspace_bytes", plan.DEFAULT_WORKSPACE))
         self._budget = store.resident_bytes
         self._static: _Static | None = None
@@ -179,6 +199,7 @@ class NativeEngine:
             raise UserInputError(f"option slots: expected a positive integer; got {slots!r}")
         for p in config.quantization:
             quant.check_supported(p, device)
+        _attention(config, spec, device)  # a refused option before the weights load
         stores: dict[str, WeightStore] = {}
         for p in config.quantization:
             store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed),
@@ -590,6 +611,7 @@ class NativeEngine:
             "embedding_gathered_bytes": store.gathered_bytes,
             "fused": store.fused,
             "compile_mode": self.compile_mode,
+            "attention": self.attention,
             "resident_units": sum(d is not None for d in store.devices),
             "streamed_units": len(store.streamed),
             "slots": len(store.slots),

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from autotune.models import ModelSpec
 from autotune.streaming import quant
+from autotune.streaming.attention import decode_attention
 from autotune.streaming.runtime import WeightStore
 
 
@@ -117,11 +118,14 @@ class Llama:
     ``positions``: how many positions the rotary tables cover (the engine's longest
     sequence; Llama 3.1 allows 131072, whose tables alone would take 64 MiB).
     ``compile_mode``: decode steps run the unit functions compiled in this ``torch.compile``
-    mode (the module docstring, :func:`compile_options`); None: eager."""
+    mode (the module docstring, :func:`compile_options`); None: eager.
+    ``attention``: a decode step attends through ``sdpa`` over the whole static cache, masked,
+    or through ``triton`` over its filled positions only (:mod:`autotune.streaming.attention`)."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, attention: str = "sdpa") -> None:
         self.spec, self.store = spec, store
+        self.attention = attention
         device, dtype = store.device, store.tdtype
         d = spec.head_dim
         positions = spec.max_position_embeddings if positions is None else positions
@@ -164,6 +168,8 @@ class Llama:
                capturing: bool = False) -> torch.Tensor:
         """One token per sequence ``[B, 1]`` at position ``pos`` ([1], int64, on the device)
         -> logits ``[B, V]``. Static shapes: capturable in a CUDA graph."""
+        if self.attention == "triton":  # reads pos itself: no mask
+            return self._forward(tokens, cache, pos, None, capturing)
         # Additive [1, 1, 1, L]: 0 where key j <= pos, -inf beyond. Its rows are padded to 16
         # elements, the alignment the fused attention kernels want (else they pad per call).
         length = cache.length
@@ -235,10 +241,13 @@ class Llama:
             kc[:, :, :s].copy_(k)
             vc[:, :, :s].copy_(v)
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, **extra)
-        else:  # decode: the whole static cache, masked beyond pos
+        else:  # decode: the static cache, from position 0 to pos
             kc.index_copy_(2, pos, k)
             vc.index_copy_(2, pos, v)
-            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)
+            if mask is None:  # the filled positions only, [B, 1, H, d]
+                o = decode_attention(q, kc, vc, pos, 1.0 / math.sqrt(d))
+                return _linear_add(x, o.view(b, s, nh * d), quant.weight(w, "o", x.dtype))
+            o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)  # all of it
         o = o.transpose(1, 2).reshape(b, s, nh * d)
         return _linear_add(x, o, quant.weight(w, "o", x.dtype))
 

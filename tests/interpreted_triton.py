@@ -1,0 +1,62 @@
+"""Checks of the Triton decode attention on CPU, under Triton's interpreter.
+
+Run by ``tests/test_attention.py`` in a subprocess: ``TRITON_INTERPRET`` must be set before
+triton is first imported, and it must not reach the other tests' processes.
+
+    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from autotune.streaming.attention import BLOCK_N, decode_attention
+
+
+def kernel() -> None:
+    """Against SDPA over the same positions, masked: float32, groups of 1, 2 and 4 query heads,
+    positions in the first block, at its edges and in a later one; q with a view's strides."""
+    gen = torch.Generator().manual_seed(0)
+    length, d = 2 * BLOCK_N + 5, 32
+    for heads, kv_heads in ((4, 4), (4, 2), (8, 2)):
+        for pos in (0, 7, BLOCK_N - 1, BLOCK_N, length - 1):
+            qkv = torch.randn(3, heads + kv_heads, 1, d, generator=gen)
+            q = qkv[:, :heads]  # the decode step's q: a slice of q and k rotated together
+            k, v = (torch.randn(3, kv_heads, length, d, generator=gen) for _ in range(2))
+            got = decode_attention(q, k, v, torch.tensor([pos]), d ** -0.5)
+            visible = (torch.arange(length) <= pos).view(1, 1, 1, length)
+            want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                  enable_gqa=heads != kv_heads)
+            assert got.shape == (3, 1, heads, d) and got.is_contiguous()
+            error = (got - want.transpose(1, 2)).abs().max().item()
+            assert error < 1e-5, (heads, kv_heads, pos, error)
+    print("kernel: equal to SDPA")
+
+
+def engine() -> None:
+    """tiny-llama float32: attention=triton generates the sdpa tokens, resident and streamed,
+    and its steps are timed in full."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_native_engine import _generate, _load
+
+    from autotune.measure.timing import measure, random_prompt
+
+    sdpa, triton = _load(), _load(attention="triton")
+    assert triton.describe()["attention"] == "triton" and not triton.uniform_decode_steps
+    prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")
+    for fraction in (1.0, 0.4):
+        for e in (sdpa, triton):
+            e.device_budget = int(fraction * e.total_device_budget)
+        assert torch.equal(_generate(triton, prompt, 12), _generate(sdpa, prompt, 12)), fraction
+    m = measure(triton, 2, 9, 12, repeats=1, warmup=0, decode_steps=2)
+    assert not m.estimated and m.decode_steps_timed == 11
+    print("engine: the sdpa tokens")
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
+    {"kernel": kernel, "engine": engine}[sys.argv[1]]()

@@ -1,0 +1,107 @@
+"""Issue 22: decode attention over the filled positions only (``--engine-option
+attention=triton``, :mod:`autotune.streaming.attention`).
+
+On CPU the kernel runs under Triton's interpreter, in a subprocess (the interpreter is chosen
+when triton is first imported); GPU tests (marked) compile it for the device and run it inside
+the decode graph, against SDPA and against today's tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_native_engine import _generate, _load
+
+from autotune.errors import UserInputError
+from autotune.measure.timing import random_prompt
+from autotune.streaming import attention
+
+HERE = Path(__file__).resolve().parent
+
+
+def _interpreted(check: str) -> None:
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run([sys.executable, str(HERE / "interpreted_triton.py"), check],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+def test_the_kernel_equals_sdpa_over_the_filled_positions() -> None:
+    _interpreted("kernel")
+
+
+def test_the_engine_with_triton_attention_generates_the_sdpa_tokens() -> None:
+    _interpreted("engine")
+
+
+def test_the_attention_option_is_checked_before_the_weights_load() -> None:
+    with pytest.raises(UserInputError, match="attention: expected sdpa or triton; got 'flash'"):
+        _load(attention="flash")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(UserInputError, match="attention=triton: .*use attention=sdpa"):
+            _load(attention="triton")  # CPU: the interpreter only
+    assert attention.unavailable(torch.device("cuda"), 96) == (
+        "head_dim 96 is not a power of two of at least 16")
+    assert _load().describe()["attention"] == "sdpa"
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("heads,kv_heads", [(32, 32), (32, 8)], ids=["mha", "gqa"])
+def test_gpu_kernel_equals_sdpa(dtype, heads, kv_heads) -> None:
+    """Llama shapes (head_dim 128), 384 cache positions, in a CUDA graph: one capture replayed
+    at several positions gives SDPA's output over each one's filled positions."""
+    pytest.importorskip("triton")
+    gen = torch.Generator("cuda").manual_seed(0)
+    length, d = 384, 128
+    qkv = torch.randn(4, heads + kv_heads, 1, d, generator=gen, device="cuda", dtype=dtype)
+    q = qkv[:, :heads]
+    k, v = (torch.randn(4, kv_heads, length, d, generator=gen, device="cuda", dtype=dtype)
+            for _ in range(2))
+    pos = torch.zeros(1, dtype=torch.int64, device="cuda")
+    attention.decode_attention(q, k, v, pos, d ** -0.5)  # builds the kernel before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.decode_attention(q, k, v, pos, d ** -0.5)
+    for p in (0, 63, 64, 200, length - 1):
+        pos.fill_(p)
+        graph.replay()
+        visible = (torch.arange(length, device="cuda") <= p).view(1, 1, 1, length)
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                              enable_gqa=heads != kv_heads).transpose(1, 2)
+        error = (out.float() - want.float()).abs().max().item()
+        assert error <= TOLERANCE[dtype] * want.float().abs().max().item(), (p, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_triton_attention_generates_the_graphs_tokens(dtype, compiled) -> None:
+    """tiny-llama in the decode graph, resident and streamed, alone and with ``compile``:
+    today's graphs' tokens (a failure gives the share of equal ones)."""
+    pytest.importorskip("triton")
+    options = {"attention": "triton", **({"compile": "true"} if compiled else {})}
+    graphs, triton = _load("cuda", dtype=dtype), _load("cuda", dtype=dtype, **options)
+    prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
+    for fraction in (1.0, 0.3):
+        for e in (graphs, triton):
+            e.device_budget = int(fraction * e.total_device_budget)
+        want = _generate(graphs, prompt, 20)
+        got = _generate(triton, prompt, 20)
+        assert torch.equal(_generate(triton, prompt, 20), got), fraction  # replays
+        same = (got == want).float().mean().item()
+        assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
+    graphs.close()
+    triton.close()
