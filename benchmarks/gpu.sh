@@ -30,8 +30,11 @@
 #   bash benchmarks/gpu.sh decode22d    carry [".whl"]   (bf16 resident, fused vs compiled-triton;
 #                                                         streaming llama3-8b at 12 GiB, budget 0:
 #                                                         in-budget vs in-budget-compiled-triton)
+#   bash benchmarks/gpu.sh decode22e    carry [".whl"]   (decode22c's tests and fp16 rows again after
+#                                                         the in-place residual GEMMs and RMSNorm back
+#                                                         in the compiled unit; decode22d's streaming)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
-#                                                         8 GiB, default options, then compiled-triton)
+#                                                         8 GiB, default options, then compile=true)
 # One call for a session with little device time left (~9 min; no install stage):
 #   bash benchmarks/gpu.sh short        carry [".whl"]   (issue 21's llama2-7b and llama3-8b rows;
 #                                                         issue 22's GPU tests and batches 1, 32)
@@ -46,7 +49,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|study22|short)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|study22|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -152,10 +155,20 @@ case $stage in
       --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
       --json "$OUT/decode22d-stream.json"
     ;;
+  decode22e)
+    step decode22e-tests 150 python3 -m pytest -q -m gpu tests/test_attention.py \
+      tests/test_native_engine.py -k "compiled or triton or kernel or graphs_equal"
+    step decode22e-fp16 300 python3 benchmarks/decode.py --parts resident --graph-profile \
+      --variants fused,compiled,triton,compiled-triton --decode-steps 256 --repeats 3 \
+      --json "$OUT/decode22e-fp16.json"
+    step decode22e-stream 200 python3 benchmarks/decode.py --parts streaming \
+      --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
+      --json "$OUT/decode22e-stream.json"
+    ;;
   study22)
-    for variant in default compiled-triton; do
+    for variant in default compiled; do
       options=()
-      [ "$variant" = compiled-triton ] && options=(--engine-option compile=true --engine-option attention=triton)
+      [ "$variant" = compiled ] && options=(--engine-option compile=true)
       step "study22-$variant" 285 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
         "${options[@]}" --storage "sqlite:///$OUT/study22.db" --study "native-7b-$variant" \
         --out "$OUT/study22-$variant.json"

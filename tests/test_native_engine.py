@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -108,6 +109,15 @@ def test_the_compiled_decode_step_generates_the_eager_tokens(engine) -> None:
         assert got.tokens_sha256 == measure(engine, 3, 9, 12, repeats=1, warmup=0).tokens_sha256
     finally:
         compiled.close()
+
+
+def test_close_frees_the_forward_pass_at_once() -> None:
+    """Its unit functions hold it in a cycle: left to a later collection, its tensors once
+    kept the next engine of a benchmark from its memory (llama3-8b at 12 GiB on the H200)."""
+    e = _load(compile="true")
+    forward = weakref.ref(e._model)
+    e.close()
+    assert forward() is None
 
 
 def test_the_compile_option_names_a_mode_or_is_refused() -> None:

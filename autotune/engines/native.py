@@ -33,6 +33,7 @@ This module does not time anything (:mod:`autotune.measure.timing` does).
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -303,9 +304,9 @@ class NativeEngine:
         free, _ = torch.cuda.mem_get_info(dev)
         cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
         available = free + cached + held
-        if self.config.gpu_memory_limit is not None:
+        if self.config.gpu_memory_limit is not None:  # the cap counts reserved bytes
             available = min(available, self.config.gpu_memory_limit
-                            - torch.cuda.memory_allocated(dev) + held)
+                            - torch.cuda.memory_reserved(dev) + held)
         need = self.memory_plan(1, 1, self.config.max_seq_len - 1, 0)
         other = need.total - need.resident_weights + self._fixed_alloc()
         # Slots at budget 0 are the largest; a larger budget needs fewer: conservative.
@@ -627,6 +628,10 @@ class NativeEngine:
         self._release_static()
         for s in self._stores.values():
             s.close()
+        # The forward pass holds itself through its unit functions (compiled or not): collected
+        # now, not at some later collection, so that the next engine's memory is all free.
+        self._model = None
+        gc.collect()
         if self._store.cuda:
             torch.cuda.empty_cache()
             if self.config.gpu_memory_limit is not None:

@@ -14,12 +14,12 @@ float32 cast to the model dtype), so float32 greedy tokens equal its tokens; a f
 fused to cut the kernels of a decode step (which bound batch-1 speed even under a CUDA graph):
 the fused RMSNorm kernel; q and k rotated together in three kernels on the projection's own
 layout; the decode mask made additive once per step (a boolean mask is converted inside every
-attention call); residual adds inside the output GEMMs. With ``compile_mode``, a decode
-step's per-unit compute after its RMSNorm is compiled by TorchInductor instead: RoPE with the
-cache writes, and SwiGLU, become generated kernels around the GEMMs and the attention, which
-stay library calls (issue 22: a batch-1 step is bound by its kernel count, not its bytes); in
-``max-autotune`` mode the GEMMs are the fastest of the kernels it benchmarks, cuBLAS's among
-them. Compilation happens at the first decode step of each new shape, eagerly (never inside a
+attention call); residual adds inside the output GEMMs, in place. With ``compile_mode``, each
+unit of a decode step up to its output GEMM is compiled by TorchInductor instead: RMSNorm, RoPE
+with the cache writes, and SwiGLU become generated kernels around the projection GEMMs and the
+attention, which stay library calls (issue 22: a batch-1 step is bound by its kernel count,
+not its bytes); in ``max-autotune`` mode the projection GEMMs are the fastest of the kernels
+it benchmarks, cuBLAS's among them. Compilation happens at the first decode step of each new shape, eagerly (never inside a
 CUDA graph capture), and prefill stays eager. This module holds no generation
 loop and no CUDA graph: :mod:`autotune.engines.native` does.
 """
@@ -58,10 +58,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _linear_add(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x + y @ weight.T`` as one GEMM (the residual enters as its C operand)."""
-    out = torch.addmm(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), weight.t())
-    return out.view(x.shape)
+def _add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x += y @ weight.T`` as one GEMM, in place: the residual is its C operand and its
+    output (out of place, ``addmm`` first copies the residual: a kernel per call)."""
+    x.view(-1, x.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), weight.t())
+    return x
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -142,20 +143,15 @@ class Llama:
         self.hidden = torch.full((), float("-inf"), dtype=dtype, device=device)
         self.gqa = spec.num_attention_heads != spec.num_key_value_heads
         self.eps = spec.rms_norm_eps
-        # The decode step's unit functions. Compiled whole after the RMSNorm (fullgraph: a
+        # The decode step's unit functions, compiled whole up to the output GEMM (fullgraph: a
         # graph break would split the fusions silently); a unit's weights, cache and tables
-        # are arguments, so every layer shares one compiled function per shape. The RMSNorm
-        # stays the eager kernel, one kernel either way: with Inductor's (its own order of
-        # summing the squares, the likely cause; not yet measured without it) the compiled
-        # step's greedy tokens drifted from the eager step's on llama2-7b fp16.
-        self._decode_attention, self._decode_mlp = self._attention, self._mlp
+        # are arguments, so every layer shares one compiled function per shape. The output
+        # GEMM and its residual add stay eager, in place (a library call either way).
+        self._decode_attend, self._decode_swiglu = self._attend, self._swiglu
         if compile_mode is not None:
             options = compile_options(compile_mode)
-            attention = torch.compile(self._attention, fullgraph=True, options=options)
-            mlp = torch.compile(self._mlp, fullgraph=True, options=options)
-            self._decode_attention = lambda x, w, *rest: attention(
-                x, w, *rest, h=rms_norm(x, w["norm"], self.eps))
-            self._decode_mlp = lambda x, w: mlp(x, w, h=rms_norm(x, w["norm"], self.eps))
+            self._decode_attend = torch.compile(self._attend, fullgraph=True, options=options)
+            self._decode_swiglu = torch.compile(self._swiglu, fullgraph=True, options=options)
 
     def prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool = False
                 ) -> torch.Tensor:
@@ -190,15 +186,18 @@ class Llama:
         store.begin_step(capturing)
         # Resident, or read from the host's pinned table (never streamed): the same kernel.
         x = F.embedding(tokens, store.acquire(store.embed.index)["embed"])  # [B, S, h]
-        attention, mlp = ((self._attention, self._mlp) if pos is None
-                          else (self._decode_attention, self._decode_mlp))
+        attend, swiglu = ((self._attend, self._swiglu) if pos is None
+                          else (self._decode_attend, self._decode_swiglu))
         for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
                 kc, vc = cache.k[unit.layer], cache.v[unit.layer]
-                x = attention(x, w, kc, vc, cos, sin, pos, mask)
+                y = attend(x, w, kc, vc, cos, sin, pos, mask)  # the heads' output
+                x = _add_linear_(x, y, quant.weight(w, "o", x.dtype))
             else:
-                x = mlp(x, w)
+                y = swiglu(x, w)
+                x = _add_linear_(x, y, quant.weight(w, "down", x.dtype))
+            del y  # prefill: its [B, S, I] goes before the next unit's
             store.release(unit.index)
         x = x if all_positions else x[:, -1]
         x = rms_norm(x, store.fixed["model.norm.weight"], self.eps)  # [B, h] ([B, S, h])
@@ -215,17 +214,15 @@ class Llama:
         store.end_step()
         return logits
 
-    def _attention(self, x: torch.Tensor, w: dict[str, Any], kc: torch.Tensor,
-                   vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   pos: torch.Tensor | None, mask: torch.Tensor | None,
-                   h: torch.Tensor | None = None) -> torch.Tensor:
-        """One layer's attention block, its keys and values written into ``kc``, ``vc``
-        (``h``: ``x`` normalized, where the caller did it)."""
+    def _attend(self, x: torch.Tensor, w: dict[str, Any], kc: torch.Tensor,
+                vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """One layer's attention block up to its output projection: its keys and values
+        written into ``kc``, ``vc``; the heads' output ``[B, S, H * d]``."""
         spec = self.spec
         b, s, _ = x.shape
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        if h is None:  # here, so that prefill frees it right after the projections
-            h = rms_norm(x, w["norm"], self.eps)
+        h = rms_norm(x, w["norm"], self.eps)
         if "qkv" in w:
             qk, v = quant.linear(h, w, "qkv").split([(nh + nkv) * d, nkv * d], dim=-1)
         else:
@@ -245,21 +242,16 @@ class Llama:
             kc.index_copy_(2, pos, k)
             vc.index_copy_(2, pos, v)
             if mask is None:  # the filled positions only, [B, 1, H, d]
-                o = decode_attention(q, kc, vc, pos, 1.0 / math.sqrt(d))
-                return _linear_add(x, o.view(b, s, nh * d), quant.weight(w, "o", x.dtype))
+                return decode_attention(q, kc, vc, pos, 1.0 / math.sqrt(d)).view(b, s, nh * d)
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)  # all of it
-        o = o.transpose(1, 2).reshape(b, s, nh * d)
-        return _linear_add(x, o, quant.weight(w, "o", x.dtype))
+        return o.transpose(1, 2).reshape(b, s, nh * d)
 
-    def _mlp(self, x: torch.Tensor, w: dict[str, Any], h: torch.Tensor | None = None
-             ) -> torch.Tensor:
-        if h is None:
-            h = rms_norm(x, w["norm"], self.eps)
+    def _swiglu(self, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
+        """One layer's MLP block up to its down projection: ``silu(gate) * up``."""
+        h = rms_norm(x, w["norm"], self.eps)
         if "gate_up" in w:
             g, u = quant.linear(h, w, "gate_up").chunk(2, dim=-1)  # [B, S, I] each
         else:
             g, u = quant.linear(h, w, "gate"), quant.linear(h, w, "up")
         del h
-        y = F.silu(g).mul_(u)  # in place: one [B, S, I] temporary fewer
-        del g, u
-        return _linear_add(x, y, quant.weight(w, "down", x.dtype))
+        return F.silu(g).mul_(u)  # in place: one [B, S, I] temporary fewer
