@@ -203,6 +203,16 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
             row = _add(group, name, m, bound_fraction=weights / (bw * 1e9) / m.tpot_s,
                        kv_bytes_per_step=kv,
                        kv_bound_fraction=(weights + kv) / (bw * 1e9) / m.tpot_s, wall_s=wall)
+            if args.shortcut_check and not m.estimated:  # the trials' shortcut, same engine
+                short = measure(engine, batch, args.isl, args.osl, repeats=args.repeats,
+                                warmup=0, decode_steps=args.shortcut_check)
+                row["shortcut"] = {"decode_steps": short.decode_steps_timed,
+                                   "estimated": short.estimated, "tpot_ms": short.tpot_s * 1e3,
+                                   "error": short.tpot_s / m.tpot_s - 1}
+                row["shortcut"]["said"] = (
+                    f"      shortcut ({short.decode_steps_timed} steps"
+                    f"{'' if short.estimated else ', not taken'}): {short.tpot_s * 1e3:.3f} "
+                    f"ms/token, {row['shortcut']['error']:+.2%} against every step timed")
             if args.device != "cpu":
                 kernels, times = eager_step_kernels(engine, batch, args.isl, args.osl)
                 row["kernels_per_step"] = sum(kernels.values())
@@ -217,6 +227,8 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
                   f"{row['bound_fraction']:.1%} of the HBM bound "
                   f"({row['kv_bound_fraction']:.1%} with the filled KV), kernels/step "
                   f"{row.get('kernels_per_step', 'n/a (CPU)')}", flush=True)
+            if "shortcut" in row:
+                print(row["shortcut"].pop("said"), flush=True)
             graph = row.get("graph", {})
             if "busy_fraction" in graph:
                 print(f"      graph replay: {graph['kernels_per_step']:.0f} kernels and copies "
@@ -299,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--osl", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--shortcut-check", type=int, default=0, metavar="STEPS",
+                   help="the resident part also measures each row as a trial does, timing "
+                        "STEPS decode steps (a window at the middle where steps grow), and "
+                        "gives its error against the row's full measurement")
     p.add_argument("--graph-profile", action="store_true",
                    help="the resident part also profiles replays of the decode graph (opt-in: "
                         "profiling CUDA graphs has hung or crashed some torch/CUDA versions)")

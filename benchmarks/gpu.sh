@@ -34,7 +34,8 @@
 #                                                         the in-place residual GEMMs and RMSNorm back
 #                                                         in the compiled unit; decode22d's streaming)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
-#                                                         8 GiB, default options, then compile=true)
+#                                                         8 GiB, default options, then compile=true
+#                                                         with attention=triton)
 # One call for a session with little device time left (~9 min; no install stage):
 #   bash benchmarks/gpu.sh short        carry [".whl"]   (issue 21's llama2-7b and llama3-8b rows;
 #                                                         issue 22's GPU tests and batches 1, 32)
@@ -160,15 +161,16 @@ case $stage in
       tests/test_native_engine.py -k "compiled or triton or kernel or graphs_equal"
     step decode22e-fp16 300 python3 benchmarks/decode.py --parts resident --graph-profile \
       --variants fused,compiled,triton,compiled-triton --decode-steps 256 --repeats 3 \
+      --shortcut-check 32 \
       --json "$OUT/decode22e-fp16.json"
     step decode22e-stream 200 python3 benchmarks/decode.py --parts streaming \
       --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
       --json "$OUT/decode22e-stream.json"
     ;;
   study22)
-    for variant in default compiled; do
+    for variant in default compiled-triton; do
       options=()
-      [ "$variant" = compiled ] && options=(--engine-option compile=true)
+      [ "$variant" = compiled-triton ] && options=(--engine-option compile=true --engine-option attention=triton)
       step "study22-$variant" 285 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
         "${options[@]}" --storage "sqlite:///$OUT/study22.db" --study "native-7b-$variant" \
         --out "$OUT/study22-$variant.json"

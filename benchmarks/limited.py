@@ -18,6 +18,8 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isl", type=int, default=128)
     p.add_argument("--osl", type=int, default=256)
     p.add_argument("--limit", default="8GiB")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the native engine (repeatable)")
 
 
 def load_limited(args: argparse.Namespace) -> tuple[Any, int, Callable[[int, int], bool]]:
@@ -25,8 +27,10 @@ def load_limited(args: argparse.Namespace) -> tuple[Any, int, Callable[[int, int
     ``fits(batch, budget)`` by its memory plan."""
     limit = parse_bytes(args.limit, what="--limit")
     isl, osl = args.isl, args.osl
+    options = tuple(tuple(o.split("=", 1)) for o in args.engine_option)
     engine = load_engine(EngineConfig(model=args.model, dtype="float16", device="cuda",
-                                      max_seq_len=isl + osl, gpu_memory_limit=limit))
+                                      max_seq_len=isl + osl, gpu_memory_limit=limit,
+                                      options=options))
     room = limit - DEFAULT_MARGIN
 
     def fits(batch: int, budget: int) -> bool:

@@ -3,7 +3,10 @@ whose steps are alike, and always said so."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import torch
 from fakes import AnalyticEngine
 
 from autotune.engines import EngineConfig
@@ -17,6 +20,30 @@ class GrowingSteps(AnalyticEngine):
     """Steps that cost more with the position (no KV cache, as the TensorRT engine)."""
 
     uniform_decode_steps = False
+
+
+class LinearSteps(AnalyticEngine):
+    """Steps whose cost grows in proportion to the position (attention over the filled
+    positions of a static cache), and that can be skipped, as the native engine's with
+    ``attention=triton``."""
+
+    uniform_decode_steps = False
+    linear_decode_steps = True
+    SECONDS_PER_POSITION = 2e-4
+
+    def prefill(self, prompt, osl):
+        gen = super().prefill(prompt, osl)
+        gen.state = prompt.shape[1]  # the position of the next step
+        return gen
+
+    def decode(self, gen, steps) -> None:
+        for _ in range(steps):
+            time.sleep(self.SECONDS_PER_POSITION * gen.state)
+            self.skip(gen, 1)
+
+    def skip(self, gen, steps) -> None:
+        gen.state += steps
+        gen.tokens = torch.cat([gen.tokens, gen.tokens[:, -1:].expand(-1, steps)], dim=1)
 
 
 def _engine(cls: type = AnalyticEngine) -> AnalyticEngine:
@@ -42,6 +69,22 @@ def test_shortcut_times_some_steps_and_extrapolates() -> None:
 
 def test_engines_with_growing_steps_are_timed_over_every_step() -> None:
     m = measure(_engine(GrowingSteps), 1, 8, OSL, repeats=1, warmup=0, decode_steps=8)
+    assert not m.estimated and m.decode_steps_timed == OSL - 1
+
+
+def test_steps_growing_linearly_are_timed_in_a_window_at_the_middle() -> None:
+    """The window's mean position is the generation's: its estimate agrees with timing every
+    step, where a window at the start would be 2.3x too fast here (positions 8-15 against a
+    mean of 27). An engine that cannot skip is timed over every step."""
+    engine = _engine(LinearSteps)
+    full = measure(engine, 1, 8, OSL, repeats=1, warmup=0)
+    short = measure(engine, 1, 8, OSL, repeats=3, warmup=1, decode_steps=8, warmup_steps=2)
+    assert not full.estimated and short.estimated and short.decode_steps_timed == 8
+    assert short.tpot_s == pytest.approx(full.tpot_s, rel=0.15)
+    assert short.tpot_s == pytest.approx(27 * LinearSteps.SECONDS_PER_POSITION, rel=0.15)
+    cannot_skip = _engine(GrowingSteps)
+    cannot_skip.linear_decode_steps = True
+    m = measure(cannot_skip, 1, 8, OSL, repeats=1, warmup=0, decode_steps=8)
     assert not m.estimated and m.decode_steps_timed == OSL - 1
 
 

@@ -111,6 +111,19 @@ def test_the_compiled_decode_step_generates_the_eager_tokens(engine) -> None:
         compiled.close()
 
 
+def test_skip_moves_a_generation_on_without_computing_it(engine) -> None:
+    """The windowed timing of ``attention=triton`` (measure.py) skips to the middle."""
+    engine.device_budget = engine.total_device_budget
+    gen = engine.prefill(random_prompt(2, 6, engine.spec.vocab_size, seed=5, device="cpu"), 10)
+    engine.skip(gen, 4)
+    engine.decode(gen, 2)
+    assert tuple(gen.tokens.shape) == (2, 7)
+    assert torch.equal(gen.tokens[:, 1:5], gen.tokens[:, :1].expand(-1, 4))  # repeated
+    assert engine._static.pos.item() == 6 + 4 + 2  # the next step's position
+    with pytest.raises(UserInputError, match="skip: expected at most 3 more steps; got 4"):
+        engine.skip(gen, 4)
+
+
 def test_close_frees_the_forward_pass_at_once() -> None:
     """Its unit functions hold it in a cycle: left to a later collection, its tensors once
     kept the next engine of a benchmark from its memory (llama3-8b at 12 GiB on the H200)."""

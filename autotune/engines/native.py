@@ -152,8 +152,10 @@ class NativeEngine:
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
         # within 3% on the H100 (benchmarks/shortcut.py). Eager steps (CPU) do the same work
         # too, but their timing noise there exceeds 3%: they are timed in full. Attention over
-        # the filled positions only costs more at each step: timed in full too.
+        # the filled positions only costs in proportion to the position: measure.py times a
+        # window centred on the generation's middle, the steps before it skipped.
         self.uniform_decode_steps = self.cuda_graphs and self.attention == "sdpa"
+        self.linear_decode_steps = self.cuda_graphs and self.attention == "triton"
         self.workspace_bytes = int(config.option("workspace_bytes", plan.DEFAULT_WORKSPACE))
         self._budget = store.resident_bytes
         self._static: _Static | None = None
@@ -340,13 +342,31 @@ class NativeEngine:
         self._serial += 1
         return Generation(batch, isl, osl, out[:, :1], _GenState(self._serial, out, 1))
 
-    def decode(self, gen: Generation, steps: int) -> None:
+    def _state(self, gen: Generation, steps: int, what: str) -> _GenState:
         state: _GenState = gen.state
         if state is None or state.serial != self._serial:
-            raise UserInputError("decode: this generation was superseded by a later prefill or budget change")
+            raise UserInputError(f"{what}: this generation was superseded by a later prefill or budget change")
         if steps < 0 or state.n + steps > gen.osl:
             raise UserInputError(
-                f"decode: expected at most {gen.osl - state.n} more steps; got {steps}")
+                f"{what}: expected at most {gen.osl - state.n} more steps; got {steps}")
+        return state
+
+    def skip(self, gen: Generation, steps: int) -> None:
+        """Moves the generation ``steps`` positions on without computing them, for timing
+        (:mod:`autotune.measure.timing`): a later step attends over the skipped positions as
+        over any (their keys and values are zeros or an earlier generation's), so it costs
+        what it would, but its tokens are no longer the greedy ones (the last token repeats)."""
+        state = self._state(gen, steps, "skip")
+        st = self._static
+        assert st is not None
+        with torch.inference_mode():
+            st.pos.add_(steps)
+            state.out[:, state.n:state.n + steps].copy_(st.tok.expand(-1, steps))
+        state.n += steps
+        gen.tokens = state.out[:, :state.n]
+
+    def decode(self, gen: Generation, steps: int) -> None:
+        state = self._state(gen, steps, "decode")
         st = self._static
         assert st is not None
         with torch.inference_mode():

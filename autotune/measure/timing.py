@@ -11,8 +11,13 @@ The shortcut (``decode_steps``): an engine whose decode steps all do the same wo
 (``uniform_decode_steps``: the native engine's static KV cache, attended in full and masked,
 and one CUDA graph per step) is timed over prefill + ``decode_steps`` steps, and the rest of the
 osl is extrapolated from them; the measurement says so (``estimated``, ``decode_steps_timed``).
-Its memory is the workload's (the cache is allocated for isl + osl). Engines whose steps grow
-with the position, or whose timing is too noisy for it, are timed over every step. ``benchmarks/shortcut.py`` compares both.
+Its memory is the workload's (the cache is allocated for isl + osl). An engine whose step cost
+grows in proportion to the position (``linear_decode_steps``: attention over the filled
+positions only) and that can ``skip`` steps (move the position on without computing them) is
+timed the same way over a window centred on the generation's middle position, whose mean step
+costs what the generation's mean step does; the steps skipped before it are not timed. Other
+engines, and those whose timing is too noisy for it, are timed over every step.
+``benchmarks/shortcut.py`` compares both.
 """
 
 from __future__ import annotations
@@ -74,10 +79,12 @@ def measure(
         return simulate(batch, isl, osl, repeats=repeats, warmup=warmup)
 
     steps = warm_steps = osl - 1  # decode steps timed per repeat, and per warm-up
-    if uniform_steps(engine):
+    if uniform_steps(engine) or linear_steps(engine):
         if decode_steps is not None:
             steps = min(decode_steps, steps)
         warm_steps = steps if warmup_steps is None else min(warmup_steps, osl - 1)
+    # A linear engine's window is centred: its mean position is the generation's.
+    skipped = (osl - 1 - steps) // 2 if linear_steps(engine) else 0
     prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
     note = getattr(engine, "warmup_note", None)  # what a first warm-up does besides
     for k in range(warmup):
@@ -97,16 +104,21 @@ def measure(
         start = time.perf_counter()
         gen = engine.prefill(prompt, osl)
         engine.synchronize()
-        first = time.perf_counter()
+        first = window = time.perf_counter()
+        if skipped:  # not timed
+            engine.skip(gen, skipped)
+            engine.synchronize()
+            window = time.perf_counter()
         if steps > 0:
             engine.decode(gen, steps)
         engine.synchronize()
         end = time.perf_counter()
         ttft.append(first - start)
-        # Extrapolated when estimating: every step does the same work (uniform_steps).
-        e2e.append(ttft[-1] + (end - first) * (osl - 1) / steps if steps else end - start)
+        # Extrapolated when estimating: every step does the same work (uniform_steps), or the
+        # window's mean step is the generation's (linear_steps).
+        e2e.append(ttft[-1] + (end - window) * (osl - 1) / steps if steps else end - start)
         tokens = gen.tokens
-    assert tokens is not None and tuple(tokens.shape) == (batch, steps + 1), \
+    assert tokens is not None and tuple(tokens.shape) == (batch, skipped + steps + 1), \
         "engine broke the contract"
 
     e2e_med = statistics.median(e2e)
@@ -142,6 +154,12 @@ def measure(
 def uniform_steps(engine: Any) -> bool:
     """Whether every decode step of the engine does the same work (see the module docstring)."""
     return bool(getattr(engine, "uniform_decode_steps", False))
+
+
+def linear_steps(engine: Any) -> bool:
+    """Whether a decode step's cost grows in proportion to its position and the engine can
+    skip steps (see the module docstring)."""
+    return bool(getattr(engine, "linear_decode_steps", False)) and hasattr(engine, "skip")
 
 
 def _generate(engine: Engine, prompt: Any, osl: int, steps: int) -> Any:
