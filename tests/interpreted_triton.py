@@ -47,6 +47,8 @@ def engine() -> None:
 
     sdpa, triton = _load(), _load(attention="triton")
     assert triton.describe()["attention"] == "triton" and not triton.uniform_decode_steps
+    assert triton.warmup_note(2) == "building the attention kernel (once per worker)"
+    assert triton.warmup_note(3) is None and sdpa.warmup_note(2) is None
     prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")
     for fraction in (1.0, 0.4):
         for e in (sdpa, triton):

@@ -146,7 +146,7 @@ class NativeEngine:
         self.attention = _attention(config, spec, store.device)
         self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode,
                             attention=self.attention)
-        self._compiled_batches: set[int] = set()  # batches whose first warm-up was announced
+        self._warmed_batches: set[int] = set()  # batches whose first warm-up has run
         self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
         # (masked beyond the position): measure.py may time a few and extrapolate, as shown
@@ -381,12 +381,18 @@ class NativeEngine:
 
     def warmup_note(self, batch: int) -> str | None:
         """What the warm-up about to run at ``batch`` does besides warming up (the progress
-        line): the first one of each batch compiles. Kept here, before the warm-up, so that
+        line): the first one of each batch compiles, where ``compile`` is on; the first one
+        of all builds the Triton attention kernel, where that is on. Kept here, before the warm-up, so that
         the timed decode loop keeps no account of it."""
-        if not self.compile_mode or batch in self._compiled_batches:
+        first = not self._warmed_batches
+        if batch in self._warmed_batches:
             return None
-        self._compiled_batches.add(batch)
-        return "compiling the decode step's kernels for this batch (once per worker)"
+        self._warmed_batches.add(batch)
+        if self.compile_mode:
+            return "compiling the decode step's kernels for this batch (once per worker)"
+        if self.attention == "triton" and first:  # one kernel, whatever the batch
+            return "building the attention kernel (once per worker)"
+        return None
 
     def synchronize(self) -> None:
         if self._store.cuda:
