@@ -33,6 +33,8 @@
 #   bash benchmarks/gpu.sh decode22e    carry [".whl"]   (decode22c's tests and fp16 rows again after
 #                                                         the in-place residual GEMMs and RMSNorm back
 #                                                         in the compiled unit; decode22d's streaming)
+#   bash benchmarks/gpu.sh decode22f    carry [".whl"]   (decode22e, shorter: the graphs' GPU tests,
+#                                                         fused, compiled, compiled-triton; ~5 min)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
 #                                                         8 GiB, default options, then compile=true
 #                                                         with attention=triton)
@@ -50,7 +52,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|study22|short)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|study22|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -166,6 +168,15 @@ case $stage in
     step decode22e-stream 200 python3 benchmarks/decode.py --parts streaming \
       --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
       --json "$OUT/decode22e-stream.json"
+    ;;
+  decode22f)
+    step decode22f-tests 70 python3 -m pytest -q -m gpu tests/test_native_engine.py -k graphs
+    step decode22f-fp16 170 python3 benchmarks/decode.py --parts resident --graph-profile \
+      --variants fused,compiled,compiled-triton --decode-steps 256 --repeats 3 \
+      --shortcut-check 32 --json "$OUT/decode22f-fp16.json"
+    step decode22f-stream 170 python3 benchmarks/decode.py --parts streaming \
+      --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
+      --json "$OUT/decode22f-stream.json"
     ;;
   study22)
     for variant in default compiled-triton; do
