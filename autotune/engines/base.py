@@ -82,7 +82,9 @@ class Engine(Protocol):
     config: EngineConfig
     # Optional class attributes, read with getattr: ``uniform_decode_steps`` (True when every
     # decode step does the same work, so a measurement may time a few and extrapolate; see
-    # autotune.measure.timing), ``budget_change_cost`` ("high" when a change reloads the engine) and
+    # autotune.measure.timing), ``linear_decode_steps`` with the method ``skip(gen, steps)``
+    # (a step costs in proportion to its position, and steps can be skipped uncomputed: a
+    # measurement times a few in the generation's middle), ``budget_change_cost`` ("high" when a change reloads the engine) and
     # the class method ``host_bytes(config)`` (peak host memory one loaded worker holds, checked
     # against the host before a run starts: autotune.measure.host) and ``applied_budget(budget)`` (what
     # assigning ``budget`` would apply, without applying it: engines that round budgets to
