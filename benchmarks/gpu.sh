@@ -35,6 +35,9 @@
 #                                                         in the compiled unit; decode22d's streaming)
 #   bash benchmarks/gpu.sh decode22f    carry [".whl"]   (decode22e, shorter: the graphs' GPU tests,
 #                                                         fused, compiled, compiled-triton; ~5 min)
+#   bash benchmarks/gpu.sh decode22g    carry [".whl"]   (GPU tests of gemv=triton; llama2-7b fp16
+#                                                         and bf16 at batches 1, 8: fused,
+#                                                         compiled-triton, compiled-triton-gemv)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
 #                                                         8 GiB, default options, then compile=true
 #                                                         with attention=triton)
@@ -52,7 +55,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|study22|short)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|decode22g|study22|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -177,6 +180,14 @@ case $stage in
     step decode22f-stream 170 python3 benchmarks/decode.py --parts streaming \
       --variants embed-head-in-budget,in-budget-compiled-triton --osl 64 --repeats 2 \
       --json "$OUT/decode22f-stream.json"
+    ;;
+  decode22g)
+    step decode22g-tests 120 python3 -m pytest -q -m gpu tests/test_gemv.py
+    for dtype in float16 bfloat16; do
+      step "decode22g-$dtype" 170 python3 benchmarks/decode.py --parts resident --dtype "$dtype" \
+        --batches 1,8 --variants fused,compiled-triton,compiled-triton-gemv --graph-profile \
+        --decode-steps 256 --repeats 3 --json "$OUT/decode22g-$dtype.json"
+    done
     ;;
   study22)
     for variant in default compiled-triton; do

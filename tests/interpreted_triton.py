@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from autotune.streaming import gemv
 from autotune.streaming.attention import BLOCK_N, decode_attention
 
 
@@ -59,6 +60,43 @@ def engine() -> None:
     print("engine: the sdpa tokens")
 
 
+def gemv_kernel() -> None:
+    """``x += y @ w.T`` against torch, float32: 1, 3 and 16 rows; N and K that are and are not
+    multiples of the kernel's blocks; y with a view's strides."""
+    gen = torch.Generator().manual_seed(1)
+    for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (3, gemv.BLOCK_N, gemv.BLOCK_K), (16, 40, 77)):
+        x = torch.randn(m, n, generator=gen)
+        y = torch.randn(m, 2 * k, generator=gen)[:, :k]
+        w = torch.randn(n, k, generator=gen)
+        want = x + y @ w.t()
+        got = gemv.add_linear_(x, y, w)
+        assert got is x
+        error = (got - want).abs().max().item()
+        assert error < 1e-4, (m, n, k, error)
+    print("gemv kernel: equal to torch")
+
+
+def gemv_engine() -> None:
+    """tiny-llama float32: gemv=triton generates the cuBLAS tokens, resident and streamed;
+    17 sequences stay cuBLAS's."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_native_engine import _generate, _load
+
+    from autotune.measure.timing import random_prompt
+
+    cublas, triton = _load(), _load(gemv="triton")
+    assert triton.describe()["gemv"] == "triton"
+    for batch, fractions in ((2, (1.0, 0.4)), (gemv.MAX_ROWS + 1, (1.0,))):
+        prompt = random_prompt(batch, 9, cublas.spec.vocab_size, seed=3, device="cpu")
+        for fraction in fractions:
+            for e in (cublas, triton):
+                e.device_budget = int(fraction * e.total_device_budget)
+            assert torch.equal(_generate(triton, prompt, 6), _generate(cublas, prompt, 6)), (
+                batch, fraction)
+    print("gemv engine: the cuBLAS tokens")
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-    {"kernel": kernel, "engine": engine}[sys.argv[1]]()
+    {"kernel": kernel, "engine": engine, "gemv-kernel": gemv_kernel,
+     "gemv-engine": gemv_engine}[sys.argv[1]]()

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_native_engine import _generate, _load
+from test_native_engine import _load, assert_graphs_tokens
 
 from autotune.errors import UserInputError
-from autotune.measure.timing import random_prompt
 from autotune.streaming import attention
 
 HERE = Path(__file__).resolve().parent
@@ -92,16 +91,5 @@ def test_gpu_triton_attention_generates_the_graphs_tokens(dtype, compiled) -> No
     """tiny-llama in the decode graph, resident and streamed, alone and with ``compile``:
     today's graphs' tokens (a failure gives the share of equal ones)."""
     pytest.importorskip("triton")
-    options = {"attention": "triton", **({"compile": "true"} if compiled else {})}
-    graphs, triton = _load("cuda", dtype=dtype), _load("cuda", dtype=dtype, **options)
-    prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
-    for fraction in (1.0, 0.3):
-        for e in (graphs, triton):
-            e.device_budget = int(fraction * e.total_device_budget)
-        want = _generate(graphs, prompt, 20)
-        got = _generate(triton, prompt, 20)
-        assert torch.equal(_generate(triton, prompt, 20), got), fraction  # replays
-        same = (got == want).float().mean().item()
-        assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
-    graphs.close()
-    triton.close()
+    assert_graphs_tokens(dtype, (1.0, 0.3), attention="triton",
+                         **({"compile": "true"} if compiled else {}))

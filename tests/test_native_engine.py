@@ -61,6 +61,23 @@ def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
     return gen.tokens.clone()
 
 
+def assert_graphs_tokens(dtype: str, fractions: tuple[float, ...], **options) -> None:
+    """On CUDA, tiny-llama with ``options`` generates today's graphs' tokens at each budget
+    fraction, and again when its graph replays (a failure gives the share of equal ones)."""
+    graphs, other = _load("cuda", dtype=dtype), _load("cuda", dtype=dtype, **options)
+    prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
+    for fraction in fractions:
+        for e in (graphs, other):
+            e.device_budget = int(fraction * e.total_device_budget)
+        want = _generate(graphs, prompt, 20)
+        got = _generate(other, prompt, 20)
+        assert torch.equal(_generate(other, prompt, 20), got), fraction  # replays
+        same = (got == want).float().mean().item()
+        assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
+    graphs.close()
+    other.close()
+
+
 def _hf_tokens(prompt: torch.Tensor, osl: int,
                spec: models.ModelSpec = models.PRESETS["tiny-llama"]) -> torch.Tensor:
     return greedy(models.build_hf_model(spec, "float32", "cpu", SOURCE), prompt, osl)[0]
@@ -344,15 +361,4 @@ def test_gpu_compiled_graphs_generate_the_graphs_tokens(dtype) -> None:
     each dtype (16-bit too: the compiled kernels round where eager rounds; without that, 85%
     of the tokens were equal on the H200; a failure gives the share)."""
     pytest.importorskip("triton")
-    graphs, compiled = _load("cuda", dtype=dtype), _load("cuda", dtype=dtype, compile="true")
-    prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
-    for fraction in (1.0, 0.3, 0.0):
-        for e in (graphs, compiled):
-            e.device_budget = int(fraction * e.total_device_budget)
-        want = _generate(graphs, prompt, 20)
-        got = _generate(compiled, prompt, 20)
-        assert torch.equal(_generate(compiled, prompt, 20), got), fraction  # replays
-        same = (got == want).float().mean().item()
-        assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
-    graphs.close()
-    compiled.close()
+    assert_graphs_tokens(dtype, (1.0, 0.3, 0.0), compile="true")

@@ -45,7 +45,7 @@ from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, get_spec, weight_source
 from autotune.precision import PRECISIONS
-from autotune.streaming import attention, plan, quant
+from autotune.streaming import attention, plan, quant, triton_check
 from autotune.streaming.llama import KVCache, Llama
 from autotune.streaming.runtime import WeightStore, unit_layouts
 
@@ -69,16 +69,30 @@ def _compile_mode(config: EngineConfig) -> str | None:
                              f"got {value!r}") from None
 
 
+def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, str],
+                   unavailable: Any) -> str:
+    """A kernel option: one of ``choices``, the first the default; ``unavailable()`` says why
+    the other cannot run here (None where it can)."""
+    value = str(config.option(key, choices[0])).strip().lower()
+    if value not in choices:
+        raise UserInputError(f"--engine-option {key}: expected {' or '.join(choices)}; got "
+                             f"{config.option(key)!r}")
+    why = unavailable() if value != choices[0] else None
+    if why:
+        raise UserInputError(f"--engine-option {key}={value}: {why}; use {key}={choices[0]}")
+    return value
+
+
 def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
     """The ``attention`` option: ``sdpa`` or ``triton`` where that kernel can run here."""
-    value = str(config.option("attention", "sdpa")).strip().lower()
-    if value not in ("sdpa", "triton"):
-        raise UserInputError(f"--engine-option attention: expected sdpa or triton; got "
-                             f"{config.option('attention')!r}")
-    why = attention.unavailable(device, spec.head_dim) if value == "triton" else None
-    if why:
-        raise UserInputError(f"--engine-option attention=triton: {why}; use attention=sdpa")
-    return value
+    return _kernel_choice(config, "attention", ("sdpa", "triton"),
+                          lambda: attention.unavailable(device, spec.head_dim))
+
+
+def _gemv(config: EngineConfig, device: torch.device) -> str:
+    """The ``gemv`` option: ``cublas`` or ``triton`` where that kernel can run here."""
+    return _kernel_choice(config, "gemv", ("cublas", "triton"),
+                          lambda: triton_check.unavailable(device))
 
 
 def _host_available_bytes() -> int | None:
@@ -130,6 +144,8 @@ class NativeEngine:
                    "first step of each new batch compiles them, in the warm-up",
         "attention": "decode attention: sdpa (the default: the whole static cache, masked) "
                      "or triton (a kernel that reads the filled positions only; CUDA)",
+        "gemv": "a decode step's output and down projections: cublas (the default) or, up "
+                "to 16 sequences, triton (a kernel without split-K; CUDA)",
     }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
@@ -144,8 +160,9 @@ class NativeEngine:
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
         self.compile_mode = _compile_mode(config)
         self.attention = _attention(config, spec, store.device)
+        self.gemv = _gemv(config, store.device)
         self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode,
-                            attention=self.attention)
+                            attention=self.attention, gemv=self.gemv)
         self._warmed_batches: set[int] = set()  # batches whose first warm-up has run
         self.cuda_graphs = flag(config, "cuda_graphs", True) and store.cuda
         # With graphs every decode step replays the same graph over the whole static cache
@@ -203,6 +220,7 @@ class NativeEngine:
         for p in config.quantization:
             quant.check_supported(p, device)
         _attention(config, spec, device)  # a refused option before the weights load
+        _gemv(config, device)
         stores: dict[str, WeightStore] = {}
         for p in config.quantization:
             store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed),
@@ -639,6 +657,7 @@ class NativeEngine:
             "fused": store.fused,
             "compile_mode": self.compile_mode,
             "attention": self.attention,
+            "gemv": self.gemv,
             "resident_units": sum(d is not None for d in store.devices),
             "streamed_units": len(store.streamed),
             "slots": len(store.slots),

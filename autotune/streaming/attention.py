@@ -20,10 +20,11 @@ opaque call. Needs ``triton`` and a CUDA tensor; on CPU only under Triton's inte
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
+
+from autotune.streaming import triton_check
 
 BLOCK_N = 64  # positions a loop iteration reads (per KV head: 64 x head_dim x 2 bytes each)
 
@@ -32,13 +33,7 @@ def unavailable(device: torch.device, head_dim: int) -> str | None:
     """Why the kernel cannot run for this device and head size; None where it can."""
     if head_dim & (head_dim - 1) or head_dim < 16:
         return f"head_dim {head_dim} is not a power of two of at least 16"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (it comes with CUDA builds of torch)"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return f"device {device}: it runs on CUDA (on CPU only with TRITON_INTERPRET=1)"
-    return None
+    return triton_check.unavailable(device)
 
 
 @functools.cache

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from autotune.models import ModelSpec
-from autotune.streaming import quant
+from autotune.streaming import gemv, quant
 from autotune.streaming.attention import decode_attention
 from autotune.streaming.runtime import WeightStore
 
@@ -62,6 +62,13 @@ def _add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torc
     """``x += y @ weight.T`` as one GEMM, in place: the residual is its C operand and its
     output (out of place, ``addmm`` first copies the residual: a kernel per call)."""
     x.view(-1, x.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), weight.t())
+    return x
+
+
+def _add_linear_triton_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
+                        ) -> torch.Tensor:
+    """:func:`_add_linear_` by :func:`autotune.streaming.gemv.add_linear_` (no split-K)."""
+    gemv.add_linear_(x.view(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), weight)
     return x
 
 
@@ -121,12 +128,16 @@ class Llama:
     ``compile_mode``: decode steps run the unit functions compiled in this ``torch.compile``
     mode (the module docstring, :func:`compile_options`); None: eager.
     ``attention``: a decode step attends through ``sdpa`` over the whole static cache, masked,
-    or through ``triton`` over its filled positions only (:mod:`autotune.streaming.attention`)."""
+    or through ``triton`` over its filled positions only (:mod:`autotune.streaming.attention`).
+    ``gemv``: a decode step's output and down projections are ``cublas``'s GEMMs or, up to
+    ``gemv.MAX_ROWS`` sequences, ``triton``'s kernel without split-K
+    (:mod:`autotune.streaming.gemv`)."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
-                 compile_mode: str | None = None, attention: str = "sdpa") -> None:
+                 compile_mode: str | None = None, attention: str = "sdpa",
+                 gemv: str = "cublas") -> None:
         self.spec, self.store = spec, store
-        self.attention = attention
+        self.attention, self.gemv = attention, gemv
         device, dtype = store.device, store.tdtype
         d = spec.head_dim
         positions = spec.max_position_embeddings if positions is None else positions
@@ -188,15 +199,18 @@ class Llama:
         x = F.embedding(tokens, store.acquire(store.embed.index)["embed"])  # [B, S, h]
         attend, swiglu = ((self._attend, self._swiglu) if pos is None
                           else (self._decode_attend, self._decode_swiglu))
+        add = _add_linear_
+        if pos is not None and self.gemv == "triton" and tokens.shape[0] <= gemv.MAX_ROWS:
+            add = _add_linear_triton_
         for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
                 kc, vc = cache.k[unit.layer], cache.v[unit.layer]
                 y = attend(x, w, kc, vc, cos, sin, pos, mask)  # the heads' output
-                x = _add_linear_(x, y, quant.weight(w, "o", x.dtype))
+                x = add(x, y, quant.weight(w, "o", x.dtype))
             else:
                 y = swiglu(x, w)
-                x = _add_linear_(x, y, quant.weight(w, "down", x.dtype))
+                x = add(x, y, quant.weight(w, "down", x.dtype))
             del y  # prefill: its [B, S, I] goes before the next unit's
             store.release(unit.index)
         x = x if all_positions else x[:, -1]

@@ -1,0 +1,58 @@
+"""Issue 22: the residual GEMMs of a small-batch decode step without split-K
+(``--engine-option gemv=triton``, :mod:`autotune.streaming.gemv`).
+
+On CPU the kernel runs under Triton's interpreter, in a subprocess (as in test_attention.py);
+GPU tests (marked) compile it for the device, against torch's GEMM and today's tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_attention import TOLERANCE, _interpreted
+from test_native_engine import _load, assert_graphs_tokens
+
+from autotune.errors import UserInputError
+from autotune.streaming import gemv
+
+
+def test_the_kernel_adds_the_product_to_the_residual() -> None:
+    _interpreted("gemv-kernel")
+
+
+def test_the_engine_with_the_kernel_generates_the_cublas_tokens() -> None:
+    _interpreted("gemv-engine")
+
+
+def test_the_gemv_option_is_checked_before_the_weights_load() -> None:
+    with pytest.raises(UserInputError, match="gemv: expected cublas or triton; got 'cutlass'"):
+        _load(gemv="cutlass")
+    assert _load().describe()["gemv"] == "cublas"
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_gpu_kernel_equals_torch(dtype) -> None:
+    """llama2-7b's output and down projections at 1, 8 and 16 rows."""
+    pytest.importorskip("triton")
+    gen = torch.Generator("cuda").manual_seed(0)
+    for m in (1, 8, gemv.MAX_ROWS):
+        for n, k in ((4096, 4096), (4096, 11008)):
+            x, y, w = (torch.randn(*shape, generator=gen, device="cuda", dtype=dtype)
+                       for shape in ((m, n), (m, k), (n, k)))
+            want = x.float() + y.float() @ w.float().t()
+            got = gemv.add_linear_(x, y, w).float()
+            error = (got - want).abs().max().item()
+            assert error <= 4 * TOLERANCE[dtype] * want.abs().max().item(), (m, n, k, error)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gpu_gemv_generates_the_graphs_tokens(dtype) -> None:
+    """tiny-llama in the decode graph, resident and streamed: today's graphs' tokens (a
+    failure gives the share of equal ones)."""
+    pytest.importorskip("triton")
+    assert_graphs_tokens(dtype, (1.0, 0.3), gemv="triton")
