@@ -62,12 +62,12 @@ def engine() -> None:
 
 def gemv_kernel() -> None:
     """``x += y @ w.T`` against torch, float32: 1, 3 and 16 rows; N and K that are and are not
-    multiples of the kernel's blocks; y with a view's strides."""
+    multiples of the kernel's blocks; y with a view's strides, w transposed once."""
     gen = torch.Generator().manual_seed(1)
     for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (3, gemv.BLOCK_N, gemv.BLOCK_K), (16, 40, 77)):
         x = torch.randn(m, n, generator=gen)
         y = torch.randn(m, 2 * k, generator=gen)[:, :k]
-        w = torch.randn(n, k, generator=gen)
+        w = torch.randn(n, k, generator=gen) if m > 1 else torch.randn(k, n, generator=gen).t()
         want = x + y @ w.t()
         got = gemv.add_linear_(x, y, w)
         assert got is x

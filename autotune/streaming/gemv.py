@@ -57,6 +57,8 @@ def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch
     with a unit last stride), M <= MAX_ROWS; returns ``x``."""
     m, n = x.shape
     k = y.shape[1]
+    if y.stride(1) != 1 or weight.stride(1) != 1:  # the kernel reads rows as runs
+        y, weight = y.contiguous(), weight.contiguous()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # 16-bit: tensor cores as is
     _kernel()[(-(-n // BLOCK_N),)](
         x, y, weight, m, n, k, x.stride(0), y.stride(0), weight.stride(0),
