@@ -35,7 +35,9 @@
 #                                                         in the compiled unit; decode22d's streaming)
 #   bash benchmarks/gpu.sh decode22f    carry [".whl"]   (decode22e, shorter: the graphs' GPU tests,
 #                                                         fused, compiled, compiled-triton; ~5 min)
-#   bash benchmarks/gpu.sh decode22g    carry [".whl"]   (GPU tests of gemv=triton; llama2-7b fp16
+#   bash benchmarks/gpu.sh decode22g    carry [".whl"]   (benchmarks/gemv.py: cuBLAS against the
+#                                                         kernel's tilings; GPU tests of gemv=triton;
+#                                                         llama2-7b fp16
 #                                                         and bf16 at batches 1, 8: fused,
 #                                                         compiled-triton, compiled-triton-gemv)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
@@ -182,6 +184,7 @@ case $stage in
       --json "$OUT/decode22f-stream.json"
     ;;
   decode22g)
+    step decode22g-sweep 150 python3 benchmarks/gemv.py --json "$OUT/decode22g-sweep.json"
     step decode22g-tests 120 python3 -m pytest -q -m gpu tests/test_gemv.py
     for dtype in float16 bfloat16; do
       step "decode22g-$dtype" 170 python3 benchmarks/decode.py --parts resident --dtype "$dtype" \

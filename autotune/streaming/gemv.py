@@ -52,15 +52,19 @@ def _kernel() -> Any:
     return add_linear_kernel
 
 
-def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *,
+                block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = 4,
+                num_stages: int = 3) -> torch.Tensor:
     """``x += y @ weight.T`` in place, ``x`` [M, N], ``y`` [M, K], ``weight`` [N, K] (each
-    with a unit last stride), M <= MAX_ROWS; returns ``x``."""
+    with a unit last stride), M <= MAX_ROWS; returns ``x``. The keywords are the kernel's
+    tiling (``benchmarks/gemv.py`` compares them)."""
     m, n = x.shape
     k = y.shape[1]
     if y.stride(1) != 1 or weight.stride(1) != 1:  # the kernel reads rows as runs
         y, weight = y.contiguous(), weight.contiguous()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # 16-bit: tensor cores as is
-    _kernel()[(-(-n // BLOCK_N),)](
+    _kernel()[(-(-n // block_n),)](
         x, y, weight, m, n, k, x.stride(0), y.stride(0), weight.stride(0),
-        ROWS=MAX_ROWS, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PRECISION=precision)
+        ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages)
     return x
