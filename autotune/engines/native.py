@@ -14,11 +14,14 @@ outside it, the older layout), ``fused`` (default True: one GEMM for q, k, v and
 gate, up; False: one per matrix) and ``compile`` (default False: decode steps run the unit
 functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; ``max-autotune``: its
 GEMMs too, each the fastest of the kernels it benchmarks; the first step of each new batch
-compiles, in the warm-up, before any graph is captured) and ``attention`` (default ``sdpa``:
+compiles, in the warm-up, before any graph is captured), ``attention`` (default ``sdpa``:
 decode steps attend over the whole static cache, masked; ``triton``: over its filled positions
 only, :mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; its steps cost more as
-the sequence grows, so they are all timed). ``stream_embed_head``, ``fused`` and ``compile``
-exist so that old and new can be measured side by side (``benchmarks/decode.py``).
+the sequence grows, so a measurement times a window at the generation's middle, see
+:meth:`NativeEngine.skip`) and ``gemv`` (default ``cublas``; ``triton``: the output and down
+projections of up to 16 sequences without split-K, :mod:`autotune.streaming.gemv`).
+``stream_embed_head``, ``fused`` and ``compile`` exist so that old and new can be measured side
+by side (``benchmarks/decode.py``).
 
 Weight precisions (``EngineConfig.quantization``, ``--quantization``): ``none`` (the compute
 dtype), ``int8`` and ``fp8`` (8-bit matrices with per-row scales, widened just before each
@@ -400,8 +403,8 @@ class NativeEngine:
     def warmup_note(self, batch: int) -> str | None:
         """What the warm-up about to run at ``batch`` does besides warming up (the progress
         line): the first one of each batch compiles, where ``compile`` is on; the first one
-        of all builds the Triton attention kernel, where that is on. Kept here, before the warm-up, so that
-        the timed decode loop keeps no account of it."""
+        of all builds the Triton attention kernel, where that is on. Kept here, before the
+        warm-up, so that the timed decode loop keeps no account of it."""
         first = not self._warmed_batches
         if batch in self._warmed_batches:
             return None

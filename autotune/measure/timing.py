@@ -79,12 +79,13 @@ def measure(
         return simulate(batch, isl, osl, repeats=repeats, warmup=warmup)
 
     steps = warm_steps = osl - 1  # decode steps timed per repeat, and per warm-up
-    if uniform_steps(engine) or linear_steps(engine):
+    linear = linear_steps(engine)
+    if uniform_steps(engine) or linear:
         if decode_steps is not None:
             steps = min(decode_steps, steps)
         warm_steps = steps if warmup_steps is None else min(warmup_steps, osl - 1)
     # A linear engine's window is centred: its mean position is the generation's.
-    skipped = (osl - 1 - steps) // 2 if linear_steps(engine) else 0
+    skipped = (osl - 1 - steps) // 2 if linear else 0
     prompt = random_prompt(batch, isl, engine.spec.vocab_size, seed, _device_of(engine))
     note = getattr(engine, "warmup_note", None)  # what a first warm-up does besides
     for k in range(warmup):

@@ -14,7 +14,7 @@ output differs from SDPA's in the last bits.
 
 Exposed as the custom op ``autotune::decode_attention`` so that ``torch.compile`` keeps it one
 opaque call. Needs ``triton`` and a CUDA tensor; on CPU only under Triton's interpreter
-(``TRITON_INTERPRET=1``, set before this module's kernel is first built), which the tests use.
+(``TRITON_INTERPRET=1``, set before triton is first imported), which the tests use.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ unit of a decode step up to its output GEMM is compiled by TorchInductor instead
 with the cache writes, and SwiGLU become generated kernels around the projection GEMMs and the
 attention, which stay library calls (issue 22: a batch-1 step is bound by its kernel count,
 not its bytes); in ``max-autotune`` mode the projection GEMMs are the fastest of the kernels
-it benchmarks, cuBLAS's among them. Compilation happens at the first decode step of each new shape, eagerly (never inside a
-CUDA graph capture), and prefill stays eager. This module holds no generation
-loop and no CUDA graph: :mod:`autotune.engines.native` does.
+it benchmarks, cuBLAS's among them. Compilation happens at the first decode step of each new
+shape, eagerly (never inside a CUDA graph capture), and prefill stays eager. This module holds
+no generation loop and no CUDA graph: :mod:`autotune.engines.native` does.
 """
 
 from __future__ import annotations
