@@ -13,7 +13,9 @@ test needs, on any machine. ``budget_sleep_s`` makes every budget change take th
 mid-trial; ``first_plan_sleep_s`` stalls the first memory plan (a worker that stalls past a
 query's wait, then goes on). ``spoil_batch`` emulates a neighbour busy during single trials:
 the first trial of each configuration from that batch upward runs ``spoil_factor`` (9) times
-slower; measured again, it runs at its own speed.
+slower; measured again, it runs at its own speed. ``clock=modelled`` times the steps on a
+:class:`ModelledClock` instead of sleeping them: exact figures where a test compares two
+studies' optima, free of a loaded machine's timer noise.
 
 Precisions (``EngineConfig.quantization``): 8-bit units are half a 16-bit unit, so at one budget
 fraction an 8-bit configuration streams half the bytes (and keeps half resident); the compute is
@@ -30,6 +32,7 @@ from typing import Any, ClassVar
 
 from autotune.engines import EngineConfig, Generation, clamp_budget
 from autotune.engines.memory import MemoryPlan
+from autotune.measure import timing
 from autotune.models import get_spec
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,21 @@ def unit_bytes(precision: str) -> int:
     return UNIT if precision == "none" else UNIT // 2
 
 
+class ModelledClock:
+    """The test engines' time: sleeping moves it on and nothing waits, so what measure() reads
+    is exactly the modelled cost (a 1 ms step slept on a CI machine running 8 test workers on
+    2 cores came out 25% long)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
 class AnalyticEngine:
     name: ClassVar[str] = "analytic"
     precisions: ClassVar[tuple[str, ...]] = ("none", "int8", "fp8")
@@ -57,7 +75,7 @@ class AnalyticEngine:
         k: "a test fault or delay" for k in ("fault", "fault_batch", "fault_after",
                                              "budget_sleep_s", "fault_at_load", "load_sleep_s",
                                              "first_plan_sleep_s", "spoil_batch",
-                                             "spoil_factor")}
+                                             "spoil_factor", "clock")}
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -76,6 +94,10 @@ class AnalyticEngine:
         self._spoiling = False  # until the next budget change (the next trial)
         if config.option("fault_at_load"):
             raise RuntimeError("simulated load failure")
+        self._modelled: ModelledClock | None = None
+        if config.option("clock", "real") == "modelled":
+            # measure() reads it in this process, a worker's own; close() gives the real one back.
+            self._modelled = timing.time = ModelledClock()
         time.sleep(float(config.option("load_sleep_s", 0)))  # a large model pinning its weights
 
     @classmethod
@@ -121,7 +143,8 @@ class AnalyticEngine:
     def _step(self, batch: int) -> None:
         streamed = self.streamed_bytes_per_step()
         slow = self.spoil_factor if self._spoiling else 1.0
-        time.sleep(slow * max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch))
+        cost = slow * max(streamed / LINK_BYTES_PER_S, STEP_S + PER_SEQ_S * batch)
+        (self._modelled or time).sleep(cost)
 
     def _maybe_fault(self, batch: int) -> None:
         if self.fault is None or batch < self.fault_batch:
@@ -186,4 +209,5 @@ class AnalyticEngine:
                 "bandwidths": {"h2d_gb_s": LINK_BYTES_PER_S / 1e9}}
 
     def close(self) -> None:
-        pass
+        if self._modelled is not None:
+            timing.time = time

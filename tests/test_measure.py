@@ -6,7 +6,7 @@ from __future__ import annotations
 import fakes
 import pytest
 import torch
-from fakes import AnalyticEngine
+from fakes import AnalyticEngine, ModelledClock
 
 from autotune.engines import EngineConfig
 from autotune.errors import UserInputError
@@ -20,21 +20,6 @@ class GrowingSteps(AnalyticEngine):
     """Steps that cost more with the position (no KV cache, as the TensorRT engine)."""
 
     uniform_decode_steps = False
-
-
-class ModelledClock:
-    """The test engines' time: sleeping moves it on and nothing waits, so the shortcut's
-    arithmetic is checked exactly, free of a loaded machine's timer noise (a 1 ms step slept
-    on a CI machine running 8 test workers on 2 cores came out 25% long)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-    def perf_counter(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -172,3 +157,18 @@ def test_a_measurement_a_stop_spans_is_taken_again(caplog) -> None:
         signal.signal(signal.SIGCONT, before)
     assert outcome.status == "ok" and Continued.prefills == 2
     assert "stopped while a trial was measured; measuring it again" in caplog.text
+
+
+def test_the_modelled_clock_option_times_the_model_exactly_and_is_given_back() -> None:
+    """``clock=modelled`` (the scale-out test's two studies compare their optima with it)."""
+    engine = AnalyticEngine(EngineConfig(model="tiny-llama", device="cpu",
+                                         options=(("clock", "modelled"),)))
+    engine.device_budget = 0
+    try:
+        assert timing.time is engine._modelled
+        m = measure(engine, 4, 8, OSL, repeats=2, warmup=0)
+        step = fakes.UNITS * fakes.UNIT / fakes.LINK_BYTES_PER_S  # streamed > compute here
+        assert m.e2e_s == pytest.approx(OSL * step, rel=1e-12)
+    finally:
+        engine.close()
+    assert timing.time is fakes.time
