@@ -61,7 +61,8 @@ TRITON = {"attention": "triton"}
 RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": True},
             "autotuned": {"compile": "max-autotune"}, "triton": TRITON,
             "compiled-triton": {"compile": True, **TRITON},
-            "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"}}
+            "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"},
+            "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"}}
 STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {},
              "in-budget-compiled": {"compile": True},
              "in-budget-compiled-triton": {"compile": True, **TRITON}}

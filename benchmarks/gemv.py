@@ -1,14 +1,16 @@
-"""Issue 22: a decode step's residual GEMMs, cuBLAS against the Triton kernel's tilings.
+"""Issue 22: a decode step's small-batch GEMMs, cuBLAS against the Triton kernels' tilings.
 
-``x += y @ W.T`` for llama2-7b's output (4096 x 4096) and down (4096 x 11008) projections, at
-``--rows`` rows (sequences): cuBLAS's in-place ``addmm_`` (today's path, split-K at batch 1)
-against :func:`autotune.streaming.gemv.add_linear_` at each tiling of ``--block-n`` x
-``--block-k`` x ``--warps`` x ``--stages``. Each variant is captured in a CUDA graph as in the
+``residual``: ``x += y @ W.T`` for llama2-7b's output (4096 x 4096) and down (4096 x 11008)
+projections, at ``--rows`` rows (sequences): cuBLAS's in-place ``addmm_`` (today's path,
+split-K at batch 1) against :func:`autotune.streaming.gemv.add_linear_`. ``norm``: q-k-v
+(12288 x 4096) and gate-up with SwiGLU (22016 x 4096) after an RMSNorm: the eager kernels and
+cuBLAS's GEMM alone against :func:`autotune.streaming.gemv.norm_linear_tiled`. Each Triton
+kernel at each tiling of ``--block-n`` x ``--block-k`` x ``--warps`` x ``--stages``. Each variant is captured in a CUDA graph as in the
 decode step, over ``--copies`` distinct weight matrices (more bytes than the L2 holds, so that
 every call reads its weight from HBM), replayed ``--replays`` times between two CUDA events;
 a call's time is the span over the calls. Reports microseconds a call and the weight read as a
 fraction of the device-copy bandwidth measured in the same run, the best tiling per shape, and
-its largest error against cuBLAS in float32.
+its largest error against cuBLAS's (the eager path's) result.
 
     python benchmarks/gemv.py --json gemv.json
 """
@@ -31,6 +33,7 @@ from decode import memory_gb_s  # noqa: E402
 from autotune.streaming import gemv  # noqa: E402
 
 SHAPES = {"o": (4096, 4096), "down": (4096, 11008)}  # (N, K) of llama2-7b
+NORM_SHAPES = {"qkv": (3 * 4096, 4096), "gate_up": (2 * 11008, 4096)}  # fed by an RMSNorm
 
 
 def _ints(text: str) -> list[int]:
@@ -60,9 +63,116 @@ def time_call(call: Any, copies: list[torch.Tensor], replays: int) -> float:
     return start.elapsed_time(end) / 1e3 / (replays * len(copies))
 
 
+def _tilings(args: argparse.Namespace) -> list[tuple[int, ...]]:
+    return list(itertools.product(_ints(args.block_n), _ints(args.block_k), _ints(args.warps),
+                                  _ints(args.stages)))
+
+
+def _sweep(row: dict[str, Any], tilings: list[tuple[int, ...]], kernel: Any,
+           copies: list[torch.Tensor], replays: int, read_s: float) -> None:
+    """Times ``kernel(w, *tiling)`` at each tiling into ``row["tilings"]``; ``row["best"]``."""
+    row["tilings"] = []
+    for tiling in tilings:
+        try:
+            us = time_call(lambda w, t=tiling: kernel(w, *t), copies, replays) * 1e6
+        except Exception as e:  # a tiling the compiler refuses costs only itself
+            row["tilings"].append({"tiling": list(tiling),
+                                   "error": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        row["tilings"].append({"tiling": list(tiling), "us": us,
+                               "bw_fraction": read_s / (us / 1e6)})
+    timed = [t for t in row["tilings"] if "us" in t]
+    row["best"] = min(timed, key=lambda t: t["us"]) if timed else None
+
+
+def _say(row: dict[str, Any], baseline: str) -> None:
+    best = row["best"]
+    print(f"{row['shape']:>7} m={row['m']:2d}: {baseline} {row[baseline + '_us']:7.2f} us "
+          f"({row[baseline + '_bw_fraction']:.1%})  best Triton "
+          + (f"{best['us']:7.2f} us ({best['bw_fraction']:.1%}) tiling {best['tiling']} "
+             f"(x{row[baseline + '_us'] / best['us']:.3f}), max error {best['max_error']:.3g}"
+             if best else "none ran"), flush=True)
+
+
+def residual_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
+                  gen: torch.Generator) -> list[dict[str, Any]]:
+    """``x += y @ W.T``: cuBLAS's in-place ``addmm_`` against :func:`gemv.add_linear_`."""
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        copies = [torch.randn(n, k, generator=gen, device="cuda", dtype=dtype) * 0.02
+                  for _ in range(args.copies)]
+        read_s = n * k * copies[0].element_size() / (bw * 1e9)  # the weight, once
+        for m in _ints(args.rows):
+            start = torch.randn(m, n, generator=gen, device="cuda", dtype=dtype)
+            x = start.clone()  # the timed calls add into it, again and again
+            y = torch.randn(m, k, generator=gen, device="cuda", dtype=dtype)
+            row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m}
+            row["cublas_us"] = time_call(lambda w, x=x, y=y: x.addmm_(y, w.t()), copies,
+                                         args.replays) * 1e6
+            row["cublas_bw_fraction"] = read_s / (row["cublas_us"] / 1e6)
+            _sweep(row, _tilings(args), lambda w, bn, bk, warps, stages, x=x, y=y:
+                   gemv.add_linear_(x, y, w, block_n=bn, block_k=bk, num_warps=warps,
+                                    num_stages=stages), copies, args.replays, read_s)
+            if row["best"] is not None:  # its values, once more, from the starting residual
+                bn, bk, warps, stages = row["best"]["tiling"]
+                got = gemv.add_linear_(start.clone(), y, copies[0], block_n=bn, block_k=bk,
+                                       num_warps=warps, num_stages=stages)
+                want = start.float() + y.float() @ copies[0].float().t()
+                row["best"]["max_error"] = (got.float() - want).abs().max().item()
+            rows.append(row)
+            _say(row, "cublas")
+    return rows
+
+
+def norm_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
+              gen: torch.Generator) -> list[dict[str, Any]]:
+    """``rms_norm(x) @ W.T`` (q-k-v) and its SwiGLU (gate-up): the eager kernels (RMSNorm,
+    cuBLAS's GEMM, and silu and mul) and cuBLAS's GEMM alone (the least the compiled step's
+    own norm and SwiGLU kernels can add to) against :func:`gemv.norm_linear_tiled`."""
+    import torch.nn.functional as F
+
+    rows = []
+    for name, (n, k) in NORM_SHAPES.items():
+        swiglu = name == "gate_up"
+        copies = [torch.randn(n, k, generator=gen, device="cuda", dtype=dtype) * 0.02
+                  for _ in range(args.copies)]
+        read_s = n * k * copies[0].element_size() / (bw * 1e9)
+        g = torch.rand(k, generator=gen, device="cuda", dtype=dtype) + 0.5
+        for m in _ints(args.rows):
+            x = torch.randn(m, k, generator=gen, device="cuda", dtype=dtype)
+            h = F.rms_norm(x, (k,), g, 1e-5)
+
+            def eager(w, x=x, g=g, k=k, swiglu=swiglu):
+                y = F.linear(F.rms_norm(x, (k,), g, 1e-5), w)
+                if swiglu:
+                    gate, up = y.chunk(2, dim=-1)
+                    return F.silu(gate).mul_(up)
+                return y
+
+            row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m, "swiglu": swiglu}
+            for baseline, call in (("eager", eager), ("gemm", lambda w, h=h: F.linear(h, w))):
+                row[f"{baseline}_us"] = time_call(call, copies, args.replays) * 1e6
+                row[f"{baseline}_bw_fraction"] = read_s / (row[f"{baseline}_us"] / 1e6)
+            _sweep(row, _tilings(args), lambda w, bn, bk, warps, stages, x=x, g=g, s=swiglu:
+                   gemv.norm_linear_tiled(x, g, w, 1e-5, s, block_n=bn, block_k=bk,
+                                          num_warps=warps, num_stages=stages),
+                   copies, args.replays, read_s)
+            if row["best"] is not None:
+                bn, bk, warps, stages = row["best"]["tiling"]
+                got = gemv.norm_linear_tiled(x, g, copies[0], 1e-5, swiglu, block_n=bn,
+                                             block_k=bk, num_warps=warps, num_stages=stages)
+                row["best"]["max_error"] = (got.float() - eager(copies[0]).float()).abs().max(
+                    ).item()
+            rows.append(row)
+            _say(row, "gemm")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--kernels", default="residual,norm",
+                   help="residual (output, down) and/or norm (q-k-v, gate-up)")
     p.add_argument("--rows", default="1,8,16")
     p.add_argument("--block-n", default="16,32,64")
     p.add_argument("--block-k", default="64,128,256")
@@ -76,54 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("benchmarks/gemv.py times CUDA graphs: it needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
     bw = memory_gb_s("cuda")
-    tilings = list(itertools.product(_ints(args.block_n), _ints(args.block_k),
-                                     _ints(args.warps), _ints(args.stages)))
     out: dict[str, Any] = {"command": " ".join(sys.argv), "torch": torch.__version__,
                            "device": torch.cuda.get_device_name(), "memory_gb_s": bw,
                            "rows": []}
-    print(f"B_mem {bw:.0f} GB/s; {len(tilings)} tilings", flush=True)
+    print(f"B_mem {bw:.0f} GB/s; {len(_tilings(args))} tilings", flush=True)
     gen = torch.Generator("cuda").manual_seed(0)
-    for name, (n, k) in SHAPES.items():
-        copies = [torch.randn(n, k, generator=gen, device="cuda", dtype=dtype) * 0.02
-                  for _ in range(args.copies)]
-        read_s = n * k * copies[0].element_size() / (bw * 1e9)  # the weight, once
-        for m in _ints(args.rows):
-            start = torch.randn(m, n, generator=gen, device="cuda", dtype=dtype)
-            x = start.clone()  # the timed calls add into it, again and again
-            y = torch.randn(m, k, generator=gen, device="cuda", dtype=dtype)
-            want = start.float() + y.float() @ copies[0].float().t()
-            row: dict[str, Any] = {"shape": name, "n": n, "k": k, "m": m}
-            row["cublas_us"] = time_call(lambda w, x=x, y=y: x.addmm_(y, w.t()), copies,
-                                         args.replays) * 1e6
-            row["cublas_bw_fraction"] = read_s / (row["cublas_us"] / 1e6)
-            row["tilings"] = []
-            for bn, bk, warps, stages in tilings:
-                def call(w, bn=bn, bk=bk, warps=warps, stages=stages, x=x, y=y):
-                    return gemv.add_linear_(x, y, w, block_n=bn, block_k=bk,
-                                            num_warps=warps, num_stages=stages)
-                try:
-                    us = time_call(call, copies, args.replays) * 1e6
-                except Exception as e:  # a tiling the compiler refuses costs only itself
-                    row["tilings"].append({"tiling": [bn, bk, warps, stages],
-                                           "error": f"{type(e).__name__}: {e}"[:200]})
-                    continue
-                row["tilings"].append({"tiling": [bn, bk, warps, stages], "us": us,
-                                       "bw_fraction": read_s / (us / 1e6)})
-            timed = [t for t in row["tilings"] if "us" in t]
-            best = min(timed, key=lambda t: t["us"]) if timed else None
-            if best is not None:  # its values, once more, from the starting residual
-                got = gemv.add_linear_(start.clone(), y, copies[0],
-                                       block_n=best["tiling"][0], block_k=best["tiling"][1],
-                                       num_warps=best["tiling"][2],
-                                       num_stages=best["tiling"][3])
-                best["max_error"] = (got.float() - want).abs().max().item()
-            row["best"] = best
-            out["rows"].append(row)
-            print(f"{name:>5} m={m:2d}: cuBLAS {row['cublas_us']:7.2f} us "
-                  f"({row['cublas_bw_fraction']:.1%})  best Triton "
-                  + (f"{best['us']:7.2f} us ({best['bw_fraction']:.1%}) tiling "
-                     f"{best['tiling']} (x{row['cublas_us'] / best['us']:.3f}), max error "
-                     f"{best['max_error']:.3g}" if best else "none ran"), flush=True)
+    kernels = args.kernels.split(",")
+    if "residual" in kernels:
+        out["rows"] += residual_rows(args, bw, dtype, gen)
+    if "norm" in kernels:
+        out["rows"] += norm_rows(args, bw, dtype, gen)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -36,10 +36,10 @@
 #   bash benchmarks/gpu.sh decode22f    carry [".whl"]   (decode22e, shorter: the graphs' GPU tests,
 #                                                         fused, compiled, compiled-triton; ~5 min)
 #   bash benchmarks/gpu.sh decode22g    carry [".whl"]   (benchmarks/gemv.py: cuBLAS against the
-#                                                         kernel's tilings; GPU tests of gemv=triton;
-#                                                         llama2-7b fp16
-#                                                         and bf16 at batches 1, 8: fused,
-#                                                         compiled-triton, compiled-triton-gemv)
+#                                                         kernels' 12 tilings; GPU tests of gemv;
+#                                                         llama2-7b fp16 and bf16 at batches 1, 8:
+#                                                         fused, compiled-triton, and with gemv=triton
+#                                                         and triton-all; ~9 min)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
 #                                                         8 GiB, default options, then compile=true
 #                                                         with attention=triton)
@@ -184,12 +184,14 @@ case $stage in
       --json "$OUT/decode22f-stream.json"
     ;;
   decode22g)
-    step decode22g-sweep 150 python3 benchmarks/gemv.py --json "$OUT/decode22g-sweep.json"
-    step decode22g-tests 120 python3 -m pytest -q -m gpu tests/test_gemv.py
+    step decode22g-sweep 200 python3 benchmarks/gemv.py --block-n 16,32,64 --block-k 128,256 \
+      --warps 4 --stages 3,4 --json "$OUT/decode22g-sweep.json"
+    step decode22g-tests 100 python3 -m pytest -q -m gpu tests/test_gemv.py
     for dtype in float16 bfloat16; do
-      step "decode22g-$dtype" 170 python3 benchmarks/decode.py --parts resident --dtype "$dtype" \
-        --batches 1,8 --variants fused,compiled-triton,compiled-triton-gemv --graph-profile \
-        --decode-steps 256 --repeats 3 --json "$OUT/decode22g-$dtype.json"
+      step "decode22g-$dtype" 130 python3 benchmarks/decode.py --parts resident --dtype "$dtype" \
+        --batches 1,8 --graph-profile --decode-steps 256 --repeats 3 \
+        --variants fused,compiled-triton,compiled-triton-gemv,compiled-triton-gemv-all \
+        --json "$OUT/decode22g-$dtype.json"
     done
     ;;
   study22)

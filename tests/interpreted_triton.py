@@ -3,7 +3,7 @@
 Run by ``tests/test_attention.py`` in a subprocess: ``TRITON_INTERPRET`` must be set before
 triton is first imported, and it must not reach the other tests' processes.
 
-    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine
+    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine|gemv-kernel|norm-kernel|gemv-engine
 """
 
 from __future__ import annotations
@@ -76,27 +76,68 @@ def gemv_kernel() -> None:
     print("gemv kernel: equal to torch")
 
 
+def norm_kernel() -> None:
+    """``rms_norm(x) @ w.T`` and its SwiGLU form against torch, float32: 1, 5 and 16 rows; N
+    and K that are and are not multiples of the kernel's blocks; x with a view's strides."""
+    gen = torch.Generator().manual_seed(2)
+    for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (5, gemv.BLOCK_N, gemv.BLOCK_K), (16, 40, 77)):
+        x = 3 * torch.randn(m, 2 * k, generator=gen)[:, :k]
+        g = torch.rand(k, generator=gen) + 0.5
+        w = torch.randn(2 * n, k, generator=gen)
+        h = F.rms_norm(x, (k,), g, 1e-5)
+        for swiglu, want in ((False, h @ w.t()),
+                             (True, F.silu(h @ w[:n].t()) * (h @ w[n:].t()))):
+            got = gemv.norm_linear(x, g, w, 1e-5, swiglu)
+            error = (got - want).abs().max().item()
+            assert error < 1e-4 * want.abs().max().item(), (m, n, k, swiglu, error)
+    print("norm kernel: equal to torch")
+
+
 def gemv_engine() -> None:
-    """tiny-llama float32: gemv=triton generates the cuBLAS tokens, resident and streamed;
-    17 sequences stay cuBLAS's."""
+    """tiny-llama float32: gemv=triton and triton-all generate the cuBLAS tokens, resident and
+    streamed, each running its kernels (17 sequences stay cuBLAS's), and so does triton-all
+    compiled."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_native_engine import _generate, _load
 
     from autotune.measure.timing import random_prompt
 
-    cublas, triton = _load(), _load(gemv="triton")
-    assert triton.describe()["gemv"] == "triton"
-    for batch, fractions in ((2, (1.0, 0.4)), (gemv.MAX_ROWS + 1, (1.0,))):
-        prompt = random_prompt(batch, 9, cublas.spec.vocab_size, seed=3, device="cpu")
-        for fraction in fractions:
-            for e in (cublas, triton):
-                e.device_budget = int(fraction * e.total_device_budget)
-            assert torch.equal(_generate(triton, prompt, 6), _generate(cublas, prompt, 6)), (
-                batch, fraction)
+    calls = {"add_linear_": 0, "norm_linear": 0}  # which kernels each option really runs
+    kernels = {name: getattr(gemv, name) for name in calls}
+    for name, kernel in kernels.items():
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+        setattr(gemv, name, counted)
+    cublas = _load()
+    for option, runs in (("triton", {"add_linear_"}), ("triton-all", set(calls))):
+        triton = _load(gemv=option)
+        assert triton.describe()["gemv"] == option
+        assert triton.warmup_note(2) == "building the GEMV kernel (once per worker)"
+        for batch, fractions in ((2, (1.0, 0.4)), (gemv.MAX_ROWS + 1, (1.0,))):
+            prompt = random_prompt(batch, 9, cublas.spec.vocab_size, seed=3, device="cpu")
+            for fraction in fractions:
+                for e in (cublas, triton):
+                    e.device_budget = int(fraction * e.total_device_budget)
+                want = _generate(cublas, prompt, 6)
+                calls.update(dict.fromkeys(calls, 0))
+                assert torch.equal(_generate(triton, prompt, 6), want), (option, batch, fraction)
+                small = batch <= gemv.MAX_ROWS  # 5 decode steps, 2 calls a layer each
+                each = 5 * triton.spec.num_hidden_layers * 2 * small
+                assert calls == {k: each * (k in runs) for k in calls}, (option, calls)
+        triton.close()
+    for name, kernel in kernels.items():  # counters would be guarded on by Dynamo
+        setattr(gemv, name, kernel)
+    # Compiled, the kernels are custom ops inside the units' graphs (as on the GPU).
+    compiled = _load(gemv="triton-all", compile="true")
+    prompt = random_prompt(2, 9, cublas.spec.vocab_size, seed=3, device="cpu")
+    for e in (cublas, compiled):
+        e.device_budget = e.total_device_budget
+    assert torch.equal(_generate(compiled, prompt, 6), _generate(cublas, prompt, 6))
     print("gemv engine: the cuBLAS tokens")
 
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-    {"kernel": kernel, "engine": engine, "gemv-kernel": gemv_kernel,
+    {"kernel": kernel, "engine": engine, "gemv-kernel": gemv_kernel, "norm-kernel": norm_kernel,
      "gemv-engine": gemv_engine}[sys.argv[1]]()

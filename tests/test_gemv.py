@@ -20,12 +20,16 @@ def test_the_kernel_adds_the_product_to_the_residual() -> None:
     _interpreted("gemv-kernel")
 
 
-def test_the_engine_with_the_kernel_generates_the_cublas_tokens() -> None:
+def test_the_norm_kernel_normalizes_and_multiplies() -> None:
+    _interpreted("norm-kernel")
+
+
+def test_the_engine_with_the_kernels_generates_the_cublas_tokens() -> None:
     _interpreted("gemv-engine")
 
 
 def test_the_gemv_option_is_checked_before_the_weights_load() -> None:
-    with pytest.raises(UserInputError, match="gemv: expected cublas or triton; got 'cutlass'"):
+    with pytest.raises(UserInputError, match="gemv: expected cublas, triton or triton-all; got 'cutlass'"):
         _load(gemv="cutlass")
     assert _load().describe()["gemv"] == "cublas"
 
@@ -50,9 +54,32 @@ def test_gpu_kernel_equals_torch(dtype) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+def test_gpu_norm_kernel_equals_torch(dtype) -> None:
+    """llama2-7b's q-k-v and gate-up (with SwiGLU) at 1, 8 and 16 rows, against the eager
+    RMSNorm and GEMMs in float32."""
+    pytest.importorskip("triton")
+    gen = torch.Generator("cuda").manual_seed(0)
+    for m in (1, 8, gemv.MAX_ROWS):
+        for n, swiglu in ((3 * 4096, False), (2 * 11008, True)):
+            x = torch.randn(m, 4096, generator=gen, device="cuda", dtype=dtype)
+            g = torch.rand(4096, generator=gen, device="cuda", dtype=dtype) + 0.5
+            w = torch.randn(n, 4096, generator=gen, device="cuda", dtype=dtype) / 64
+            h = torch.nn.functional.rms_norm(x.float(), (4096,), g.float(), 1e-5)
+            want = h @ w.float().t()
+            if swiglu:
+                gate, up = want.chunk(2, dim=-1)
+                want = torch.nn.functional.silu(gate) * up
+            got = gemv.norm_linear(x, g, w, 1e-5, swiglu).float()
+            error = (got - want).abs().max().item()
+            assert error <= 4 * TOLERANCE[dtype] * want.abs().max().item(), (m, n, error)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_gpu_gemv_generates_the_graphs_tokens(dtype) -> None:
+@pytest.mark.parametrize("option", ["triton", "triton-all"])
+def test_gpu_gemv_generates_the_graphs_tokens(dtype, option) -> None:
     """tiny-llama in the decode graph, resident and streamed: today's graphs' tokens (a
     failure gives the share of equal ones)."""
     pytest.importorskip("triton")
-    assert_graphs_tokens(dtype, (1.0, 0.3), gemv="triton")
+    assert_graphs_tokens(dtype, (1.0, 0.3), gemv=option)

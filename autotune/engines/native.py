@@ -19,7 +19,8 @@ decode steps attend over the whole static cache, masked; ``triton``: over its fi
 only, :mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; its steps cost more as
 the sequence grows, so a measurement times a window at the generation's middle, see
 :meth:`NativeEngine.skip`) and ``gemv`` (default ``cublas``; ``triton``: the output and down
-projections of up to 16 sequences without split-K, :mod:`autotune.streaming.gemv`).
+projections of up to 16 sequences without split-K; ``triton-all``: q-k-v and gate-up too, with
+the RMSNorm and SwiGLU inside, :mod:`autotune.streaming.gemv`).
 ``stream_embed_head``, ``fused`` and ``compile`` exist so that old and new can be measured side
 by side (``benchmarks/decode.py``).
 
@@ -72,13 +73,14 @@ def _compile_mode(config: EngineConfig) -> str | None:
                              f"got {value!r}") from None
 
 
-def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, str],
+def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
                    unavailable: Any) -> str:
     """A kernel option: one of ``choices``, the first the default; ``unavailable()`` says why
-    the other cannot run here (None where it can)."""
+    the others cannot run here (None where they can)."""
     value = str(config.option(key, choices[0])).strip().lower()
     if value not in choices:
-        raise UserInputError(f"--engine-option {key}: expected {' or '.join(choices)}; got "
+        expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+        raise UserInputError(f"--engine-option {key}: expected {expected}; got "
                              f"{config.option(key)!r}")
     why = unavailable() if value != choices[0] else None
     if why:
@@ -93,8 +95,9 @@ def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> s
 
 
 def _gemv(config: EngineConfig, device: torch.device) -> str:
-    """The ``gemv`` option: ``cublas`` or ``triton`` where that kernel can run here."""
-    return _kernel_choice(config, "gemv", ("cublas", "triton"),
+    """The ``gemv`` option: ``cublas``, or ``triton`` or ``triton-all`` where those kernels can
+    run here."""
+    return _kernel_choice(config, "gemv", ("cublas", "triton", "triton-all"),
                           lambda: triton_check.unavailable(device))
 
 
@@ -147,8 +150,9 @@ class NativeEngine:
                    "first step of each new batch compiles them, in the warm-up",
         "attention": "decode attention: sdpa (the default: the whole static cache, masked) "
                      "or triton (a kernel that reads the filled positions only; CUDA)",
-        "gemv": "a decode step's output and down projections: cublas (the default) or, up "
-                "to 16 sequences, triton (a kernel without split-K; CUDA)",
+        "gemv": "a decode step's projections up to 16 sequences: cublas (the default), "
+                "triton (output and down by a kernel without split-K; CUDA) or triton-all "
+                "(q-k-v and gate-up too, with the RMSNorm and SwiGLU inside)",
     }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
@@ -403,7 +407,7 @@ class NativeEngine:
     def warmup_note(self, batch: int) -> str | None:
         """What the warm-up about to run at ``batch`` does besides warming up (the progress
         line): the first one of each batch compiles, where ``compile`` is on; the first one
-        of all builds the Triton attention kernel, where that is on. Kept here, before the
+        of all builds the Triton kernels, where one is on. Kept here, before the
         warm-up, so that the timed decode loop keeps no account of it."""
         first = not self._warmed_batches
         if batch in self._warmed_batches:
@@ -411,8 +415,11 @@ class NativeEngine:
         self._warmed_batches.add(batch)
         if self.compile_mode:
             return "compiling the decode step's kernels for this batch (once per worker)"
-        if self.attention == "triton" and first:  # one kernel, whatever the batch
-            return "building the attention kernel (once per worker)"
+        built = [name for name, on in (("attention", self.attention == "triton"),
+                                       ("GEMV", self.gemv != "cublas")) if on]
+        if built and first:  # Triton's JIT: a warm-up or two, whatever the batch
+            return f"building the {' and '.join(built)} kernel{'s' * (len(built) > 1)} " \
+                   "(once per worker)"
         return None
 
     def synchronize(self) -> None:

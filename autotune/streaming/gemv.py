@@ -8,7 +8,14 @@ their 64 reduces cost another 0.12 ms of a 4.25 ms step (issue 22). This kernel 
 program ``BLOCK_N`` rows of ``W`` and the whole of K, so that about 128 programs fill one wave,
 and adds the residual in its epilogue: one kernel a GEMM.
 
-Sums in float32 over K in its own order (not cuBLAS's), so 16-bit outputs differ in the last
+The projections fed by an RMSNorm, q-k-v and gate-up, get one kernel each as well
+(:func:`norm_linear`, ``gemv=triton-all``): the norm moves into the GEMM, and gate-up's SwiGLU
+into its epilogue, which takes a decode layer from about 12 kernels to 6. Each program reads
+its rows of x whole anyway, so it sums their squares on the way and scales its outputs by
+``rsqrt(mean + eps)`` at the end: ``rms_norm(x) @ W.T = r * ((x * g) @ W.T)``, one pass, no
+separate norm kernel and no normalized copy of x.
+
+Sums in float32 over K in their own order (not cuBLAS's), so 16-bit outputs differ in the last
 bits. For ``M`` (batch x tokens) up to ``MAX_ROWS``; larger ones stay cuBLAS's. Needs
 ``triton`` and a CUDA tensor; on CPU only under ``TRITON_INTERPRET=1`` (the tests).
 """
@@ -68,3 +75,80 @@ def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *,
         ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages)
     return x
+
+
+@functools.cache
+def _norm_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def norm_linear_kernel(x_ptr, g_ptr, w_ptr, out_ptr, m, n, k, x_sm, w_sn, out_sm,
+                           up_offset, eps, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr):
+        dtype = out_ptr.dtype.element_ty
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # outputs (gate's, with SWIGLU)
+        rows = tl.arange(0, ROWS)
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        up = tl.zeros([ROWS, BLOCK_N], tl.float32)  # SWIGLU: the up rows' products
+        squares = tl.zeros([ROWS], tl.float32)
+        for start in range(0, k, BLOCK_K):
+            ks = start + tl.arange(0, BLOCK_K)
+            inside_k = ks < k
+            x = tl.load(x_ptr + rows[:, None] * x_sm + ks[None, :],
+                        mask=(rows[:, None] < m) & inside_k[None, :], other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + ks, mask=inside_k, other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, 1)
+            scaled = (x * g[None, :]).to(dtype)  # the norm's weight; its 1/rms comes last
+            w_mask = (cols[:, None] < n) & inside_k[None, :]
+            w = tl.load(w_ptr + cols[:, None] * w_sn + ks[None, :], mask=w_mask, other=0.0)
+            acc += tl.dot(scaled, tl.trans(w), input_precision=PRECISION)
+            if SWIGLU:
+                wu = tl.load(w_ptr + (cols[:, None] + up_offset) * w_sn + ks[None, :],
+                             mask=w_mask, other=0.0)
+                up += tl.dot(scaled, tl.trans(wu), input_precision=PRECISION)
+        scale = (1.0 / tl.sqrt(squares / k + eps))[:, None]
+        out = acc * scale
+        if SWIGLU:  # rounded where the eager step rounds: each GEMM's output, silu's
+            gate = out.to(dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            out = silu * (up * scale).to(dtype).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * out_sm + cols[None, :], out.to(dtype),
+                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+    return norm_linear_kernel
+
+
+def norm_linear_tiled(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                      eps: float, swiglu: bool = False, *, block_n: int = BLOCK_N,
+                      block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3
+                      ) -> torch.Tensor:
+    """:func:`norm_linear` with the kernel's tiling as keywords (``benchmarks/gemv.py``)."""
+    m, k = x.shape
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if x.stride(1) != 1 or weight.stride(1) != 1:  # the kernel reads rows as runs
+        x, weight = x.contiguous(), weight.contiguous()
+    out = x.new_empty(m, n)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    _norm_kernel()[(-(-n // block_n),)](
+        x, norm_weight, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        n, eps, SWIGLU=swiglu, ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+@torch.library.custom_op("autotune::norm_linear", mutates_args=())
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
+                swiglu: bool) -> torch.Tensor:
+    """``rms_norm(x, norm_weight, eps) @ weight.T``, ``x`` [M, K], ``weight`` [N, K] -> [M, N],
+    M <= MAX_ROWS; with ``swiglu``, ``weight`` is gate's rows then up's, [2I, K], and the
+    result is ``silu(gate) * up`` [M, I]. A custom op: ``torch.compile`` keeps it one call."""
+    return norm_linear_tiled(x, norm_weight, weight, eps, swiglu)
+
+
+@norm_linear.register_fake
+def _(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
+      swiglu: bool) -> torch.Tensor:
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    return x.new_empty(x.shape[0], n)

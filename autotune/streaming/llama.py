@@ -82,6 +82,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
+def _small_decode(rows: int, pos: torch.Tensor | None) -> bool:
+    """A decode step (``pos`` given) of few enough rows for the Triton GEMMs of ``gemv``."""
+    return pos is not None and rows <= gemv.MAX_ROWS
+
+
 def _pad16(n: int) -> int:
     return -(-n // 16) * 16
 
@@ -130,7 +135,8 @@ class Llama:
     ``attention``: a decode step attends through ``sdpa`` over the whole static cache, masked,
     or through ``triton`` over its filled positions only (:mod:`autotune.streaming.attention`).
     ``gemv``: a decode step's output and down projections are ``cublas``'s GEMMs or, up to
-    ``gemv.MAX_ROWS`` sequences, ``triton``'s kernel without split-K
+    ``gemv.MAX_ROWS`` sequences, ``triton``'s kernel without split-K; ``triton-all`` also
+    runs q-k-v and gate-up by Triton kernels with the RMSNorm (and SwiGLU) inside
     (:mod:`autotune.streaming.gemv`)."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
@@ -199,9 +205,8 @@ class Llama:
         x = F.embedding(tokens, store.acquire(store.embed.index)["embed"])  # [B, S, h]
         attend, swiglu = ((self._attend, self._swiglu) if pos is None
                           else (self._decode_attend, self._decode_swiglu))
-        add = _add_linear_
-        if pos is not None and self.gemv == "triton" and tokens.shape[0] <= gemv.MAX_ROWS:
-            add = _add_linear_triton_
+        small = _small_decode(tokens.shape[0], pos)
+        add = _add_linear_triton_ if small and self.gemv != "cublas" else _add_linear_
         for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
@@ -209,7 +214,7 @@ class Llama:
                 y = attend(x, w, kc, vc, cos, sin, pos, mask)  # the heads' output
                 x = add(x, y, quant.weight(w, "o", x.dtype))
             else:
-                y = swiglu(x, w)
+                y = swiglu(x, w, pos)
                 x = add(x, y, quant.weight(w, "down", x.dtype))
             del y  # prefill: its [B, S, I] goes before the next unit's
             store.release(unit.index)
@@ -236,13 +241,7 @@ class Llama:
         spec = self.spec
         b, s, _ = x.shape
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        h = rms_norm(x, w["norm"], self.eps)
-        if "qkv" in w:
-            qk, v = quant.linear(h, w, "qkv").split([(nh + nkv) * d, nkv * d], dim=-1)
-        else:
-            qk = torch.cat([quant.linear(h, w, "q"), quant.linear(h, w, "k")], dim=-1)
-            v = quant.linear(h, w, "v")
-        del h
+        qk, v = self._qkv(x, w, pos)
         # q and k rotated together, in the projection's layout, then viewed head-major.
         qk = apply_rope(qk.view(b, s, nh + nkv, d), cos, sin).transpose(1, 2)
         q, k = qk[:, :nh], qk[:, nh:]  # [B, H, S, d], [B, KV, S, d]
@@ -260,8 +259,31 @@ class Llama:
             o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **extra)  # all of it
         return o.transpose(1, 2).reshape(b, s, nh * d)
 
-    def _swiglu(self, x: torch.Tensor, w: dict[str, Any]) -> torch.Tensor:
+    def _qkv(self, x: torch.Tensor, w: dict[str, Any], pos: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention block's RMSNorm and projections: q and k side by side
+        ``[B, S, (H + KV) * d]``, and v ``[B, S, KV * d]``."""
+        b, s, _ = x.shape
+        split = [(self.spec.num_attention_heads + self.spec.num_key_value_heads)
+                 * self.spec.head_dim, self.spec.num_key_value_heads * self.spec.head_dim]
+        if "qkv" in w and self.gemv == "triton-all" and _small_decode(b * s, pos):
+            qkv = gemv.norm_linear(x.view(b * s, -1), w["norm"],
+                                   quant.weight(w, "qkv", x.dtype), self.eps, False)
+            return qkv.view(b, s, -1).split(split, dim=-1)  # the norm inside the GEMM
+        h = rms_norm(x, w["norm"], self.eps)
+        if "qkv" in w:
+            return quant.linear(h, w, "qkv").split(split, dim=-1)
+        return (torch.cat([quant.linear(h, w, "q"), quant.linear(h, w, "k")], dim=-1),
+                quant.linear(h, w, "v"))
+
+    def _swiglu(self, x: torch.Tensor, w: dict[str, Any], pos: torch.Tensor | None
+                ) -> torch.Tensor:
         """One layer's MLP block up to its down projection: ``silu(gate) * up``."""
+        b, s, _ = x.shape
+        if "gate_up" in w and self.gemv == "triton-all" and _small_decode(b * s, pos):
+            return gemv.norm_linear(x.view(b * s, -1), w["norm"],  # norm and SwiGLU inside
+                                    quant.weight(w, "gate_up", x.dtype), self.eps,
+                                    True).view(b, s, -1)
         h = rms_norm(x, w["norm"], self.eps)
         if "gate_up" in w:
             g, u = quant.linear(h, w, "gate_up").chunk(2, dim=-1)  # [B, S, I] each
