@@ -58,14 +58,17 @@ from autotune.measure.worker import plan_configs  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 
 TRITON = {"attention": "triton"}
+ALL_TRITON = {"compile": True, "attention": "triton-rope", "gemv": "triton-all"}
 RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": True},
             "autotuned": {"compile": "max-autotune"}, "triton": TRITON,
             "compiled-triton": {"compile": True, **TRITON},
             "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"},
-            "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"}}
+            "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"},
+            "compiled-all-triton": ALL_TRITON}
 STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {},
              "in-budget-compiled": {"compile": True},
-             "in-budget-compiled-triton": {"compile": True, **TRITON}}
+             "in-budget-compiled-triton": {"compile": True, **TRITON},
+             "in-budget-compiled-all-triton": ALL_TRITON}
 
 
 def memory_gb_s(device: str) -> float:

@@ -36,10 +36,14 @@
 #   bash benchmarks/gpu.sh decode22f    carry [".whl"]   (decode22e, shorter: the graphs' GPU tests,
 #                                                         fused, compiled, compiled-triton; ~5 min)
 #   bash benchmarks/gpu.sh decode22g    carry [".whl"]   (benchmarks/gemv.py: cuBLAS against the
-#                                                         kernels' 12 tilings; GPU tests of gemv;
-#                                                         llama2-7b fp16 and bf16 at batches 1, 8:
-#                                                         fused, compiled-triton, and with gemv=triton
-#                                                         and triton-all; ~9 min)
+#                                                         kernels' 12 tilings; their GPU tests;
+#                                                         llama2-7b fp16 at batches 1, 8: fused,
+#                                                         compiled-triton, with gemv=triton and
+#                                                         triton-all, and every Triton kernel
+#                                                         (attention=triton-rope too); ~9 min)
+#   bash benchmarks/gpu.sh decode22h    carry [".whl"]   (bf16 at 1, 8, 32 and fp16 at 32: fused,
+#                                                         compiled-triton, compiled-all-triton;
+#                                                         streaming llama3-8b 12 GiB, budget 0; ~8 min)
 #   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
 #                                                         8 GiB, default options, then compile=true
 #                                                         with attention=triton)
@@ -57,7 +61,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|decode22g|study22|short)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|decode22g|decode22h|study22|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -186,13 +190,22 @@ case $stage in
   decode22g)
     step decode22g-sweep 200 python3 benchmarks/gemv.py --block-n 16,32,64 --block-k 128,256 \
       --warps 4 --stages 3,4 --json "$OUT/decode22g-sweep.json"
-    step decode22g-tests 100 python3 -m pytest -q -m gpu tests/test_gemv.py
-    for dtype in float16 bfloat16; do
-      step "decode22g-$dtype" 130 python3 benchmarks/decode.py --parts resident --dtype "$dtype" \
-        --batches 1,8 --graph-profile --decode-steps 256 --repeats 3 \
-        --variants fused,compiled-triton,compiled-triton-gemv,compiled-triton-gemv-all \
-        --json "$OUT/decode22g-$dtype.json"
-    done
+    step decode22g-tests 120 python3 -m pytest -q -m gpu tests/test_gemv.py tests/test_attention.py \
+      -k "gemv or norm or rope or every"
+    step decode22g-float16 200 python3 benchmarks/decode.py --parts resident --batches 1,8 \
+      --graph-profile --decode-steps 256 --repeats 3 \
+      --variants fused,compiled-triton,compiled-triton-gemv,compiled-triton-gemv-all,compiled-all-triton \
+      --json "$OUT/decode22g-float16.json"
+    ;;
+  decode22h)
+    step decode22h-bfloat16 200 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
+      --batches 1,8,32 --decode-steps 256 --repeats 3 \
+      --variants fused,compiled-triton,compiled-all-triton --json "$OUT/decode22h-bfloat16.json"
+    step decode22h-float16 120 python3 benchmarks/decode.py --parts resident --batches 32 \
+      --decode-steps 256 --repeats 3 --variants fused,compiled-triton,compiled-all-triton \
+      --json "$OUT/decode22h-float16.json"
+    step decode22h-stream 150 python3 benchmarks/decode.py --parts streaming --osl 64 --repeats 2 \
+      --variants embed-head-in-budget,in-budget-compiled-all-triton --json "$OUT/decode22h-stream.json"
     ;;
   study22)
     for variant in default compiled-triton; do

@@ -3,7 +3,7 @@
 Run by ``tests/test_attention.py`` in a subprocess: ``TRITON_INTERPRET`` must be set before
 triton is first imported, and it must not reach the other tests' processes.
 
-    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine|gemv-kernel|norm-kernel|gemv-engine
+    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine|rope-kernel|rope-engine|gemv-kernel|norm-kernel|gemv-engine
 """
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def kernel() -> None:
     print("kernel: equal to SDPA")
 
 
-def engine() -> None:
-    """tiny-llama float32: attention=triton generates the sdpa tokens, resident and streamed,
-    and its steps are timed in full."""
+def _attention_tokens(option: str, measured: bool) -> None:
+    """tiny-llama float32: attention=``option`` generates the sdpa tokens, resident and
+    streamed (and, ``measured``, its steps are timed in full)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_native_engine import _generate, _load
 
     from autotune.measure.timing import measure, random_prompt
 
-    sdpa, triton = _load(), _load(attention="triton")
-    assert triton.describe()["attention"] == "triton" and not triton.uniform_decode_steps
+    sdpa, triton = _load(), _load(attention=option)
+    assert triton.describe()["attention"] == option and not triton.uniform_decode_steps
     assert triton.warmup_note(2) == "building the attention kernel (once per worker)"
     assert triton.warmup_note(3) is None and sdpa.warmup_note(2) is None
     prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")
@@ -55,9 +55,65 @@ def engine() -> None:
         for e in (sdpa, triton):
             e.device_budget = int(fraction * e.total_device_budget)
         assert torch.equal(_generate(triton, prompt, 12), _generate(sdpa, prompt, 12)), fraction
-    m = measure(triton, 2, 9, 12, repeats=1, warmup=0, decode_steps=2)
-    assert not m.estimated and m.decode_steps_timed == 11
+    if measured:
+        m = measure(triton, 2, 9, 12, repeats=1, warmup=0, decode_steps=2)
+        assert not m.estimated and m.decode_steps_timed == 11
+
+
+def engine() -> None:
+    _attention_tokens("triton", measured=True)
     print("engine: the sdpa tokens")
+
+
+def rope_engine() -> None:
+    """triton-rope's tokens; and compiled with every Triton kernel (the custom ops inside the
+    units' graphs, the cache written by one of them, as on the GPU), the sdpa tokens."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_native_engine import _generate, _load
+
+    from autotune.measure.timing import random_prompt
+
+    _attention_tokens("triton-rope", measured=False)
+    sdpa, compiled = _load(), _load(attention="triton-rope", gemv="triton-all", compile="true")
+    prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")
+    assert torch.equal(_generate(compiled, prompt, 8), _generate(sdpa, prompt, 8))
+    print("rope engine: the sdpa tokens, compiled too")
+
+
+def rope_kernel() -> None:
+    """RoPE, the cache write and attention from the q-k-v projection, against apply_rope,
+    index_copy_ and SDPA: float32, groups of 1 and 4 query heads, positions 0, inside the
+    first block, at its edge and in a later one; the cache's other positions untouched."""
+    from autotune.streaming.attention import decode_rope_attention
+    from autotune.streaming.llama import apply_rope
+
+    gen = torch.Generator().manual_seed(4)
+    length, d, b = 2 * BLOCK_N + 5, 32, 3
+    for heads, kv_heads in ((4, 4), (8, 2)):
+        for pos in (0, 7, BLOCK_N, BLOCK_N + 1, length - 1):
+            qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=gen)
+            cache = [torch.randn(b, kv_heads, length, d, generator=gen) for _ in range(2)]
+            cos, sin = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+            at = torch.tensor([pos])
+            kc, vc = (c.clone() for c in cache)
+            got = decode_rope_attention(qkv, kc, vc, at, cos, sin, heads, d ** -0.5)
+            qk, v = qkv.view(b, 1, -1).split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
+            qk = apply_rope(qk.reshape(b, 1, heads + kv_heads, d), cos.view(1, 1, d),
+                            sin.view(1, 1, d)).transpose(1, 2)
+            want_k, want_v = (c.clone() for c in cache)
+            want_k.index_copy_(2, at, qk[:, heads:])
+            want_v.index_copy_(2, at, v.view(b, 1, kv_heads, d).transpose(1, 2))
+            assert torch.equal(vc, want_v), (heads, pos)  # keys: rotated in another order
+            assert torch.allclose(kc, want_k, rtol=1e-6, atol=1e-6), (heads, pos)
+            assert torch.equal(kc[:, :, pos + 1:], cache[0][:, :, pos + 1:])
+            visible = (torch.arange(length) <= pos).view(1, 1, 1, length)
+            want = F.scaled_dot_product_attention(qk[:, :heads], want_k, want_v,
+                                                  attn_mask=visible,
+                                                  enable_gqa=heads != kv_heads)
+            assert got.shape == (b, 1, heads, d) and got.is_contiguous()
+            error = (got - want.transpose(1, 2)).abs().max().item()
+            assert error < 1e-5, (heads, kv_heads, pos, error)
+    print("rope kernel: equal to apply_rope, index_copy_ and SDPA")
 
 
 def gemv_kernel() -> None:
@@ -139,5 +195,5 @@ def gemv_engine() -> None:
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
-    {"kernel": kernel, "engine": engine, "gemv-kernel": gemv_kernel, "norm-kernel": norm_kernel,
+    {"kernel": kernel, "engine": engine, "rope-kernel": rope_kernel, "rope-engine": rope_engine, "gemv-kernel": gemv_kernel, "norm-kernel": norm_kernel,
      "gemv-engine": gemv_engine}[sys.argv[1]]()

@@ -16,7 +16,8 @@ functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; ``max-auto
 GEMMs too, each the fastest of the kernels it benchmarks; the first step of each new batch
 compiles, in the warm-up, before any graph is captured), ``attention`` (default ``sdpa``:
 decode steps attend over the whole static cache, masked; ``triton``: over its filled positions
-only, :mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; its steps cost more as
+only, :mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; ``triton-rope``: that
+kernel with the rotary embedding and the cache write inside; its steps cost more as
 the sequence grows, so a measurement times a window at the generation's middle, see
 :meth:`NativeEngine.skip`) and ``gemv`` (default ``cublas``; ``triton``: the output and down
 projections of up to 16 sequences without split-K; ``triton-all``: q-k-v and gate-up too, with
@@ -89,8 +90,9 @@ def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
 
 
 def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
-    """The ``attention`` option: ``sdpa`` or ``triton`` where that kernel can run here."""
-    return _kernel_choice(config, "attention", ("sdpa", "triton"),
+    """The ``attention`` option: ``sdpa``, or ``triton`` or ``triton-rope`` where those kernels
+    can run here."""
+    return _kernel_choice(config, "attention", ("sdpa", "triton", "triton-rope"),
                           lambda: attention.unavailable(device, spec.head_dim))
 
 
@@ -148,8 +150,9 @@ class NativeEngine:
         "compile": "decode steps run kernels compiled by TorchInductor: true, max-autotune "
                    "(GEMMs too, the fastest of those benchmarked) or false (the default); the "
                    "first step of each new batch compiles them, in the warm-up",
-        "attention": "decode attention: sdpa (the default: the whole static cache, masked) "
-                     "or triton (a kernel that reads the filled positions only; CUDA)",
+        "attention": "decode attention: sdpa (the default: the whole static cache, masked), "
+                     "triton (a kernel that reads the filled positions only; CUDA) or "
+                     "triton-rope (that kernel with RoPE and the cache write inside)",
         "gemv": "a decode step's projections up to 16 sequences: cublas (the default), "
                 "triton (output and down by a kernel without split-K; CUDA) or triton-all "
                 "(q-k-v and gate-up too, with the RMSNorm and SwiGLU inside)",
@@ -179,7 +182,7 @@ class NativeEngine:
         # the filled positions only costs in proportion to the position: measure.py times a
         # window centred on the generation's middle, the steps before it skipped.
         self.uniform_decode_steps = self.cuda_graphs and self.attention == "sdpa"
-        self.linear_decode_steps = self.cuda_graphs and self.attention == "triton"
+        self.linear_decode_steps = self.cuda_graphs and self.attention != "sdpa"
         self.workspace_bytes = int(config.option("workspace_bytes", plan.DEFAULT_WORKSPACE))
         self._budget = store.resident_bytes
         self._static: _Static | None = None
@@ -415,7 +418,7 @@ class NativeEngine:
         self._warmed_batches.add(batch)
         if self.compile_mode:
             return "compiling the decode step's kernels for this batch (once per worker)"
-        built = [name for name, on in (("attention", self.attention == "triton"),
+        built = [name for name, on in (("attention", self.attention != "sdpa"),
                                        ("GEMV", self.gemv != "cublas")) if on]
         if built and first:  # Triton's JIT: a warm-up or two, whatever the batch
             return f"building the {' and '.join(built)} kernel{'s' * (len(built) > 1)} " \

@@ -12,8 +12,14 @@ the online softmax in float32, probabilities rounded to the cache dtype before t
 with the values, as flash attention does. Its sums run in another order than cuDNN's, so its
 output differs from SDPA's in the last bits.
 
-Exposed as the custom op ``autotune::decode_attention`` so that ``torch.compile`` keeps it one
-opaque call. Needs ``triton`` and a CUDA tensor; on CPU only under Triton's interpreter
+:func:`decode_rope_attention` (``attention=triton-rope``) does the step's rotary embedding and
+cache write too, from the q-k-v projection's output: each program rotates its KV head's key and
+its group's queries, writes the key and value at ``pos``, attends over positions ``0..pos-1``
+from the cache and over ``pos`` from its registers (never reading back what it wrote). At
+batch 1 that takes the RoPE and cache-write kernels (two or three a layer) out of the step.
+
+Exposed as the custom ops ``autotune::decode_attention`` and ``autotune::decode_rope_attention``
+so that ``torch.compile`` keeps each one opaque call. Needs ``triton`` and a CUDA tensor; on CPU only under Triton's interpreter
 (``TRITON_INTERPRET=1``, set before triton is first imported), which the tests use.
 """
 
@@ -110,3 +116,99 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
       scale: float) -> torch.Tensor:
     b, heads, _, d = q.shape
     return q.new_empty(b, 1, heads, d)
+
+
+@functools.cache
+def _rope_kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def decode_rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cos_ptr, sin_ptr,  # noqa: PLR0913
+                                     qkv_sb, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh,
+                                     scale, heads, kv_heads,
+                                     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                                     PRECISION: tl.constexpr):
+        dtype = o_ptr.dtype.element_ty
+        program = tl.program_id(0)
+        b, kv = program // kv_heads, program % kv_heads
+        pos = tl.load(pos_ptr)
+        d = tl.arange(0, HEAD_DIM)
+        swapped = (d + HEAD_DIM // 2) % HEAD_DIM  # rotate-half's partner of each element
+        cos = tl.load(cos_ptr + d).to(tl.float32)
+        sin = tl.load(sin_ptr + d).to(tl.float32)  # signed: cat(-sin1, sin2)
+        row = qkv_ptr + b * qkv_sb
+        # This KV head's key, rotated as apply_rope rounds it (x * cos, then the sum), and value.
+        k_at = row + (heads + kv) * HEAD_DIM
+        k_new = ((tl.load(k_at + d).to(tl.float32) * cos).to(dtype).to(tl.float32)
+                 + tl.load(k_at + swapped).to(tl.float32) * sin).to(dtype)
+        v_new = tl.load(row + (heads + kv_heads + kv) * HEAD_DIM + d)
+        tl.store(k_ptr + b * k_sb + kv * k_sh + pos * k_sl + d, k_new)
+        tl.store(v_ptr + b * v_sb + kv * v_sh + pos * v_sl + d, v_new)
+        g = tl.arange(0, GROUP_PAD)
+        rows = g < GROUP
+        q_at = row + (kv * GROUP + g)[:, None] * HEAD_DIM
+        qx = tl.load(q_at + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+        qs = tl.load(q_at + swapped[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+        q = ((qx * cos[None, :]).to(dtype).to(tl.float32) + qs * sin[None, :]).to(dtype)
+        top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        k_base = k_ptr + b * k_sb + kv * k_sh
+        v_base = v_ptr + b * v_sb + kv * v_sh
+        for start in range(0, pos, BLOCK):  # positions 0..pos-1, from the cache
+            n = start + tl.arange(0, BLOCK)
+            filled = n < pos
+            k = tl.load(k_base + n[:, None] * k_sl + d[None, :], mask=filled[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(filled[None, :], s, float("-inf"))
+            new_top = tl.maximum(top, tl.max(s, 1))
+            shrink = tl.exp(top - new_top)
+            p = tl.exp(s - new_top[:, None])
+            total = total * shrink + tl.sum(p, 1)
+            v = tl.load(v_base + n[:, None] * v_sl + d[None, :], mask=filled[:, None], other=0.0)
+            acc = acc * shrink[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
+            top = new_top
+        # Position pos, from the registers.
+        s_now = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+        top_now = tl.maximum(top, s_now)
+        shrink_now = tl.exp(top - top_now)
+        p_now = tl.exp(s_now - top_now)
+        total = total * shrink_now + p_now
+        acc = acc * shrink_now[:, None] + (p_now.to(dtype).to(tl.float32)[:, None]
+                                           * v_new.to(tl.float32)[None, :])
+        out = acc / total[:, None]
+        tl.store(o_ptr + b * o_sb + (kv * GROUP + g)[:, None] * o_sh + d[None, :],
+                 out.to(dtype), mask=rows[:, None])
+
+    return decode_rope_attention_kernel
+
+
+@torch.library.custom_op("autotune::decode_rope_attention", mutates_args=("k", "v"))
+def decode_rope_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          pos: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                          heads: int, scale: float) -> torch.Tensor:
+    """A decode step's attention from its q-k-v projection: RoPE, the cache write, attention.
+
+    ``qkv`` [B, (H + 2 KV) * d] (q's heads, k's, v's; unit last stride), ``k``, ``v`` the
+    static cache [B, KV, L, d], written at ``pos`` ([1] int64 on the device); ``cos``,
+    ``signed_sin`` [d], the rotary tables' row at ``pos`` (``signed_sin`` = cat(-sin1, sin2),
+    as :func:`autotune.streaming.llama.apply_rope` takes it) -> ``[B, 1, H, d]``, contiguous."""
+    b = qkv.shape[0]
+    kv_heads, d = k.shape[1], k.shape[3]
+    group = heads // kv_heads
+    out = qkv.new_empty(b, 1, heads, d)
+    precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
+    _rope_kernel()[(b * kv_heads,)](
+        qkv, k, v, out, pos, cos, signed_sin, qkv.stride(0), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2),
+        scale, heads, kv_heads, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
+        HEAD_DIM=d, BLOCK=BLOCK_N, PRECISION=precision)
+    return out
+
+
+@decode_rope_attention.register_fake
+def _(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+      cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    return qkv.new_empty(qkv.shape[0], 1, heads, k.shape[3])

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from autotune.models import ModelSpec
 from autotune.streaming import gemv, quant
-from autotune.streaming.attention import decode_attention
+from autotune.streaming.attention import decode_attention, decode_rope_attention
 from autotune.streaming.runtime import WeightStore
 
 
@@ -133,7 +133,8 @@ class Llama:
     ``compile_mode``: decode steps run the unit functions compiled in this ``torch.compile``
     mode (the module docstring, :func:`compile_options`); None: eager.
     ``attention``: a decode step attends through ``sdpa`` over the whole static cache, masked,
-    or through ``triton`` over its filled positions only (:mod:`autotune.streaming.attention`).
+    or through ``triton`` over its filled positions only, or ``triton-rope``, which also
+    rotates q and k and writes the cache (:mod:`autotune.streaming.attention`).
     ``gemv``: a decode step's output and down projections are ``cublas``'s GEMMs or, up to
     ``gemv.MAX_ROWS`` sequences, ``triton``'s kernel without split-K; ``triton-all`` also
     runs q-k-v and gate-up by Triton kernels with the RMSNorm (and SwiGLU) inside
@@ -181,7 +182,7 @@ class Llama:
                capturing: bool = False) -> torch.Tensor:
         """One token per sequence ``[B, 1]`` at position ``pos`` ([1], int64, on the device)
         -> logits ``[B, V]``. Static shapes: capturable in a CUDA graph."""
-        if self.attention == "triton":  # reads pos itself: no mask
+        if self.attention != "sdpa":  # the Triton kernels read pos themselves: no mask
             return self._forward(tokens, cache, pos, None, capturing)
         # Additive [1, 1, 1, L]: 0 where key j <= pos, -inf beyond. Its rows are padded to 16
         # elements, the alignment the fused attention kernels want (else they pad per call).
@@ -241,6 +242,10 @@ class Llama:
         spec = self.spec
         b, s, _ = x.shape
         nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
+        if pos is not None and self.attention == "triton-rope" and "qkv" in w:
+            # RoPE, the cache write and attention in one kernel, from the projection's output.
+            return decode_rope_attention(self._qkv_fused(x, w, pos), kc, vc, pos, cos.view(-1),
+                                         sin.view(-1), nh, 1.0 / math.sqrt(d)).view(b, s, -1)
         qk, v = self._qkv(x, w, pos)
         # q and k rotated together, in the projection's layout, then viewed head-major.
         qk = apply_rope(qk.view(b, s, nh + nkv, d), cos, sin).transpose(1, 2)
@@ -266,15 +271,20 @@ class Llama:
         b, s, _ = x.shape
         split = [(self.spec.num_attention_heads + self.spec.num_key_value_heads)
                  * self.spec.head_dim, self.spec.num_key_value_heads * self.spec.head_dim]
-        if "qkv" in w and self.gemv == "triton-all" and _small_decode(b * s, pos):
-            qkv = gemv.norm_linear(x.view(b * s, -1), w["norm"],
-                                   quant.weight(w, "qkv", x.dtype), self.eps, False)
-            return qkv.view(b, s, -1).split(split, dim=-1)  # the norm inside the GEMM
-        h = rms_norm(x, w["norm"], self.eps)
         if "qkv" in w:
-            return quant.linear(h, w, "qkv").split(split, dim=-1)
+            return self._qkv_fused(x, w, pos).view(b, s, -1).split(split, dim=-1)
+        h = rms_norm(x, w["norm"], self.eps)
         return (torch.cat([quant.linear(h, w, "q"), quant.linear(h, w, "k")], dim=-1),
                 quant.linear(h, w, "v"))
+
+    def _qkv_fused(self, x: torch.Tensor, w: dict[str, Any], pos: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """The RMSNorm and the fused q-k-v GEMM: ``[B * S, (H + 2 KV) * d]``."""
+        b, s, _ = x.shape
+        if self.gemv == "triton-all" and _small_decode(b * s, pos):  # the norm inside the GEMM
+            return gemv.norm_linear(x.view(b * s, -1), w["norm"],
+                                    quant.weight(w, "qkv", x.dtype), self.eps, False)
+        return quant.linear(rms_norm(x, w["norm"], self.eps), w, "qkv").view(b * s, -1)
 
     def _swiglu(self, x: torch.Tensor, w: dict[str, Any], pos: torch.Tensor | None
                 ) -> torch.Tensor:
