@@ -6,7 +6,10 @@ process, in turn for each batch, so that their figures compare (across runs they
 ``resident`` (``--model``, default llama2-7b): nothing streamed, batches ``--batches``
 (1, 8, 32); variants ``unfused`` (``fused=false``: one GEMM per matrix), ``fused``,
 ``compiled`` (``compile=true``: TorchInductor kernels in the decode step, issue 22) and
-``autotuned`` (``compile=max-autotune``: its GEMMs too, the fastest it benchmarks). Reports
+``autotuned`` (``compile=max-autotune``: its GEMMs too, the fastest it benchmarks), and the
+Triton kernels' (``triton``, ``compiled-triton``: ``attention=triton``; ``-gemv``: with
+``gemv=triton``; ``-gemv-all``: ``gemv=triton-all``; ``all-triton``, ``compiled-all-triton``:
+``attention=triton-rope`` and ``gemv=triton-all``, without and with ``compile``). Reports
 tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
 read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is
 not counted, a step reads only its tokens' rows: issue 14's 3.23 ms counted it, 2% more for
@@ -64,6 +67,7 @@ RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": Tr
             "compiled-triton": {"compile": True, **TRITON},
             "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"},
             "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"},
+            "all-triton": {k: v for k, v in ALL_TRITON.items() if k != "compile"},
             "compiled-all-triton": ALL_TRITON}
 STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {},
              "in-budget-compiled": {"compile": True},

@@ -194,7 +194,7 @@ case $stage in
       -k "gemv or norm or rope or every"
     step decode22g-float16 200 python3 benchmarks/decode.py --parts resident --batches 1,8 \
       --graph-profile --decode-steps 256 --repeats 3 \
-      --variants fused,compiled-triton,compiled-triton-gemv,compiled-triton-gemv-all,compiled-all-triton \
+      --variants fused,compiled-triton,compiled-triton-gemv,compiled-triton-gemv-all,all-triton,compiled-all-triton \
       --json "$OUT/decode22g-float16.json"
     ;;
   decode22h)
