@@ -83,20 +83,24 @@ def rope_engine() -> None:
 def rope_kernel() -> None:
     """RoPE, the cache write and attention from the q-k-v projection, against apply_rope,
     index_copy_ and SDPA: float32, groups of 1 and 4 query heads, positions 0, inside the
-    first block, at its edge and in a later one; the cache's other positions untouched."""
-    from autotune.streaming.attention import decode_rope_attention
+    first block, at its edge and in a later one, each pair's positions in 1, 3 and 4 programs
+    (some with nothing to read); the cache's other positions untouched."""
+    from autotune.streaming.attention import decode_rope_attention, rope_attention
     from autotune.streaming.llama import apply_rope
 
     gen = torch.Generator().manual_seed(4)
     length, d, b = 2 * BLOCK_N + 5, 32, 3
-    for heads, kv_heads in ((4, 4), (8, 2)):
+    for heads, kv_heads, splits in ((4, 4, None), (8, 2, 1), (8, 2, 3), (4, 4, 4)):
         for pos in (0, 7, BLOCK_N, BLOCK_N + 1, length - 1):
             qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=gen)
             cache = [torch.randn(b, kv_heads, length, d, generator=gen) for _ in range(2)]
             cos, sin = torch.randn(d, generator=gen), torch.randn(d, generator=gen)
             at = torch.tensor([pos])
             kc, vc = (c.clone() for c in cache)
-            got = decode_rope_attention(qkv, kc, vc, at, cos, sin, heads, d ** -0.5)
+            args = (qkv, kc, vc, at, cos, sin, heads, d ** -0.5)
+            # None: the op's own choice (3 x 4 pairs, 8 "SMs" here: 1 split).
+            got = (decode_rope_attention(*args) if splits is None
+                   else rope_attention(*args, splits))
             qk, v = qkv.view(b, 1, -1).split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
             qk = apply_rope(qk.reshape(b, 1, heads + kv_heads, d), cos.view(1, 1, d),
                             sin.view(1, 1, d)).transpose(1, 2)
@@ -104,7 +108,7 @@ def rope_kernel() -> None:
             want_k.index_copy_(2, at, qk[:, heads:])
             want_v.index_copy_(2, at, v.view(b, 1, kv_heads, d).transpose(1, 2))
             assert torch.equal(vc, want_v), (heads, pos)  # keys: rotated in another order
-            assert torch.allclose(kc, want_k, rtol=1e-6, atol=1e-6), (heads, pos)
+            assert torch.allclose(kc, want_k, rtol=1e-6, atol=1e-6), (heads, pos, splits)
             assert torch.equal(kc[:, :, pos + 1:], cache[0][:, :, pos + 1:])
             visible = (torch.arange(length) <= pos).view(1, 1, 1, length)
             want = F.scaled_dot_product_attention(qk[:, :heads], want_k, want_v,
@@ -112,7 +116,7 @@ def rope_kernel() -> None:
                                                   enable_gqa=heads != kv_heads)
             assert got.shape == (b, 1, heads, d) and got.is_contiguous()
             error = (got - want.transpose(1, 2)).abs().max().item()
-            assert error < 1e-5, (heads, kv_heads, pos, error)
+            assert error < 1e-5, (heads, kv_heads, splits, pos, error)
     print("rope kernel: equal to apply_rope, index_copy_ and SDPA")
 
 

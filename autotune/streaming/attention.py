@@ -118,20 +118,33 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
     return q.new_empty(b, 1, heads, d)
 
 
+MAX_SPLITS = 16  # of a sequence's positions, where the (sequence, KV head) pairs are few
+
+
+def splits_for(programs: int, device: torch.device) -> int:
+    """How many programs share a (sequence, KV head)'s positions: enough for about one per
+    SM (batch 1 of llama2-7b has 32 pairs for 132 SMs on the H200, llama3-8b 8), one where the
+    pairs fill the GPU. The interpreter (CPU) counts 8 SMs, so that its tests split too."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 8)
+    return max(1, min(MAX_SPLITS, -(-sms // programs))) if programs < sms else 1
+
+
 @functools.cache
-def _rope_kernel() -> Any:
+def _rope_kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def decode_rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, pos_ptr, cos_ptr, sin_ptr,  # noqa: PLR0913
+    def decode_rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, part_ptr, pos_ptr,  # noqa: PLR0913
+                                     cos_ptr, sin_ptr,
                                      qkv_sb, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh,
                                      scale, heads, kv_heads,
                                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                                     PRECISION: tl.constexpr):
+                                     SPLITS: tl.constexpr, PRECISION: tl.constexpr):
         dtype = o_ptr.dtype.element_ty
-        program = tl.program_id(0)
+        program, split = tl.program_id(0), tl.program_id(1)
         b, kv = program // kv_heads, program % kv_heads
         pos = tl.load(pos_ptr)
         d = tl.arange(0, HEAD_DIM)
@@ -139,27 +152,26 @@ def _rope_kernel() -> Any:
         cos = tl.load(cos_ptr + d).to(tl.float32)
         sin = tl.load(sin_ptr + d).to(tl.float32)  # signed: cat(-sin1, sin2)
         row = qkv_ptr + b * qkv_sb
-        # This KV head's key, rotated as apply_rope rounds it (x * cos, then the sum), and value.
-        k_at = row + (heads + kv) * HEAD_DIM
-        k_new = ((tl.load(k_at + d).to(tl.float32) * cos).to(dtype).to(tl.float32)
-                 + tl.load(k_at + swapped).to(tl.float32) * sin).to(dtype)
-        v_new = tl.load(row + (heads + kv_heads + kv) * HEAD_DIM + d)
-        tl.store(k_ptr + b * k_sb + kv * k_sh + pos * k_sl + d, k_new)
-        tl.store(v_ptr + b * v_sb + kv * v_sh + pos * v_sl + d, v_new)
         g = tl.arange(0, GROUP_PAD)
         rows = g < GROUP
         q_at = row + (kv * GROUP + g)[:, None] * HEAD_DIM
         qx = tl.load(q_at + d[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
         qs = tl.load(q_at + swapped[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
+        # Rotated as apply_rope rounds it: x * cos, then the sum.
         q = ((qx * cos[None, :]).to(dtype).to(tl.float32) + qs * sin[None, :]).to(dtype)
-        top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        # The running maximum before any score: finite, so that exp(top - new_top) is 0 at the
+        # first score and 1 (times nothing) in a split that had none, never NaN.
+        top = tl.full([GROUP_PAD], -1e30, tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
         k_base = k_ptr + b * k_sb + kv * k_sh
         v_base = v_ptr + b * v_sb + kv * v_sh
-        for start in range(0, pos, BLOCK):  # positions 0..pos-1, from the cache
+        # This split's share of positions 0..pos-1, read from the cache, in whole blocks.
+        share = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK) * BLOCK
+        first, end = split * share, tl.minimum(split * share + share, pos)
+        for start in range(first, end, BLOCK):
             n = start + tl.arange(0, BLOCK)
-            filled = n < pos
+            filled = n < end
             k = tl.load(k_base + n[:, None] * k_sl + d[None, :], mask=filled[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = tl.where(filled[None, :], s, float("-inf"))
@@ -170,19 +182,79 @@ def _rope_kernel() -> Any:
             v = tl.load(v_base + n[:, None] * v_sl + d[None, :], mask=filled[:, None], other=0.0)
             acc = acc * shrink[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             top = new_top
-        # Position pos, from the registers.
-        s_now = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
-        top_now = tl.maximum(top, s_now)
-        shrink_now = tl.exp(top - top_now)
-        p_now = tl.exp(s_now - top_now)
-        total = total * shrink_now + p_now
-        acc = acc * shrink_now[:, None] + (p_now.to(dtype).to(tl.float32)[:, None]
-                                           * v_new.to(tl.float32)[None, :])
+        if split == SPLITS - 1:  # the last split: position pos, written, attended from registers
+            k_at = row + (heads + kv) * HEAD_DIM
+            k_new = ((tl.load(k_at + d).to(tl.float32) * cos).to(dtype).to(tl.float32)
+                     + tl.load(k_at + swapped).to(tl.float32) * sin).to(dtype)
+            v_new = tl.load(row + (heads + kv_heads + kv) * HEAD_DIM + d)
+            tl.store(k_base + pos * k_sl + d, k_new)
+            tl.store(v_base + pos * v_sl + d, v_new)
+            s_now = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+            top_now = tl.maximum(top, s_now)
+            shrink_now = tl.exp(top - top_now)
+            p_now = tl.exp(s_now - top_now)
+            total = total * shrink_now + p_now
+            acc = acc * shrink_now[:, None] + (p_now.to(dtype).to(tl.float32)[:, None]
+                                               * v_new.to(tl.float32)[None, :])
+            top = top_now
+        if SPLITS == 1:
+            out = acc / total[:, None]
+            tl.store(o_ptr + b * o_sb + (kv * GROUP + g)[:, None] * o_sh + d[None, :],
+                     out.to(dtype), mask=rows[:, None])
+        else:  # partials [pair, split, row, (top, total, acc...)], float32, for the combine
+            at = part_ptr + ((program * SPLITS + split) * GROUP_PAD + g) * (HEAD_DIM + 2)
+            tl.store(at, top)
+            tl.store(at + 1, total)
+            tl.store(at[:, None] + 2 + d[None, :], acc)
+
+    @triton.jit
+    def combine_kernel(o_ptr, part_ptr, o_sb, o_sh, kv_heads, GROUP: tl.constexpr,
+                       GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        program = tl.program_id(0)
+        b, kv = program // kv_heads, program % kv_heads
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        top = tl.full([GROUP_PAD], -1e30, tl.float32)
+        total = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for split in tl.static_range(SPLITS):  # an empty split: top -1e30, total 0, acc 0
+            at = part_ptr + ((program * SPLITS + split) * GROUP_PAD + g) * (HEAD_DIM + 2)
+            its_top = tl.load(at)
+            new_top = tl.maximum(top, its_top)
+            mine = tl.exp(top - new_top)
+            its = tl.exp(its_top - new_top)
+            total = total * mine + tl.load(at + 1) * its
+            acc = acc * mine[:, None] + tl.load(at[:, None] + 2 + d[None, :]) * its[:, None]
+            top = new_top
         out = acc / total[:, None]
         tl.store(o_ptr + b * o_sb + (kv * GROUP + g)[:, None] * o_sh + d[None, :],
-                 out.to(dtype), mask=rows[:, None])
+                 out.to(o_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
 
-    return decode_rope_attention_kernel
+    return decode_rope_attention_kernel, combine_kernel
+
+
+def rope_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                   cos: torch.Tensor, signed_sin: torch.Tensor, heads: int, scale: float,
+                   splits: int) -> torch.Tensor:
+    """:func:`decode_rope_attention` with each (sequence, KV head)'s positions shared by
+    ``splits`` programs (then a kernel combines their partial softmaxes)."""
+    b = qkv.shape[0]
+    kv_heads, d = k.shape[1], k.shape[3]
+    group = heads // kv_heads
+    group_pad = max(16, 1 << (group - 1).bit_length())  # tl.dot wants 16 rows
+    out = qkv.new_empty(b, 1, heads, d)
+    parts = qkv.new_empty((b * kv_heads * splits * group_pad * (d + 2)) if splits > 1 else 1,
+                          dtype=torch.float32)
+    attend, combine = _rope_kernels()
+    attend[(b * kv_heads, splits)](
+        qkv, k, v, out, parts, pos, cos, signed_sin, qkv.stride(0), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2),
+        scale, heads, kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK=BLOCK_N,
+        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+    if splits > 1:
+        combine[(b * kv_heads,)](out, parts, out.stride(0), out.stride(2), kv_heads,
+                                 GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, SPLITS=splits)
+    return out
 
 
 @torch.library.custom_op("autotune::decode_rope_attention", mutates_args=("k", "v"))
@@ -194,18 +266,11 @@ def decode_rope_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``qkv`` [B, (H + 2 KV) * d] (q's heads, k's, v's; unit last stride), ``k``, ``v`` the
     static cache [B, KV, L, d], written at ``pos`` ([1] int64 on the device); ``cos``,
     ``signed_sin`` [d], the rotary tables' row at ``pos`` (``signed_sin`` = cat(-sin1, sin2),
-    as :func:`autotune.streaming.llama.apply_rope` takes it) -> ``[B, 1, H, d]``, contiguous."""
-    b = qkv.shape[0]
-    kv_heads, d = k.shape[1], k.shape[3]
-    group = heads // kv_heads
-    out = qkv.new_empty(b, 1, heads, d)
-    precision = "ieee" if qkv.dtype == torch.float32 else "tf32"
-    _rope_kernel()[(b * kv_heads,)](
-        qkv, k, v, out, pos, cos, signed_sin, qkv.stride(0), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2),
-        scale, heads, kv_heads, GROUP=group, GROUP_PAD=max(16, 1 << (group - 1).bit_length()),
-        HEAD_DIM=d, BLOCK=BLOCK_N, PRECISION=precision)
-    return out
+    as :func:`autotune.streaming.llama.apply_rope` takes it) -> ``[B, 1, H, d]``, contiguous.
+    Where the (sequence, KV head) pairs are fewer than the SMs, several programs share each
+    pair's positions (:func:`splits_for`)."""
+    splits = splits_for(qkv.shape[0] * k.shape[1], qkv.device)
+    return rope_attention(qkv, k, v, pos, cos, signed_sin, heads, scale, splits)
 
 
 @decode_rope_attention.register_fake
