@@ -14,9 +14,12 @@ output differs from SDPA's in the last bits.
 
 :func:`decode_rope_attention` (``attention=triton-rope``) does the step's rotary embedding and
 cache write too, from the q-k-v projection's output: each program rotates its KV head's key and
-its group's queries, writes the key and value at ``pos``, attends over positions ``0..pos-1``
-from the cache and over ``pos`` from its registers (never reading back what it wrote). At
-batch 1 that takes the RoPE and cache-write kernels (two or three a layer) out of the step.
+its group's queries, attends over positions ``0..pos-1`` from the cache and over ``pos`` from
+its registers (never reading back what it writes there). That takes the RoPE and cache-write
+kernels (two or three a layer) out of the step. Where the (sequence, KV head) pairs are fewer
+than the SMs, several programs share each pair's positions, the last one writing ``pos``, and a
+second kernel combines their partial softmaxes (flash-decoding), so that a batch-1 step does
+not read its cache with a quarter of the GPU.
 
 Exposed as the custom ops ``autotune::decode_attention`` and ``autotune::decode_rope_attention``
 so that ``torch.compile`` keeps each one opaque call. Needs ``triton`` and a CUDA tensor; on CPU only under Triton's interpreter
