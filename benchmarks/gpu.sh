@@ -44,9 +44,9 @@
 #   bash benchmarks/gpu.sh decode22h    carry [".whl"]   (bf16 at 1, 8, 32 and fp16 at 32: fused,
 #                                                         compiled-triton, compiled-all-triton;
 #                                                         streaming llama3-8b 12 GiB, budget 0; ~8 min)
-#   bash benchmarks/gpu.sh study22      carry [".whl"]   (item 3: the native study of llama2-7b at
-#                                                         8 GiB, default options, then compile=true
-#                                                         with attention=triton)
+#   bash benchmarks/gpu.sh study22 [OPTIONS] carry [".whl"] (item 3: the native study of llama2-7b
+#                                                         at 8 GiB, default options, then OPTIONS
+#                                                         (default "compile=true attention=triton"))
 # One call for a session with little device time left (~9 min; no install stage):
 #   bash benchmarks/gpu.sh short        carry [".whl"]   (issue 21's llama2-7b and llama3-8b rows;
 #                                                         issue 22's GPU tests and batches 1, 32)
@@ -207,10 +207,13 @@ case $stage in
     step decode22h-stream 150 python3 benchmarks/decode.py --parts streaming --osl 64 --repeats 2 \
       --variants embed-head-in-budget,in-budget-compiled-all-triton --json "$OUT/decode22h-stream.json"
     ;;
-  study22)
-    for variant in default compiled-triton; do
+  study22)  # optional second argument: the faster path's engine options, space-separated
+    faster=(${2:-compile=true attention=triton})
+    for variant in default faster; do
       options=()
-      [ "$variant" = compiled-triton ] && options=(--engine-option compile=true --engine-option attention=triton)
+      if [ "$variant" = faster ]; then
+        for o in "${faster[@]}"; do options+=(--engine-option "$o"); done
+      fi
       step "study22-$variant" 285 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \
         "${options[@]}" --storage "sqlite:///$OUT/study22.db" --study "native-7b-$variant" \
         --out "$OUT/study22-$variant.json"
