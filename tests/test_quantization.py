@@ -331,8 +331,16 @@ def test_the_prior_searches_across_precisions_to_the_optimum(tmp_path: Path) -> 
     it is the faster, and the search must find the best configuration of all three."""
     config = EngineConfig(model="tiny-llama", engine=ANALYTIC, device="cpu", max_batch=64,
                           dtype="float32", quantization=PRECISIONS,
-                          gpu_memory_limit=2**30 + 256 * 2**20)
-    engine = AnalyticEngine(config)
+                          gpu_memory_limit=2**30 + 256 * 2**20,
+                          options=(("clock", "modelled"),))
+    engine = AnalyticEngine(config)  # timed on the modelled clock: the best 16-bit
+    try:  # configuration is 1.2% below the 8-bit optimum, within a loaded machine's noise
+        _search_across_precisions(config, engine)
+    finally:
+        engine.close()  # gives the real clock back to measure()
+
+
+def _search_across_precisions(config: EngineConfig, engine: AnalyticEngine) -> None:
     runner = InProcessRunner(engine)
     study = optuna.create_study(direction="maximize",
                                 sampler=make_sampler("autotune", 0, 64, PRECISIONS))
@@ -369,9 +377,8 @@ def test_the_prior_searches_across_precisions_to_the_optimum(tmp_path: Path) -> 
     a = best.user_attrs
     unit = UNIT if a["precision"] == "none" else UNIT // 2
     chosen = modelled[a["batch"], a["budget_applied_bytes"] // unit, a["precision"]]
-    # The configuration it chose, by the engine's own model (its sleeps are timed, and a
-    # loaded machine adds to each): within 10% of the best that fits.
-    assert chosen >= 0.9 * optimum, (best.params, chosen, optimum)
+    # The configuration it chose, by the engine's own model: the best that fits.
+    assert chosen == pytest.approx(optimum, rel=1e-9), (best.params, chosen, optimum)
     assert best.params["precision"] != "none"
     assert "precisions" in study.user_attrs["prior"]
 

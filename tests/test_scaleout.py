@@ -29,10 +29,11 @@ from autotune.tune.study import RunOptions, run_study
 
 PG_URL = os.environ.get("AUTOTUNE_TEST_POSTGRES_URL")
 # Modelled step times make the two storages' figures exact (real sleeps on a loaded CI machine
-# once ranked batch 16 over 32, 24% apart); the 0.5 s budget change keeps trials long enough
-# for the joining workers to claim some.
+# once ranked batch 16 over 32, 24% apart); the 1.5 s budget change keeps trials long enough
+# for the joining workers to claim some (with 0.5 s, a loaded machine's joiners started late
+# enough to get one trial each).
 EXACT = (("clock", "modelled"),)
-SLOW_EXACT = (("budget_sleep_s", "0.5"), *EXACT)
+SLOW_EXACT = (("budget_sleep_s", "1.5"), *EXACT)
 GRID = [{"batch": b, "budget_fraction": f} for b in (1, 2, 4, 8, 16, 32) for f in (0.0, 1.0)]
 
 

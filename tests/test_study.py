@@ -81,7 +81,10 @@ def test_study_stops_early_once_converged(storage_url: str) -> None:
 
 
 def test_estimated_trials_say_so_and_the_best_is_confirmed(storage_url: str) -> None:
-    result = run_study(_options(storage_url, trials=3, osl=40, decode_steps=8))
+    # On the modelled clock: the estimate and the confirmation are timed at different moments,
+    # and a loaded machine's real sleeps differed by up to 25% between them.
+    result = run_study(_options(storage_url, trials=3, osl=40, decode_steps=8,
+                                engine_options=(("clock", "modelled"),)))
     study = _study(storage_url)
     for t in study.trials:
         assert t.user_attrs["measurement"].startswith("estimated: prefill + 8 of 39 decode")
@@ -90,7 +93,8 @@ def test_estimated_trials_say_so_and_the_best_is_confirmed(storage_url: str) -> 
     assert c["trial"] == best.number and c["status"] == "ok"
     assert c["measurement"].startswith("full")
     assert c["estimated_throughput_tok_s"] == best.value
-    assert abs(c["estimate_error_pct"]) < 25  # the analytic engine's steps are alike
+    # The analytic engine's steps are alike (a missing extrapolation would be ~5x off).
+    assert abs(c["estimate_error_pct"]) < 1
     assert any(n.startswith(f"confirmed trial {best.number} over all 39") for n in result.notes)
     rec = recommend.build(study)
     assert rec["confirmation"] == c and rec["best"]["measurement"].startswith("estimated")
@@ -135,8 +139,10 @@ def test_memory_limit_records_infeasible_without_running(storage_url: str) -> No
 )
 def test_faults_become_explained_trials(storage_url: str, fault: str, status: str,
                                         reason: str) -> None:
+    # Only the hang needs the short timeout; the others have a minute to come back (a core
+    # dump of an aborted torch process can take seconds on a loaded machine).
     opts = _options(storage_url, trials=2, engine_options=(("fault", fault), ("fault_batch", 1)),
-                    trial_timeout_s=2.0)
+                    trial_timeout_s=2.0 if fault == "hang" else 60.0)
     run_study(opts)
     trials = _study(storage_url).trials
     assert len(trials) == 2  # the study went on after the first fault
@@ -199,11 +205,11 @@ def test_a_slow_load_is_reported_while_it_lasts(storage_url: str) -> None:
     from autotune.measure.worker import Worker
 
     config = EngineConfig(model="tiny-llama", engine=ANALYTIC, dtype="float32", device="cpu",
-                          options=(("load_sleep_s", 1.5),))
+                          options=(("load_sleep_s", 3),))
     waited: list[float] = []
     with Worker(config) as worker:
         info = worker.start(on_wait=waited.append, every_s=0.3)
-    assert info.load_s >= 1.5
+    assert info.load_s >= 3
     assert len(waited) >= 2 and waited == sorted(waited) and waited[-1] < info.load_s + 5
 
     events: list[tuple[str, float, object]] = []
