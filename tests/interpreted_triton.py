@@ -38,9 +38,9 @@ def kernel() -> None:
     print("kernel: equal to SDPA")
 
 
-def _attention_tokens(option: str, measured: bool) -> None:
-    """tiny-llama float32: attention=``option`` generates the sdpa tokens, resident and
-    streamed (and, ``measured``, its steps are timed in full)."""
+def _attention_tokens(option: str, fractions: tuple[float, ...], measured: bool) -> None:
+    """tiny-llama float32: attention=``option`` generates the sdpa tokens at each budget
+    fraction (and, ``measured``, its steps are timed in full)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_native_engine import _generate, _load
 
@@ -51,7 +51,7 @@ def _attention_tokens(option: str, measured: bool) -> None:
     assert triton.warmup_note(2) == "building the attention kernel (once per worker)"
     assert triton.warmup_note(3) is None and sdpa.warmup_note(2) is None
     prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")
-    for fraction in (1.0, 0.4):
+    for fraction in fractions:
         for e in (sdpa, triton):
             e.device_budget = int(fraction * e.total_device_budget)
         assert torch.equal(_generate(triton, prompt, 12), _generate(sdpa, prompt, 12)), fraction
@@ -61,19 +61,19 @@ def _attention_tokens(option: str, measured: bool) -> None:
 
 
 def engine() -> None:
-    _attention_tokens("triton", measured=True)
+    _attention_tokens("triton", (1.0, 0.4), measured=True)
     print("engine: the sdpa tokens")
 
 
 def rope_engine() -> None:
-    """triton-rope's tokens; and compiled with every Triton kernel (the custom ops inside the
-    units' graphs, the cache written by one of them, as on the GPU), the sdpa tokens."""
+    """triton-rope's tokens, streamed; and compiled with every Triton kernel (the custom ops
+    inside the units' graphs, the cache written by one of them, as on the GPU), resident."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_native_engine import _generate, _load
 
     from autotune.measure.timing import random_prompt
 
-    _attention_tokens("triton-rope", measured=False)
+    _attention_tokens("triton-rope", (0.4,), measured=False)  # streamed: the resident path too
     sdpa, compiled = _load(), _load(attention="triton-rope", gemv="triton-all", compile="true")
     prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")
     assert torch.equal(_generate(compiled, prompt, 8), _generate(sdpa, prompt, 8))
@@ -155,8 +155,7 @@ def norm_kernel() -> None:
 
 def gemv_engine() -> None:
     """tiny-llama float32: gemv=triton and triton-all generate the cuBLAS tokens, resident and
-    streamed, each running its kernels (17 sequences stay cuBLAS's), and so does triton-all
-    compiled."""
+    streamed, each running its kernels (17 sequences stay cuBLAS's)."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_native_engine import _generate, _load
 
@@ -170,31 +169,23 @@ def gemv_engine() -> None:
             return _kernel(*args, **kwargs)
         setattr(gemv, name, counted)
     cublas = _load()
+    cases = {"triton": ((2, 0.4),), "triton-all": ((2, 1.0), (2, 0.4), (gemv.MAX_ROWS + 1, 1.0))}
     for option, runs in (("triton", {"add_linear_"}), ("triton-all", set(calls))):
         triton = _load(gemv=option)
         assert triton.describe()["gemv"] == option
         assert triton.warmup_note(2) == "building the GEMV kernel (once per worker)"
-        for batch, fractions in ((2, (1.0, 0.4)), (gemv.MAX_ROWS + 1, (1.0,))):
+        for batch, fraction in cases[option]:
             prompt = random_prompt(batch, 9, cublas.spec.vocab_size, seed=3, device="cpu")
-            for fraction in fractions:
-                for e in (cublas, triton):
-                    e.device_budget = int(fraction * e.total_device_budget)
-                want = _generate(cublas, prompt, 6)
-                calls.update(dict.fromkeys(calls, 0))
-                assert torch.equal(_generate(triton, prompt, 6), want), (option, batch, fraction)
-                small = batch <= gemv.MAX_ROWS  # 5 decode steps, 2 calls a layer each
-                each = 5 * triton.spec.num_hidden_layers * 2 * small
-                assert calls == {k: each * (k in runs) for k in calls}, (option, calls)
+            for e in (cublas, triton):
+                e.device_budget = int(fraction * e.total_device_budget)
+            want = _generate(cublas, prompt, 6)
+            calls.update(dict.fromkeys(calls, 0))
+            assert torch.equal(_generate(triton, prompt, 6), want), (option, batch, fraction)
+            small = batch <= gemv.MAX_ROWS  # 5 decode steps, 2 calls a layer each
+            each = 5 * triton.spec.num_hidden_layers * 2 * small
+            assert calls == {k: each * (k in runs) for k in calls}, (option, calls)
         triton.close()
-    for name, kernel in kernels.items():  # counters would be guarded on by Dynamo
-        setattr(gemv, name, kernel)
-    # Compiled, the kernels are custom ops inside the units' graphs (as on the GPU).
-    compiled = _load(gemv="triton-all", compile="true")
-    prompt = random_prompt(2, 9, cublas.spec.vocab_size, seed=3, device="cpu")
-    for e in (cublas, compiled):
-        e.device_budget = e.total_device_budget
-    assert torch.equal(_generate(compiled, prompt, 6), _generate(cublas, prompt, 6))
-    print("gemv engine: the cuBLAS tokens")
+    print("gemv engine: the cuBLAS tokens")  # compiled: rope_engine
 
 
 if __name__ == "__main__":
