@@ -160,7 +160,7 @@ def _config(args: argparse.Namespace, model: str, options: dict[str, Any],
             limit: int | None = None) -> EngineConfig:
     return EngineConfig(model=model, dtype=args.dtype, device=args.device,
                         max_seq_len=args.isl + args.osl, gpu_memory_limit=limit,
-                        options=tuple(options.items()))
+                        quantization=(args.quantization,), options=tuple(options.items()))
 
 
 def _measure(engine: Any, batch: int, args: argparse.Namespace) -> tuple[Any, float]:
@@ -200,9 +200,10 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
     first = next(iter(engines.values()))
     store = first._store  # bytes a step reads: all weights but the embedding table
     weights = first.total_device_budget + store.fixed_nbytes - store.sizes[store.embed.index]
-    out: dict[str, Any] = {"model": args.model, "memory_gb_s": bw, "weight_bytes": weights,
+    out: dict[str, Any] = {"model": args.model, "quantization": args.quantization,
+                           "memory_gb_s": bw, "weight_bytes": weights,
                            "rows": []}
-    print(f"[resident] {args.model}: B_mem {bw:.0f} GB/s; weights {weights / 1e9:.2f} GB; "
+    print(f"[resident] {args.model} ({args.quantization}): B_mem {bw:.0f} GB/s; weights {weights / 1e9:.2f} GB; "
           f"step bound {weights / bw / 1e6:.3f} ms", flush=True)
     for batch in args.batches:
         group: list[dict[str, Any]] = []
@@ -311,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", default="resident,streaming")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--quantization", default="none", choices=("none", "int8", "fp8"),
+                   help="weights stored 8-bit (the bound counts the bytes stored)")
     p.add_argument("--model", default="llama2-7b", help="the resident part's model")
     p.add_argument("--batches", default="1,8,32", help="the resident part's batches")
     p.add_argument("--stream-model", default="llama3-8b", help="the streaming part's model")

@@ -154,12 +154,12 @@ def norm_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
                 row[f"{baseline}_us"] = time_call(call, copies, args.replays) * 1e6
                 row[f"{baseline}_bw_fraction"] = read_s / (row[f"{baseline}_us"] / 1e6)
             _sweep(row, _tilings(args), lambda w, bn, bk, warps, stages, x=x, g=g, s=swiglu:
-                   gemv.norm_linear_tiled(x, g, w, 1e-5, s, block_n=bn, block_k=bk,
+                   gemv.norm_linear_tiled(x, g, w, None, 1e-5, s, block_n=bn, block_k=bk,
                                           num_warps=warps, num_stages=stages),
                    copies, args.replays, read_s)
             if row["best"] is not None:
                 bn, bk, warps, stages = row["best"]["tiling"]
-                got = gemv.norm_linear_tiled(x, g, copies[0], 1e-5, swiglu, block_n=bn,
+                got = gemv.norm_linear_tiled(x, g, copies[0], None, 1e-5, swiglu, block_n=bn,
                                              block_k=bk, num_warps=warps, num_stages=stages)
                 row["best"]["max_error"] = (got.float() - eager(copies[0]).float()).abs().max(
                     ).item()

@@ -43,7 +43,8 @@
 #                                                         (attention=triton-rope too); ~9 min)
 #   bash benchmarks/gpu.sh decode22h    carry [".whl"]   (bf16 at 1, 8, 32 and fp16 at 32: fused,
 #                                                         compiled-triton, compiled-all-triton;
-#                                                         streaming llama3-8b 12 GiB, budget 0; ~8 min)
+#                                                         streaming llama3-8b 12 GiB, budget 0; int8
+#                                                         weights at 1, 8: fused, all-triton; ~9 min)
 #   bash benchmarks/gpu.sh study22 [OPTIONS] carry [".whl"] (item 3: the native study of llama2-7b
 #                                                         at 8 GiB, default options, then OPTIONS
 #                                                         (default "compile=true attention=triton"))
@@ -198,7 +199,7 @@ case $stage in
       --json "$OUT/decode22g-float16.json"
     ;;
   decode22h)
-    step decode22h-bfloat16 200 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
+    step decode22h-bfloat16 170 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
       --batches 1,8,32 --decode-steps 256 --repeats 3 \
       --variants fused,compiled-triton,compiled-all-triton --json "$OUT/decode22h-bfloat16.json"
     step decode22h-float16 120 python3 benchmarks/decode.py --parts resident --batches 32 \
@@ -206,6 +207,9 @@ case $stage in
       --json "$OUT/decode22h-float16.json"
     step decode22h-stream 150 python3 benchmarks/decode.py --parts streaming --osl 64 --repeats 2 \
       --variants embed-head-in-budget,in-budget-compiled-all-triton --json "$OUT/decode22h-stream.json"
+    step decode22h-int8 100 python3 benchmarks/decode.py --parts resident --quantization int8 \
+      --batches 1,8 --decode-steps 256 --repeats 3 --variants fused,all-triton \
+      --json "$OUT/decode22h-int8.json"
     ;;
   study22)  # optional second argument: the faster path's engine options, space-separated
     faster=(${2:-compile=true attention=triton})

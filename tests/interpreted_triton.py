@@ -3,7 +3,7 @@
 Run by ``tests/test_attention.py`` in a subprocess: ``TRITON_INTERPRET`` must be set before
 triton is first imported, and it must not reach the other tests' processes.
 
-    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine|rope-kernel|rope-engine|gemv-kernel|norm-kernel|gemv-engine
+    TRITON_INTERPRET=1 python tests/interpreted_triton.py kernel|engine|rope-kernel|rope-engine|gemv-kernel|norm-kernel|quantized-kernels|gemv-engine
 """
 
 from __future__ import annotations
@@ -136,6 +136,28 @@ def gemv_kernel() -> None:
     print("gemv kernel: equal to torch")
 
 
+def quantized_kernels() -> None:
+    """Both kernels over int8 rows and their scales, read as stored: equal to torch over the
+    widened matrix (float32), with the SwiGLU's up rows scaled by their own scales."""
+    from autotune.streaming import quant
+
+    gen = torch.Generator().manual_seed(5)
+    for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (5, 40, 77)):
+        w = torch.randn(2 * n, k, generator=gen) * torch.linspace(0.1, 3, 2 * n)[:, None]
+        q, scale = quant.quantize(w, "int8", torch.float32)
+        wide = quant.widen(q, scale, torch.float32)
+        x, y = torch.randn(m, n, generator=gen), torch.randn(m, k, generator=gen)
+        want = x + y @ wide[:n].t()
+        got = gemv.add_linear_(x, y, q[:n], scale[:n])
+        assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item(), (m, n, k)
+        g = torch.rand(k, generator=gen) + 0.5
+        h = F.rms_norm(y, (k,), g, 1e-5)
+        want = F.silu(h @ wide[:n].t()) * (h @ wide[n:].t())
+        got = gemv.norm_linear(y, g, q, scale, 1e-5, True)
+        assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item(), (m, n, k)
+    print("quantized kernels: equal to torch over the widened rows")
+
+
 def norm_kernel() -> None:
     """``rms_norm(x) @ w.T`` and its SwiGLU form against torch, float32: 1, 5 and 16 rows; N
     and K that are and are not multiples of the kernel's blocks; x with a view's strides."""
@@ -147,7 +169,7 @@ def norm_kernel() -> None:
         h = F.rms_norm(x, (k,), g, 1e-5)
         for swiglu, want in ((False, h @ w.t()),
                              (True, F.silu(h @ w[:n].t()) * (h @ w[n:].t()))):
-            got = gemv.norm_linear(x, g, w, 1e-5, swiglu)
+            got = gemv.norm_linear(x, g, w, None, 1e-5, swiglu)
             error = (got - want).abs().max().item()
             assert error < 1e-4 * want.abs().max().item(), (m, n, k, swiglu, error)
     print("norm kernel: equal to torch")
@@ -155,7 +177,8 @@ def norm_kernel() -> None:
 
 def gemv_engine() -> None:
     """tiny-llama float32: gemv=triton and triton-all generate the cuBLAS tokens, resident and
-    streamed, each running its kernels (17 sequences stay cuBLAS's)."""
+    streamed, each running its kernels (17 sequences stay cuBLAS's); and with int8 weights,
+    read as stored, the widened path's tokens."""
     sys.path.insert(0, os.path.dirname(__file__))
     from test_native_engine import _generate, _load
 
@@ -168,6 +191,14 @@ def gemv_engine() -> None:
             calls[_name] += 1
             return _kernel(*args, **kwargs)
         setattr(gemv, name, counted)
+    int8 = _load(quantization=("int8",)), _load(quantization=("int8",), gemv="triton-all")
+    prompt = random_prompt(2, 9, int8[0].spec.vocab_size, seed=3, device="cpu")
+    for e in int8:
+        e.device_budget = int(0.4 * e.total_device_budget)
+    want = _generate(int8[0], prompt, 6)
+    calls.update(dict.fromkeys(calls, 0))
+    assert torch.equal(_generate(int8[1], prompt, 6), want), "int8"
+    assert calls == dict.fromkeys(calls, 5 * int8[1].spec.num_hidden_layers * 2), calls
     cublas = _load()
     cases = {"triton": ((2, 0.4),), "triton-all": ((2, 1.0), (2, 0.4), (gemv.MAX_ROWS + 1, 1.0))}
     for option, runs in (("triton", {"add_linear_"}), ("triton-all", set(calls))):
@@ -191,4 +222,5 @@ def gemv_engine() -> None:
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run under TRITON_INTERPRET=1"
     {"kernel": kernel, "engine": engine, "rope-kernel": rope_kernel, "rope-engine": rope_engine, "gemv-kernel": gemv_kernel, "norm-kernel": norm_kernel,
+     "quantized-kernels": quantized_kernels,
      "gemv-engine": gemv_engine}[sys.argv[1]]()

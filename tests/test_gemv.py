@@ -24,6 +24,10 @@ def test_the_norm_kernel_normalizes_and_multiplies() -> None:
     _interpreted("norm-kernel")
 
 
+def test_the_kernels_read_8_bit_rows_and_apply_their_scales() -> None:
+    _interpreted("quantized-kernels")
+
+
 def test_the_engine_with_the_kernels_generates_the_cublas_tokens() -> None:
     _interpreted("gemv-engine")
 
@@ -70,7 +74,7 @@ def test_gpu_norm_kernel_equals_torch(dtype) -> None:
             if swiglu:
                 gate, up = want.chunk(2, dim=-1)
                 want = torch.nn.functional.silu(gate) * up
-            got = gemv.norm_linear(x, g, w, 1e-5, swiglu).float()
+            got = gemv.norm_linear(x, g, w, None, 1e-5, swiglu).float()
             error = (got - want).abs().max().item()
             assert error <= 4 * TOLERANCE[dtype] * want.abs().max().item(), (m, n, error)
 
@@ -83,3 +87,32 @@ def test_gpu_gemv_generates_the_graphs_tokens(dtype, option) -> None:
     failure gives the share of equal ones)."""
     pytest.importorskip("triton")
     assert_graphs_tokens(dtype, (1.0, 0.3), gemv=option)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gpu_kernels_read_8_bit_rows(precision, dtype) -> None:
+    """llama2-7b's gate-up and output projections stored 8-bit, at 1 and 16 rows: the kernels
+    over the stored values and scales equal torch's GEMM over the widened matrix."""
+    pytest.importorskip("triton")
+    from autotune.streaming import quant
+
+    quant.check_supported(precision, "cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    for m in (1, gemv.MAX_ROWS):
+        w = torch.randn(2 * 11008, 4096, generator=gen, device="cuda", dtype=dtype) / 64
+        q, scale = quant.quantize(w, precision, dtype)
+        wide = quant.widen(q, scale, dtype).float()
+        x = torch.randn(m, 4096, generator=gen, device="cuda", dtype=dtype)
+        y = torch.randn(m, 8192, generator=gen, device="cuda", dtype=dtype)  # a view's rows
+        # The residual kernel over 4096 of those rows (the output projection's shape).
+        want = x.float() + y[:, :4096].float() @ wide[:4096].t()
+        got = gemv.add_linear_(x.clone(), y[:, :4096], q[:4096], scale[:4096]).float()
+        assert (got - want).abs().max().item() <= 4 * TOLERANCE[dtype] * want.abs().max().item()
+        g = torch.rand(4096, generator=gen, device="cuda", dtype=dtype) + 0.5
+        h = torch.nn.functional.rms_norm(x.float(), (4096,), g.float(), 1e-5)
+        gate, up = (h @ wide.t()).chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+        got = gemv.norm_linear(x, g, q, scale, 1e-5, True).float()
+        assert (got - want).abs().max().item() <= 4 * TOLERANCE[dtype] * want.abs().max().item()

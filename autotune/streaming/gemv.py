@@ -38,9 +38,9 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def add_linear_kernel(x_ptr, y_ptr, w_ptr, m, n, k, x_sm, y_sm, w_sn,
-                          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          PRECISION: tl.constexpr):
+    def add_linear_kernel(x_ptr, y_ptr, w_ptr, scale_ptr, m, n, k, x_sm, y_sm, w_sn,
+                          SCALED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of W: outputs
         rows = tl.arange(0, ROWS)  # of y and x, masked beyond m
         acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
@@ -50,7 +50,9 @@ def _kernel() -> Any:
                         mask=(rows[:, None] < m) & (ks[None, :] < k), other=0.0)
             w = tl.load(w_ptr + cols[:, None] * w_sn + ks[None, :],
                         mask=(cols[:, None] < n) & (ks[None, :] < k), other=0.0)
-            acc += tl.dot(y, tl.trans(w), input_precision=PRECISION)
+            acc += tl.dot(y, tl.trans(w.to(y.dtype)), input_precision=PRECISION)
+        if SCALED:  # 8-bit rows: their scale, once, after the sum
+            acc *= tl.load(scale_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)[None, :]
         where = x_ptr + rows[:, None] * x_sm + cols[None, :]
         inside = (rows[:, None] < m) & (cols[None, :] < n)
         x = tl.load(where, mask=inside, other=0.0)
@@ -59,20 +61,23 @@ def _kernel() -> Any:
     return add_linear_kernel
 
 
-def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, *,
-                block_n: int = BLOCK_N, block_k: int = BLOCK_K, num_warps: int = 4,
-                num_stages: int = 3) -> torch.Tensor:
+def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                scale: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
+                block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3
+                ) -> torch.Tensor:
     """``x += y @ weight.T`` in place, ``x`` [M, N], ``y`` [M, K], ``weight`` [N, K] (each
-    with a unit last stride), M <= MAX_ROWS; returns ``x``. The keywords are the kernel's
-    tiling (``benchmarks/gemv.py`` compares them)."""
+    with a unit last stride), M <= MAX_ROWS; returns ``x``. ``scale`` [N]: ``weight`` is
+    stored 8-bit (:mod:`autotune.streaming.quant`), each row times its scale, read as 8 bits
+    (never widened in memory). The keywords are the kernel's tiling (``benchmarks/gemv.py``
+    compares them)."""
     m, n = x.shape
     k = y.shape[1]
     if y.stride(1) != 1 or weight.stride(1) != 1:  # the kernel reads rows as runs
         y, weight = y.contiguous(), weight.contiguous()
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # 16-bit: tensor cores as is
     _kernel()[(-(-n // block_n),)](
-        x, y, weight, m, n, k, x.stride(0), y.stride(0), weight.stride(0),
-        ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
+        x, y, weight, x if scale is None else scale, m, n, k, x.stride(0), y.stride(0),
+        weight.stride(0), SCALED=scale is not None, ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
         num_warps=num_warps, num_stages=num_stages)
     return x
 
@@ -83,8 +88,9 @@ def _norm_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def norm_linear_kernel(x_ptr, g_ptr, w_ptr, out_ptr, m, n, k, x_sm, w_sn, out_sm,
-                           up_offset, eps, SWIGLU: tl.constexpr, ROWS: tl.constexpr,
+    def norm_linear_kernel(x_ptr, g_ptr, w_ptr, scale_ptr, out_ptr, m, n, k, x_sm, w_sn,
+                           out_sm, up_offset, eps, SWIGLU: tl.constexpr, SCALED: tl.constexpr,
+                           ROWS: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            PRECISION: tl.constexpr):
         dtype = out_ptr.dtype.element_ty
@@ -103,17 +109,24 @@ def _norm_kernel() -> Any:
             scaled = (x * g[None, :]).to(dtype)  # the norm's weight; its 1/rms comes last
             w_mask = (cols[:, None] < n) & inside_k[None, :]
             w = tl.load(w_ptr + cols[:, None] * w_sn + ks[None, :], mask=w_mask, other=0.0)
-            acc += tl.dot(scaled, tl.trans(w), input_precision=PRECISION)
+            acc += tl.dot(scaled, tl.trans(w.to(dtype)), input_precision=PRECISION)
             if SWIGLU:
                 wu = tl.load(w_ptr + (cols[:, None] + up_offset) * w_sn + ks[None, :],
                              mask=w_mask, other=0.0)
-                up += tl.dot(scaled, tl.trans(wu), input_precision=PRECISION)
-        scale = (1.0 / tl.sqrt(squares / k + eps))[:, None]
-        out = acc * scale
+                up += tl.dot(scaled, tl.trans(wu.to(dtype)), input_precision=PRECISION)
+        rms = (1.0 / tl.sqrt(squares / k + eps))[:, None]
+        out = acc * rms
+        up = up * rms
+        if SCALED:  # 8-bit rows: their scale, once, after the sum
+            inside_n = cols < n
+            out *= tl.load(scale_ptr + cols, mask=inside_n, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                up *= tl.load(scale_ptr + cols + up_offset, mask=inside_n,
+                              other=0.0).to(tl.float32)[None, :]
         if SWIGLU:  # rounded where the eager step rounds: each GEMM's output, silu's
             gate = out.to(dtype).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            out = silu * (up * scale).to(dtype).to(tl.float32)
+            out = silu * up.to(dtype).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * out_sm + cols[None, :], out.to(dtype),
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
 
@@ -121,7 +134,8 @@ def _norm_kernel() -> Any:
 
 
 def norm_linear_tiled(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
-                      eps: float, swiglu: bool = False, *, block_n: int = BLOCK_N,
+                      scale: torch.Tensor | None, eps: float, swiglu: bool = False, *,
+                      block_n: int = BLOCK_N,
                       block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3
                       ) -> torch.Tensor:
     """:func:`norm_linear` with the kernel's tiling as keywords (``benchmarks/gemv.py``)."""
@@ -132,23 +146,25 @@ def norm_linear_tiled(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.
     out = x.new_empty(m, n)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     _norm_kernel()[(-(-n // block_n),)](
-        x, norm_weight, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        n, eps, SWIGLU=swiglu, ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        x, norm_weight, weight, x if scale is None else scale, out, m, n, k, x.stride(0),
+        weight.stride(0), out.stride(0), n, eps, SWIGLU=swiglu, SCALED=scale is not None,
+        ROWS=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
 @torch.library.custom_op("autotune::norm_linear", mutates_args=())
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
-                swiglu: bool) -> torch.Tensor:
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                scale: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
     """``rms_norm(x, norm_weight, eps) @ weight.T``, ``x`` [M, K], ``weight`` [N, K] -> [M, N],
     M <= MAX_ROWS; with ``swiglu``, ``weight`` is gate's rows then up's, [2I, K], and the
-    result is ``silu(gate) * up`` [M, I]. A custom op: ``torch.compile`` keeps it one call."""
-    return norm_linear_tiled(x, norm_weight, weight, eps, swiglu)
+    result is ``silu(gate) * up`` [M, I]. ``scale`` [N]: ``weight`` is stored 8-bit, as in
+    :func:`add_linear_`. A custom op: ``torch.compile`` keeps it one call."""
+    return norm_linear_tiled(x, norm_weight, weight, scale, eps, swiglu)
 
 
 @norm_linear.register_fake
-def _(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float,
-      swiglu: bool) -> torch.Tensor:
+def _(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+      scale: torch.Tensor | None, eps: float, swiglu: bool) -> torch.Tensor:
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     return x.new_empty(x.shape[0], n)

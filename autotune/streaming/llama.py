@@ -58,17 +58,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-def _add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x += y @ weight.T`` as one GEMM, in place: the residual is its C operand and its
-    output (out of place, ``addmm`` first copies the residual: a kernel per call)."""
+def _add_linear_(x: torch.Tensor, y: torch.Tensor, w: dict[str, Any], key: str
+                 ) -> torch.Tensor:
+    """``x += y @ W.T`` for the unit's matrix ``key``, as one GEMM, in place: the residual is
+    its C operand and its output (out of place, ``addmm`` first copies the residual: a kernel
+    per call). A matrix stored 8-bit is widened first."""
+    weight = quant.weight(w, key, x.dtype)
     x.view(-1, x.shape[-1]).addmm_(y.reshape(-1, y.shape[-1]), weight.t())
     return x
 
 
-def _add_linear_triton_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor
+def _add_linear_triton_(x: torch.Tensor, y: torch.Tensor, w: dict[str, Any], key: str
                         ) -> torch.Tensor:
-    """:func:`_add_linear_` by :func:`autotune.streaming.gemv.add_linear_` (no split-K)."""
-    gemv.add_linear_(x.view(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), weight)
+    """:func:`_add_linear_` by :func:`autotune.streaming.gemv.add_linear_` (no split-K; a
+    matrix stored 8-bit read as such, its scales applied in the kernel)."""
+    gemv.add_linear_(x.view(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), *quant.stored(w, key))
     return x
 
 
@@ -213,10 +217,10 @@ class Llama:
             if unit.kind == "attn":
                 kc, vc = cache.k[unit.layer], cache.v[unit.layer]
                 y = attend(x, w, kc, vc, cos, sin, pos, mask)  # the heads' output
-                x = add(x, y, quant.weight(w, "o", x.dtype))
+                x = add(x, y, w, "o")
             else:
                 y = swiglu(x, w, pos)
-                x = add(x, y, quant.weight(w, "down", x.dtype))
+                x = add(x, y, w, "down")
             del y  # prefill: its [B, S, I] goes before the next unit's
             store.release(unit.index)
         x = x if all_positions else x[:, -1]
@@ -282,8 +286,8 @@ class Llama:
         """The RMSNorm and the fused q-k-v GEMM: ``[B * S, (H + 2 KV) * d]``."""
         b, s, _ = x.shape
         if self.gemv == "triton-all" and _small_decode(b * s, pos):  # the norm inside the GEMM
-            return gemv.norm_linear(x.view(b * s, -1), w["norm"],
-                                    quant.weight(w, "qkv", x.dtype), self.eps, False)
+            return gemv.norm_linear(x.view(b * s, -1), w["norm"], *quant.stored(w, "qkv"),
+                                    self.eps, False)
         return quant.linear(rms_norm(x, w["norm"], self.eps), w, "qkv").view(b * s, -1)
 
     def _swiglu(self, x: torch.Tensor, w: dict[str, Any], pos: torch.Tensor | None
@@ -292,8 +296,7 @@ class Llama:
         b, s, _ = x.shape
         if "gate_up" in w and self.gemv == "triton-all" and _small_decode(b * s, pos):
             return gemv.norm_linear(x.view(b * s, -1), w["norm"],  # norm and SwiGLU inside
-                                    quant.weight(w, "gate_up", x.dtype), self.eps,
-                                    True).view(b, s, -1)
+                                    *quant.stored(w, "gate_up"), self.eps, True).view(b, s, -1)
         h = rms_norm(x, w["norm"], self.eps)
         if "gate_up" in w:
             g, u = quant.linear(h, w, "gate_up").chunk(2, dim=-1)  # [B, S, I] each

@@ -103,3 +103,9 @@ def weight(w: dict[str, Any], key: str, dtype: torch.dtype) -> torch.Tensor:
     """The unit's matrix ``key`` in ``dtype`` (widened where stored 8-bit)."""
     scale = w.get(key + ".scale")
     return w[key] if scale is None else widen(w[key], scale, dtype)
+
+
+def stored(w: dict[str, Any], key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unit's matrix ``key`` as stored, and its row scales (None: not 8-bit), for kernels
+    that read 8-bit values themselves (:mod:`autotune.streaming.gemv`)."""
+    return w[key], w.get(key + ".scale")
