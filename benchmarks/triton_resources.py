@@ -34,24 +34,37 @@ TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int8": "i8",
 HOPPER = {"registers": 65536, "shared": 228 * 1024, "threads": 2048, "programs": 32}
 
 
+UNALIGNED = ("m", "kv_heads")  # rows (a batch) and KV heads: not multiples of 16 in general
+
+
 def compile_kernel(fn: Any, types: dict[str, str], constexprs: dict[str, Any], arch: int,
                    num_warps: int = 4, num_stages: int = 3) -> Any:
     """``fn`` (a ``triton.jit`` function) compiled for ``sm_<arch>``: every argument not in
-    ``constexprs`` typed by ``types`` (Triton's names: ``*fp16``, ``i32``, ``fp32``)."""
+    ``constexprs`` typed by ``types`` (Triton's names: ``*fp16``, ``i32``, ``fp32``).
+
+    Pointers and integers other than ``UNALIGNED`` are declared multiples of 16, as Triton's
+    launcher finds them at run time (torch's allocations, llama's dimensions and strides):
+    without that, no load can be proven 16-byte aligned, and Triton neither vectorizes them
+    nor pipelines them through shared memory (an unaligned compile of its own matmul
+    tutorial shows one buffer, where the GPU's has ``num_stages``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {a: "constexpr" if a in constexprs else types[a] for a in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(a),): v
-                                                  for a, v in constexprs.items()})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+               if a not in constexprs and a not in UNALIGNED
+               and (types[a].startswith("*") or types[a].startswith("i"))}
+    source = ASTSource(fn, signature, attrs=aligned,
+                       constexprs={(fn.arg_names.index(a),): v for a, v in constexprs.items()})
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def resources(compiled: Any, num_warps: int) -> dict[str, int]:
-    """Registers a thread, shared and local (spilled) bytes a program, and the programs an SM
-    holds at once (Hopper's limits), from the cubin."""
+    """Registers a thread, shared and local (spilled) bytes a program, the programs an SM
+    holds at once (Hopper's limits), from the cubin; and how many loads Triton's pipeliner
+    copies ahead asynchronously (0: each loop iteration waits for its own loads)."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -67,7 +80,8 @@ def resources(compiled: Any, num_warps: int) -> dict[str, int]:
                  HOPPER["shared"] // shared if shared else HOPPER["programs"],
                  HOPPER["threads"] // threads, HOPPER["programs"])
     return {"registers": usage["reg"], "shared_bytes": shared, "local_bytes": usage["local"],
-            "programs_per_sm": per_sm}
+            "programs_per_sm": per_sm,  # and the loads copied ahead into shared memory:
+            "async_copies": compiled.asm["ttgir"].count("ttg.async_copy_global_to_local")}
 
 
 def gemv_cases(dtype: str, weights: str, tiling: tuple[int, int, int, int]
@@ -142,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         said = (f"regs {row['registers']:3d}, shared {row['shared_bytes']:6d} B, local "
-                f"{row['local_bytes']:4d} B, {row['programs_per_sm']:2d} programs/SM"
+                f"{row['local_bytes']:4d} B, {row['programs_per_sm']:2d} programs/SM, "
+                f"{row['async_copies']} async copies"
                 if "error" not in row else row["error"])
         print(f"{name:>16} {labels}: {said}", flush=True)
 
