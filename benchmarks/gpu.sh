@@ -189,8 +189,8 @@ case $stage in
       --json "$OUT/decode22f-stream.json"
     ;;
   decode22g)
-    step decode22g-sweep 200 python3 benchmarks/gemv.py --block-n 16,32,64 --block-k 128,256 \
-      --warps 4 --stages 3,4 --json "$OUT/decode22g-sweep.json"
+    step decode22g-sweep 200 python3 benchmarks/gemv.py --block-n 16,32 --block-k 128,256 \
+      --warps 4 --stages 3,4,5 --json "$OUT/decode22g-sweep.json"
     step decode22g-tests 120 python3 -m pytest -q -m gpu tests/test_gemv.py tests/test_attention.py \
       -k "gemv or norm or rope or every"
     step decode22g-float16 200 python3 benchmarks/decode.py --parts resident --batches 1,8 \

@@ -124,7 +124,8 @@ def gemv_kernel() -> None:
     """``x += y @ w.T`` against torch, float32: 1, 3 and 16 rows; N and K that are and are not
     multiples of the kernel's blocks; y with a view's strides, w transposed once."""
     gen = torch.Generator().manual_seed(1)
-    for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (3, gemv.BLOCK_N, gemv.BLOCK_K), (16, 40, 77)):
+    block_n, block_k = gemv.RESIDUAL[:2]
+    for m, n, k in ((1, 96, 2 * block_k + 8), (3, block_n, block_k), (16, 40, 77)):
         x = torch.randn(m, n, generator=gen)
         y = torch.randn(m, 2 * k, generator=gen)[:, :k]
         w = torch.randn(n, k, generator=gen) if m > 1 else torch.randn(k, n, generator=gen).t()
@@ -142,7 +143,7 @@ def quantized_kernels() -> None:
     from autotune.streaming import quant
 
     gen = torch.Generator().manual_seed(5)
-    for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (5, 40, 77)):
+    for m, n, k in ((1, 96, 2 * gemv.RESIDUAL[1] + 8), (5, 40, 77)):
         w = torch.randn(2 * n, k, generator=gen) * torch.linspace(0.1, 3, 2 * n)[:, None]
         q, scale = quant.quantize(w, "int8", torch.float32)
         wide = quant.widen(q, scale, torch.float32)
@@ -162,7 +163,8 @@ def norm_kernel() -> None:
     """``rms_norm(x) @ w.T`` and its SwiGLU form against torch, float32: 1, 5 and 16 rows; N
     and K that are and are not multiples of the kernel's blocks; x with a view's strides."""
     gen = torch.Generator().manual_seed(2)
-    for m, n, k in ((1, 96, 2 * gemv.BLOCK_K + 8), (5, gemv.BLOCK_N, gemv.BLOCK_K), (16, 40, 77)):
+    block_n, block_k = gemv.NORM[:2]
+    for m, n, k in ((1, 96, 2 * block_k + 8), (5, block_n, block_k), (16, 40, 77)):
         x = 3 * torch.randn(m, 2 * k, generator=gen)[:, :k]
         g = torch.rand(k, generator=gen) + 0.5
         w = torch.randn(2 * n, k, generator=gen)

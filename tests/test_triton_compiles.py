@@ -22,15 +22,14 @@ import triton_resources as tr  # noqa: E402
 
 from autotune.streaming import gemv  # noqa: E402
 
-DEFAULT = (gemv.BLOCK_N, gemv.BLOCK_K, 4, 3)  # the kernels' default tiling
-
 
 def _cases() -> list:
     cases = []
     for dtype, weights in (("float16", "float16"), ("bfloat16", "int8"), ("float16", "fp8"),
                            ("float32", "float32")):
-        cases += [pytest.param(c, id=f"{c[0]}-{dtype}-{weights}")
-                  for c in tr.gemv_cases(dtype, weights, DEFAULT)]
+        default = (tr.gemv_cases(dtype, weights, gemv.RESIDUAL)[:1]  # each at its default
+                   + tr.gemv_cases(dtype, weights, gemv.NORM)[1:])
+        cases += [pytest.param(c, id=f"{c[0]}-{dtype}-{weights}") for c in default]
     for dtype, group, splits in (("bfloat16", 1, 5), ("float16", 4, 16), ("float32", 4, 1)):
         cases += [pytest.param(c, id=f"{c[0]}-{dtype}-group{group}-splits{splits}")
                   for c in tr.attention_cases(dtype, group, splits)

@@ -5,7 +5,7 @@ A decode step's output and down projections add their product to the residual st
 dimension to fill the GPU (32 tiles of 128 rows would leave most SMs idle) and adds a reduce
 kernel per GEMM: on the H200 these 64 GEMMs read their weights at 82% of the bandwidth, and
 their 64 reduces cost another 0.12 ms of a 4.25 ms step (issue 22). This kernel gives each
-program ``BLOCK_N`` rows of ``W`` and the whole of K, so that about 128 programs fill one wave,
+program ``block_n`` rows of ``W`` and the whole of K, so that about 128 programs fill one wave,
 and adds the residual in its epilogue: one kernel a GEMM.
 
 The projections fed by an RMSNorm, q-k-v and gate-up, get one kernel each as well
@@ -28,8 +28,15 @@ from typing import Any
 import torch
 
 MAX_ROWS = 16  # tl.dot's smallest tile: rows beyond one tile are cuBLAS's job
-BLOCK_N = 32  # rows of W a program reads: 4096 / 32 = 128 programs, about one wave
-BLOCK_K = 128
+# Default tilings (block_n, block_k, warps, stages), to be replaced by what the GPU's sweep
+# (benchmarks/gemv.py) finds. Chosen from what each compiles to for sm_90
+# (benchmarks/triton_resources.py): a program keeps stages - 1 tiles of W in flight, and an
+# H200 SM needs about 30 KiB in flight to keep its share of 4.8 TB/s at ~1 us of latency. The
+# residual GEMMs (N 4096: 128 programs of 32 rows, one an SM) need deep tiles for that: 3 x 32
+# x 256 x 2 bytes = 48 KiB; the norm GEMMs (N 12288 and 2 x 11008) have 3 programs an SM, and
+# reach it with smaller ones.
+RESIDUAL = (32, 256, 4, 4)
+NORM = (32, 128, 4, 3)
 
 
 @functools.cache
@@ -62,9 +69,9 @@ def _kernel() -> Any:
 
 
 def add_linear_(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                scale: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
-                block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3
-                ) -> torch.Tensor:
+                scale: torch.Tensor | None = None, *, block_n: int = RESIDUAL[0],
+                block_k: int = RESIDUAL[1], num_warps: int = RESIDUAL[2],
+                num_stages: int = RESIDUAL[3]) -> torch.Tensor:
     """``x += y @ weight.T`` in place, ``x`` [M, N], ``y`` [M, K], ``weight`` [N, K] (each
     with a unit last stride), M <= MAX_ROWS; returns ``x``. ``scale`` [N]: ``weight`` is
     stored 8-bit (:mod:`autotune.streaming.quant`), each row times its scale, read as 8 bits
@@ -135,8 +142,8 @@ def _norm_kernel() -> Any:
 
 def norm_linear_tiled(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
                       scale: torch.Tensor | None, eps: float, swiglu: bool = False, *,
-                      block_n: int = BLOCK_N,
-                      block_k: int = BLOCK_K, num_warps: int = 4, num_stages: int = 3
+                      block_n: int = NORM[0], block_k: int = NORM[1], num_warps: int = NORM[2],
+                      num_stages: int = NORM[3]
                       ) -> torch.Tensor:
     """:func:`norm_linear` with the kernel's tiling as keywords (``benchmarks/gemv.py``)."""
     m, k = x.shape
