@@ -34,7 +34,7 @@ TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int8": "i8",
 HOPPER = {"registers": 65536, "shared": 228 * 1024, "threads": 2048, "programs": 32}
 
 
-UNALIGNED = ("m", "kv_heads")  # rows (a batch) and KV heads: not multiples of 16 in general
+UNALIGNED = ("m", "kv_heads", "splits")  # a batch's rows, KV heads, splits: any number
 
 
 def compile_kernel(fn: Any, types: dict[str, str], constexprs: dict[str, Any], arch: int,
@@ -111,7 +111,7 @@ def attention_cases(dtype: str, group: int, splits: int, head_dim: int = 128
     and ``splits`` programs a (sequence, KV head) (the combine kernel where more than one)."""
     act = "*" + TYPES[dtype]
     strides = dict.fromkeys(("qkv_sb", "q_sb", "q_sh", "k_sb", "k_sh", "k_sl", "v_sb", "v_sh",
-                             "v_sl", "o_sb", "o_sh", "heads", "kv_heads"), "i32")
+                             "v_sl", "o_sb", "o_sh", "heads", "kv_heads", "splits"), "i32")
     pointers = dict.fromkeys(("qkv_ptr", "q_ptr", "k_ptr", "v_ptr", "o_ptr", "cos_ptr",
                               "sin_ptr"), act)
     types = {**pointers, **strides, "part_ptr": "*fp32", "pos_ptr": "*i64", "scale": "fp32"}
@@ -122,10 +122,10 @@ def attention_cases(dtype: str, group: int, splits: int, head_dim: int = 128
     cases = [("decode_attention", attention._kernel(), types,
               {**shape, "BLOCK": attention.BLOCK_N, "PRECISION": precision}, 4, 3),
              ("rope_attention", rope, types,
-              {**shape, "BLOCK": attention.BLOCK_N, "SPLITS": splits, "PRECISION": precision},
-              4, 3)]
+              {**shape, "BLOCK": attention.BLOCK_N, "SPLIT": splits > 1,
+               "PRECISION": precision}, 4, 3)]
     if splits > 1:
-        cases.append(("combine", combine, types, {**shape, "SPLITS": splits}, 4, 3))
+        cases.append(("combine", combine, types, shape, 4, 3))
     return cases
 
 

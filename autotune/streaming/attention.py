@@ -138,14 +138,17 @@ def _rope_kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # The number of splits is an argument, not a constant, so that the batches of a study
+    # (1 to 5 splits for llama2-7b) share two builds of the kernel, split or not, instead of
+    # one each: Triton's build is about a second, paid in a worker's warm-ups (item 3).
+    @triton.jit(do_not_specialize=["splits"])
     def decode_rope_attention_kernel(qkv_ptr, k_ptr, v_ptr, o_ptr, part_ptr, pos_ptr,  # noqa: PLR0913
                                      cos_ptr, sin_ptr,
                                      qkv_sb, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, o_sb, o_sh,
-                                     scale, heads, kv_heads,
+                                     scale, heads, kv_heads, splits,
                                      GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                                      HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                                     SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                                     SPLIT: tl.constexpr, PRECISION: tl.constexpr):
         dtype = o_ptr.dtype.element_ty
         program, split = tl.program_id(0), tl.program_id(1)
         b, kv = program // kv_heads, program % kv_heads
@@ -170,7 +173,7 @@ def _rope_kernels() -> tuple[Any, Any]:
         k_base = k_ptr + b * k_sb + kv * k_sh
         v_base = v_ptr + b * v_sb + kv * v_sh
         # This split's share of positions 0..pos-1, read from the cache, in whole blocks.
-        share = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK) * BLOCK
+        share = tl.cdiv(tl.cdiv(pos, splits), BLOCK) * BLOCK
         first, end = split * share, tl.minimum(split * share + share, pos)
         for start in range(first, end, BLOCK):
             n = start + tl.arange(0, BLOCK)
@@ -185,7 +188,7 @@ def _rope_kernels() -> tuple[Any, Any]:
             v = tl.load(v_base + n[:, None] * v_sl + d[None, :], mask=filled[:, None], other=0.0)
             acc = acc * shrink[:, None] + tl.dot(p.to(dtype), v, input_precision=PRECISION)
             top = new_top
-        if split == SPLITS - 1:  # the last split: position pos, written, attended from registers
+        if split == splits - 1:  # the last split: position pos, written, attended from registers
             k_at = row + (heads + kv) * HEAD_DIM
             k_new = ((tl.load(k_at + d).to(tl.float32) * cos).to(dtype).to(tl.float32)
                      + tl.load(k_at + swapped).to(tl.float32) * sin).to(dtype)
@@ -200,19 +203,19 @@ def _rope_kernels() -> tuple[Any, Any]:
             acc = acc * shrink_now[:, None] + (p_now.to(dtype).to(tl.float32)[:, None]
                                                * v_new.to(tl.float32)[None, :])
             top = top_now
-        if SPLITS == 1:
+        if not SPLIT:
             out = acc / total[:, None]
             tl.store(o_ptr + b * o_sb + (kv * GROUP + g)[:, None] * o_sh + d[None, :],
                      out.to(dtype), mask=rows[:, None])
         else:  # partials [pair, split, row, (top, total, acc...)], float32, for the combine
-            at = part_ptr + ((program * SPLITS + split) * GROUP_PAD + g) * (HEAD_DIM + 2)
+            at = part_ptr + ((program * splits + split) * GROUP_PAD + g) * (HEAD_DIM + 2)
             tl.store(at, top)
             tl.store(at + 1, total)
             tl.store(at[:, None] + 2 + d[None, :], acc)
 
-    @triton.jit
-    def combine_kernel(o_ptr, part_ptr, o_sb, o_sh, kv_heads, GROUP: tl.constexpr,
-                       GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    @triton.jit(do_not_specialize=["splits"])
+    def combine_kernel(o_ptr, part_ptr, o_sb, o_sh, kv_heads, splits, GROUP: tl.constexpr,
+                       GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
         program = tl.program_id(0)
         b, kv = program // kv_heads, program % kv_heads
         g = tl.arange(0, GROUP_PAD)
@@ -220,8 +223,8 @@ def _rope_kernels() -> tuple[Any, Any]:
         top = tl.full([GROUP_PAD], -1e30, tl.float32)
         total = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        for split in tl.static_range(SPLITS):  # an empty split: top -1e30, total 0, acc 0
-            at = part_ptr + ((program * SPLITS + split) * GROUP_PAD + g) * (HEAD_DIM + 2)
+        for split in range(splits):  # an empty split: top -1e30, total 0, acc 0
+            at = part_ptr + ((program * splits + split) * GROUP_PAD + g) * (HEAD_DIM + 2)
             its_top = tl.load(at)
             new_top = tl.maximum(top, its_top)
             mine = tl.exp(top - new_top)
@@ -252,11 +255,12 @@ def rope_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: tor
     attend[(b * kv_heads, splits)](
         qkv, k, v, out, parts, pos, cos, signed_sin, qkv.stride(0), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(2),
-        scale, heads, kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK=BLOCK_N,
-        SPLITS=splits, PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+        scale, heads, kv_heads, splits, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d,
+        BLOCK=BLOCK_N, SPLIT=splits > 1,
+        PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
     if splits > 1:
-        combine[(b * kv_heads,)](out, parts, out.stride(0), out.stride(2), kv_heads,
-                                 GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, SPLITS=splits)
+        combine[(b * kv_heads,)](out, parts, out.stride(0), out.stride(2), kv_heads, splits,
+                                 GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d)
     return out
 
 
