@@ -95,9 +95,9 @@ def _say(row: dict[str, Any], baseline: str) -> None:
 
 
 def residual_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
-                  gen: torch.Generator) -> list[dict[str, Any]]:
-    """``x += y @ W.T``: cuBLAS's in-place ``addmm_`` against :func:`gemv.add_linear_`."""
-    rows = []
+                  gen: torch.Generator, rows: list[dict[str, Any]], save: Any) -> None:
+    """``x += y @ W.T``: cuBLAS's in-place ``addmm_`` against :func:`gemv.add_linear_`; each
+    row appended to ``rows``, then ``save()`` (a run cut by its time limit keeps them)."""
     for name, (n, k) in SHAPES.items():
         copies = [torch.randn(n, k, generator=gen, device="cuda", dtype=dtype) * 0.02
                   for _ in range(args.copies)]
@@ -120,18 +120,17 @@ def residual_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
                 want = start.float() + y.float() @ copies[0].float().t()
                 row["best"]["max_error"] = (got.float() - want).abs().max().item()
             rows.append(row)
+            save()
             _say(row, "cublas")
-    return rows
 
 
 def norm_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
-              gen: torch.Generator) -> list[dict[str, Any]]:
+              gen: torch.Generator, rows: list[dict[str, Any]], save: Any) -> None:
     """``rms_norm(x) @ W.T`` (q-k-v) and its SwiGLU (gate-up): the eager kernels (RMSNorm,
     cuBLAS's GEMM, and silu and mul) and cuBLAS's GEMM alone (the least the compiled step's
     own norm and SwiGLU kernels can add to) against :func:`gemv.norm_linear_tiled`."""
     import torch.nn.functional as F
 
-    rows = []
     for name, (n, k) in NORM_SHAPES.items():
         swiglu = name == "gate_up"
         copies = [torch.randn(n, k, generator=gen, device="cuda", dtype=dtype) * 0.02
@@ -164,8 +163,8 @@ def norm_rows(args: argparse.Namespace, bw: float, dtype: torch.dtype,
                 row["best"]["max_error"] = (got.float() - eager(copies[0]).float()).abs().max(
                     ).item()
             rows.append(row)
+            save()
             _say(row, "gemm")
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,13 +190,16 @@ def main(argv: list[str] | None = None) -> int:
                            "rows": []}
     print(f"B_mem {bw:.0f} GB/s; {len(_tilings(args))} tilings", flush=True)
     gen = torch.Generator("cuda").manual_seed(0)
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
     kernels = args.kernels.split(",")
     if "residual" in kernels:
-        out["rows"] += residual_rows(args, bw, dtype, gen)
+        residual_rows(args, bw, dtype, gen, out["rows"], save)
     if "norm" in kernels:
-        out["rows"] += norm_rows(args, bw, dtype, gen)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        norm_rows(args, bw, dtype, gen, out["rows"], save)
+    save()
     return 0
 
 
