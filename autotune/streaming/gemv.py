@@ -1,4 +1,4 @@
-"""The residual GEMMs of a small-batch decode step without split-K: one Triton kernel.
+"""A small-batch decode step's GEMMs as Triton kernels, each one kernel with its neighbours.
 
 A decode step's output and down projections add their product to the residual stream,
 ``x += y @ W.T``, with ``W`` of 4096 rows for llama2-7b. At batch 1 cuBLAS splits their K
@@ -14,6 +14,9 @@ into its epilogue, which takes a decode layer from about 12 kernels to 6. Each p
 its rows of x whole anyway, so it sums their squares on the way and scales its outputs by
 ``rsqrt(mean + eps)`` at the end: ``rms_norm(x) @ W.T = r * ((x * g) @ W.T)``, one pass, no
 separate norm kernel and no normalized copy of x.
+
+Weights stored 8-bit (:mod:`autotune.streaming.quant`) are read as stored, each row's scale
+applied once after its sum, where the cuBLAS path widens the matrix in memory first.
 
 Sums in float32 over K in their own order (not cuBLAS's), so 16-bit outputs differ in the last
 bits. For ``M`` (batch x tokens) up to ``MAX_ROWS``; larger ones stay cuBLAS's. Needs
@@ -31,7 +34,8 @@ MAX_ROWS = 16  # tl.dot's smallest tile: rows beyond one tile are cuBLAS's job
 # Default tilings (block_n, block_k, warps, stages), to be replaced by what the GPU's sweep
 # (benchmarks/gemv.py) finds. Chosen from what each compiles to for sm_90
 # (benchmarks/triton_resources.py): a program keeps stages - 1 tiles of W in flight, and an
-# H200 SM needs about 30 KiB in flight to keep its share of 4.8 TB/s at ~1 us of latency. The
+# H200 SM needs about 30 KiB in flight to keep its share of 4.8 TB/s at ~1 us of latency (an
+# estimate, by Little's law). The
 # residual GEMMs (N 4096: 128 programs of 32 rows, one an SM) need deep tiles for that: 3 x 32
 # x 256 x 2 bytes = 48 KiB; the norm GEMMs (N 12288 and 2 x 11008) have 3 programs an SM, and
 # reach it with smaller ones.
