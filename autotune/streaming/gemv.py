@@ -35,10 +35,9 @@ MAX_ROWS = 16  # tl.dot's smallest tile: rows beyond one tile are cuBLAS's job
 # (benchmarks/gemv.py) finds. Chosen from what each compiles to for sm_90
 # (benchmarks/triton_resources.py): a program keeps stages - 1 tiles of W in flight, and an
 # H200 SM needs about 30 KiB in flight to keep its share of 4.8 TB/s at ~1 us of latency (an
-# estimate, by Little's law). The
-# residual GEMMs (N 4096: 128 programs of 32 rows, one an SM) need deep tiles for that: 3 x 32
-# x 256 x 2 bytes = 48 KiB; the norm GEMMs (N 12288 and 2 x 11008) have 3 programs an SM, and
-# reach it with smaller ones.
+# estimate, by Little's law). The residual GEMMs (N 4096: 128 programs of 32 rows, one an SM)
+# need deep tiles for that: 3 x 32 x 256 x 2 bytes = 48 KiB; the norm GEMMs (N 12288 and
+# 2 x 11008) have 3 programs an SM, and reach it with smaller ones.
 RESIDUAL = (32, 256, 4, 4)
 NORM = (32, 128, 4, 3)
 
