@@ -350,6 +350,33 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
         load_engine(_config(tmp_path, ("attention", "cuda")))
 
 
+@pytest.mark.parametrize("trt", ["2.11.0", "2.12.0", "2.13.0"], indirect=True)
+def test_attention_in_pytorch_keeps_context_memory_per_call_across_budgets(
+    trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """attention=torch builds its engines with dynamically_allocate_resources. Up to 2.12,
+    Torch-TensorRT re-creates each context static on a budget change (the double, as the
+    real one: 33 static contexts on the H200 made batch 1 need 18.65 GiB), so the engine
+    hands every context back to per-call memory, one engine at a time; 2.13 needs nothing."""
+    engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
+    mods = [m for n, m in engine._module.named_children() if "_run_on_acc" in n]
+    assert len(mods) > 2 and all(m.dynamically_allocate_resources for m in mods)
+    trt._state.STATIC_CONTEXTS["peak"] = 0
+    prompt = torch.randint(1, 500, (2, 6))
+    total = engine.total_device_budget
+    with caplog.at_level(logging.ERROR, logger="torch_tensorrt"):
+        for budget in (0, total // 2, total, total // 3):
+            engine.device_budget = budget
+            assert engine.device_budget == engine.applied_budget(budget)
+            engine.decode(engine.prefill(prompt, 2), 1)
+            assert {m.engine.context for m in mods} == {"user_managed"}
+    assert not [r for r in caplog.records if "cannot set buffer" in r.getMessage()]
+    assert sum(m.engine.refused_workspaces for m in mods) == 0
+    # One engine's contexts at a time (two while its hand-back creates before it frees).
+    assert trt._state.STATIC_CONTEXTS["peak"] == (2 if trt._state.version() < (2, 13) else 0)
+    assert trt._state.STATIC_CONTEXTS["alive"] == 0
+
+
 def test_by_default_one_call_holds_at_most_1024_tokens(trt: Any, tmp_path: Path) -> None:
     load_engine(_config(tmp_path, max_batch=200, max_prompt_len=16))
     tokens, *_ = trt._state.COMPILE_CALLS[-1]["inputs"]

@@ -149,6 +149,35 @@ def test_context_lifetime_per_version(trt: Any) -> None:
     assert engine.context_alive and engine.contexts_created == 2
 
 
+@pytest.mark.parametrize("trt", ["2.10.0", "2.11.0", "2.12.0", "2.13.0"], indirect=True)
+def test_per_call_context_memory_and_a_budget_change(
+    trt: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """dynamically_allocate_resources (2.11+): a context created user-managed, each forward
+    handing it a workspace. Up to 2.12 a budget change re-creates the context static, and the
+    next forward's hand-over is refused (TRTEngine.cpp v2.11/v2.12; logged 66 times by 33
+    engines on the H200); 2.13 re-creates it per the strategy; 2.10 has no such setting."""
+    gm, _, args, kwargs = _compile(trt, dynamically_allocate_resources=True)
+    version = trt._state.version()
+    engine = gm._run_on_acc_0.engine
+    gm(*args, **kwargs)
+    assert engine.context == ("user_managed" if version >= (2, 11) else "static")
+    trt.runtime.weight_streaming(gm).device_budget = 0
+    with caplog.at_level(logging.ERROR, logger="torch_tensorrt"):
+        gm(*args, **kwargs)
+    refused = (2, 11) <= version < (2, 13)
+    assert engine.context == ("static" if version < (2, 11) or refused else "user_managed")
+    assert bool(engine.refused_workspaces) == refused
+    assert any("cannot set buffer" in r.getMessage() for r in caplog.records) == refused
+    # The strategy's own setter re-creates the context user-managed again (2.13: lazily).
+    gm._run_on_acc_0.use_dynamically_allocated_resources(False)
+    assert engine.context == ("static" if version < (2, 13) else None)
+    gm._run_on_acc_0.use_dynamically_allocated_resources(True)
+    gm(*args, **kwargs)
+    assert engine.context == "user_managed"
+    assert trt._state.STATIC_CONTEXTS["peak"] >= (2 if refused else 1 if version < (2, 11) else 0)
+
+
 def test_error_texts_and_logger_names(trt: Any, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(RuntimeError, match=r"^Streamable bytes are zero\. Was module complied "
                        r"with enable_weight_streaming=True option\?$"):

@@ -10,10 +10,12 @@ source, or the v2.6/v2.7/v2.13 tags and main where versions differ):
   children; the result keeps the exported program's args/kwargs and output pytree;
 - the engine layer (``dynamo/runtime/_modules.py``): streamable size, the automatic budget
   applied at deserialization, budget set and read-back, context lifetime per version (eager
-  2.6-2.12, lazy 2.13 and main), extra state in the real 11-field shape;
+  2.6-2.12, lazy 2.13 and main), per-call context memory (``dynamically_allocate_resources``,
+  which a budget change undoes up to 2.12), extra state in the real 11-field shape;
 - the CUDA-graph wrapper and ``runtime.weight_streaming`` per version.
 
-It deliberately does not model speed, device memory, converter coverage or TensorRT's
+It deliberately does not model speed, device memory (it only counts the contexts that hold
+their own), converter coverage or TensorRT's
 optimizations; 2.5 has no weight streaming at all.
 """
 

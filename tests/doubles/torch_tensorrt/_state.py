@@ -23,6 +23,9 @@ AUTO_RESERVE = 0
 FAULTS: dict[str, bool] = {"keep_context_on_set": False}
 
 COMPILE_CALLS: list[dict[str, Any]] = []  # kwargs of every dynamo.compile call
+# Execution contexts holding their own device memory (kSTATIC): alive now, and the most alive
+# at once since the last reset (the memory a budget change may hold at its peak).
+STATIC_CONTEXTS: dict[str, int] = {"alive": 0, "peak": 0}
 COUNTERS: dict[str, int] = {"engines_built": 0, "engines_deserialized": 0}
 
 
@@ -32,6 +35,7 @@ def reset() -> None:
     AUTO_RESERVE = 0
     FAULTS["keep_context_on_set"] = False
     COMPILE_CALLS.clear()
+    STATIC_CONTEXTS.update(alive=0, peak=0)
     for key in COUNTERS:
         COUNTERS[key] = 0
 

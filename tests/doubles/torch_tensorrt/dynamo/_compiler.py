@@ -68,6 +68,7 @@ def compile(  # noqa: A001 - the real function's name
     min_block_size: int = partitioning.MIN_BLOCK_SIZE,
     truncate_double: bool = False,
     use_python_runtime: bool = False,
+    dynamically_allocate_resources: Any = _UNSET,
     **kwargs: Any,
 ) -> fx.GraphModule:
     version = _state.version()
@@ -88,8 +89,11 @@ def compile(  # noqa: A001 - the real function's name
         split._in_spec = in_spec
     if out_spec is not None:
         split._out_spec = out_spec
+    # 2.11 added the setting (before, it would be an unknown keyword, ignored here).
+    dynamic = dynamically_allocate_resources is True and version >= (2, 11)
     settings = CompilationSettings(enable_weight_streaming=streaming,
                                    use_python_runtime=use_python_runtime,
+                                   dynamically_allocate_resources=dynamic,
                                    torch_executed_ops=set(torch_executed_ops or ()))
     engine_cls = PythonTorchTensorRTModule if use_python_runtime else TorchTensorRTModule
     for name, sub in list(split.named_children()):

@@ -14,11 +14,23 @@ budget and an execution context. Context lifetime, per version (TRTEngine.cpp):
   is used only where the C++ runtime is missing, which the double does not model;
 - ``PythonTorchTensorRTModule`` (2.6-2.12): ``del self.context``, set, eager re-create.
 
+Resource allocation (2.11+, ``dynamically_allocate_resources``; serialized info field 10): a
+dynamic engine's context is created ``kUSER_MANAGED`` and each forward hands it a workspace
+(``setDeviceMemory``); a static one holds its own memory from creation to destruction. Up to
+2.12 a budget change re-creates the context *static* whatever the strategy (TRTEngine.cpp v2.11
+L369-378, v2.12 L421), and the next forward's ``setDeviceMemory`` is refused (TensorRT logs
+"Context not created with user managed device memory, cannot set buffer"; the call still runs,
+on the static memory); ``set_resource_allocation_strategy`` re-creates eagerly, the new context
+before the old one goes. 2.13 and main create the context per the strategy (lazily), and a
+strategy change only invalidates it. The double counts live static contexts and their peak
+(``_state.STATIC_CONTEXTS``): the memory that a refused hand-over keeps held.
+
 Also as in 2.11: the automatic budget is applied at deserialization when ``S > 0``; the extra
 state is ``(name, engine_info, input_binding_names, output_binding_names)`` with
 ``engine_info`` the 11-field serialized list whose field 3 is the base64 engine (decoded in place
 by ``set_extra_state``, which then fails on the metadata field, as 2.11's does); ``forward`` asserts the input count against the binding names and
-returns one tensor for one output, else a tuple. Not modelled: speed, device memory, devices and
+returns one tensor for one output, else a tuple. Not modelled: speed, device memory (beyond
+the static contexts' count), devices and
 platforms, profiling, output allocators, the Python module's state-dict hooks.
 """
 
@@ -35,6 +47,8 @@ import torch
 from torch_tensorrt import _state
 
 logger = logging.getLogger("torch_tensorrt.dynamo.runtime._TorchTensorRTModule")
+# The C++ runtime's logger ("ERROR: [Torch-TensorRT] - ..." on stderr), here a Python one.
+_trt_logger = logging.getLogger("torch_tensorrt")
 _py_logger = logging.getLogger("torch_tensorrt.dynamo.runtime._PythonTorchTensorRTModule")
 
 # Field indices of the serialized engine info (core/runtime/runtime.h, v2.11).
@@ -50,6 +64,7 @@ class CompilationSettings:
 
     enable_weight_streaming: bool = False
     use_python_runtime: bool = False
+    dynamically_allocate_resources: bool = False
     lazy_engine_init: bool = False
     torch_executed_ops: set[Any] = field(default_factory=set)
 
@@ -57,7 +72,7 @@ class CompilationSettings:
 class _Engine:
     """Stands in for ``torch.classes.tensorrt.Engine`` (or the Python runtime's engine)."""
 
-    def __init__(self, serialized: bytes, eager_context: bool) -> None:
+    def __init__(self, serialized: bytes, eager_context: bool, dynamic: bool = False) -> None:
         payload = torch.load(io.BytesIO(serialized), weights_only=False)
         self.graph = payload["graph"]
         self.streamable = int(payload["streamable"])  # bytes; 0 without enable_weight_streaming
@@ -65,8 +80,10 @@ class _Engine:
         self.serialized = serialized
         self._budget = self.streamable  # TensorRT's default: >= S, streaming off (§6)
         self.eager_context = eager_context
-        self.context_alive = False
+        self.dynamic = dynamic  # ResourceAllocationStrategy::kDynamic
+        self.context: str | None = None  # "static" or "user_managed" while one is alive
         self.contexts_created = 0
+        self.refused_workspaces = 0
         self.context_changed = False
         self.graph_captured = False
         self.graph_resets = 0
@@ -78,6 +95,10 @@ class _Engine:
             self._budget = self.automatic_device_memory_budget
         if eager_context:
             self._create_context()
+
+    @property
+    def context_alive(self) -> bool:
+        return self.context is not None
 
     @property
     def streamable_device_memory_budget(self) -> int:
@@ -96,24 +117,52 @@ class _Engine:
     @device_memory_budget.setter
     def device_memory_budget(self, value: int) -> None:
         if not _state.FAULTS["keep_context_on_set"]:
-            self.context_alive = False  # exec_ctx.reset() / invalidate_exec_ctx()
+            self._destroy_context()  # exec_ctx.reset() / invalidate_exec_ctx()
         if not self.context_alive:  # TensorRT refuses a change under a live context (#4333)
             self._budget = int(value)
         if self.eager_context:
-            self._create_context()
+            self._create_context(static=True)  # 2.6-2.12: createExecutionContext(), static
         self.context_changed = True
+
+    def set_resource_allocation_strategy(self, dynamic: bool) -> None:
+        if dynamic == self.dynamic:
+            return
+        self.dynamic = dynamic
+        if self.eager_context:
+            self._create_context()  # the new context first, then the old one is released
+        else:
+            self._destroy_context()  # 2.13+: invalidate_exec_ctx(); the next forward creates
 
     def reset_captured_graph(self) -> None:
         self.graph_captured = False
         self.graph_resets += 1
 
-    def _create_context(self) -> None:
-        self.context_alive = True
+    def _create_context(self, static: bool | None = None) -> None:
+        kind = "static" if (not self.dynamic if static is None else static) else "user_managed"
+        if kind == "static":
+            _state.STATIC_CONTEXTS["alive"] += 1
+            _state.STATIC_CONTEXTS["peak"] = max(_state.STATIC_CONTEXTS["peak"],
+                                                 _state.STATIC_CONTEXTS["alive"])
+        self._destroy_context()
+        self.context = kind
         self.contexts_created += 1
+
+    def _destroy_context(self) -> None:
+        if self.context == "static":
+            _state.STATIC_CONTEXTS["alive"] -= 1
+        self.context = None
 
     def execute(self, inputs: list[Any]) -> list[Any]:
         if not self.context_alive:
             self._create_context()  # 2.13+: lazily, on the first forward after load or a change
+        if self.dynamic and self.context == "static":
+            # execute_engine.cpp: setDeviceMemory on a context TensorRT allocated itself.
+            self.refused_workspaces += 1
+            _trt_logger.error(
+                "IExecutionContext::setDeviceMemory: Error Code 3: API Usage Error (Parameter "
+                "check failed, condition: mAllocationStrategy == ExecutionContextAllocation"
+                "Strategy::kUSER_MANAGED. setDeviceMemory: Context not created with user "
+                "managed device memory, cannot set buffer)")
         if self.context_changed:
             # Shapes and addresses are re-bound and a per-engine graph re-recorded (§1.5).
             self.graph_captured = False
@@ -203,6 +252,7 @@ class TorchTensorRTModule(_BudgetMethods):
                                      else [])
         self.name = name
         self.settings = settings if settings is not None else CompilationSettings()
+        self.dynamically_allocate_resources = self.settings.dynamically_allocate_resources
         self.serialized_engine = serialized_engine
         self.engine: _Engine | None = None
         if serialized_engine and not self.settings.lazy_engine_init:
@@ -211,8 +261,15 @@ class TorchTensorRTModule(_BudgetMethods):
     def setup_engine(self) -> None:
         if self.engine is None:
             self.engine = _ScriptEngine(self.serialized_engine,  # type: ignore[arg-type]
-                                        eager_context=_state.version() < (2, 13))
+                                        eager_context=_state.version() < (2, 13),
+                                        dynamic=self.dynamically_allocate_resources)
             self.engine.packed = self._encoded_info()
+
+    def use_dynamically_allocated_resources(self, dynamically_allocate_resources: bool = False,
+                                            ) -> None:
+        self.dynamically_allocate_resources = dynamically_allocate_resources
+        self.engine.set_resource_allocation_strategy(  # type: ignore[union-attr]
+            dynamically_allocate_resources)
 
     def _pack_engine_info(self) -> list[Any]:
         """2.11: from the module's own ``serialized_engine`` (kept after setup), raw bytes."""
@@ -227,7 +284,7 @@ class TorchTensorRTModule(_BudgetMethods):
         info[SERIALIZED_METADATA_IDX] = base64.b64encode(
             pickle.dumps({"settings": self.settings})).decode("utf-8")
         info[REQUIRES_OUTPUT_ALLOCATOR_IDX] = "0"
-        info[RESOURCE_ALLOCATION_STRATEGY_IDX] = "0"
+        info[RESOURCE_ALLOCATION_STRATEGY_IDX] = str(int(self.dynamically_allocate_resources))
         return info
 
     def _encoded_info(self) -> list[Any]:
@@ -254,7 +311,8 @@ class TorchTensorRTModule(_BudgetMethods):
             info[ENGINE_IDX] = base64.b64decode(info[ENGINE_IDX])
             self.serialized_engine = info[ENGINE_IDX]
             self.engine = _ScriptEngine(info[ENGINE_IDX],
-                                        eager_context=_state.version() < (2, 13))
+                                        eager_context=_state.version() < (2, 13),
+                                        dynamic=info[RESOURCE_ALLOCATION_STRATEGY_IDX] == "1")
             # 2.11's own lines: the metadata _pack_engine_info made is a str, so this assert
             # fails (an AssertionError with no message); were it bytes, decode_metadata's
             # ``.encode("utf-8")`` would fail instead. The round trip never worked in 2.11.
