@@ -198,8 +198,10 @@ def run(
         "a replayed landscape's own)."),
     max_batch: int | None = typer.Option(
         None, help="Largest batch size searched (default on a GPU: as many sequences as "
-                   "the KV cache could hold in the memory, 256 to 2048, native engine; 256 "
-                   "for others; 64 on CPU; a landscape's own)."),
+                   "the KV cache could hold in the memory, 256 to 2048, native engine; "
+                   "tensorrt: as many as fit with each cache counted twice (once with "
+                   "attention=torch), at most 256; 256 for others; 64 on CPU; a landscape's "
+                   "own)."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: from the workload)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),
@@ -227,8 +229,9 @@ def run(
         None, help="Replay a recorded landscape (the landscape engine, on CPU, instantly)."),
     decode_steps: int = typer.Option(
         32, help="Decode steps timed per trial, the rest of --osl extrapolated: exact for "
-        "engines whose steps are alike (native with CUDA graphs); others time every step. "
-        "0: every step."),
+        "engines whose steps are alike (native with CUDA graphs), a window centred on the "
+        "generation's middle where steps grow linearly (native attention=triton*); others "
+        "time every step. 0: every step."),
     early_stop: bool = typer.Option(
         True, help="Stop before --trials once the autotune sampler's model has converged."),
     confirm: bool = typer.Option(
@@ -631,6 +634,8 @@ def bench(
     quantization: str = typer.Option(
         "none", help="Weight precision: none (the --dtype), int8 or fp8 (8-bit weight-only; "
         "native engine)."),
+    engine_option: list[str] = typer.Option(
+        [], "--engine-option", help="KEY=VALUE passed to the engine (repeatable), as in run."),
 ) -> None:
     """Measure one configuration (prints a SHA-256 of the generated token ids)."""
     from autotune.measure.bench import run_bench
@@ -647,6 +652,7 @@ def bench(
         warmup=warmup, gpu_memory_limit=_memory(gpu_memory_limit, "--gpu-memory-limit"),
         budget=None if budget is None else _budget_bytes(budget),
         budget_fraction=budget_fraction, quantization=_one_precision(quantization),
+        options=_engine_options(engine_option),
     )
     if as_json:
         out.print_json(json.dumps(result))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,26 @@ def test_bench_prints_token_digest(autotune_here) -> None:
     m = json.loads(r.stdout)["measurement"]
     assert m["batch"] == 2 and len(m["tokens_sha256"]) == 64
     assert 0 < m["device_budget"] <= m["total_device_budget"] / 2
+
+
+def test_the_reproduce_line_runs_with_the_studys_engine_options(autotune_here,
+                                                                 tmp_path: Path) -> None:
+    """A study's engine options are part of its speed (a compiled step, another attention):
+    the recommendation's bench line carries them, and bench takes them."""
+    out = tmp_path / "rec.json"
+    r = autotune_here("run", "--model", "tiny-llama", "--engine", ANALYTIC, "--device", "cpu",
+                      "--trials", "3", "--isl", "8", "--osl", "4", "--max-batch", "8",
+                      "--engine-option", "clock=modelled", "--storage",
+                      f"sqlite:///{tmp_path}/s.db", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    line = json.loads(out.read_text())["reproduce"]
+    assert line.endswith("--engine-option clock=modelled"), line
+    args = shlex.split(line)[1:]
+    r = autotune_here(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["measurement"]["batch"] == int(args[args.index("--batch") + 1])
+    r = autotune_here(*args, "--engine-option", "warp=9")
+    _error(r, "--engine-option warp", "does not take it")
 
 
 def _error(r: subprocess.CompletedProcess, *needles: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from autotune.engines import EngineConfig, load_engine
+from autotune.engines import EngineConfig, check_options, engine_class, load_engine
 from autotune.engines.memory import DEFAULT_MARGIN, MAX_BATCH
 from autotune.errors import UserInputError
 from autotune.measure import host
@@ -26,6 +26,7 @@ def run_bench(
     seed: int = 0, weights: str | None = None, repeats: int = 3, warmup: int = 1,
     gpu_memory_limit: int | None = None, budget: int | None = None,
     budget_fraction: float | None = None, quantization: str = "none",
+    options: tuple[tuple[str, Any], ...] = (),
 ) -> dict[str, Any]:
     if device.startswith("cuda"):
         from autotune import gpu
@@ -38,10 +39,11 @@ def run_bench(
                                  f"{value:,}")
     if warmup < 0:
         raise UserInputError(f"--warmup: expected 0 or more; got {warmup}")
+    check_options(engine_class(engine), options)
     config = EngineConfig(
         model=model, engine=engine, dtype=dtype, device=device, max_batch=batch,
         max_seq_len=isl + osl, max_prompt_len=isl, weights=weights, seed=seed, gpu_memory_limit=gpu_memory_limit,
-        quantization=(quantization,),
+        quantization=(quantization,), options=tuple(options),
     )
     warning = host.check_engine(config, workers=1)
     if warning:

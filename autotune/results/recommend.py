@@ -200,7 +200,8 @@ def build(study: Any) -> dict[str, Any]:
         "pareto_front": front,
         "if_you_can_give": by_memory(front),
         "trials": counts,
-        "reproduce": _bench_command(workload, best),
+        "reproduce": _bench_command(workload, best,
+                                    (attrs.get("run_options") or {}).get("engine_options")),
         "engine": _engine_summary(attrs.get("engine", {})),
         "costs": _costs(study, attrs.get("engine", {})),
     }
@@ -281,8 +282,10 @@ def default_path(study_name: str) -> Path:
     return Path("studies") / f"{safe.lstrip('.') or 'study'}.json"
 
 
-def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
-    """The bench command that measures the best again, as a shell reads it (values quoted)."""
+def _bench_command(workload: dict[str, Any], best: dict[str, Any],
+                   engine_options: Any = None) -> str:
+    """The bench command that measures the best again, as a shell reads it (values quoted),
+    with the study's engine options (a compiled step or another attention is another speed)."""
     import shlex
 
     options = [("--model", workload.get("model")), ("--engine", workload.get("engine")),
@@ -297,6 +300,8 @@ def _bench_command(workload: dict[str, Any], best: dict[str, Any]) -> str:
         options.append(("--device", "cpu"))
     if best.get("precision", "none") != "none":
         options.append(("--quantization", best["precision"]))
+    for key, value in engine_options or ():
+        options.append(("--engine-option", f"{key}={value}"))
     return "autotune bench " + " ".join(f"{flag} {shlex.quote(str(value))}"
                                         for flag, value in options)
 
