@@ -9,11 +9,12 @@ output that is one of its inputs (the study's database, a landscape, a checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,14 @@ def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
                              f"{path / 'recommendation.json'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+        fd, tmp = _create_beside(path)
     except OSError as e:
         if e.errno == errno.ENOSPC:  # said as "the disk is full" by the CLI
             raise
         raise UserInputError(f"cannot write {path}: {e.strerror or e}") from e
     try:
+        with contextlib.suppress(FileNotFoundError):  # a file replaced keeps its mode
+            os.fchmod(fd, path.stat().st_mode & 0o777)
         with os.fdopen(fd, "w") as f:
             f.write(dumps(data, indent=indent) + "\n")
         os.replace(tmp, path)
@@ -56,6 +59,18 @@ def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder, made as open() makes files (0666 less the
+    umask): mkstemp's 0600 would keep a recommendation from a serving process of another
+    user."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:  # 48 random bits taken: draw again
+            continue
 
 
 def check_writable(path: str | Path, what: str = "--out") -> Path:

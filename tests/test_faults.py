@@ -865,6 +865,55 @@ with Worker(config, trial_timeout_s=120) as w:
 """
 
 
+_ONE_WORKER = """
+import os, sys
+from autotune.engines import EngineConfig
+from autotune.measure.worker import TrialRequest, Worker
+config = EngineConfig(model="tiny-llama", engine=sys.argv[1], device="cpu", dtype="float32",
+                      max_batch=4, max_seq_len=12, options=(("budget_sleep_s", 30),))
+w = Worker(config, trial_timeout_s=120)
+w.start()
+print("ready", flush=True)
+if sys.argv[2] == "hang-up":  # the tuner gone mid-trial, its end of the pipe closed
+    w._conn.send((1, "trial", TrialRequest(batch=1, budget=2**20, isl=8, osl=4, repeats=1)))
+    w._conn.close()
+    os._exit(0)
+w.stop()
+"""
+
+
+def test_a_worker_whose_tuner_hangs_up_mid_trial_goes_quietly(cli_env) -> None:
+    """A Ctrl-C stops the tuner while its worker measures: the worker's next word finds the
+    pipe closed, and it ends without a traceback under the tuner's last line."""
+    r = subprocess.run([sys.executable, "-c", _ONE_WORKER, ANALYTIC, "hang-up"], env=cli_env,
+                       capture_output=True, text=True, timeout=120)  # waits for the worker
+    assert r.returncode == 0 and r.stdout == "ready\n", r.stderr
+    assert "Traceback" not in r.stderr and "Error" not in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python 3.11+")
+def test_workers_never_import_autotune_from_the_working_directory(tmp_path: Path,
+                                                                  cli_env) -> None:
+    """The fork server runs `python -c` (the working directory first on its path): another
+    checkout's autotune/ where the tuner runs would be the code every worker ran. The tuner
+    runs as the `autotune` script does, from a file elsewhere (its folder on the path, not
+    the working directory)."""
+    shadow = tmp_path / "autotune"
+    shadow.mkdir()
+    mark = tmp_path / "imported"
+    (shadow / "__init__.py").write_text(
+        f"open({str(mark)!r}, 'w').close()\nraise ImportError('a shadow autotune')\n")
+    script = tmp_path / "bin" / "tuner.py"
+    script.parent.mkdir()
+    # Run as a file, the script is imported again as each worker starts: guarded as __main__.
+    body = "".join(f"    {line}\n" for line in _ONE_WORKER.strip().splitlines())
+    script.write_text(f"if __name__ == '__main__':\n{body}")
+    r = subprocess.run([sys.executable, str(script), ANALYTIC, "start"],
+                       cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "ready\n", r.stderr
+    assert not mark.exists()
+
+
 def test_time_the_job_spent_stopped_is_not_the_trials(cli_env) -> None:
     """Issue 19: the job suspended (Ctrl-Z) past --trial-timeout made its trial a timeout and
     killed its worker: the configuration, the optimum, was never tried again."""

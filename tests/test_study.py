@@ -186,6 +186,26 @@ def test_recommendation_round_trip(storage_url: str, tmp_path) -> None:
     assert back["reproduce"].startswith("autotune bench --model tiny-llama")
 
 
+def test_a_recommendation_is_written_as_open_would_write_it(tmp_path) -> None:
+    """Readable by the serving process of another user where the umask allows (it made
+    0600 files, mkstemp's mode), and a file replaced keeps its own mode."""
+    from autotune import jsonfile
+
+    old = os.umask(0o022)
+    try:
+        assert (jsonfile.write_atomic({"a": 1}, tmp_path / "r.json").stat().st_mode
+                & 0o777) == 0o644
+        os.umask(0o077)
+        assert (jsonfile.write_atomic({"a": 1}, tmp_path / "private.json").stat().st_mode
+                & 0o777) == 0o600
+        (tmp_path / "r.json").chmod(0o640)
+        assert (jsonfile.write_atomic({"a": 2}, tmp_path / "r.json").stat().st_mode
+                & 0o777) == 0o640
+    finally:
+        os.umask(old)
+    assert [f.name for f in tmp_path.iterdir() if f.name.startswith(".")] == []
+
+
 @pytest.mark.parametrize(
     "kw",
     [dict(trials=0), dict(isl=-1), dict(osl=0), dict(max_batch=0), dict(model="gpt-9"),

@@ -161,7 +161,7 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
     """The worker's main loop (child process). Messages are ``(seq, op, payload)`` in and
     ``(seq, kind, data)`` out; the load's messages carry seq 0. ``environment``: the parent's
     now, which a process forked by the fork server takes on (a spawned one inherits it; the
-    working directory and sys.path come with either)."""
+    working directory and sys.path come with either, see :func:`_start`)."""
     if environment is not None:
         os.environ.clear()
         os.environ.update(environment)
@@ -204,14 +204,23 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
         else:
             conn.send((0, "failed", ("load", f"{type(e).__name__}: {_first_line(e)}")))
         return
-    conn.send((0, "ready", info))
+    try:
+        conn.send((0, "ready", info))
+        _answer(conn, engine)
+    except (EOFError, ConnectionError):
+        # The parent closed the pipe (a Ctrl-C stops it first, mid-trial as often as not):
+        # nothing is left to tell, and a traceback would bury its message.
+        pass
+    finally:
+        engine.close()
+
+
+def _answer(conn: Any, engine: Any) -> None:
+    """Serves the parent's requests until it says stop (the worker's loop, after the load)."""
     while True:
-        try:
-            seq, op, payload = conn.recv()
-        except EOFError:  # parent gone
-            break
+        seq, op, payload = conn.recv()
         if op == "stop":
-            break
+            return
         if op == "trial":  # what it is doing goes back as it goes (the parent's notices)
             step = lambda text, seq=seq: conn.send((seq, "progress", text))  # noqa: E731
             conn.send((seq, "outcome", run_trial(engine, payload, progress=step)))
@@ -222,7 +231,6 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
                 conn.send((seq, "error", f"{type(e).__name__}: {_first_line(e)}"))
         else:
             conn.send((seq, "error", f"unknown op {op!r}"))
-    engine.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,6 +253,31 @@ def _context(config: EngineConfig) -> Any:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)  # read once, when the server starts
     return ctx
+
+
+_START_LOCK = threading.Lock()  # os.environ is the process's: one start changes it at a time
+
+
+def _start(proc: Any, ctx: Any) -> None:
+    """Starts a worker process. The fork server (started by the first) runs ``python -c``,
+    which puts the working directory first on its sys.path, and it does not take the tuner's
+    sys.path (Python 3.11 and 3.12): a folder named ``autotune`` where the tuner runs (another
+    checkout) would be what its preload imports, and every worker would run that code.
+    PYTHONSAFEPATH (3.11+) keeps the directory off; the workers get the tuner's environment
+    back (``_serve``)."""
+    if ctx.get_start_method() != "forkserver":
+        proc.start()
+        return
+    with _START_LOCK:
+        saved = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            proc.start()
+        finally:
+            if saved is None:
+                del os.environ["PYTHONSAFEPATH"]
+            else:
+                os.environ["PYTHONSAFEPATH"] = saved
 
 
 def _replays(engine: str) -> bool:
@@ -295,7 +328,7 @@ class Worker:
             target=_serve, args=(child, self.config, os.getpid(), environment),
             name=f"autotune-worker-{self.config.device}", daemon=True,
         )
-        self._proc.start()
+        _start(self._proc, ctx)
         child.close()
         self._conn = parent
         began = time.monotonic()
