@@ -307,7 +307,11 @@ def _enable_wal(path: Path) -> None:
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
     pause = 0.01
     while True:
-        conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:  # a path SQLite cannot open (/proc, /sys) fails here, as a clear error too
+            conn = sqlite3.connect(str(path), timeout=SQLITE_BUSY_TIMEOUT_S)
+        except sqlite3.Error as e:
+            raise StorageError(f"storage: SQLite cannot open {path} ({e}); give a file on "
+                               "an ordinary file system") from e
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":

@@ -530,6 +530,14 @@ def test_read_only_studies_directory_even_for_root(tiny_tmpfs: Path, autotune_he
         open_storage(f"sqlite:///{tiny_tmpfs}/a.db")
 
 
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc")
+def test_a_storage_sqlite_cannot_open_is_one_line(autotune_here) -> None:
+    """/proc takes no files: an error naming the storage (as root, whose /proc passes the
+    writable-folder check, SQLite's own refusal), never a traceback."""
+    r = autotune_here(*RUN, "--storage", "sqlite:////proc/autotune-test.db")
+    _error(r, "storage", "/proc")
+
+
 # ------------------------------------------------------------------------------------------
 # The exported JSON read back
 
