@@ -26,7 +26,7 @@ from autotune import demo, stopping
 from autotune.engines.memory import MIN_AUTO_BATCH, auto_max_batch
 from autotune.errors import AutotuneError, UserInputError, stop_exit_code
 from autotune.stdio import hold_closed, survivable
-from autotune.storage import DEFAULT_STORAGE
+from autotune.storage import DEFAULT_STORAGE, redact
 from autotune.units import format_bytes, parse_bytes
 
 hold_closed()  # before anything opens a file: `autotune ... >&-` must not write into it
@@ -79,10 +79,9 @@ def _main(
                                  help="Print the version and exit."),
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat(debug))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, handlers=[handler])
     if not debug:
         if ctx.invoked_subcommand not in _WITHOUT_OPTUNA:
             import optuna
@@ -90,6 +89,20 @@ def _main(
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+class _LogFormat(logging.Formatter):
+    """autotune's own warnings read as its other lines do (``warning: ...``); a library's
+    keep its name, so that it is clear whose they are. ``--debug`` names every logger."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+        self.debug = debug
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.debug or not record.name.startswith("autotune"):
+            return super().format(record)
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 def _resolve_device(device: str) -> str:
@@ -334,7 +347,8 @@ def run(
         + (_precision_note(best) if "by_precision" in rec else ""),
         highlight=False)
     out.print(f"{tag}why: {rec['explanation']['text']}", highlight=False, soft_wrap=True)
-    out.print(f"{tag}recommendation written to {path}", highlight=False)
+    out.print(f"{tag}recommendation written to {path}; every trial is stored in "
+              f"{redact(storage)} (study {result.study_name})", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -59,9 +59,13 @@ def test_study_runs_records_and_resumes(storage_url: str) -> None:
     path = storage_url.removeprefix("sqlite:///")
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
-    # The same command again resumes up to the new total, keeping every earlier trial.
-    result = run_study(_options(storage_url, trials=8))
+    # The same command again resumes up to the new total, keeping every earlier trial, and
+    # says so first.
+    steps: list[str] = []
+    result = run_study(_options(storage_url, trials=8), on_step=steps.append)
     assert result.ran == 2
+    assert steps[0] == f"resuming study {result.study_name}: 6 finished trials kept in " \
+        f"{storage_url}"
     assert len(_study(storage_url).get_trials()) == 8
     # ... and with nothing left to do, runs nothing.
     result = run_study(_options(storage_url, trials=8))

@@ -416,8 +416,13 @@ def run_study(
     if warning:
         log.warning("%s", warning)
     study, created = create_or_load(options, gpu_name)
+    on_step = on_step or (lambda _: None)
+    kept = 0 if created else budget.spent(study)
+    if kept:  # said before the load: a resumed run may have nothing left to run
+        on_step(f"resuming study {study.study_name}: {kept} finished trial"
+                f"{'s' if kept != 1 else ''} kept in {redact(options.storage)}")
     try:
-        return _run(study, options, gpu_name, progress, on_worker, on_step or (lambda _: None))
+        return _run(study, options, gpu_name, progress, on_worker, on_step)
     except BaseException:
         # A run refused before its first trial (the engine will not load, nothing fits...)
         # leaves no empty study behind: show and export would then ask which study to read.
