@@ -229,7 +229,7 @@ def run(
         None, "--out", help="Recommendation JSON path (default, unless only --landscape is "
         "asked for: studies/<study>.json, where autotune run writes it)."),
     engine_option: list[str] = typer.Option(
-        [], "--engine-option", help="KEY=VALUE passed to the engine (repeatable)."),
+        [], "--engine-option", metavar="KEY=VALUE", help="KEY=VALUE passed to the engine (repeatable)."),
     max_tpot_ms: float | None = typer.Option(
         None, help="Limit on time per output token (ms): a constraint, not the objective."),
     max_ttft_ms: float | None = typer.Option(None, help="Limit on time to first token (ms)."),
@@ -362,7 +362,7 @@ def worker(
         "worker may run when the study names it (repeatable): the storage never chooses code "
         "to import on its own."),
     engine_option: list[str] = typer.Option(
-        [], "--engine-option", help="KEY=VALUE of this host (a cache directory: "
+        [], "--engine-option", metavar="KEY=VALUE", help="KEY=VALUE of this host (a cache directory: "
         "trt_cache_dir), never taken from the storage (repeatable)."),
 ) -> None:
     """Join a study that `autotune run` started, and run its trials until its budget is spent."""
@@ -649,7 +649,7 @@ def bench(
         "none", help="Weight precision: none (the --dtype), int8 or fp8 (8-bit weight-only; "
         "native engine)."),
     engine_option: list[str] = typer.Option(
-        [], "--engine-option", help="KEY=VALUE passed to the engine (repeatable), as in run."),
+        [], "--engine-option", metavar="KEY=VALUE", help="KEY=VALUE passed to the engine (repeatable), as in run."),
 ) -> None:
     """Measure one configuration (prints a SHA-256 of the generated token ids)."""
     from autotune.measure.bench import run_bench

@@ -51,4 +51,13 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def size_as_typed(n: int) -> str:
+    """A size as a user would type it: 8GiB, 7.5GiB, 600MiB, else bytes (a GiB figure that
+    would not read back exactly, as 600MiB's 0.585938GiB, is not one)."""
+    gib = f"{n / 2**30:g}"
+    if float(gib) * 2**30 == n:
+        return f"{gib}GiB"
+    return f"{n // 2**20}MiB" if n % 2**20 == 0 else str(n)
+
+
 GiB = 2**30

@@ -94,3 +94,14 @@ def test_a_study_measured_against_other_streamable_bytes_is_refused() -> None:
     check_total(study, 10**9)
     with pytest.raises(UserInputError, match="bytes of streamable weights"):
         check_total(study, 10**9 + 4096)
+
+
+@pytest.mark.parametrize(("limit", "named"), [(8 * 2**30, "8GiB"), (int(7.5 * 2**30), "7.5GiB"),
+                                              (600 * 2**20, "600MiB"), (None, "nolimit")])
+def test_the_default_study_name_holds_the_limit_as_typed(storage_url: str, limit, named) -> None:
+    from autotune.tune.study import default_study_name
+
+    options = RunOptions(model="tiny-llama", engine=ANALYTIC, device="cpu", trials=1, isl=8,
+                         osl=4, max_batch=8, storage=storage_url, dtype="float32",
+                         gpu_memory_limit=limit)
+    assert f"-{named}-cpu" in default_study_name(options, "cpu")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from autotune.results.surface import Surface
-from autotune.units import GiB, format_bytes
+from autotune.units import GiB, format_bytes, size_as_typed
 
 _LIMIT_FLAGS = {"max_tpot_ms": ("--max-tpot-ms", "TPOT", "ms"),
                 "max_ttft_ms": ("--max-ttft-ms", "TTFT", "ms"),
@@ -262,8 +262,7 @@ def _signed(x: float) -> str:
 
 def memory_flag(limit: int) -> str:
     """``--gpu-memory-limit`` as a user would have typed it (8GiB)."""
-    return f"--gpu-memory-limit {limit / GiB:g}GiB" if limit % 2**20 == 0 else \
-        f"--gpu-memory-limit {limit}"
+    return f"--gpu-memory-limit {size_as_typed(limit)}"
 
 
 def _room(s: Surface | None, study: Any, workload: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ from autotune.tune import budget, resume
 from autotune.tune.acquisition import OUT_OF_REACH
 from autotune.tune.prior import Limits
 from autotune.tune.trials import OBJECTIVE, record, study_bandwidths
-from autotune.units import GiB
+from autotune.units import GiB, size_as_typed
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class RunOptions:
 
 def default_study_name(options: RunOptions, gpu_name: str) -> str:
     """Names the workload: model, engine, dtype, isl, osl, memory limit and GPU."""
-    limit = f"{options.gpu_memory_limit / GiB:g}GiB" if options.gpu_memory_limit else "nolimit"
+    limit = size_as_typed(options.gpu_memory_limit) if options.gpu_memory_limit else "nolimit"
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
     name = (f"{options.model}-{options.engine}-{options.dtype}-isl{options.isl}-osl{options.osl}"
             f"-{limit}-{gpu}")
