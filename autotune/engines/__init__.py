@@ -11,6 +11,7 @@ from autotune.engines.base import (
     Engine,
     EngineConfig,
     Generation,
+    check_option_values,
     check_options,
     check_precisions,
     clamp_budget,
@@ -19,8 +20,8 @@ from autotune.engines.base import (
 from autotune.errors import UserInputError
 
 __all__ = [
-    "BUILTIN", "ENGINES", "Engine", "EngineConfig", "Generation", "check_options", "check_precisions",
-    "clamp_budget", "declared_options", "engine_class", "engine_names", "load_engine",
+    "BUILTIN", "ENGINES", "Engine", "EngineConfig", "Generation", "check_option_values",
+    "check_options", "check_precisions", "clamp_budget", "declared_options", "engine_class", "engine_names", "load_engine",
     "register_engine",
 ]
 
@@ -70,4 +71,5 @@ def engine_class(name: str) -> type[Engine]:
 def load_engine(config: EngineConfig) -> Engine:
     cls = engine_class(config.engine)
     check_precisions(cls, config)
+    check_option_values(cls, config)
     return cls.load(config)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from autotune.engines.base import EngineConfig
+from autotune.engines.base import EngineConfig, int_option
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, torch_dtype, weight_source
 
@@ -62,11 +62,11 @@ class BuildShapes:
         length = config.max_seq_len
         prompt = config.max_prompt_len or length - 1
         chunk = max(1, min(prompt, PREFILL_CALL_TOKENS // config.max_batch))
-        max_seq = int(config.option("prefill_chunk", chunk)) if kv_cache else length
+        max_seq = int_option(config, "prefill_chunk", chunk) if kv_cache else length
         # TensorRT tunes kernels for opt (§2). With a cache nearly every call is a decode
         # step (T = 1), so that is where the kernels should be fast.
-        opt_batch = int(config.option("opt_batch", config.max_batch))
-        opt_seq = int(config.option("opt_seq_len", 1 if kv_cache else max_seq))
+        opt_batch = int_option(config, "opt_batch", config.max_batch)
+        opt_seq = int_option(config, "opt_seq_len", 1 if kv_cache else max_seq)
         if not (1 <= opt_batch <= config.max_batch and 1 <= opt_seq <= max_seq < length + 1):
             raise UserInputError(
                 f"opt_batch/opt_seq_len/prefill_chunk: expected 1..{config.max_batch} and "

@@ -205,6 +205,25 @@ def flag(config: EngineConfig, key: str, default: bool) -> bool:
     raise UserInputError(f"--engine-option {key}: expected true or false; got {value!r}")
 
 
+def int_option(config: EngineConfig, key: str, default: int, least: int = 1) -> int:
+    """A whole-number engine option, given as an int (Python) or as text."""
+    value = config.option(key, default)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise UserInputError(f"--engine-option {key}: expected an integer of {least} or more; "
+                             f"got {value!r}")
+    return value
+
+
+def check_option_values(cls: type, config: EngineConfig) -> None:
+    """The options' values, where the engine class can check them before anything loads
+    (its ``check_config``): a bad one would otherwise cost a model load first."""
+    check = getattr(cls, "check_config", None)
+    if check is not None:
+        check(config)
+
+
 def clamp_budget(requested: int, total: int, log: Any) -> int:
     """The budget rules of Torch-TensorRT: negative is an error, above the total is clamped
     with a logged error (which turns streaming off)."""

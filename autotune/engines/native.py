@@ -45,7 +45,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag
+from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag, int_option
 from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, get_spec, weight_source
@@ -89,18 +89,21 @@ def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
     return value
 
 
+ATTENTION_CHOICES = ("sdpa", "triton", "triton-rope")
+GEMV_CHOICES = ("cublas", "triton", "triton-all")
+
+
 def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
     """The ``attention`` option: ``sdpa``, or ``triton`` or ``triton-rope`` where those kernels
     can run here."""
-    return _kernel_choice(config, "attention", ("sdpa", "triton", "triton-rope"),
+    return _kernel_choice(config, "attention", ATTENTION_CHOICES,
                           lambda: attention.unavailable(device, spec.head_dim))
 
 
 def _gemv(config: EngineConfig, device: torch.device) -> str:
     """The ``gemv`` option: ``cublas``, or ``triton`` or ``triton-all`` where those kernels can
     run here."""
-    return _kernel_choice(config, "gemv", ("cublas", "triton", "triton-all"),
-                          lambda: triton_check.unavailable(device))
+    return _kernel_choice(config, "gemv", GEMV_CHOICES, lambda: triton_check.unavailable(device))
 
 
 def _host_available_bytes() -> int | None:
@@ -183,7 +186,7 @@ class NativeEngine:
         # window centred on the generation's middle, the steps before it skipped.
         self.uniform_decode_steps = self.cuda_graphs and self.attention == "sdpa"
         self.linear_decode_steps = self.cuda_graphs and self.attention != "sdpa"
-        self.workspace_bytes = int(config.option("workspace_bytes", plan.DEFAULT_WORKSPACE))
+        self.workspace_bytes = int_option(config, "workspace_bytes", plan.DEFAULT_WORKSPACE, 0)
         self._budget = store.resident_bytes
         self._static: _Static | None = None
         self._serial = 0
@@ -205,6 +208,18 @@ class NativeEngine:
         return total
 
     @classmethod
+    def check_config(cls, config: EngineConfig) -> None:
+        """Every option's value, before anything loads (whether a kernel can run on this
+        device is the load's to say)."""
+        int_option(config, "slots", 2)
+        int_option(config, "workspace_bytes", plan.DEFAULT_WORKSPACE, 0)
+        for key in ("cuda_graphs", "stream_embed_head", "fused"):
+            flag(config, key, True)
+        _compile_mode(config)
+        _kernel_choice(config, "attention", ATTENTION_CHOICES, lambda: None)
+        _kernel_choice(config, "gemv", GEMV_CHOICES, lambda: None)
+
+    @classmethod
     def load(cls, config: EngineConfig) -> NativeEngine:
         spec = get_spec(config.model, config.weights)
         device = torch.device(config.device)
@@ -222,11 +237,8 @@ class NativeEngine:
                         f"gpu_memory_limit: expected at most the GPU's {total} bytes; "
                         f"got {config.gpu_memory_limit}")
                 torch.cuda.set_per_process_memory_fraction(config.gpu_memory_limit / total, device)
-        slots = config.option("slots", 2)
-        if isinstance(slots, str) and slots.strip().isdigit():  # --engine-option slots=3
-            slots = int(slots)
-        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
-            raise UserInputError(f"option slots: expected a positive integer; got {slots!r}")
+        cls.check_config(config)
+        slots = int_option(config, "slots", 2)
         for p in config.quantization:
             quant.check_supported(p, device)
         _attention(config, spec, device)  # a refused option before the weights load

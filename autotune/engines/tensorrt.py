@@ -162,6 +162,13 @@ class TensorRTEngine:
         return 2 * get_spec(config.model, config.weights).weight_bytes(config.dtype)
 
     @classmethod
+    def check_config(cls, config: EngineConfig) -> None:
+        """Every option's value, before anything loads or compiles."""
+        BuildShapes.from_config(config, kv_cache=flag(config, "kv_cache", True))
+        attention_option(config)
+        flag(config, "trt_cache", True)
+
+    @classmethod
     def load(cls, config: EngineConfig) -> TensorRTEngine:
         trt = import_torch_tensorrt()
         version = parse_version(trt.__version__)

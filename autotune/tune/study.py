@@ -30,7 +30,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from autotune.engines import EngineConfig, check_options, check_precisions, engine_class
+from autotune.engines import (
+    EngineConfig,
+    check_option_values,
+    check_options,
+    check_precisions,
+    engine_class,
+)
 from autotune.engines.memory import MAX_BATCH
 from autotune.errors import UserInputError, stop_name
 from autotune.measure import host
@@ -147,6 +153,7 @@ class RunOptions:
         # Unknown engine or option keys fail here; missing extras fail at load.
         check_options(engine_class(self.engine), self.engine_options)
         check_precisions(engine_class(self.engine), self.engine_config("cpu"))
+        check_option_values(engine_class(self.engine), self.engine_config("cpu"))
         parse_url(self.storage)
         if self.study_name is not None:
             check_study_name(self.study_name)
