@@ -274,9 +274,7 @@ def figure_landscape(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
              if surface is not None else "Throughput over batch size x weight-streaming budget")
     ax.set_title(title, fontsize=11, loc="left")
     fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7.5,
-                  frameon=False)
+    _legend_below(fig, ax, ncol=2, fontsize=7.5)
     _empty_note(ax, pts)
     return fig
 
@@ -322,7 +320,7 @@ def figure_bound(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
                 ha="center", va="center", fontsize=11, color="#777")
     return _finish(fig, ax, "How close each trial came to its bound"
                    + (f" ({figures})" if figures else ""), subtitle, pts,
-                   legend_y=-0.16, ncol=2)
+                   ncol=2)
 
 
 def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
@@ -380,7 +378,7 @@ def figure_pareto(pts: list[TrialPoint], rec: dict[str, Any] | None = None,
     ax.set_ylabel("throughput (tokens/s)")
     ax.set_ylim(bottom=0, top=1.08 * max([p.throughput_tok_s for p in pts if p.measured] + [1]))
     return _finish(fig, ax, "Throughput against peak device memory", subtitle, ok,
-                   legend_y=-0.13, ncol=2)
+                   ncol=2)
 
 
 def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
@@ -405,24 +403,38 @@ def figure_progress(pts: list[TrialPoint], subtitle: str = "") -> Any:
         ax.step(xs, ys, where="post", color="#2ca02c", linewidth=2.0, zorder=3,
                 label=f"best so far (final {ys[-1]:,.0f} tok/s)")
     ax.set_xlabel("trial number")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole: no 0.25
     ax.set_ylabel("throughput (tokens/s)")
     top = max([p.throughput_tok_s for p in pts if p.measured] + [1])
     ax.set_ylim(bottom=-0.03 * top, top=1.06 * top)
     return _finish(fig, ax, "Search progress: best throughput so far", subtitle, pts,
-                   legend_y=-0.14, ncol=3)
+                   ncol=3)
 
 
 def _finish(fig: Any, ax: Any, title: str, subtitle: str, pts: list[Any], *,
-            legend_y: float, ncol: int) -> Any:
+            ncol: int) -> Any:
     """Grid, title, subtitle and a legend below the axes (clear of the points)."""
     ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=12, loc="left")
     fig.suptitle(subtitle, fontsize=8.5, color="#444", x=0.01, ha="left")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, legend_y), ncol=ncol, fontsize=8,
-                  frameon=False)
+    _legend_below(fig, ax, ncol=ncol, fontsize=8)
     _empty_note(ax, pts)
     return fig
+
+
+def _legend_below(fig: Any, ax: Any, *, ncol: int, fontsize: float) -> None:
+    """The legend under the axes, as the figure's: the constrained layout then gives it
+    height. (An axes legend anchored outside made the layout narrow the axes to the legend's
+    width instead: long labels squeezed the plot and were still cut at both sides.)"""
+    import textwrap
+
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        width = 110 // ncol  # characters a column holds at these font sizes
+        fig.legend(handles, [textwrap.fill(t, width) for t in labels], loc="outside lower center",
+                   ncol=ncol, fontsize=fontsize, frameon=False)
 
 
 def _empty_note(ax: Any, pts: list[Any]) -> None:
