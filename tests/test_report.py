@@ -58,7 +58,8 @@ def test_figures_are_labelled(study_url: str) -> None:
     land = figs["landscape"].axes[0]
     assert land.get_xscale() == "log" and "log2" in land.get_xlabel()
     assert "budget" in land.get_ylabel() and "%" in land.get_ylabel()
-    legend = [t.get_text() for t in land.get_legend().get_texts()]
+    (below,) = figs["landscape"].legends  # the figure's, under the axes
+    legend = [t.get_text().replace("\n", " ") for t in below.get_texts()]
     assert any(t.startswith("infeasible") for t in legend)
     assert any(f"#{rec['best']['trial']}" in t and "recommendation" in t for t in legend)
     colorbar = figs["landscape"].axes[1]
