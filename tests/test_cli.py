@@ -120,6 +120,10 @@ def test_the_reproduce_line_runs_with_the_studys_engine_options(autotune_here,
     _error(r, "--engine-option warp", "does not take it")
 
 
+def test_default_file_names_are_plain(tmp_path: Path) -> None:
+    assert recommend.default_path("tiny-fakes:Engine/x").name == "tiny-fakes_Engine_x.json"
+
+
 def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [line for line in r.stderr.splitlines() if line.strip()]

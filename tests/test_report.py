@@ -128,6 +128,10 @@ def test_cli_report(study_url: str, tmp_path: Path, autotune_here) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no study named 'nope'")
 
+    (tmp_path / "a-file").write_text("")
+    proc = autotune_here("report", "--storage", study_url, "--out", str(tmp_path / "a-file"))
+    assert proc.returncode == 2 and "a file is there" in proc.stderr, proc.stderr
+
 
 def test_trials_over_a_latency_limit_are_drawn_apart(tmp_path: Path) -> None:
     """A trial that ran but broke a TPOT limit is neither feasible nor a failure."""

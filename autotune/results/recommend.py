@@ -277,8 +277,9 @@ def _why_none(study: Any) -> str:
 
 def default_path(study_name: str) -> Path:
     """Where run and export write a study's recommendation by default: studies/<name>.json,
-    the name made a plain file name (a study made elsewhere may hold a '/')."""
-    safe = "".join("_" if c in "/\\" or ord(c) < 32 else c for c in study_name)
+    the name made a plain file name (a study made elsewhere may hold a '/', and an engine
+    given as module:Class puts a ':' in the default name, which some file systems refuse)."""
+    safe = "".join("_" if c in "/\\:" or ord(c) < 32 else c for c in study_name)
     return Path("studies") / f"{safe.lstrip('.') or 'study'}.json"
 
 

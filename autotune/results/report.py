@@ -490,6 +490,9 @@ def write_report(study: Any, out_dir: str | Path) -> ReportFiles:
             f"study {study.study_name} has no finished trial to draw yet; run some first "
             "(autotune run ... --trials N)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError(f"--out {out}: a file is there; the report is a folder (its "
+                             "figures and report.html): give a folder's name")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
