@@ -349,6 +349,9 @@ def run(
     out.print(f"{tag}why: {rec['explanation']['text']}", highlight=False, soft_wrap=True)
     out.print(f"{tag}recommendation written to {path}; every trial is stored in "
               f"{redact(storage)} (study {result.study_name})", highlight=False, soft_wrap=True)
+    out.print(f"{tag}to serve it: autotune.deploy.apply({str(path)!r}, model) sets its budget on "
+              f"your weight-streaming model; serve batch {best['batch']} "
+              "(docs/python-api.md)", highlight=False, soft_wrap=True)
 
 
 @app.command()

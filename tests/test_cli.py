@@ -76,7 +76,7 @@ def test_run_show_export(tmp_path: Path, finished: dict, autotune_here) -> None:
     # Without --out, export writes where run writes by default: studies/<study>.json.
     r = autotune_here("export", "--storage", storage_url, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert recommend.read(tmp_path / "studies" / f"{rec['study']['name']}.json")["best"] == \
+    assert recommend.read(tmp_path / recommend.default_path(rec["study"]["name"]))["best"] == \
         rec["best"]
 
 
@@ -317,7 +317,7 @@ def test_outputs_that_cannot_be_written_are_one_line(tmp_path: Path, finished: d
     r = autotune_here("export", "--storage", storage_url, "--out", str(blocker / "rec.json"))
     _error(r, f"cannot write {blocker / 'rec.json'}")
     r = autotune_here("report", "--storage", storage_url, "--out", str(blocker))
-    _error(r, f"--out {blocker}: cannot make that folder")
+    _error(r, f"--out {blocker}: a file is there")
     assert blocker.read_text() == "not a folder"  # untouched
 
 

@@ -248,7 +248,7 @@ def test_the_landscape_draws_what_the_search_saw(latency_study: optuna.Study) ->
     ax = figs["landscape"].axes[0]
     contours = [c for c in ax.collections if isinstance(c, QuadContourSet)]
     assert [list(c.hatches) for c in contours] == [[None], ["////"]]  # the model; the limit
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    legend = [t.get_text().replace("\n", " ") for t in figs["landscape"].legends[0].get_texts()]
     assert any(t.startswith("memory edge: the largest batch that fits in 7.75 GiB")
                for t in legend)
     assert any("excluded by --max-tpot-ms 150" in t for t in legend)
@@ -281,11 +281,12 @@ def test_the_run_ends_saying_why_and_show_has_the_bound(tmp_path: Path, autotune
                         "--storage", url, "--out", str(tmp_path / "rec.json"))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.replace("\n ", " ").strip().splitlines()
-    assert all(line.startswith("[replay] ") for line in lines[-3:])  # a replay, said so
-    last = [line.removeprefix("[replay] ") for line in lines[-3:]]
+    assert all(line.startswith("[replay] ") for line in lines[-4:])  # a replay, said so
+    last = [line.removeprefix("[replay] ") for line in lines[-4:]]
     assert last[0].startswith("best: batch 64")
     assert last[1].startswith("why: memory-bound at batch 64 with 10% of the weights resident")
     assert last[2].startswith("recommendation written to")
+    assert last[3].startswith("to serve it: autotune.deploy.apply(") and "batch 64" in last[3]
     written = recommend.read(tmp_path / "rec.json")
     assert last[1] == "why: " + written["explanation"]["text"]
     show = autotune_here("show", "--storage", url)
