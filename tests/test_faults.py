@@ -627,6 +627,42 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_measures_the_stopped_trial(
     assert budget.spent(_study(storage_url)) == 2
 
 
+def test_an_interrupted_run_stops_its_workers_in_a_process_that_goes_on(
+        storage_url: str) -> None:
+    """A notebook's kernel catches the KeyboardInterrupt and goes on: the run's worker and
+    its thread stop with it (they went on measuring, and the next run measured beside them,
+    each timed run 60 times slower), and the next run resumes the stopped trial."""
+    import multiprocessing
+    import threading
+
+    db = Path(storage_url.removeprefix("sqlite:///"))
+    options = _options(storage_url, trials=2, trial_timeout_s=120,
+                       engine_options=(("fault", "hang"), ("fault_after", 1)))
+    main = threading.main_thread().ident
+
+    def interrupt_once_a_trial_runs() -> None:
+        deadline = time.monotonic() + 120
+        while not _running_trial(db) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        signal.pthread_kill(main, signal.SIGINT)  # the main thread's KeyboardInterrupt
+
+    threading.Thread(target=interrupt_once_a_trial_runs, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(options)
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("autotune")]
+
+    def finished() -> list[str]:  # (the retry of the interrupted one waits, unfinished)
+        return [t.user_attrs.get("status") for t in _study(storage_url).trials
+                if t.state.is_finished()]
+
+    assert finished() == ["ok", budget.INTERRUPTED]
+    time.sleep(1.0)  # a thread left measuring would record its trial by now
+    assert finished() == ["ok", budget.INTERRUPTED]
+    # The stopped trial runs again: a new worker's first configuration is spared the hang.
+    assert run_study(options).ran == 1
+    assert finished() == ["ok", budget.INTERRUPTED, "ok"]
+
+
 _OPEN_AT = """
 import sys
 import optuna

@@ -309,6 +309,7 @@ class Worker:
         self._proc: Any = None
         self._conn: Any = None
         self._seq = itertools.count(1)  # request numbers; 0 is the load's
+        self._abandoned = False  # see abandon()
 
     @property
     def pid(self) -> int | None:
@@ -406,6 +407,8 @@ class Worker:
 
     def restart(self) -> None:
         self.stop()
+        if self._abandoned:
+            raise WorkerError(f"the worker on {self.config.device} was stopped")
         self.restarts += 1
         log.warning("restarting the worker on %s (restart %d)", self.config.device, self.restarts)
         self.start()
@@ -429,6 +432,14 @@ class Worker:
     def _kill(self) -> None:
         self._proc.kill()
         self._proc.join(timeout=10)
+
+    def abandon(self) -> None:
+        """Kills the process now, from any thread (its caller was interrupted), and for
+        good: the thread waiting on it sees it die and gets no new one."""
+        self._abandoned = True
+        proc = self._proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
 
     def _receive(self, timeout_s: float, *, seq: int, doing: str = "") -> Any:
         """The reply ``(kind, data)`` to request ``seq``, or None if the process died or the

@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -470,6 +471,10 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
     lock = threading.Lock()
     state: dict[str, Any] = {"ran": 0, "serving": len(options.devices)}
     errors: list[BaseException] = []
+    workers: list[Any] = []  # stopped here when the caller is interrupted (see below)
+    # Set as each serving thread ends. (After a KeyboardInterrupt cut a Thread.join short,
+    # Python <= 3.12 may report a running thread as stopped: its is_alive() cannot be trusted.)
+    ended = [threading.Event() for _ in options.devices]
 
     def claim() -> Any:
         """A trial inside the study's budget, or None: exact across processes and hosts."""
@@ -479,6 +484,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
             with lock:
                 result.notes.append(f"trial {number} was interrupted by a dead process; "
                                     f"retrying it")
+        if state.get("interrupted"):
+            return None
         reason = stop_reason(study, options, state.get("prior"))
         if reason is not None:
             with lock:
@@ -492,10 +499,14 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
             resume.mark_started(trial)  # who runs it, at once
         return trial if budget.claim(study, trial, options.trials) else None
 
-    def serve(device: str) -> None:
+    def serve(device: str, ended: threading.Event) -> None:
         try:
             with Worker(options.engine_config(device),
                         trial_timeout_s=options.trial_timeout_s) as worker:
+                with lock:
+                    if state.get("interrupted"):
+                        return
+                    workers.append(worker)
                 doing = [""]  # what this worker is asked for now, for its notices
 
                 def waiting(seconds: float, what: str) -> None:  # a wait past NOTICE_S
@@ -551,6 +562,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         first = False
                     with resume.heartbeat(trial):
                         outcome = search.measure(worker, request, trial)
+                    if state.get("interrupted"):  # the trial is failed as interrupted already
+                        return
                     record(study, trial, request, outcome, p_total, device,
                            limits=options.limits, bandwidths=bandwidths)
                     if outcome.status in ("crash", "timeout"):  # a new worker: budget unknown
@@ -574,8 +587,11 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         result.notes.append(note)
         except BaseException as e:  # surfaced in the calling thread below
             errors.append(e)
+        finally:
+            ended.set()
 
-    threads = [threading.Thread(target=serve, args=(d,), daemon=True) for d in options.devices]
+    threads = [threading.Thread(target=serve, args=(d, e), daemon=True)
+               for d, e in zip(options.devices, ended, strict=True)]
     for t in threads:
         t.start()
     try:
@@ -587,8 +603,17 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                 t.join(STOP_POLL_S)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the running trials are failed now and
         # run again later
+        state["interrupted"] = True
         for number in resume.interrupt_own(study, f"the run was stopped ({stop_name(e)})"):
             result.notes.append(f"trial {number} was interrupted; it runs again on resume")
+        # A process that goes on (a notebook, a script catching it) must not keep measuring
+        # beside the next run: the workers stop now, and their threads with them.
+        with lock:
+            for worker in workers:
+                worker.abandon()
+        deadline = time.monotonic() + WORKERS_GONE_S
+        for event in ended:
+            event.wait(max(0.0, deadline - time.monotonic()))
         raise
     result.ran = state["ran"]
     if errors:
@@ -599,6 +624,9 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         result.notes.insert(0, f"{verb} after {done} trials: {reason} (--no-early-stop "
                                f"runs all {options.trials})")
     return result
+
+
+WORKERS_GONE_S = 15.0  # an interrupted run waits this long for its worker threads to end
 
 
 def stop_reason(study: Any, options: RunOptions, prior: Any) -> str | None:
