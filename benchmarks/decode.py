@@ -232,6 +232,7 @@ def resident(args: argparse.Namespace) -> dict[str, Any]:
                     row["graph"] = graph_step_profile(engine, batch, args.isl, args.osl)
                 except Exception as e:
                     row["graph"] = {"error": f"{type(e).__name__}: {e}"}
+            args.save("resident", {**out, "rows": out["rows"] + group})
             print(f"  batch {batch:3d} {name:>10}: {m.throughput_tok_s:9.1f} tok/s "
                   f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.3f} ms/token = "
                   f"{row['bound_fraction']:.1%} of the HBM bound "
@@ -295,6 +296,7 @@ def streaming(args: argparse.Namespace) -> dict[str, Any]:
                    describe=engine.describe())
         if link:
             row["link_fraction"] = m.streamed_bytes_per_step / (link * 1e9) / m.tpot_s
+        args.save("streaming", out)
         print(f"  {name:>21}: batch {batch}, {m.throughput_tok_s:9.1f} tok/s "
               f"(x{row['ratio']:.3f}), {m.tpot_s * 1e3:.2f} ms/token, streamed "
               f"{m.streamed_bytes_per_step / 1e9:.2f} GB/step = "
@@ -344,13 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"command": " ".join(sys.argv), "torch": torch.__version__,
                            "device": (torch.cuda.get_device_name() if args.device != "cpu"
                                       else "cpu")}
+    def save(part: str, figures: dict[str, Any]) -> None:
+        """Writes what is measured so far, after every row: a run cut by a time limit (a
+        gpu.sh step's) keeps its rows."""
+        out[part] = figures
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+    args.save = save
     for part in args.parts.split(","):
         if part not in parts:
             raise SystemExit(f"--parts: expected resident and/or streaming; got {part!r}")
-        out[part] = parts[part](args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        save(part, parts[part](args))
     return 0
 
 

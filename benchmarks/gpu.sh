@@ -189,14 +189,19 @@ case $stage in
       --json "$OUT/decode22f-stream.json"
     ;;
   decode22g)
-    step decode22g-sweep 200 python3 benchmarks/gemv.py --block-n 16,32 --block-k 128,256 \
+    step decode22g-sweep 170 python3 benchmarks/gemv.py --block-n 16,32 --block-k 128,256 \
       --warps 4 --stages 3,4,5 --json "$OUT/decode22g-sweep.json"
     step decode22g-tests 120 python3 -m pytest -q -m gpu tests/test_gemv.py tests/test_attention.py \
       -k "gemv or norm or rope or every"
-    step decode22g-float16 200 python3 benchmarks/decode.py --parts resident --batches 1,8 \
+    # Two runs of at most 4 resident llama2-7b engines (13.5 GB each): 6 at once need about
+    # 90 GB, more than an H100 holds. Each has the fused baseline its ratios refer to.
+    step decode22g-float16a 110 python3 benchmarks/decode.py --parts resident --batches 1,8 \
       --graph-profile --decode-steps 256 --repeats 3 \
-      --variants fused,compiled-triton,compiled-triton-gemv,compiled-triton-gemv-all,all-triton,compiled-all-triton \
-      --json "$OUT/decode22g-float16.json"
+      --variants fused,compiled-triton,compiled-triton-gemv --json "$OUT/decode22g-float16a.json"
+    step decode22g-float16b 140 python3 benchmarks/decode.py --parts resident --batches 1,8 \
+      --graph-profile --decode-steps 256 --repeats 3 \
+      --variants fused,compiled-triton-gemv-all,all-triton,compiled-all-triton \
+      --json "$OUT/decode22g-float16b.json"
     ;;
   decode22h)
     step decode22h-bfloat16 170 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
