@@ -958,6 +958,21 @@ def test_workers_never_import_autotune_from_the_working_directory(tmp_path: Path
     assert not mark.exists()
 
 
+def test_a_script_without_a_main_guard_is_told_so(tmp_path: Path, cli_env) -> None:
+    """Each worker imports the script that started the study again; without the guard it
+    starts the study there too and dies: the error says which file and what to add."""
+    script = tmp_path / "tune.py"
+    script.write_text(
+        "from autotune.tune.study import RunOptions, run_study\n"
+        f"run_study(RunOptions(model='tiny-llama', engine={ANALYTIC!r}, device='cpu', "
+        f"dtype='float32', trials=1, isl=8, osl=4, max_batch=4, "
+        f"storage='sqlite:///{tmp_path}/s.db'))\n")
+    r = subprocess.run([sys.executable, str(script)], env=cli_env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0
+    assert f"{script} starts the study without `if __name__ == \"__main__\":`" in r.stderr
+
+
 def test_time_the_job_spent_stopped_is_not_the_trials(cli_env) -> None:
     """Issue 19: the job suspended (Ctrl-Z) past --trial-timeout made its trial a timeout and
     killed its worker: the configuration, the optimum, was never tried again."""

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from autotune.engines import EngineConfig
@@ -255,6 +256,21 @@ def _context(config: EngineConfig) -> Any:
     return ctx
 
 
+def _unguarded_main() -> str:
+    """Why a worker may have died at its start: multiprocessing imports the script that
+    started the study again in each worker, and one without a ``__main__`` guard starts the
+    study there anew (an error) instead of serving. '' where that is not the case."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except (OSError, UnicodeDecodeError):
+        return ""
+    if not text or "__main__" in text:
+        return ""
+    return (f"; {path} starts the study without `if __name__ == \"__main__\":`, and each "
+            "worker process imports it again: put the study under that guard")
+
+
 _START_LOCK = threading.Lock()  # os.environ is the process's: one start changes it at a time
 
 
@@ -342,6 +358,8 @@ class Worker:
                 on_wait(time.monotonic() - began)
         if reply is None or reply[0] != "ready":
             what = self._death_reason() if reply is None else reply[1][1]
+            if reply is None:
+                what += _unguarded_main()
             self.stop()
             if reply is not None and reply[1][0] == "user":
                 raise WorkerError(what)

@@ -456,10 +456,10 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
     work = budget.has_work(study, options.trials)
     # A run killed during the final measurement left the best estimated: finish it now.
     if not work and not (options.confirm and needs_confirmation(study)):
+        more = ("its own run may give --trials above that to run more" if options.joined
+                else "give --trials above that to run more")
         result.notes.append(
-            f"study {study.study_name} already has {budget.spent(study)} finished trials; "
-            f"give --trials above that to run more"
-        )
+            f"study {study.study_name} already has {budget.spent(study)} finished trials; {more}")
         return result
     from autotune.tune import search
 
@@ -621,8 +621,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
     if "stopped" in state:
         done, reason = state["stopped"]
         verb = "stopped" if reason.startswith(OUT_OF_REACH) else "converged"
-        result.notes.insert(0, f"{verb} after {done} trials: {reason} (--no-early-stop "
-                               f"runs all {options.trials})")
+        rest = f" (--no-early-stop runs all {options.trials})" if done < options.trials else ""
+        result.notes.insert(0, f"{verb} after {done} trials: {reason}{rest}")
     return result
 
 
