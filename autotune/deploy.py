@@ -49,6 +49,13 @@ def apply(recommendation: dict[str, Any] | str | Path, model: Any) -> Deployment
         raise UserInputError("the model streams no weights: compile it with "
                              "enable_weight_streaming=True (Torch-TensorRT)")
     notes = []
+    workload = rec.get("workload") or {}
+    name = getattr(getattr(model, "spec", None), "name", None)  # an autotune engine's model
+    if name and workload.get("model") and name != workload["model"]:
+        notes.append(f"this is {name}; the recommendation was tuned for {workload['model']}")
+    if workload.get("engine") == "landscape":
+        notes.append("the recommendation's figures were replayed from a recorded landscape "
+                     "(another machine's measurements), not measured with this model")
     tuned = rec.get("total_device_budget")
     if tuned == total:
         budget = int(best["device_budget_bytes"])
@@ -68,6 +75,14 @@ def _budget_handle(model: Any) -> Any:
     """What takes the budget: an autotune engine itself, else Torch-TensorRT's handle."""
     if hasattr(model, "device_budget") and hasattr(model, "total_device_budget"):
         return model
+    # A Torch-TensorRT module holds its engines as _run_on_acc children; anything else
+    # (None, a plain nn.Module) has no budget to set, whatever is installed.
+    children = getattr(model, "named_children", None)
+    if children is None or not any("_run_on_acc" in name for name, _ in children()):
+        raise UserInputError(
+            f"deploy.apply: a {type(model).__name__} has no weight-streaming budget; give a "
+            "Torch-TensorRT module compiled with enable_weight_streaming=True, or an "
+            "autotune engine")
     from autotune.engines._trt_build import import_torch_tensorrt
 
     return import_torch_tensorrt().runtime.weight_streaming(model)

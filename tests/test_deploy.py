@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 from conftest import ANALYTIC
 from doubles import TRT_MODEL, install_torch_tensorrt, uninstall_torch_tensorrt
 
@@ -93,6 +94,19 @@ def test_a_model_without_streamable_weights_is_refused(rec_path: Path) -> None:
     unstreamed = SimpleNamespace(device_budget=0, total_device_budget=0)
     with pytest.raises(UserInputError, match="enable_weight_streaming=True"):
         deploy.apply(rec_path, unstreamed)
+    # Not a streaming model at all: said as such, not as a missing torch_tensorrt.
+    for model in (torch.nn.Linear(4, 4), None):
+        with pytest.raises(UserInputError, match=f"a {type(model).__name__} has no "
+                                                 "weight-streaming budget"):
+            deploy.apply(rec_path, model)
+
+
+def test_a_recommendation_of_another_model_or_replayed_says_so(rec_path: Path) -> None:
+    rec = recommend.read(rec_path)
+    rec["workload"] = {**rec["workload"], "model": "llama2-7b", "engine": "landscape"}
+    done = deploy.apply(rec, _engine(ANALYTIC))
+    assert "this is tiny-llama; the recommendation was tuned for llama2-7b" in done.notes
+    assert any("replayed from a recorded landscape" in n for n in done.notes)
 
 
 @pytest.mark.parametrize(("key", "value"), [
