@@ -49,6 +49,21 @@ def _own_working_directory(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
+@pytest.fixture(autouse=True)
+def _own_device_locks(tmp_path_factory: pytest.TempPathFactory,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's runs take turns on the CPU among themselves only (autotune.measure.
+    device_lock): the suite's parallel workers run many studies at once on purpose, and a
+    test's hanging trial would otherwise hold up every other test's. The commands a test
+    starts inherit it (cli_env copies the environment after this)."""
+    monkeypatch.setenv("AUTOTUNE_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))
+
+
+# Fixtures wider than a test start their commands before the one above: one folder a process.
+os.environ.setdefault("AUTOTUNE_LOCK_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"autotune-test-locks-{os.getpid()}"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     new = _studies_listing() - _STUDIES_BEFORE
     if new:  # a test wrote where a user's studies live

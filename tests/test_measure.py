@@ -172,3 +172,4 @@ def test_the_modelled_clock_option_times_the_model_exactly_and_is_given_back() -
     finally:
         engine.close()
     assert timing.time is fakes.time
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -188,6 +189,26 @@ def test_recommendation_round_trip(storage_url: str, tmp_path) -> None:
     tps = [c["throughput_tok_s"] for c in back["pareto_front"]]
     assert mems == sorted(mems) and tps == sorted(tps)
     assert back["reproduce"].startswith("autotune bench --model tiny-llama")
+
+
+def test_python_callers_forms_are_taken_and_wrong_types_refused(tmp_path) -> None:
+    """RunOptions from Python: a Path, "8GiB", a dict of options and a list of GPUs are what
+    a caller would pass; a wrong type is one line (UserInputError), not a TypeError later."""
+    o = _options(f"sqlite:///{tmp_path}/x.db", storage=tmp_path / "y.db",
+                 gpu_memory_limit="8GiB", engine_options={"clock": "modelled"})
+    assert o.storage == f"sqlite:///{tmp_path / 'y.db'}"
+    assert o.gpu_memory_limit == 8 * 2**30 and o.engine_options == (("clock", "modelled"),)
+    url = f"sqlite:///{tmp_path}/x.db"
+    for kw, said in [(dict(trial_timeout_s="10"), "trial_timeout_s: expected an integer or "
+                                                    "a number"),
+                     (dict(device="gpu"), "device: expected cpu, cuda or cuda:N"),
+                     (dict(device="cuda", gpus="0,1"), "gpus: expected a sequence"),
+                     (dict(warmup=0.5), "warmup: expected an integer"),
+                     (dict(gpu_memory_limit=9.1e9), "gpu_memory_limit: expected an integer"),
+                     (dict(engine_options=(("slots",),)), "engine_options: expected (key, "
+                                                          "value) pairs")]:
+        with pytest.raises(UserInputError, match=re.escape(said)):
+            _options(url, **kw)
 
 
 def test_a_recommendation_is_written_as_open_would_write_it(tmp_path) -> None:

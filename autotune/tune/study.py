@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -40,7 +41,7 @@ from autotune.engines import (
 )
 from autotune.engines.memory import MAX_BATCH
 from autotune.errors import UserInputError, stop_name
-from autotune.measure import host
+from autotune.measure import device_lock, host
 from autotune.measure.trial import TrialOutcome, TrialRequest
 from autotune.measure.worker import Worker, WorkerInfo
 from autotune.models import check_dtype, get_spec
@@ -50,7 +51,7 @@ from autotune.tune import budget, resume
 from autotune.tune.acquisition import OUT_OF_REACH
 from autotune.tune.prior import Limits
 from autotune.tune.trials import OBJECTIVE, record, study_bandwidths
-from autotune.units import GiB, size_as_typed
+from autotune.units import GiB, parse_bytes, size_as_typed
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class RunOptions:
     quantization: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
+        self._take_python_forms()
         object.__setattr__(self, "quantization", parse_precisions(self.quantization))
         if self.decode_steps is not None and (
                 not isinstance(self.decode_steps, int) or self.decode_steps < 1):
@@ -164,6 +166,38 @@ class RunOptions:
                 f"--isl {self.isl} + --osl {self.osl} exceeds {self.model}'s "
                 f"{spec.max_position_embeddings} positions"
             )
+
+    def _take_python_forms(self) -> None:
+        """What a Python caller would pass besides the CLI's forms (a Path, "8GiB", a dict of
+        options, a list of GPUs) is taken; a wrong type is refused in one line, as the CLI
+        refuses a flag, not as a TypeError from deep inside."""
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.storage, os.PathLike):
+            put("storage", f"sqlite:///{os.fspath(self.storage)}")
+        if isinstance(self.gpu_memory_limit, str):
+            put("gpu_memory_limit", parse_bytes(self.gpu_memory_limit, what="gpu_memory_limit"))
+        if isinstance(self.engine_options, dict):
+            put("engine_options", tuple(self.engine_options.items()))
+        if isinstance(self.gpus, list):
+            put("gpus", tuple(self.gpus))
+        checks = {
+            "storage": str, "gpu_memory_limit": (int, type(None)), "device": str, "dtype": str,
+            "trial_timeout_s": (int, float), "warmup": int, "gpus": tuple,
+            "engine_options": tuple,
+        }
+        for name, kind in checks.items():
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserInputError(f"{name}: expected {_kind_name(kind)}; got {value!r}")
+        if not all(isinstance(g, int) and not isinstance(g, bool) for g in self.gpus):
+            raise UserInputError(f"gpus: expected GPU indices (integers); got {self.gpus!r}")
+        if not all(isinstance(o, tuple) and len(o) == 2 for o in self.engine_options):
+            raise UserInputError("engine_options: expected (key, value) pairs or a dict; got "
+                                 f"{self.engine_options!r}")
+        if not (self.device in ("cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device)):
+            raise UserInputError(f"device: expected cpu, cuda or cuda:N; got {self.device!r}")
 
     @property
     def limits(self) -> Limits:
@@ -513,6 +547,13 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     on_step(f"{device}: {doing[0]}{what} ({seconds:.0f} s)...")
 
                 worker.on_wait = waiting
+
+                def device_busy(seconds: float, holder: str) -> None:
+                    on_step(f"{device}: {doing[0]}waiting for the device: {holder} is "
+                            f"measuring on it ({seconds:.0f} s)...")
+
+                def alone() -> Any:  # the device to this process while it times anything
+                    return device_lock.exclusive(device, device_busy)
                 loading = None if on_worker is None else (
                     lambda seconds: on_worker(device, seconds, None))
                 info = worker.start(on_wait=loading)
@@ -532,10 +573,11 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         if options.sampler == "autotune":
                             on_step(f"{device}: measuring the hardware for the search "
                                     "(matmul timings, memory plans)...")
-                        state["prior"] = search.start_prior(
-                            study, worker, total=total, isl=options.isl, osl=options.osl,
-                            max_batch=options.max_batch, limits=options.limits,
-                            h2d_gb_s=info.environment.get("h2d_gb_s"), totals=totals)
+                        with alone():
+                            state["prior"] = search.start_prior(
+                                study, worker, total=total, isl=options.isl, osl=options.osl,
+                                max_batch=options.max_batch, limits=options.limits,
+                                h2d_gb_s=info.environment.get("h2d_gb_s"), totals=totals)
                     if (work and not options.joined and "accuracy" not in study.user_attrs
                             and any(p != "none" for p in options.quantization)):
                         on_step(f"{device}: comparing 8-bit outputs with 16-bit on the same "
@@ -560,17 +602,17 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                                 f"{100 * fraction:.0f}%{shown}): warming up and measuring; a first "
                                 "trial also compiles and fills caches, so it takes longest...")
                         first = False
-                    with resume.heartbeat(trial):
+                    with resume.heartbeat(trial), alone():  # waiting, the trial is alive
                         outcome = search.measure(worker, request, trial)
-                    if state.get("interrupted"):  # the trial is failed as interrupted already
-                        return
-                    record(study, trial, request, outcome, p_total, device,
-                           limits=options.limits, bandwidths=bandwidths)
-                    if outcome.status in ("crash", "timeout"):  # a new worker: budget unknown
-                        held = None
-                    elif outcome.applied_budget is not None:
-                        held = outcome.applied_budget
-                    search.after_trial(study, prior, worker)
+                        if state.get("interrupted"):  # failed as interrupted already
+                            return
+                        record(study, trial, request, outcome, p_total, device,
+                               limits=options.limits, bandwidths=bandwidths)
+                        if outcome.status in ("crash", "timeout"):  # a new worker
+                            held = None
+                        elif outcome.applied_budget is not None:
+                            held = outcome.applied_budget
+                        search.after_trial(study, prior, worker)  # may time matmuls again
                     with lock:
                         state["ran"] += 1
                         done = budget.spent(study)
@@ -582,7 +624,8 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     last = state["serving"] == 0
                 if last and options.confirm and not errors and needs_confirmation(study):
                     doing[0] = "confirming the best over every decode step: "
-                    note = confirm_best(study, worker, options, total)
+                    with alone():
+                        note = confirm_best(study, worker, options, total)
                     if note:
                         result.notes.append(note)
         except BaseException as e:  # surfaced in the calling thread below
@@ -627,6 +670,13 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
 
 
 WORKERS_GONE_S = 15.0  # an interrupted run waits this long for its worker threads to end
+
+
+def _kind_name(kind: Any) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    words = {str: "text", int: "an integer", float: "a number", tuple: "a sequence",
+             type(None): "None"}
+    return " or ".join(words.get(k, k.__name__) for k in kinds)
 
 
 def stop_reason(study: Any, options: RunOptions, prior: Any) -> str | None:
