@@ -10,6 +10,7 @@ surface, the memory edge and the limits' exclusion drawn behind the trials, and 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -147,6 +148,8 @@ def test_bound_by_max_batch(url: str) -> None:
     assert 64 <= why["memory_holds_batch"] < 96
     assert why["text"].startswith("bound by --max-batch 16: it is the largest batch searched")
     assert "raise --max-batch" in why["text"]
+    # A gain, from the model, and a real one: 16 -> 64 sequences streaming the same bytes.
+    assert re.search(r"\(about \+[0-9,]+ tok/s there, from the model\)", why["text"]), why
 
 
 def test_unexplored_when_the_search_stopped_short(url: str) -> None:

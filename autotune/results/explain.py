@@ -173,9 +173,12 @@ def _max_batch(best: _Best, s: Surface | None, study: Any, workload: dict[str, A
         wider = s.best(max_batch=8 * top, walls=_walls(study))  # the memory's reach
         here = float(s.predict(best.batch, best.fraction)["throughput"])
         if wider is not None and wider.batch > top:
+            gain = wider.throughput - here
+            said = (f"about {_signed(gain)} tok/s there, from the model"
+                    if gain > here * s.c.error else
+                    f"the model expects no gain beyond its error, {_pct(s.c.error)}")
             text += (f", and the memory plan holds about {wider.batch} sequences at "
-                     f"{_pct(wider.fraction)} resident: raise --max-batch (about "
-                     f"{_signed(wider.throughput - here)} tok/s there, from the model)")
+                     f"{_pct(wider.fraction)} resident: raise --max-batch ({said})")
             figures["memory_holds_batch"] = wider.batch
             figures["model_tok_s"] = round(wider.throughput, 1)
         else:
