@@ -14,7 +14,7 @@ from typing import Any
 from autotune.engines import EngineConfig, check_options, engine_class, load_engine
 from autotune.engines.memory import DEFAULT_MARGIN, MAX_BATCH
 from autotune.errors import UserInputError
-from autotune.measure import host
+from autotune.measure import device_lock, host
 from autotune.measure.timing import measure
 from autotune.measure.trial import _first_line, available_bytes, does_not_fit, is_oom
 
@@ -72,8 +72,14 @@ def run_bench(
                 f"{does_not_fit(plan.total, available, DEFAULT_MARGIN)}; lower --batch or "
                 "--budget" + (", or raise --gpu-memory-limit" if gpu_memory_limit else ""))
         eng.device_budget = budget
+
+        def busy(seconds: float, holder: str) -> None:
+            log.warning("waiting for %s: %s is measuring on it (%.0f s)", device, holder,
+                        seconds)
+
         try:
-            m = measure(eng, batch, isl, osl, repeats=repeats, warmup=warmup, seed=seed)
+            with device_lock.exclusive(device, busy):  # a study on this device takes turns
+                m = measure(eng, batch, isl, osl, repeats=repeats, warmup=warmup, seed=seed)
         except Exception as e:  # out of memory beyond the plan: the user's to change
             if not is_oom(e):
                 raise
