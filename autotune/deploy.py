@@ -66,9 +66,19 @@ def apply(recommendation: dict[str, Any] | str | Path, model: Any) -> Deployment
             f"{format_bytes(tuned) if tuned else 'an unknown amount'}: applied the recommended "
             f"fraction ({100 * best['budget_fraction']:.1f}%); tune this build for a figure that "
             f"holds")
-    handle.device_budget = budget  # outside any `with`: nothing restores it
+    _set_budget(handle, budget)  # outside any `with`: nothing restores it
     return Deployment(batch=int(best["batch"]), device_budget=int(handle.device_budget),
                       total_device_budget=total, notes=tuple(notes))
+
+
+def _set_budget(handle: Any, budget: int) -> None:
+    if hasattr(handle, "rt_mods"):  # Torch-TensorRT's: its <= 2.12 trap with per-call memory
+        from autotune.engines._trt_build import import_torch_tensorrt
+        from autotune.engines.tensorrt import set_module_budget
+
+        set_module_budget(import_torch_tensorrt(), handle, budget)
+    else:
+        handle.device_budget = budget
 
 
 def _budget_handle(model: Any) -> Any:
@@ -77,7 +87,8 @@ def _budget_handle(model: Any) -> Any:
         return model
     # A Torch-TensorRT module holds its engines as _run_on_acc children; anything else
     # (None, a plain nn.Module) has no budget to set, whatever is installed.
-    children = getattr(model, "named_children", None)
+    inner = getattr(model, "compiled_module", model)  # a CUDA-graphs wrapper's module
+    children = getattr(inner, "named_children", None)
     if children is None or not any("_run_on_acc" in name for name, _ in children()):
         raise UserInputError(
             f"deploy.apply: a {type(model).__name__} has no weight-streaming budget; give a "

@@ -49,9 +49,10 @@ def write_atomic(data: Any, path: str | Path, *, indent: int = 2) -> Path:
             raise
         raise UserInputError(f"cannot write {path}: {e.strerror or e}") from e
     try:
-        with contextlib.suppress(FileNotFoundError):  # a file replaced keeps its mode
-            os.fchmod(fd, path.stat().st_mode & 0o777)
         with os.fdopen(fd, "w") as f:
+            # A file replaced keeps its mode (where the file system has modes at all).
+            with contextlib.suppress(OSError):
+                os.fchmod(f.fileno(), path.stat().st_mode & 0o777)
             f.write(dumps(data, indent=indent) + "\n")
         os.replace(tmp, path)
     except BaseException:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -350,9 +351,12 @@ def main(argv: list[str] | None = None) -> int:
         """Writes what is measured so far, after every row: a run cut by a time limit (a
         gpu.sh step's) keeps its rows."""
         out[part] = figures
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=1))
+        if args.json:  # whole or not at all: a kill mid-write leaves the last whole one
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(out, indent=1))
+            os.replace(tmp, path)
 
     args.save = save
     for part in args.parts.split(","):

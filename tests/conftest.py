@@ -59,9 +59,15 @@ def _own_device_locks(tmp_path_factory: pytest.TempPathFactory,
     monkeypatch.setenv("AUTOTUNE_LOCK_DIR", str(tmp_path_factory.mktemp("locks")))
 
 
-# Fixtures wider than a test start their commands before the one above: one folder a process.
-os.environ.setdefault("AUTOTUNE_LOCK_DIR", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), f"autotune-test-locks-{os.getpid()}"))
+# Fixtures wider than a test start their commands before the one above: one folder a process,
+# removed as it ends.
+if "AUTOTUNE_LOCK_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["AUTOTUNE_LOCK_DIR"] = tempfile.mkdtemp(prefix="autotune-test-locks-")
+    atexit.register(shutil.rmtree, os.environ["AUTOTUNE_LOCK_DIR"], True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -90,6 +90,31 @@ def test_a_torch_tensorrt_module_keeps_the_budget(rec_path: Path, trt: Any,
         trt.runtime.weight_streaming(module).rt_mods)  # per-engine int() split
 
 
+def test_a_wrapped_or_per_call_module_is_served_as_torch_tensorrt_serves_it(
+        rec_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A CUDA-graphs wrapper is taken, as weight_streaming takes it; a module of per-call
+    context memory (attention=torch) on 2.11 keeps it after the budget (Torch-TensorRT's own
+    setter would leave every context static: benchmarks/results/issue18)."""
+    trt = install_torch_tensorrt(monkeypatch, "2.11.0")
+    try:
+        engine = _engine("tensorrt", model=TRT_MODEL, seed=7, max_prompt_len=16,
+                         options=(("trt_cache_dir", str(tmp_path)), ("attention", "torch")))
+        module = engine._module
+        mods = [m for n, m in module.named_children() if "_run_on_acc" in n]
+        assert mods and all(m.dynamically_allocate_resources for m in mods)
+        done = deploy.apply(rec_path, module)
+        assert {m.engine.context for m in mods} == {"user_managed"}
+        assert trt.runtime.weight_streaming(module).device_budget == done.device_budget
+        from torch_tensorrt.dynamo.runtime._CudaGraphsTorchTensorRTModule import (
+            CudaGraphsTorchTensorRTModule,
+        )
+
+        wrapped = CudaGraphsTorchTensorRTModule(module)
+        assert deploy.apply(rec_path, wrapped).device_budget == done.device_budget
+    finally:
+        uninstall_torch_tensorrt()
+
+
 def test_a_model_without_streamable_weights_is_refused(rec_path: Path) -> None:
     unstreamed = SimpleNamespace(device_budget=0, total_device_budget=0)
     with pytest.raises(UserInputError, match="enable_weight_streaming=True"):

@@ -73,3 +73,26 @@ def test_a_run_waits_for_the_device_and_says_so(storage_url: str,
     assert waits and waits[0].startswith(f"cpu: waiting for the device: pid {os.getpid()} is "
                                          "measuring on it"), steps
     assert result.ran == 2
+
+
+def test_a_lock_folder_others_can_write_or_a_link_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's folder could hold a link to one of our files, which opening the lock
+    would then write: a folder others can write is refused, and a link is never followed."""
+    from autotune.errors import UserInputError
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    monkeypatch.setenv("AUTOTUNE_LOCK_DIR", str(shared))
+    with pytest.raises(UserInputError, match="only it can write"):
+        with device_lock.exclusive("cpu"):
+            pass
+    shared.chmod(0o700)
+    precious = tmp_path / "precious"
+    precious.write_text("precious data")
+    (shared / "cpu.lock").symlink_to(precious)
+    with pytest.raises(UserInputError, match="cannot open the device lock"):
+        with device_lock.exclusive("cpu"):
+            pass
+    assert precious.read_text() == "precious data"

@@ -372,8 +372,8 @@ def test_attention_in_pytorch_keeps_context_memory_per_call_across_budgets(
             assert {m.engine.context for m in mods} == {"user_managed"}
     assert not [r for r in caplog.records if "cannot set buffer" in r.getMessage()]
     assert sum(m.engine.refused_workspaces for m in mods) == 0
-    # One engine's contexts at a time (two while its hand-back creates before it frees).
-    assert trt._state.STATIC_CONTEXTS["peak"] == (2 if trt._state.version() < (2, 13) else 0)
+    # One static context at a time, in one engine's spell.
+    assert trt._state.STATIC_CONTEXTS["peak"] == (1 if trt._state.version() < (2, 13) else 0)
     assert trt._state.STATIC_CONTEXTS["alive"] == 0
 
 

@@ -208,8 +208,11 @@ def flag(config: EngineConfig, key: str, default: bool) -> bool:
 def int_option(config: EngineConfig, key: str, default: int, least: int = 1) -> int:
     """A whole-number engine option, given as an int (Python) or as text."""
     value = config.option(key, default)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass  # refused below, as given
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
         raise UserInputError(f"--engine-option {key}: expected an integer of {least} or more; "
                              f"got {value!r}")

@@ -132,15 +132,6 @@ class TensorRTEngine:
                 "with enable_weight_streaming=True); delete the TensorRT cache and retry"
             )
         self._engines = [n for n, _ in module.named_children() if "_run_on_acc" in n]
-        # Engines built with dynamically_allocate_resources (attention=torch) take their
-        # context memory per call. Up to 2.12 a budget change re-creates each context static
-        # (TRTEngine::set_device_memory_budget ignores the strategy; 2.13 honours it), which
-        # then holds its own memory and refuses every per-call hand-over: measured on the
-        # H200, 33 such contexts made batch 1 need 18.65 GiB (benchmarks/results/issue18).
-        self._restore_dynamic = (
-            parse_version(trt.__version__) < (2, 13)
-            and any(getattr(m, "dynamically_allocate_resources", False)
-                    for _, m in self._ws.rt_mods))
         # Torch-TRT applied TensorRT's automatic budget on deserialization (§1.4).
         self.automatic_budget_at_load = int(self._ws.device_budget)
         self.budget_changes = 0
@@ -277,10 +268,7 @@ class TensorRTEngine:
         if requested == self.device_budget:
             return  # setting the same sum would only rebuild contexts for nothing
         start = time.perf_counter()
-        if self._restore_dynamic:
-            self._set_budget_keeping_dynamic(requested)
-        else:
-            self._ws.device_budget = requested
+        set_module_budget(self._trt, self._ws, requested)
         applied = self.device_budget  # the sum the engines really applied (§5: read it back)
         self.synchronize()
         self.budget_change_s += time.perf_counter() - start
@@ -292,29 +280,10 @@ class TensorRTEngine:
             )
         self.budget_changes += 1
 
-    def _shares(self, budget: int) -> list[int]:
-        """Each engine's part of ``budget``, split as ``weight_streaming`` splits it (§1.2)."""
-        return [int(s / self._total * budget) for s in self._ws.streamable_budget]
-
-    def _set_budget_keeping_dynamic(self, budget: int) -> None:
-        """Sets ``budget`` engine by engine, handing each its per-call context back before
-        the next one changes (see ``_restore_dynamic``): one engine's static contexts are
-        alive at a time (two, briefly, as the hand-back creates before it frees), where
-        setting the whole module first would hold every engine's at once."""
-        applied = 0
-        for share, (_, mod) in zip(self._shares(budget), self._ws.rt_mods, strict=True):
-            mod._reset_captured_graph()
-            applied += mod.set_device_memory_budget(share)
-            # The strategy only changes when it differs: static, then back to per call.
-            mod.use_dynamically_allocated_resources(False)
-            mod.use_dynamically_allocated_resources(True)
-        # The weight_streaming object's cached sum, which reading the budget returns.
-        object.__setattr__(self._ws, "device_budget", applied)
-
     def applied_budget(self, budget: int) -> int:
         """What assigning ``budget`` applies: the proportional split rounds each engine's
         share down (§1.2), without applying it."""
-        return sum(self._shares(clamp_budget(budget, self._total, log)))
+        return sum(_shares(self._ws, clamp_budget(budget, self._total, log)))
 
     def get_automatic_weight_streaming_budget(self) -> int:
         # Sum of per-engine heuristics: non-deterministic, may over-commit (§5). A reference
@@ -597,6 +566,43 @@ class TensorRTEngine:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def set_module_budget(trt: Any, ws: Any, budget: int) -> None:
+    """Sets ``budget`` on a compiled module through its ``weight_streaming`` object ``ws``.
+
+    Engines built with dynamically_allocate_resources (attention=torch) take their context
+    memory per call. Up to 2.12 a budget change re-creates each context static
+    (TRTEngine::set_device_memory_budget ignores the strategy; 2.13 honours it), which then
+    holds its own memory and refuses every per-call hand-over: on the H200, 33 such contexts
+    made batch 1 need 18.65 GiB (benchmarks/results/issue18). There each engine gets its
+    share (the same split) inside a static spell of its own, and its per-call context back
+    before the next engine changes: at most one static context alive at a time, where the
+    whole module's change would leave every engine's."""
+    dynamic = [getattr(m, "dynamically_allocate_resources", False) for _, m in ws.rt_mods]
+    if parse_version(trt.__version__) >= (2, 13) or not any(dynamic):
+        ws.device_budget = budget
+        return
+    graphs = getattr(ws, "cuda_graphs_module", None)
+    if graphs is not None:  # a CUDA-graphs wrapper records again, as weight_streaming asks
+        graphs.is_weight_streaming_set = True
+        graphs._reset_captured_graph()
+    applied = 0
+    for share, (_, mod), per_call in zip(_shares(ws, budget), ws.rt_mods, dynamic, strict=True):
+        if per_call:  # static first: the budget change frees it before making its own
+            mod.use_dynamically_allocated_resources(False)
+        mod._reset_captured_graph()
+        applied += mod.set_device_memory_budget(share)
+        if per_call:
+            mod.use_dynamically_allocated_resources(True)
+    # The weight_streaming object's cached sum, which reading its budget returns.
+    object.__setattr__(ws, "device_budget", applied)
+
+
+def _shares(ws: Any, budget: int) -> list[int]:
+    """Each engine's part of ``budget``, split as ``weight_streaming`` splits it (§1.2)."""
+    total = ws.total_device_budget
+    return [int(s / total * budget) for s in ws.streamable_budget]
 
 
 def _op_names(value: Any) -> list[str]:

@@ -260,7 +260,10 @@ def _unguarded_main() -> str:
     """Why a worker may have died at its start: multiprocessing imports the script that
     started the study again in each worker, and one without a ``__main__`` guard starts the
     study there anew (an error) instead of serving. '' where that is not the case."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:  # python -m: never imported again
+        return ""
+    path = getattr(main, "__file__", None)
     try:
         text = Path(path).read_text() if path else ""
     except (OSError, UnicodeDecodeError):
@@ -269,6 +272,11 @@ def _unguarded_main() -> str:
         return ""
     return (f"; {path} starts the study without `if __name__ == \"__main__\":`, and each "
             "worker process imports it again: put the study under that guard")
+
+
+class WorkerStopped(Exception):
+    """The worker was stopped on purpose (its run was interrupted: :meth:`Worker.abandon`);
+    not a failure of the worker's, so nothing catches it as one."""
 
 
 _START_LOCK = threading.Lock()  # os.environ is the process's: one start changes it at a time
@@ -335,12 +343,15 @@ class Worker:
               every_s: float = NOTICE_S) -> WorkerInfo:
         """Spawns the process and waits for the engine to load, calling ``on_wait(seconds)``
         every ``every_s`` while it loads (a large model takes minutes to pin)."""
+        if self._abandoned:
+            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
         ctx = _context(self.config)
         # The pipe carries pickles (Connection.send/recv), which is safe only because it is an
         # anonymous pipe between this process and the child it spawns: no one else can write
         # to it. Never hand this connection, or pickles from elsewhere, to anything else.
         parent, child = ctx.Pipe()
-        environment = dict(os.environ) if ctx.get_start_method() == "forkserver" else None
+        with _START_LOCK:  # not while another start has PYTHONSAFEPATH set (_start)
+            environment = dict(os.environ) if ctx.get_start_method() == "forkserver" else None
         self._proc = ctx.Process(
             target=_serve, args=(child, self.config, os.getpid(), environment),
             name=f"autotune-worker-{self.config.device}", daemon=True,
@@ -348,14 +359,22 @@ class Worker:
         _start(self._proc, ctx)
         child.close()
         self._conn = parent
+        if self._abandoned:  # stopped while it started
+            self._kill()
+            self.stop()
+            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
         began = time.monotonic()
         deadline = began + self.load_timeout_s
         while True:
             reply = self._receive(min(every_s, max(deadline - time.monotonic(), 0.0)), seq=0)
-            if reply is not None or not self._proc.is_alive() or time.monotonic() >= deadline:
+            if (reply is not None or not self._proc.is_alive() or self._abandoned
+                    or time.monotonic() >= deadline):
                 break
             if on_wait is not None:
                 on_wait(time.monotonic() - began)
+        if self._abandoned:
+            self.stop()
+            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
         if reply is None or reply[0] != "ready":
             what = self._death_reason() if reply is None else reply[1][1]
             if reply is None:
@@ -419,6 +438,8 @@ class Worker:
         reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S), seq=seq,
                               doing=_DOING.get(op, op))
         if reply is None or reply[0] != "answer":
+            if self._abandoned:  # killed on purpose: not the worker's failure to report
+                raise WorkerStopped(f"the worker on {self.config.device} was stopped")
             what = reply[1] if reply is not None else self._death_reason()
             raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")
         return reply[1]
@@ -426,7 +447,7 @@ class Worker:
     def restart(self) -> None:
         self.stop()
         if self._abandoned:
-            raise WorkerError(f"the worker on {self.config.device} was stopped")
+            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
         self.restarts += 1
         log.warning("restarting the worker on %s (restart %d)", self.config.device, self.restarts)
         self.start()

@@ -506,6 +506,9 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
     state: dict[str, Any] = {"ran": 0, "serving": len(options.devices)}
     errors: list[BaseException] = []
     workers: list[Any] = []  # stopped here when the caller is interrupted (see below)
+    # Its own lock: the interruption takes it while a thread may hold ``lock`` for minutes
+    # (the hardware's timing, or waiting for the device).
+    workers_lock = threading.Lock()
     # Set as each serving thread ends. (After a KeyboardInterrupt cut a Thread.join short,
     # Python <= 3.12 may report a running thread as stopped: its is_alive() cannot be trusted.)
     ended = [threading.Event() for _ in options.devices]
@@ -537,7 +540,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         try:
             with Worker(options.engine_config(device),
                         trial_timeout_s=options.trial_timeout_s) as worker:
-                with lock:
+                with workers_lock:
                     if state.get("interrupted"):
                         return
                     workers.append(worker)
@@ -553,7 +556,9 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                             f"measuring on it ({seconds:.0f} s)...")
 
                 def alone() -> Any:  # the device to this process while it times anything
-                    return device_lock.exclusive(device, device_busy)
+                    # (a stopped run ends the wait: see the interruption below)
+                    return device_lock.exclusive(device, device_busy,
+                                                 lambda: state.get("interrupted", False))
                 loading = None if on_worker is None else (
                     lambda seconds: on_worker(device, seconds, None))
                 info = worker.start(on_wait=loading)
@@ -582,7 +587,9 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                             and any(p != "none" for p in options.quantization)):
                         on_step(f"{device}: comparing 8-bit outputs with 16-bit on the same "
                                 "prompts (once per study)...")
-                        study.set_user_attr("accuracy", measure_accuracy(worker, options))
+                        with alone():  # generation on the device: not beside a timing
+                            accuracy = measure_accuracy(worker, options)
+                        study.set_user_attr("accuracy", accuracy)
                 prior = state.get("prior")
                 bandwidths = study.user_attrs.get("bandwidths")  # the study's, for the bounds
                 if prior is not None and (why := prior.nothing_fits()):
@@ -604,10 +611,11 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                         first = False
                     with resume.heartbeat(trial), alone():  # waiting, the trial is alive
                         outcome = search.measure(worker, request, trial)
-                        if state.get("interrupted"):  # failed as interrupted already
-                            return
-                        record(study, trial, request, outcome, p_total, device,
-                               limits=options.limits, bandwidths=bandwidths)
+                        with lock:  # recorded whole, or left to the interruption whole
+                            if state.get("interrupted"):
+                                return
+                            record(study, trial, request, outcome, p_total, device,
+                                   limits=options.limits, bandwidths=bandwidths)
                         if outcome.status in ("crash", "timeout"):  # a new worker
                             held = None
                         elif outcome.applied_budget is not None:
@@ -646,14 +654,17 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                 t.join(STOP_POLL_S)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the running trials are failed now and
         # run again later
+        # First, without a lock: a thread holding ``lock`` while it waits for the device ends
+        # its wait on seeing this (device_lock.Cancelled), so that the lock comes free.
         state["interrupted"] = True
-        for number in resume.interrupt_own(study, f"the run was stopped ({stop_name(e)})"):
-            result.notes.append(f"trial {number} was interrupted; it runs again on resume")
         # A process that goes on (a notebook, a script catching it) must not keep measuring
         # beside the next run: the workers stop now, and their threads with them.
-        with lock:
+        with workers_lock:
             for worker in workers:
                 worker.abandon()
+        with lock:  # no trial is being recorded meanwhile
+            for number in resume.interrupt_own(study, f"the run was stopped ({stop_name(e)})"):
+                result.notes.append(f"trial {number} was interrupted; it runs again on resume")
         deadline = time.monotonic() + WORKERS_GONE_S
         for event in ended:
             event.wait(max(0.0, deadline - time.monotonic()))
