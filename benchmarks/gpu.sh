@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU machine's stages for issue 18 (Torch-TensorRT), each one device call:
 #   bash benchmarks/gpu.sh install      carry [".trt"]   (Torch-TensorRT-RTX into /tmp/trt)
+#     The tree (3.9 MiB) and .trt (62 MiB) no longer travel together (64 MiB a call): first
+#     `true` carry [".trt/libs"], then at once `bash benchmarks/gpu.sh install` carry
+#     [".trt/whl", ".trt/install.sh"] (ignored paths stay between calls on a warm machine).
 #   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
