@@ -237,8 +237,7 @@ class NativeEngine:
                         f"gpu_memory_limit: expected at most the GPU's {total} bytes; "
                         f"got {config.gpu_memory_limit}")
                 torch.cuda.set_per_process_memory_fraction(config.gpu_memory_limit / total, device)
-        cls.check_config(config)
-        slots = int_option(config, "slots", 2)
+        slots = int_option(config, "slots", 2)  # checked with the rest by load_engine
         for p in config.quantization:
             quant.check_supported(p, device)
         _attention(config, spec, device)  # a refused option before the weights load

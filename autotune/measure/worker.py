@@ -344,7 +344,7 @@ class Worker:
         """Spawns the process and waits for the engine to load, calling ``on_wait(seconds)``
         every ``every_s`` while it loads (a large model takes minutes to pin)."""
         if self._abandoned:
-            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
+            raise self._stopped()
         ctx = _context(self.config)
         # The pipe carries pickles (Connection.send/recv), which is safe only because it is an
         # anonymous pipe between this process and the child it spawns: no one else can write
@@ -362,7 +362,7 @@ class Worker:
         if self._abandoned:  # stopped while it started
             self._kill()
             self.stop()
-            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
+            raise self._stopped()
         began = time.monotonic()
         deadline = began + self.load_timeout_s
         while True:
@@ -374,7 +374,7 @@ class Worker:
                 on_wait(time.monotonic() - began)
         if self._abandoned:
             self.stop()
-            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
+            raise self._stopped()
         if reply is None or reply[0] != "ready":
             what = self._death_reason() if reply is None else reply[1][1]
             if reply is None:
@@ -439,7 +439,7 @@ class Worker:
                               doing=_DOING.get(op, op))
         if reply is None or reply[0] != "answer":
             if self._abandoned:  # killed on purpose: not the worker's failure to report
-                raise WorkerStopped(f"the worker on {self.config.device} was stopped")
+                raise self._stopped()
             what = reply[1] if reply is not None else self._death_reason()
             raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")
         return reply[1]
@@ -447,7 +447,7 @@ class Worker:
     def restart(self) -> None:
         self.stop()
         if self._abandoned:
-            raise WorkerStopped(f"the worker on {self.config.device} was stopped")
+            raise self._stopped()
         self.restarts += 1
         log.warning("restarting the worker on %s (restart %d)", self.config.device, self.restarts)
         self.start()
@@ -471,6 +471,9 @@ class Worker:
     def _kill(self) -> None:
         self._proc.kill()
         self._proc.join(timeout=10)
+
+    def _stopped(self) -> WorkerStopped:
+        return WorkerStopped(f"the worker on {self.config.device} was stopped")
 
     def abandon(self) -> None:
         """Kills the process now, from any thread (its caller was interrupted), and for

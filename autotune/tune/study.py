@@ -536,7 +536,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
             resume.mark_started(trial)  # who runs it, at once
         return trial if budget.claim(study, trial, options.trials) else None
 
-    def serve(device: str, ended: threading.Event) -> None:
+    def serve(device: str, serving_ended: threading.Event) -> None:
         try:
             with Worker(options.engine_config(device),
                         trial_timeout_s=options.trial_timeout_s) as worker:
@@ -639,7 +639,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
         except BaseException as e:  # surfaced in the calling thread below
             errors.append(e)
         finally:
-            ended.set()
+            serving_ended.set()
 
     threads = [threading.Thread(target=serve, args=(d, e), daemon=True)
                for d, e in zip(options.devices, ended, strict=True)]
