@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU machine's stages for issue 18 (Torch-TensorRT), each one device call:
-#   bash benchmarks/gpu.sh install      carry [".trt"]   (Torch-TensorRT-RTX into /tmp/trt)
-#     The tree (3.9 MiB) and .trt (62 MiB) no longer travel together (64 MiB a call): first
-#     `true` carry [".trt/libs"], then at once `bash benchmarks/gpu.sh install` carry
-#     [".trt/whl", ".trt/install.sh"] (ignored paths stay between calls on a warm machine).
+#   bash benchmarks/gpu.sh install-libs carry [".trt/libs"] (TensorRT-RTX's libraries into /tmp/trt)
+#   bash benchmarks/gpu.sh install      carry [".trt/whl"]  (right after: the wheels; /tmp/trt/OK)
+#     The tree (3.9 MiB) and .trt (62 MiB) do not travel together (64 MiB a call), and a carried
+#     path replaces its folder there (.trt/libs is gone once a call carries .trt/whl), so the
+#     first call unpacks the libraries outside the tree; /tmp lives while the machine is warm.
 #   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
@@ -59,9 +60,27 @@ set -uo pipefail
 stage=$1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+if [ "$stage" = install-libs ]; then  # what .trt/install.sh does, in two calls
+  set -e
+  rm -rf /tmp/trt && mkdir -p /tmp/trt/tensorrt_rtx_libs /tmp/trt/tensorrt_rtx
+  cp .trt/libs/__init__.py /tmp/trt/tensorrt_rtx_libs/
+  gunzip -c .trt/libs/libtensorrt_onnxparser_rtx.so.1.gz \
+    > /tmp/trt/tensorrt_rtx_libs/libtensorrt_onnxparser_rtx.so.1
+  python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+    .trt/libs/libtensorrt_rtx.so.1.xz /tmp/trt/tensorrt_rtx_libs/libtensorrt_rtx.so.1
+  echo "libraries unpacked; now, at once: bash benchmarks/gpu.sh install (carry .trt/whl)"
+  exit 0
+fi
 if [ "$stage" = install ]; then
-  bash .trt/install.sh && touch /tmp/trt/OK && echo installed
-  exit $?
+  [ -f /tmp/trt/tensorrt_rtx_libs/libtensorrt_rtx.so.1 ] || { echo "run install-libs first"; exit 3; }
+  set -e
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/trt .trt/whl/*.whl
+  # The module that PyPI's tensorrt-rtx-cu13 metapackage installs, as it is there.
+  printf 'from tensorrt_rtx_bindings import *\nfrom tensorrt_rtx_bindings import __version__\n' \
+    > /tmp/trt/tensorrt_rtx/__init__.py
+  PYTHONPATH=/tmp/trt python3 -c "import torch, tensorrt_rtx, torch_tensorrt; print('torch', torch.__version__, '| tensorrt_rtx', tensorrt_rtx.__version__, '| torch_tensorrt', torch_tensorrt.__version__)" 2>&1 | tail -1
+  touch /tmp/trt/OK && echo installed
+  exit 0
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1

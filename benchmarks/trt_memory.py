@@ -37,7 +37,7 @@ import torch
 
 from autotune.engines import _trt_build, _trt_model
 from autotune.engines.base import EngineConfig
-from autotune.engines.tensorrt import TensorRTEngine
+from autotune.engines.tensorrt import TensorRTEngine, set_module_budget
 from autotune.models import get_spec, torch_dtype
 
 
@@ -167,7 +167,9 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         }
         ws = torch_tensorrt.runtime.weight_streaming(module)
         result["total_streamable"] = int(ws.total_device_budget)
-        ws.device_budget = 0
+        set_module_budget(torch_tensorrt, ws, 0)  # as the engine sets it (issue 18's fix)
+        result["per_call_context_memory"] = [
+            bool(getattr(m, "dynamically_allocate_resources", False)) for _, m in ws.rt_mods]
         torch.cuda.synchronize()
         gc.collect()
         torch.cuda.empty_cache()
@@ -195,6 +197,11 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
             del out
             result[f"used_after_{label}"] = _used() - base
             result[f"torch_peak_{label}"] = int(torch.cuda.max_memory_allocated())
+            # Without PyTorch's cached blocks: what TensorRT itself keeps between calls.
+            gc.collect()
+            torch.cuda.empty_cache()
+            result[f"used_after_{label}_freed"] = _used() - base
+            result[f"torch_reserved_after_{label}_freed"] = int(torch.cuda.memory_reserved())
         result["streamed_gb_s_decode"] = result["total_streamable"] / result["decode_s"] / 1e9
         del cache, module, ws
         return result
