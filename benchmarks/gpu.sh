@@ -2,9 +2,9 @@
 # The GPU machine's stages for issue 18 (Torch-TensorRT), each one device call:
 #   bash benchmarks/gpu.sh install-libs carry [".trt/libs"] (TensorRT-RTX's libraries into /tmp/trt)
 #   bash benchmarks/gpu.sh install      carry [".trt/whl"]  (right after: the wheels; /tmp/trt/OK)
-#     The tree (3.9 MiB) and .trt (62 MiB) do not travel together (64 MiB a call), and a carried
-#     path replaces its folder there (.trt/libs is gone once a call carries .trt/whl), so the
-#     first call unpacks the libraries outside the tree; /tmp lives while the machine is warm.
+#     The tree (3.9 MiB) and .trt (62 MiB) do not travel together (64 MiB a call), and .trt/libs
+#     carried by one call was gone in the next (which carried .trt/whl), so the first call
+#     unpacks the libraries outside the tree; /tmp lives while the machine is warm.
 #   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)

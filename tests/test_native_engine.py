@@ -65,17 +65,19 @@ def assert_graphs_tokens(dtype: str, fractions: tuple[float, ...], **options) ->
     """On CUDA, tiny-llama with ``options`` generates today's graphs' tokens at each budget
     fraction, and again when its graph replays (a failure gives the share of equal ones)."""
     graphs, other = _load("cuda", dtype=dtype), _load("cuda", dtype=dtype, **options)
-    prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
-    for fraction in fractions:
-        for e in (graphs, other):
-            e.device_budget = int(fraction * e.total_device_budget)
-        want = _generate(graphs, prompt, 20)
-        got = _generate(other, prompt, 20)
-        assert torch.equal(_generate(other, prompt, 20), got), fraction  # replays
-        same = (got == want).float().mean().item()
-        assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
-    graphs.close()
-    other.close()
+    try:
+        prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
+        for fraction in fractions:
+            for e in (graphs, other):
+                e.device_budget = int(fraction * e.total_device_budget)
+            want = _generate(graphs, prompt, 20)
+            got = _generate(other, prompt, 20)
+            assert torch.equal(_generate(other, prompt, 20), got), fraction  # replays
+            same = (got == want).float().mean().item()
+            assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
+    finally:  # a failure must not leave two engines' host memory to the next test
+        graphs.close()
+        other.close()
 
 
 def _hf_tokens(prompt: torch.Tensor, osl: int,

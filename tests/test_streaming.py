@@ -228,3 +228,44 @@ def test_gpu_fp16_logits_match_transformers_eager_at_every_budget(spec) -> None:
         _, logits = _run(store, prompt, 4)
         torch.testing.assert_close(logits, ref_logits, rtol=2e-2, atol=2e-2)
     store.close()
+
+
+@pytest.mark.gpu
+def test_gpu_a_refused_host_registration_falls_back_and_the_next_kernel_runs() -> None:
+    """cudaHostRegister refuses memory registered already (an arena another store left
+    registered at that address): the store pins through PyTorch's allocator instead, and the
+    refusal is not raised later as some kernel's failure."""
+    from unittest import mock
+
+    real = torch.cuda.cudart()
+    taken = torch.empty(1 << 20, dtype=torch.uint8)
+    assert int(getattr(e := real.cudaHostRegister(taken.data_ptr(), taken.numel(), 0),
+                       "value", e)) == 0
+
+    class Refusing:  # every registration lands on the registered buffer
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802 (CUDA's name)
+            return real.cudaHostRegister(taken.data_ptr(), taken.numel(), flags)
+
+    try:
+        with mock.patch.object(torch.cuda, "cudart", Refusing):
+            store = WeightStore(SPEC, "float16", torch.device("cuda"), SOURCE)
+        assert not store._registered and store._host.is_pinned()
+        assert (torch.ones(4, device="cuda") + 1).sum().item() == 8  # no stale error raised
+        store.close()
+    finally:
+        real.cudaHostUnregister(taken.data_ptr())
+
+
+@pytest.mark.gpu
+def test_gpu_a_store_dropped_without_close_unregisters_its_arena() -> None:
+    store = WeightStore(SPEC, "float16", torch.device("cuda"), SOURCE)
+    assert store._registered
+    host = store._host  # kept alive here, so its address can be registered again
+    store.__del__()  # what the collector calls
+    real = torch.cuda.cudart()
+    err = real.cudaHostRegister(host.data_ptr(), host.numel(), 0)
+    assert int(getattr(err, "value", err)) == 0  # unregistered: it registers again
+    real.cudaHostUnregister(host.data_ptr())

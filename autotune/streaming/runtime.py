@@ -236,6 +236,18 @@ class _CudaArray:
                                          "strides": None}
 
 
+def _take_cuda_error(device: torch.device) -> None:
+    """A failed CUDA runtime call leaves its error as the thread's last error, and PyTorch's
+    check after its next kernel launch raises it as that kernel's failure (a refused
+    cudaHostRegister surfaced as "part or all of the requested memory range is already
+    mapped" from a weight generator's normal_). One launch here takes it: the check reads
+    and resets it."""
+    try:
+        torch.zeros(1, device=device)
+    except RuntimeError:
+        pass
+
+
 class WeightStore:
     """All weights of a model: the final norm on the device, the units pinned on the host,
     resident units on the device, streamed units through ``slots`` device slots.
@@ -313,6 +325,7 @@ class WeightStore:
         err = cudart.cudaHostRegister(host.data_ptr(), nbytes, 2)
         if int(getattr(err, "value", err)) == 0:
             return host, True
+        _take_cuda_error(self.device)
         log.warning("cudaHostRegister failed (%s); pinning through torch's host allocator", err)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
 
@@ -572,14 +585,28 @@ class WeightStore:
 
     # -- end ------------------------------------------------------------------------------
 
+    def __del__(self) -> None:
+        # Dropped without close() (a failed test, a notebook's reassignment): an arena freed
+        # still registered makes the next one at its address fail to register.
+        if getattr(self, "_registered", False):
+            try:
+                self._unregister()
+            except Exception:  # at interpreter exit CUDA may be gone already
+                pass
+
+    def _unregister(self) -> None:
+        torch.cuda.synchronize(self.device)  # host sync: nothing may still read the arena
+        self._embed_host = None  # the device's alias of the arena goes before the arena
+        torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+        self._registered = False
+
     def close(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)  # host sync: nothing may still read the buffers
         self.devices = [None] * len(self.layouts)
         self.slots, self.views, self.fixed = [], [], {}
-        self._embed_host = None  # the device's alias of the arena goes before the arena
+        self._embed_host = None
         if self._registered:
-            torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
-            self._registered = False
+            self._unregister()
         self.hosts = []
         self._host = torch.empty(0, dtype=torch.uint8)
