@@ -67,6 +67,7 @@ RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": Tr
             "autotuned": {"compile": "max-autotune"}, "triton": TRITON,
             "compiled-triton": {"compile": True, **TRITON},
             "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"},
+            "compiled-triton-rope": {"compile": True, "attention": "triton-rope"},
             "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"},
             "all-triton": {k: v for k, v in ALL_TRITON.items() if k != "compile"},
             "compiled-all-triton": ALL_TRITON}

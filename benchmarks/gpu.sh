@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
 #   bash benchmarks/gpu.sh probe3       carry [".whl"]   (round 3: attention left to PyTorch)
 #   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch)
+#   bash benchmarks/gpu.sh probe18      carry [".whl"]   (trt_memory.py, attention=torch engines at
+#                                                         budget 0 after the fix; ~2.5 min)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
 # Issue 21 (8-bit weights, native engine; needs no Torch-TensorRT, so no install stage):
@@ -128,6 +130,10 @@ case $stage in
     probe="python3 benchmarks/trt_memory.py --model llama2-7b"
     step probe-torch 120 $probe --variants torch --layers 2,4 --json "$OUT/probe-torch.json"
     step probe-torch-32 300 $probe --variants torch --layers 32 --max-batch 32 --json "$OUT/probe-torch-32.json"
+    ;;
+  probe18)  # issue 18 after the fix: per-call engines, budgets set as the engine sets them
+    step probe-torch-fixed 300 python3 benchmarks/trt_memory.py --model llama2-7b --variants torch \
+      --layers 2,4 --json "$OUT/probe-torch-fixed.json"
     ;;
   study7b-torch)  # the seed's scenario with attention in PyTorch
     step trt-7b-torch 575 python3 -m autotune run --model llama2-7b --engine tensorrt \

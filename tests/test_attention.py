@@ -48,6 +48,14 @@ def test_the_engine_with_triton_rope_generates_the_sdpa_tokens_compiled_too() ->
     _interpreted("rope-engine")
 
 
+def test_only_a_long_cache_is_split_and_only_where_the_pairs_leave_sms_idle() -> None:
+    cpu = torch.device("cpu")  # counted as 8 SMs
+    assert attention.splits_for(2, 384, cpu) == 1  # a combine would cost more than it saves
+    assert attention.splits_for(2, attention.MIN_SPLIT_POSITIONS * 2, cpu) == 2
+    assert attention.splits_for(2, 8192, cpu) == 4  # one program an SM: 8 / 2
+    assert attention.splits_for(8, 8192, cpu) == 1  # the pairs fill the SMs
+
+
 def test_the_attention_option_is_checked_before_the_weights_load() -> None:
     with pytest.raises(UserInputError,
                        match="attention: expected sdpa, triton or triton-rope; got 'flash'"):
@@ -114,7 +122,7 @@ def test_gpu_rope_kernel_equals_rope_cache_write_and_sdpa(dtype, heads, kv_heads
     from autotune.streaming.llama import apply_rope
 
     gen = torch.Generator("cuda").manual_seed(1)
-    b, length, d = 4, 384, 128
+    b, length, d = 4, 1024, 128  # long enough to be split (attention.MIN_SPLIT_POSITIONS)
     qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=gen, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, kv_heads, length, d, generator=gen, device="cuda", dtype=dtype)
             for _ in range(2))
@@ -130,7 +138,8 @@ def test_gpu_rope_kernel_equals_rope_cache_write_and_sdpa(dtype, heads, kv_heads
     qk, new_v = qkv.view(b, 1, -1).split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
     qk = apply_rope(qk.reshape(b, 1, heads + kv_heads, d), cos.view(1, 1, d),
                     sin.view(1, 1, d)).transpose(1, 2)
-    for p in (0, 63, 64, 200, length - 1):
+    assert attention.splits_for(b * kv_heads, length, k.device) > 1
+    for p in (0, 63, 64, 200, 600, length - 1):
         pos.fill_(p)
         graph.replay()
         assert torch.equal(v[:, :, p], new_v.view(b, kv_heads, d))

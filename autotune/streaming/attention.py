@@ -17,9 +17,9 @@ cache write too, from the q-k-v projection's output: each program rotates its KV
 its group's queries, attends over positions ``0..pos-1`` from the cache and over ``pos`` from
 its registers (never reading back what it writes there). That takes the RoPE and cache-write
 kernels (two or three a layer) out of the step. Where the (sequence, KV head) pairs are fewer
-than the SMs, several programs share each pair's positions, the last one writing ``pos``, and a
-second kernel combines their partial softmaxes (flash-decoding), so that a batch-1 step does
-not read its cache with a quarter of the GPU.
+than the SMs and the cache is long enough to pay for it, several programs share each pair's
+positions, the last one writing ``pos``, and a second kernel combines their partial softmaxes
+(flash-decoding), so that a batch-1 step does not read a long cache with a quarter of the GPU.
 
 Exposed as the custom ops ``autotune::decode_attention`` and ``autotune::decode_rope_attention``
 so that ``torch.compile`` keeps each one opaque call. Needs ``triton`` and a CUDA tensor; on CPU only under Triton's interpreter
@@ -81,15 +81,24 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 
 
 MAX_SPLITS = 16  # of a sequence's positions, where the (sequence, KV head) pairs are few
+# The fewest cache positions worth a split of their own. The combine kernel costs a launch:
+# on the H100, llama2-7b at batch 1 over a 384-position cache, 5 splits made the rope kernel
+# 4.9 us a layer and their combine 3.3 us, where one program a pair (decode_attention_kernel,
+# no combine) took 5.5 us (benchmarks/results/issue22, 2026-12-05-h100). A loop iteration
+# (BLOCK_N positions) costs about 0.6 us there, so splitting gains its combine back from about
+# 450 positions on. An estimate to measure, not a tuned figure.
+MIN_SPLIT_POSITIONS = 512
 
 
-def splits_for(programs: int, device: torch.device) -> int:
-    """How many programs share a (sequence, KV head)'s positions: enough for about one per
-    SM (batch 1 of llama2-7b has 32 pairs for 132 SMs on the H200, llama3-8b 8), one where the
-    pairs fill the GPU. The interpreter (CPU) counts 8 SMs, so that its tests split too."""
+def splits_for(programs: int, positions: int, device: torch.device) -> int:
+    """How many programs share a (sequence, KV head)'s ``positions`` (the cache's length, the
+    most a step reads): enough for about one per SM (batch 1 of llama2-7b has 32 pairs for 132
+    SMs on the H200, llama3-8b 8), one where the pairs fill the GPU, and none where each part
+    would hold fewer than ``MIN_SPLIT_POSITIONS``. The interpreter (CPU) counts 8 SMs."""
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 8)
-    return max(1, min(MAX_SPLITS, -(-sms // programs))) if programs < sms else 1
+    by_sms = max(1, min(MAX_SPLITS, -(-sms // programs))) if programs < sms else 1
+    return max(1, min(by_sms, positions // MIN_SPLIT_POSITIONS))
 
 
 def _rope_kernels() -> tuple[Any, Any]:
@@ -135,9 +144,9 @@ def decode_rope_attention(qkv: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     static cache [B, KV, L, d], written at ``pos`` ([1] int64 on the device); ``cos``,
     ``signed_sin`` [d], the rotary tables' row at ``pos`` (``signed_sin`` = cat(-sin1, sin2),
     as :func:`autotune.streaming.llama.apply_rope` takes it) -> ``[B, 1, H, d]``, contiguous.
-    Where the (sequence, KV head) pairs are fewer than the SMs, several programs share each
-    pair's positions (:func:`splits_for`)."""
-    splits = splits_for(qkv.shape[0] * k.shape[1], qkv.device)
+    Where the (sequence, KV head) pairs are fewer than the SMs and the cache is long, several
+    programs share each pair's positions (:func:`splits_for`)."""
+    splits = splits_for(qkv.shape[0] * k.shape[1], k.shape[2], qkv.device)
     return rope_attention(qkv, k, v, pos, cos, signed_sin, heads, scale, splits)
 
 
