@@ -51,6 +51,10 @@
 #                                                         compiled-triton, compiled-all-triton;
 #                                                         streaming llama3-8b 12 GiB, budget 0; int8
 #                                                         weights at 1, 8: fused, all-triton; ~9 min)
+#   bash benchmarks/gpu.sh decode22i    carry [".whl"]   (GPU tests of the host-arena fixes and the
+#                                                         rope kernel; fp16 and bf16 at batches 1, 8:
+#                                                         fused, compiled-triton, compiled-triton-rope
+#                                                         with the rope kernel unsplit at 384; ~8 min)
 #   bash benchmarks/gpu.sh study22 [OPTIONS] carry [".whl"] (item 3: the native study of llama2-7b
 #                                                         at 8 GiB, default options, then OPTIONS
 #                                                         (default "compile=true attention=triton"))
@@ -86,7 +90,7 @@ if [ "$stage" = install ]; then
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
-if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|decode22g|decode22h|study22|short)$ ]]; then
+if [[ ! "$stage" =~ ^(quant|quanttest|native7b|decode22|decode22b|decode22c|decode22d|decode22e|decode22f|decode22g|decode22h|decode22i|study22|short)$ ]]; then
   [ -f /tmp/trt/OK ] || { echo "fresh machine: run the install stage first"; exit 3; }
 fi
 export PYTHONPATH=/tmp/site:/tmp/trt:$PWD
@@ -230,6 +234,16 @@ case $stage in
       --graph-profile --decode-steps 256 --repeats 3 \
       --variants fused,compiled-triton-gemv-all,all-triton,compiled-all-triton \
       --json "$OUT/decode22g-float16b.json"
+    ;;
+  decode22i)  # after the H100 run: the rope kernel unsplit on short caches; the fixes' GPU tests
+    step decode22i-tests 150 python3 -m pytest -q -m gpu tests/test_streaming.py \
+      tests/test_attention.py -k "registration or dropped or rope"
+    step decode22i-float16 150 python3 benchmarks/decode.py --parts resident --batches 1,8 \
+      --graph-profile --decode-steps 256 --repeats 3 \
+      --variants fused,compiled-triton,compiled-triton-rope --json "$OUT/decode22i-float16.json"
+    step decode22i-bfloat16 150 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
+      --batches 1,8 --decode-steps 256 --repeats 3 \
+      --variants fused,compiled-triton,compiled-triton-rope --json "$OUT/decode22i-bfloat16.json"
     ;;
   decode22h)
     step decode22h-bfloat16 170 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
