@@ -51,7 +51,8 @@
 #                                                         compiled-triton, compiled-all-triton;
 #                                                         streaming llama3-8b 12 GiB, budget 0; int8
 #                                                         weights at 1, 8: fused, all-triton; ~9 min)
-#   bash benchmarks/gpu.sh decode22i    carry [".whl"]   (GPU tests of the host-arena fixes and the
+#   bash benchmarks/gpu.sh decode22i    carry [".whl"]   (gate-up as one cuBLAS GEMM or two halves;
+#                                                         GPU tests of the host-arena fixes and the
 #                                                         rope kernel; fp16 and bf16 at batches 1, 8:
 #                                                         fused, compiled-triton, compiled-triton-rope
 #                                                         with the rope kernel unsplit at 384; ~8 min)
@@ -236,6 +237,8 @@ case $stage in
       --json "$OUT/decode22g-float16b.json"
     ;;
   decode22i)  # after the H100 run: the rope kernel unsplit on short caches; the fixes' GPU tests
+    step decode22i-gateup 60 python3 benchmarks/gemv.py --kernels norm --rows 1,8,16 \
+      --block-n 32 --block-k 128 --warps 4 --stages 3 --json "$OUT/decode22i-gateup.json"
     step decode22i-tests 150 python3 -m pytest -q -m gpu tests/test_streaming.py \
       tests/test_attention.py -k "registration or dropped or rope"
     step decode22i-float16 150 python3 benchmarks/decode.py --parts resident --batches 1,8 \
