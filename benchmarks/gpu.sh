@@ -138,7 +138,7 @@ case $stage in
     ;;
   probe18)  # issue 18 after the fix: per-call engines, budgets set as the engine sets them
     step probe-torch-fixed 300 python3 benchmarks/trt_memory.py --model llama2-7b --variants torch \
-      --layers 2,4 --json "$OUT/probe-torch-fixed.json"
+      --layers 2,4,8 --json "$OUT/probe-torch-fixed.json"
     ;;
   study7b-torch)  # the seed's scenario with attention in PyTorch
     step trt-7b-torch 575 python3 -m autotune run --model llama2-7b --engine tensorrt \
