@@ -8,7 +8,8 @@ process, in turn for each batch, so that their figures compare (across runs they
 ``compiled`` (``compile=true``: TorchInductor kernels in the decode step, issue 22) and
 ``autotuned`` (``compile=max-autotune``: its GEMMs too, the fastest it benchmarks), and the
 Triton kernels' (``triton``, ``compiled-triton``: ``attention=triton``; ``-gemv``: with
-``gemv=triton``; ``-gemv-all``: ``gemv=triton-all``; ``all-triton``, ``compiled-all-triton``:
+``gemv=triton``; ``-gemv-all``: ``gemv=triton-all``; ``compiled-triton-rope``: ``compile=true``
+with ``attention=triton-rope``; ``all-triton``, ``compiled-all-triton``:
 ``attention=triton-rope`` and ``gemv=triton-all``, without and with ``compile``). Reports
 tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
 read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is

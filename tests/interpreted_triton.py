@@ -72,7 +72,11 @@ def rope_engine() -> None:
     from test_native_engine import _generate, _load
 
     from autotune.measure.timing import random_prompt
+    from autotune.streaming import attention
 
+    # tiny-llama's 48-position cache is never split by the rule (MIN_SPLIT_POSITIONS): split
+    # it here, so that the op's split path and its combine run inside the engine's graphs.
+    attention.MIN_SPLIT_POSITIONS = 1
     _attention_tokens("triton-rope", (0.4,), measured=False)  # streamed: the resident path too
     sdpa, compiled = _load(), _load(attention="triton-rope", gemv="triton-all", compile="true")
     prompt = random_prompt(2, 9, sdpa.spec.vocab_size, seed=3, device="cpu")

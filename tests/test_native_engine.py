@@ -6,6 +6,7 @@ slot or cache slip shows in the tokens. GPU tests (marked) check CUDA graphs aga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -64,8 +65,13 @@ def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
 def assert_graphs_tokens(dtype: str, fractions: tuple[float, ...], **options) -> None:
     """On CUDA, tiny-llama with ``options`` generates today's graphs' tokens at each budget
     fraction, and again when its graph replays (a failure gives the share of equal ones)."""
-    graphs, other = _load("cuda", dtype=dtype), _load("cuda", dtype=dtype, **options)
-    try:
+    # Closed whatever happens, each one even if another's close fails: a failure must not
+    # leave the engines' registered host memory to the next test.
+    with contextlib.ExitStack() as closing:
+        graphs = _load("cuda", dtype=dtype)
+        closing.callback(graphs.close)
+        other = _load("cuda", dtype=dtype, **options)
+        closing.callback(other.close)
         prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
         for fraction in fractions:
             for e in (graphs, other):
@@ -75,9 +81,6 @@ def assert_graphs_tokens(dtype: str, fractions: tuple[float, ...], **options) ->
             assert torch.equal(_generate(other, prompt, 20), got), fraction  # replays
             same = (got == want).float().mean().item()
             assert torch.equal(got, want), f"{dtype} at {fraction}: {same:.1%} of tokens equal"
-    finally:  # a failure must not leave two engines' host memory to the next test
-        graphs.close()
-        other.close()
 
 
 def _hf_tokens(prompt: torch.Tensor, osl: int,

@@ -81,12 +81,13 @@ def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
 
 
 MAX_SPLITS = 16  # of a sequence's positions, where the (sequence, KV head) pairs are few
-# The fewest cache positions worth a split of their own. The combine kernel costs a launch:
-# on the H100, llama2-7b at batch 1 over a 384-position cache, 5 splits made the rope kernel
-# 4.9 us a layer and their combine 3.3 us, where one program a pair (decode_attention_kernel,
-# no combine) took 5.5 us (benchmarks/results/issue22, 2026-12-05-h100). A loop iteration
-# (BLOCK_N positions) costs about 0.6 us there, so splitting gains its combine back from about
-# 450 positions on. An estimate to measure, not a tuned figure.
+# The fewest cache positions each part of a split must get (so nothing is split below 1024).
+# The combine kernel costs a launch: on the H100, llama2-7b at batch 1 over a 384-position
+# cache, 5 splits made the rope kernel 4.9 us a layer and their combine 3.3 us, where one
+# program a pair (decode_attention_kernel, no combine) took 5.5 us (benchmarks/results/
+# issue22, 2026-12-05-h100). With a loop iteration (BLOCK_N positions) at about 0.6 us there,
+# 5 splits save about 0.48 us a 64 positions and win back those 2.7 us from about 750
+# positions on. An estimate to measure, not a tuned figure.
 MIN_SPLIT_POSITIONS = 512
 
 

@@ -590,15 +590,21 @@ class WeightStore:
         # still registered makes the next one at its address fail to register.
         if getattr(self, "_registered", False):
             try:
-                self._unregister()
+                # Collected in a stream capture, the synchronize would break the capture:
+                # better to leave the arena registered.
+                if not torch.cuda.is_current_stream_capturing():
+                    self._unregister()
             except Exception:  # at interpreter exit CUDA may be gone already
                 pass
 
     def _unregister(self) -> None:
         torch.cuda.synchronize(self.device)  # host sync: nothing may still read the arena
         self._embed_host = None  # the device's alias of the arena goes before the arena
-        torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
+        err = torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
         self._registered = False
+        if int(getattr(err, "value", err)) != 0:
+            _take_cuda_error(self.device)
+            log.warning("cudaHostUnregister failed (%s)", err)
 
     def close(self) -> None:
         if self.cuda:
