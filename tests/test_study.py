@@ -266,8 +266,11 @@ def test_a_limit_nothing_fits_in_is_an_error_before_any_trial(storage_url: str) 
     """Below the smallest configuration no trial could run: the study says so at once instead
     of spending its trials on configurations the memory plan refuses."""
     with pytest.raises(UserInputError, match=r"nothing fits: the smallest configuration "
-                                             r"\(batch 1, 0% resident\) needs"):
+                                             r"\(batch 1, 0% resident\) needs") as refused:
         run_study(_options(storage_url, gpu_memory_limit=300 * MiB))
+    # ... and where it goes, by the plan's parts
+    assert re.search(r"needs [\d.]+ \w+ of device memory \(resident weights [\d.]+ \w+, "
+                     r".*KV cache [\d.]+ \w+", str(refused.value)), str(refused.value)
     from autotune.storage import study_names
 
     assert study_names(open_storage(storage_url)) == []  # refused: no empty study left

@@ -221,10 +221,11 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
                  margin: int = DEFAULT_MARGIN, precision: str | None = None) -> dict[str, Any]:
     """Memory plans of many (batch, budget) pairs in one round trip, the budgets the engine
     would apply (engines round to whole units), the bytes each would stream per step (engines
-    with ``streamed_bytes_at``) and the headroom now; of ``precision``'s weights where given
-    (planned without switching to them)."""
+    with ``streamed_bytes_at``), the smallest plan's parts and the headroom now; of
+    ``precision``'s weights where given (planned without switching to them)."""
     kw = {} if precision is None else {"precision": precision}
-    totals = [engine.memory_plan(b, isl, osl, budget, **kw).total for b, budget in configs]
+    plans = [engine.memory_plan(b, isl, osl, budget, **kw) for b, budget in configs]
+    totals = [plan.total for plan in plans]
     rounding = getattr(engine, "applied_budget", None)
     streams = getattr(engine, "streamed_bytes_at", None)
     applied: dict[int, int] = {}
@@ -235,7 +236,9 @@ def plan_configs(engine: Any, configs: list[tuple[int, int]], isl: int, osl: int
             if streams:
                 streamed[budget] = int(streams(budget, **kw))
     reply = {"totals": totals, "applied": [applied[budget] for _, budget in configs],
-             "available": available_bytes(engine, margin)}
+             "available": available_bytes(engine, margin),
+             # The smallest plan by part: what a refusal ("nothing fits") can explain.
+             "least": plans[totals.index(min(totals))].as_dict() if plans else None}
     if streams:
         reply["streamed"] = [streamed[budget] for _, budget in configs]
     return reply

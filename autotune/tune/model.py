@@ -27,6 +27,7 @@ import numpy as np
 
 from autotune.errors import UserInputError
 from autotune.measure.calibration import Calibration
+from autotune.units import format_bytes
 
 # Used only when the bandwidth was not measured (CPU studies): PCIe 4.0 x16 in practice.
 ASSUMED_H2D_GB_S = 25.0
@@ -154,7 +155,9 @@ class Model:
     def __init__(self, *, calibration: Calibration, plans: np.ndarray, available: int | None,
                  total: int, isl: int, osl: int, max_batch: int, limits: Limits | None = None,
                  batches: np.ndarray | None = None, fractions: np.ndarray | None = None,
-                 applied: np.ndarray | None = None, streamed: np.ndarray | None = None) -> None:
+                 applied: np.ndarray | None = None, streamed: np.ndarray | None = None,
+                 least_plan: dict[str, int] | None = None) -> None:
+        self.least_plan = least_plan  # the smallest plan's parts (MemoryPlan.as_dict)
         self.batches = candidate_batches(max_batch) if batches is None else batches
         self.fractions = candidate_fractions() if fractions is None else fractions
         # The budget (bytes) each candidate fraction becomes: engines round down to whole
@@ -386,11 +389,16 @@ class Model:
         if self.available is None or self.fits.any():
             return None
         i, j = np.unravel_index(int(np.argmin(self.plans)), self.plans.shape)
+        parts = ""
+        if self.least_plan:  # where it goes: the engine's own memory is often most of it
+            parts = " (" + ", ".join(
+                f"{name.replace('_', ' ').replace('kv', 'KV')} {format_bytes(v)}"
+                for name, v in self.least_plan.items() if name != "total" and v) + ")"
         return (f"nothing fits: the smallest configuration (batch {int(self.batches[i])}, "
-                f"{100 * self.fractions[j]:.0f}% resident) needs {self.plans[i, j] / 2**30:.2f} "
-                f"GiB of device memory and {max(self.available, 0) / 2**30:.2f} GiB is available "
-                "(free memory and --gpu-memory-limit, minus a margin); raise --gpu-memory-limit, "
-                "free the GPU, or use a smaller --dtype or model")
+                f"{100 * self.fractions[j]:.0f}% resident) needs {format_bytes(self.plans[i, j])} "
+                f"of device memory{parts} and {format_bytes(max(self.available, 0))} is "
+                "available (free memory and --gpu-memory-limit, minus a margin); raise "
+                "--gpu-memory-limit, free the GPU, or use a smaller --dtype or model")
 
 
 def _fit_bandwidth(s: np.ndarray, tpot: np.ndarray, compute: np.ndarray, bw: float) -> float:

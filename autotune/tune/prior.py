@@ -72,4 +72,5 @@ def build(runner: Any, *, total: int, isl: int, osl: int, max_batch: int, limits
                                  **{k: v for k, v in calibration.items() if k != "h2d_gb_s"}})
     return Prior(calibration=cal, plans=plans, available=reply["available"], total=total,
                  isl=isl, osl=osl, max_batch=max_batch, limits=limits, batches=batches,
-                 fractions=fractions, applied=applied, streamed=streamed)
+                 fractions=fractions, applied=applied, streamed=streamed,
+                 least_plan=reply.get("least"))
