@@ -44,8 +44,6 @@ of the same code: its figures mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -58,6 +56,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # PYTHONPATH comes first
 
 from autotune.engines import EngineConfig, load_engine  # noqa: E402
+from autotune.jsonfile import write_atomic  # noqa: E402
 from autotune.measure.timing import measure, measure_h2d_bandwidth, random_prompt  # noqa: E402
 from autotune.measure.worker import plan_configs  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
@@ -354,11 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu.sh step's) keeps its rows."""
         out[part] = figures
         if args.json:  # whole or not at all: a kill mid-write leaves the last whole one
-            path = Path(args.json)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(out, indent=1))
-            os.replace(tmp, path)
+            write_atomic(out, args.json, indent=1)
 
     args.save = save
     for part in args.parts.split(","):

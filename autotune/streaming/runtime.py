@@ -607,12 +607,12 @@ class WeightStore:
             log.warning("cudaHostUnregister failed (%s)", err)
 
     def close(self) -> None:
-        if self.cuda:
+        if self._registered:
+            self._unregister()  # synchronizes first
+        elif self.cuda:
             torch.cuda.synchronize(self.device)  # host sync: nothing may still read the buffers
         self.devices = [None] * len(self.layouts)
         self.slots, self.views, self.fixed = [], [], {}
         self._embed_host = None
-        if self._registered:
-            self._unregister()
         self.hosts = []
         self._host = torch.empty(0, dtype=torch.uint8)
