@@ -9,7 +9,8 @@ process, in turn for each batch, so that their figures compare (across runs they
 ``autotuned`` (``compile=max-autotune``: its GEMMs too, the fastest it benchmarks), and the
 Triton kernels' (``triton``, ``compiled-triton``: ``attention=triton``; ``-gemv``: with
 ``gemv=triton``; ``-gemv-all``: ``gemv=triton-all``; ``compiled-triton-rope``: ``compile=true``
-with ``attention=triton-rope``; ``all-triton``, ``compiled-all-triton``:
+with ``attention=triton-rope``; ``compiled-triton-halves``: gate-up as two cuBLAS GEMMs,
+``gemv=cublas-halves``; ``all-triton``, ``compiled-all-triton``:
 ``attention=triton-rope`` and ``gemv=triton-all``, without and with ``compile``). Reports
 tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
 read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is
@@ -68,6 +69,7 @@ RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": Tr
             "compiled-triton": {"compile": True, **TRITON},
             "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"},
             "compiled-triton-rope": {"compile": True, "attention": "triton-rope"},
+            "compiled-triton-halves": {"compile": True, **TRITON, "gemv": "cublas-halves"},
             "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"},
             "all-triton": {k: v for k, v in ALL_TRITON.items() if k != "compile"},
             "compiled-all-triton": ALL_TRITON}

@@ -55,7 +55,9 @@
 #                                                         GPU tests of the host-arena fixes and the
 #                                                         rope kernel; fp16 and bf16 at batches 1, 8:
 #                                                         fused, compiled-triton, compiled-triton-rope
-#                                                         with the rope kernel unsplit at 384; ~8 min)
+#                                                         with the rope kernel unsplit at 384, and
+#                                                         compiled-triton-halves: gate-up as two
+#                                                         cuBLAS GEMMs (gemv=cublas-halves); ~9 min)
 #   bash benchmarks/gpu.sh study22 [OPTIONS] carry [".whl"] (item 3: the native study of llama2-7b
 #                                                         at 8 GiB, default options, then OPTIONS
 #                                                         (default "compile=true attention=triton"))
@@ -240,13 +242,15 @@ case $stage in
     step decode22i-gateup 60 python3 benchmarks/gemv.py --kernels norm --rows 1,8,16 \
       --block-n 32 --block-k 128 --warps 4 --stages 3 --json "$OUT/decode22i-gateup.json"
     step decode22i-tests 150 python3 -m pytest -q -m gpu tests/test_streaming.py \
-      tests/test_attention.py -k "registration or dropped or rope"
-    step decode22i-float16 150 python3 benchmarks/decode.py --parts resident --batches 1,8 \
+      tests/test_attention.py tests/test_gemv.py -k "registration or dropped or rope or halves"
+    step decode22i-float16 170 python3 benchmarks/decode.py --parts resident --batches 1,8 \
       --graph-profile --decode-steps 256 --repeats 3 \
-      --variants fused,compiled-triton,compiled-triton-rope --json "$OUT/decode22i-float16.json"
-    step decode22i-bfloat16 150 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
+      --variants fused,compiled-triton,compiled-triton-rope,compiled-triton-halves \
+      --json "$OUT/decode22i-float16.json"
+    step decode22i-bfloat16 160 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
       --batches 1,8 --decode-steps 256 --repeats 3 \
-      --variants fused,compiled-triton,compiled-triton-rope --json "$OUT/decode22i-bfloat16.json"
+      --variants fused,compiled-triton,compiled-triton-rope,compiled-triton-halves \
+      --json "$OUT/decode22i-bfloat16.json"
     ;;
   decode22h)
     step decode22h-bfloat16 170 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \

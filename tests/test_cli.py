@@ -167,7 +167,7 @@ def _error(r: subprocess.CompletedProcess, *needles: str) -> None:
         (("run", "--model", "tiny-llama", "--device", "cpu", "--engine-option", "fused=maybe"),
          ("--engine-option fused: expected true or false",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--engine-option", "gemv=cutlass"),
-         ("--engine-option gemv: expected cublas, triton or triton-all",)),
+         ("--engine-option gemv: expected cublas, triton, triton-all or cublas-halves",)),
         (("run", "--model", "tiny-llama", "--device", "cpu", "--engine", "tensorrt",
           "--engine-option", "prefill_chunk=0"),
          ("--engine-option prefill_chunk: expected an integer of 1 or more; got 0",)),

@@ -1,5 +1,6 @@
 """Issue 22: the residual GEMMs of a small-batch decode step without split-K
-(``--engine-option gemv=triton``, :mod:`autotune.streaming.gemv`).
+(``--engine-option gemv=triton``, :mod:`autotune.streaming.gemv`), and gate-up as two cuBLAS
+GEMMs (``gemv=cublas-halves``).
 
 On CPU the kernel runs under Triton's interpreter, in a subprocess (as in test_attention.py);
 GPU tests (marked) compile it for the device, against torch's GEMM and today's tokens.
@@ -7,12 +8,15 @@ GPU tests (marked) compile it for the device, against torch's GEMM and today's t
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from test_attention import TOLERANCE, _interpreted
-from test_native_engine import _load, assert_graphs_tokens
+from test_native_engine import _generate, _load, assert_graphs_tokens
 
 from autotune.errors import UserInputError
+from autotune.measure.timing import random_prompt
 from autotune.streaming import gemv
 
 
@@ -33,9 +37,45 @@ def test_the_engine_with_the_kernels_generates_the_cublas_tokens() -> None:
 
 
 def test_the_gemv_option_is_checked_before_the_weights_load() -> None:
-    with pytest.raises(UserInputError, match="gemv: expected cublas, triton or triton-all; got 'cutlass'"):
+    with pytest.raises(UserInputError, match="gemv: expected cublas, triton, triton-all or "
+                                             "cublas-halves; got 'cutlass'"):
         _load(gemv="cutlass")
     assert _load().describe()["gemv"] == "cublas"
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_gate_up_in_halves_generates_the_one_gemm_tokens(quantization) -> None:
+    """``gemv=cublas-halves`` (no Triton needed: it loads on CPU) splits each decode step's
+    gate-up GEMM in two, gate's rows then up's, each half's 8-bit scales with it; its tokens
+    are the one GEMM's, resident and streamed; a batch of more than gemv.MAX_ROWS keeps one."""
+    prompt = random_prompt(2, 9, 512, seed=3, device="cpu")
+    one, halves = (_load(quantization=(quantization,), gemv=g) for g in ("cublas", "cublas-halves"))
+    assert halves.describe()["gemv"] == "cublas-halves"
+    linear = torch.nn.functional.linear
+    calls = []
+
+    def counted(x, weight, *args):
+        calls.append(weight.shape[0])
+        return linear(x, weight, *args)
+
+    rows = halves.spec.intermediate_size
+    for fraction in (1.0, 0.4):
+        for e in (one, halves):
+            e.device_budget = int(fraction * e.total_device_budget)
+        want = _generate(one, prompt, 6)
+        calls.clear()
+        with mock.patch.object(torch.nn.functional, "linear", counted):
+            got = _generate(halves, prompt, 6)
+        assert torch.equal(got, want), fraction
+        # Prefill's one GEMM of 2 I rows a layer; each decode step's two of I rows.
+        assert calls.count(rows) == 2 * 5 * halves.spec.num_hidden_layers, calls
+    big = random_prompt(gemv.MAX_ROWS + 1, 4, 512, seed=4, device="cpu")
+    calls.clear()
+    with mock.patch.object(torch.nn.functional, "linear", counted):
+        _generate(halves, big, 3)
+    assert rows not in calls
+    one.close()
+    halves.close()
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -81,7 +121,7 @@ def test_gpu_norm_kernel_equals_torch(dtype) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("option", ["triton", "triton-all"])
+@pytest.mark.parametrize("option", ["triton", "triton-all", "cublas-halves"])
 def test_gpu_gemv_generates_the_graphs_tokens(dtype, option) -> None:
     """tiny-llama in the decode graph, resident and streamed: today's graphs' tokens (a
     failure gives the share of equal ones)."""

@@ -21,7 +21,9 @@ kernel with the rotary embedding and the cache write inside; its steps cost more
 the sequence grows, so a measurement times a window at the generation's middle, see
 :meth:`NativeEngine.skip`) and ``gemv`` (default ``cublas``; ``triton``: the output and down
 projections of up to 16 sequences without split-K; ``triton-all``: q-k-v and gate-up too, with
-the RMSNorm and SwiGLU inside, :mod:`autotune.streaming.gemv`).
+the RMSNorm and SwiGLU inside, :mod:`autotune.streaming.gemv`; ``cublas-halves``: cuBLAS, with
+gate-up as two GEMMs, gate's rows and up's, where its one GEMM of twice the rows fills the SMs
+unevenly).
 ``stream_embed_head``, ``fused`` and ``compile`` exist so that old and new can be measured side
 by side (``benchmarks/decode.py``).
 
@@ -90,7 +92,8 @@ def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
 
 
 ATTENTION_CHOICES = ("sdpa", "triton", "triton-rope")
-GEMV_CHOICES = ("cublas", "triton", "triton-all")
+GEMV_CHOICES = ("cublas", "triton", "triton-all", "cublas-halves")
+TRITON_GEMV = ("triton", "triton-all")
 
 
 def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
@@ -101,9 +104,11 @@ def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> s
 
 
 def _gemv(config: EngineConfig, device: torch.device) -> str:
-    """The ``gemv`` option: ``cublas``, or ``triton`` or ``triton-all`` where those kernels can
-    run here."""
-    return _kernel_choice(config, "gemv", GEMV_CHOICES, lambda: triton_check.unavailable(device))
+    """The ``gemv`` option: ``cublas`` or ``cublas-halves``, or ``triton`` or ``triton-all``
+    where those kernels can run here."""
+    value = str(config.option("gemv", "cublas")).strip().lower()
+    return _kernel_choice(config, "gemv", GEMV_CHOICES,
+                          lambda: triton_check.unavailable(device) if value in TRITON_GEMV else None)
 
 
 def _host_available_bytes() -> int | None:
@@ -158,7 +163,8 @@ class NativeEngine:
                      "triton-rope (that kernel with RoPE and the cache write inside)",
         "gemv": "a decode step's projections up to 16 sequences: cublas (the default), "
                 "triton (output and down by a kernel without split-K; CUDA) or triton-all "
-                "(q-k-v and gate-up too, with the RMSNorm and SwiGLU inside)",
+                "(q-k-v and gate-up too, with the RMSNorm and SwiGLU inside) or cublas-halves "
+                "(cuBLAS, gate-up as two GEMMs: gate's rows, then up's)",
     }
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
@@ -430,7 +436,7 @@ class NativeEngine:
         if self.compile_mode:
             return "compiling the decode step's kernels for this batch (once per worker)"
         built = [name for name, on in (("attention", self.attention != "sdpa"),
-                                       ("GEMV", self.gemv != "cublas")) if on]
+                                       ("GEMV", self.gemv in TRITON_GEMV)) if on]
         if built and first:  # Triton's JIT: a warm-up or two, whatever the batch
             return f"building the {' and '.join(built)} kernel{'s' * (len(built) > 1)} " \
                    "(once per worker)"

@@ -142,7 +142,9 @@ class Llama:
     ``gemv``: a decode step's output and down projections are ``cublas``'s GEMMs or, up to
     ``gemv.MAX_ROWS`` sequences, ``triton``'s kernel without split-K; ``triton-all`` also
     runs q-k-v and gate-up by Triton kernels with the RMSNorm (and SwiGLU) inside
-    (:mod:`autotune.streaming.gemv`)."""
+    (:mod:`autotune.streaming.gemv`); ``cublas-halves`` runs gate-up's cuBLAS GEMM as two, one
+    per half, at those batches: on an H100, 22016 rows x 4096 at 1 row read at 85% of HBM, 12288
+    rows at 92% (``benchmarks/gemv.py``), where fewer, wider tiles leave SMs idle."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
                  compile_mode: str | None = None, attention: str = "sdpa",
@@ -211,7 +213,7 @@ class Llama:
         attend, swiglu = ((self._attend, self._swiglu) if pos is None
                           else (self._decode_attend, self._decode_swiglu))
         small = _small_decode(tokens.shape[0], pos)
-        add = _add_linear_triton_ if small and self.gemv != "cublas" else _add_linear_
+        add = _add_linear_triton_ if small and self.gemv in ("triton", "triton-all") else _add_linear_
         for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
@@ -298,7 +300,11 @@ class Llama:
             return gemv.norm_linear(x.view(b * s, -1), w["norm"],  # norm and SwiGLU inside
                                     *quant.stored(w, "gate_up"), self.eps, True).view(b, s, -1)
         h = rms_norm(x, w["norm"], self.eps)
-        if "gate_up" in w:
+        if "gate_up" in w and self.gemv == "cublas-halves" and _small_decode(b * s, pos):
+            rows = w["gate_up"].shape[0] // 2  # gate's rows, then up's: two GEMMs, no copy
+            g = quant.linear(h, w, "gate_up", slice(0, rows))
+            u = quant.linear(h, w, "gate_up", slice(rows, None))
+        elif "gate_up" in w:
             g, u = quant.linear(h, w, "gate_up").chunk(2, dim=-1)  # [B, S, I] each
         else:
             g, u = quant.linear(h, w, "gate"), quant.linear(h, w, "up")

@@ -91,12 +91,14 @@ def widen(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return q.to(dtype).mul_(scale.unsqueeze(1))
 
 
-def linear(x: torch.Tensor, w: dict[str, Any], key: str) -> torch.Tensor:
-    """``x @ W.T`` for the unit's matrix ``key``: widened first where it is stored 8-bit."""
+def linear(x: torch.Tensor, w: dict[str, Any], key: str, rows: slice = slice(None)
+           ) -> torch.Tensor:
+    """``x @ W[rows].T`` for the unit's matrix ``key`` (all its rows by default): widened
+    first where it is stored 8-bit."""
     scale = w.get(key + ".scale")
     if scale is None:
-        return torch.nn.functional.linear(x, w[key])
-    return torch.nn.functional.linear(x, widen(w[key], scale, x.dtype))
+        return torch.nn.functional.linear(x, w[key][rows])
+    return torch.nn.functional.linear(x, widen(w[key][rows], scale[rows], x.dtype))
 
 
 def weight(w: dict[str, Any], key: str, dtype: torch.dtype) -> torch.Tensor:
