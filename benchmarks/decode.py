@@ -69,6 +69,8 @@ RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": Tr
             "compiled-triton": {"compile": True, **TRITON},
             "compiled-triton-gemv": {"compile": True, **TRITON, "gemv": "triton"},
             "compiled-triton-rope": {"compile": True, "attention": "triton-rope"},
+            "compiled-triton-rope-gemv": {"compile": True, "attention": "triton-rope",
+                                          "gemv": "triton"},
             "compiled-triton-halves": {"compile": True, **TRITON, "gemv": "cublas-halves"},
             "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"},
             "all-triton": {k: v for k, v in ALL_TRITON.items() if k != "compile"},
