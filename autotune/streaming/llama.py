@@ -143,8 +143,8 @@ class Llama:
     ``gemv.MAX_ROWS`` sequences, ``triton``'s kernel without split-K; ``triton-all`` also
     runs q-k-v and gate-up by Triton kernels with the RMSNorm (and SwiGLU) inside
     (:mod:`autotune.streaming.gemv`); ``cublas-halves`` runs gate-up's cuBLAS GEMM as two, one
-    per half, at those batches: on an H100, 22016 rows x 4096 at 1 row read at 85% of HBM, 12288
-    rows at 92% (``benchmarks/gemv.py``), where fewer, wider tiles leave SMs idle."""
+    per half, at those batches (for GPUs where cuBLAS's tiles for the one GEMM leave SMs idle;
+    on an H100 it did not pay: ``benchmarks/results/issue22``)."""
 
     def __init__(self, spec: ModelSpec, store: WeightStore, positions: int | None = None,
                  compile_mode: str | None = None, attention: str = "sdpa",
