@@ -9,12 +9,11 @@
 #   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
 #   bash benchmarks/gpu.sh probe3       carry [".whl"]   (round 3: attention left to PyTorch)
-#   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch)
+#   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch:
+#                                                         up to 2.12 its engines share one context
+#                                                         buffer; ~8 min)
 #   bash benchmarks/gpu.sh probe18      carry [".whl"]   (trt_memory.py, attention=torch engines at
 #                                                         budget 0 after the fix; ~2.5 min)
-#   bash benchmarks/gpu.sh probe18b     carry [".whl"]   (the same engines on the Python runtime,
-#                                                         contexts made again user-managed, one
-#                                                         buffer shared by all; ~3 min)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
 # Issue 21 (8-bit weights, native engine; needs no Torch-TensorRT, so no install stage):
@@ -144,10 +143,6 @@ case $stage in
   probe18)  # issue 18 after the fix: per-call engines, budgets set as the engine sets them
     step probe-torch-fixed 300 python3 benchmarks/trt_memory.py --model llama2-7b --variants torch \
       --layers 2,4,8 --json "$OUT/probe-torch-fixed.json"
-    ;;
-  probe18b)  # the warning's way out: Python-runtime contexts sharing one user-managed buffer
-    step probe-shared 300 python3 benchmarks/trt_memory.py --model llama2-7b \
-      --variants shared,torch --layers 4,8 --json "$OUT/probe-shared.json"
     ;;
   study7b-torch)  # the seed's scenario with attention in PyTorch
     step trt-7b-torch 575 python3 -m autotune run --model llama2-7b --engine tensorrt \

@@ -13,16 +13,11 @@ batch. Comparing the variants says which tensor the extra memory is:
     bmm        attention's batched matmuls left to PyTorch (torch_executed_ops: the graph
                has aten.matmul, not bmm, so this changes nothing; kept as measured)
     torch      the engine's --engine-option attention=torch: attention over the cache as a
-               custom op PyTorch runs between engines, one engine per layer, each engine's
-               context memory allocated per call where Torch-TensorRT offers it
-    shared     torch's engines on Torch-TensorRT's Python runtime, whose contexts are made in
-               Python: after the budget is set, each is made again with user-managed memory,
-               and all share one buffer of the largest engine's device_memory_size_v2 (the
-               streaming scratch included, by TensorRT's guide), given with
-               set_device_memory (setDeviceMemoryV2). 2.11's C++ per-call mode hands memory
-               over with setDeviceMemory (V1), with which TensorRT allocates each context's
-               streaming scratch itself (issue 18: 281 MB a layer engine). Records whether
-               the decode output is unchanged by the sharing
+               custom op PyTorch runs between engines, one engine per layer, their context
+               memory as the engine arranges it
+               (up to 2.12: the Python runtime's contexts, made again user-managed, all
+               on one buffer; ``--variants shared`` at commit d73d2ce measured that by hand, see
+               benchmarks/results/issue18)
 
     python benchmarks/trt_memory.py --model llama2-7b --layers 2,4 --max-batch 17,8 \
         --variants base,kplain,bmm --json out.json
@@ -34,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
-import importlib
 import inspect
 import json
 import time
@@ -112,67 +105,6 @@ def _engine_facts(blob: bytes) -> dict[str, Any]:
     return facts
 
 
-class _PythonRuntime:
-    """torch_tensorrt, its ``dynamo.compile`` asked for the Python runtime instead of the
-    per-call context memory (the ``shared`` variant)."""
-
-    def __init__(self, trt: Any) -> None:
-        self._trt = trt
-
-        @functools.wraps(trt.dynamo.compile)  # its signature, which _compile inspects
-        def compile_python(*args: Any, **kwargs: Any) -> Any:
-            kwargs.pop("dynamically_allocate_resources", None)
-            return trt.dynamo.compile(*args, use_python_runtime=True, **kwargs)
-
-        self.dynamo = type("dynamo", (), {"compile": staticmethod(compile_python)})
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._trt, name)
-
-
-def _share_context_memory(ws: Any) -> dict[str, Any]:
-    """Each Python-runtime engine's context made again with user-managed memory, all given one
-    buffer of the largest ``device_memory_size_v2`` (read after the budget is set). The buffer
-    is kept on the first module so that it lives as long as the contexts."""
-    mods = [m for _, m in ws.rt_mods]
-    facts: dict[str, Any] = {"runtime": sorted({type(m).__name__ for m in mods})}
-    if not all(hasattr(m, "context") and hasattr(m, "engine") for m in mods):
-        facts["error"] = "not Python-runtime modules: no context attribute to replace"
-        return facts
-    bindings = importlib.import_module(type(mods[0].engine).__module__)
-    strategy = bindings.ExecutionContextAllocationStrategy.USER_MANAGED
-    sizes = [int(m.engine.device_memory_size_v2) for m in mods]
-    facts["device_memory_size_v2"] = sizes
-    facts["scratch"] = [int(getattr(m.engine, "weight_streaming_scratch_memory_size", -1))
-                        for m in mods]
-    made = []
-    for m in mods:
-        m.context = None  # the static context (and its memory) goes first
-        gc.collect()
-        try:
-            m.context = m.engine.create_execution_context(strategy)
-            made.append("create_execution_context(USER_MANAGED)")
-        except TypeError:  # TensorRT-RTX's route: a runtime config with the strategy
-            config = m.engine.create_runtime_config()
-            config.set_execution_context_allocation_strategy(strategy)
-            m.context = m.engine.create_execution_context(config)
-            made.append("runtime_config(USER_MANAGED)")
-        if hasattr(m, "context_changed"):
-            m.context_changed = True
-    facts["made_by"] = sorted(set(made))
-    buffer = torch.empty(max(sizes), dtype=torch.uint8, device="cuda:0")
-    for m in mods:
-        m.context.set_device_memory(buffer.data_ptr(), buffer.numel())
-    mods[0]._autotune_shared_memory = buffer
-    facts["shared_bytes"] = buffer.numel()
-    return facts
-
-
-def _first(out: Any) -> Any:
-    """A module call's first output tensor (the logits)."""
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _used() -> int:
     free, total = torch.cuda.mem_get_info()
     return total - free
@@ -186,7 +118,7 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
     options: tuple[tuple[str, Any], ...] = ()
     if chunk:
         options += (("prefill_chunk", chunk),)
-    if variant in ("torch", "shared"):
+    if variant == "torch":
         options += (("attention", "torch"),)
     config = EngineConfig(model=model, engine="tensorrt", dtype="float16", device="cuda:0",
                           max_batch=max_batch, max_seq_len=isl + osl, options=options)
@@ -212,8 +144,8 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
 
             _trt_build.cache_tensors = plain  # type: ignore[assignment]
         try:
-            trt = _PythonRuntime(torch_tensorrt) if variant == "shared" else torch_tensorrt
-            module = TensorRTEngine._compile(trt, version, spec, config, shapes, torch_ops)
+            module = TensorRTEngine._compile(torch_tensorrt, version, spec, config, shapes,
+                                             torch_ops)
         finally:
             _trt_model.ExportLlama = original_model  # type: ignore[misc]
             _trt_build.BuildShapes.inputs = original_inputs  # type: ignore[method-assign]
@@ -238,7 +170,10 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         }
         ws = torch_tensorrt.runtime.weight_streaming(module)
         result["total_streamable"] = int(ws.total_device_budget)
-        set_module_budget(torch_tensorrt, ws, 0)  # as the engine sets it (issue 18's fix)
+        # As the engine sets it; where the contexts share one buffer, it is kept alive here.
+        context_memory = set_module_budget(torch_tensorrt, ws, 0, "cuda:0")
+        result["shared_context_memory"] = (None if context_memory is None
+                                           else context_memory.numel())
         result["per_call_context_memory"] = [
             bool(getattr(m, "dynamically_allocate_resources", False)) for _, m in ws.rt_mods]
         torch.cuda.synchronize()
@@ -253,29 +188,6 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
                                      dtype=torch.float16, device="cuda:0"))
             cache.append(torch.zeros((b, kv, n, d), dtype=torch.float16, device="cuda:0"))
         result["cache_bytes"] = sum(t.numel() * 2 for t in cache)
-        if variant == "shared":  # one call with the static contexts, then one sharing memory
-            tokens = torch.randint(1, spec.vocab_size, (b, 1), device="cuda:0",
-                                   generator=torch.Generator("cuda:0").manual_seed(0))
-            positions = torch.arange(1, device="cuda:0") + 3
-            with torch.inference_mode():
-                before = _first(module(tokens, positions, *[c.clone() for c in cache])).clone()
-                torch.cuda.synchronize()
-                gc.collect()
-                torch.cuda.empty_cache()
-                result["used_static_contexts_freed"] = _used() - base  # with the cache
-                try:  # a refusal is this probe's answer: recorded, the rest still runs
-                    result["shared"] = _share_context_memory(ws)
-                    after = _first(module(tokens, positions, *[c.clone() for c in cache]))
-                    torch.cuda.synchronize()
-                    result["shared_output_unchanged"] = bool(torch.equal(before, after))
-                    del after
-                except Exception as e:
-                    traceback.print_exc()
-                    result["shared_error"] = f"{type(e).__name__}: {e}"
-            del before
-            gc.collect()
-            torch.cuda.empty_cache()
-            result["used_shared_freed"] = _used() - base  # with the cache
         for label, t in (("decode", 1), ("prefill", shapes.max_seq)):
             tokens = torch.randint(1, spec.vocab_size, (b, t), device="cuda:0")
             positions = torch.arange(t, device="cuda:0") + 3
@@ -297,7 +209,7 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
             result[f"used_after_{label}_freed"] = _used() - base
             result[f"torch_reserved_after_{label}_freed"] = int(torch.cuda.memory_reserved())
         result["streamed_gb_s_decode"] = result["total_streamable"] / result["decode_s"] / 1e9
-        del cache, module, ws
+        del cache, module, ws, context_memory
         return result
     finally:
         gc.collect()

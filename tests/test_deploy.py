@@ -92,18 +92,22 @@ def test_a_torch_tensorrt_module_keeps_the_budget(rec_path: Path, trt: Any,
 
 def test_a_wrapped_or_per_call_module_is_served_as_torch_tensorrt_serves_it(
         rec_path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A CUDA-graphs wrapper is taken, as weight_streaming takes it; a module of per-call
-    context memory (attention=torch) on 2.11 keeps it after the budget (Torch-TensorRT's own
-    setter would leave every context static: benchmarks/results/issue18)."""
+    """A CUDA-graphs wrapper is taken, as weight_streaming takes it; attention=torch's
+    Python-runtime module on 2.11 keeps its contexts user-managed on one buffer after the
+    budget, the buffer held by the module, not the engine (Torch-TensorRT's own setter would
+    make every context static again: benchmarks/results/issue18)."""
     trt = install_torch_tensorrt(monkeypatch, "2.11.0")
     try:
         engine = _engine("tensorrt", model=TRT_MODEL, seed=7, max_prompt_len=16,
                          options=(("trt_cache_dir", str(tmp_path)), ("attention", "torch")))
         module = engine._module
         mods = [m for n, m in module.named_children() if "_run_on_acc" in n]
-        assert mods and all(m.dynamically_allocate_resources for m in mods)
+        assert mods and all(hasattr(m, "context") for m in mods)
+        engine._context_memory = None  # the user's module alone
         done = deploy.apply(rec_path, module)
-        assert {m.engine.context for m in mods} == {"user_managed"}
+        assert not any(m.context.static for m in mods)
+        assert len({m.context.memory for m in mods}) == 1
+        assert trt._state.STATIC_CONTEXTS["alive"] == 0
         assert trt.runtime.weight_streaming(module).device_budget == done.device_budget
         from torch_tensorrt.dynamo.runtime._CudaGraphsTorchTensorRTModule import (
             CudaGraphsTorchTensorRTModule,

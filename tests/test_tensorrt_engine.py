@@ -350,14 +350,13 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
         load_engine(_config(tmp_path, ("attention", "cuda")))
 
 
-@pytest.mark.parametrize("trt", ["2.11.0", "2.12.0", "2.13.0"], indirect=True)
+@pytest.mark.parametrize("trt", ["2.13.0"], indirect=True)
 def test_attention_in_pytorch_keeps_context_memory_per_call_across_budgets(
     trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """attention=torch builds its engines with dynamically_allocate_resources. Up to 2.12,
-    Torch-TensorRT re-creates each context static on a budget change (the double, as the
-    real one: 33 static contexts on the H200 made batch 1 need 18.65 GiB), so the engine
-    hands every context back to per-call memory, one engine at a time; 2.13 needs nothing."""
+    """attention=torch from 2.13 (no Python runtime there) builds its engines with
+    dynamically_allocate_resources, which 2.13 keeps across budget changes: no static
+    context ever, no refused hand-over."""
     engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
     mods = [m for n, m in engine._module.named_children() if "_run_on_acc" in n]
     assert len(mods) > 2 and all(m.dynamically_allocate_resources for m in mods)
@@ -372,9 +371,60 @@ def test_attention_in_pytorch_keeps_context_memory_per_call_across_budgets(
             assert {m.engine.context for m in mods} == {"user_managed"}
     assert not [r for r in caplog.records if "cannot set buffer" in r.getMessage()]
     assert sum(m.engine.refused_workspaces for m in mods) == 0
-    # One static context at a time, in one engine's spell.
-    assert trt._state.STATIC_CONTEXTS["peak"] == (1 if trt._state.version() < (2, 13) else 0)
+    assert trt._state.STATIC_CONTEXTS["peak"] == 0
     assert trt._state.STATIC_CONTEXTS["alive"] == 0
+
+
+@pytest.mark.parametrize("trt", ["2.11.0", "2.12.0"], indirect=True)
+def test_attention_in_pytorch_shares_one_context_buffer_across_budgets(
+    trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """attention=torch up to 2.12 takes the Python runtime: every engine's context is made
+    again user-managed and all run on one buffer of the largest device_memory_size_v2 (the
+    streaming scratch included). 2.11's per-call memory left TensorRT-RTX allocating each
+    context's scratch itself: 33 x 281 MB for llama2-7b (benchmarks/results/issue18). A
+    budget change makes each context static again; one at a time is alive, none after. The
+    module cached with its runtime loads the same way."""
+    engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
+    call = trt._state.COMPILE_CALLS[-1]
+    assert call["use_python_runtime"] is True and "dynamically_allocate_resources" not in call
+
+    def shared_size(e: Any) -> int:
+        mods = [m for n, m in e._module.named_children() if "_run_on_acc" in n]
+        assert len(mods) > 2
+        assert all(isinstance(m, trt.dynamo.runtime.PythonTorchTensorRTModule) for m in mods)
+        assert not any(m.context.static for m in mods)
+        (address, size), = {m.context.memory for m in mods}  # one buffer for all
+        assert size == max(m.engine.device_memory_size_v2 for m in mods)
+        return size
+
+    assert trt._state.STATIC_CONTEXTS["alive"] == 0
+    assert engine.describe()["shared_context_memory"] == shared_size(engine)
+    trt._state.STATIC_CONTEXTS["peak"] = 0
+    prompt = torch.randint(1, 500, (2, 6))
+    total = engine.total_device_budget
+    sizes, tokens = [], []
+    with caplog.at_level(logging.ERROR, logger="torch_tensorrt"):
+        for budget in (0, total // 2, total, total // 3):
+            engine.device_budget = budget
+            assert engine.device_budget == engine.applied_budget(budget)
+            sizes.append(shared_size(engine))
+            gen = engine.prefill(prompt, 3)
+            engine.decode(gen, 2)
+            tokens.append(gen.tokens.clone())
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    assert all(torch.equal(t, tokens[0]) for t in tokens)
+    assert sizes[0] > sizes[1] > sizes[2]  # the scratch grows with what a budget streams
+    assert trt._state.STATIC_CONTEXTS["peak"] == 1
+    assert trt._state.STATIC_CONTEXTS["alive"] == 0
+    engine.close()
+    again = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
+    assert again.describe()["cache_hit"]
+    shared_size(again)
+    gen = again.prefill(prompt, 3)
+    again.decode(gen, 2)
+    assert torch.equal(gen.tokens, tokens[0])
 
 
 def test_by_default_one_call_holds_at_most_1024_tokens(trt: Any, tmp_path: Path) -> None:

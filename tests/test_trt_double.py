@@ -237,6 +237,41 @@ def test_python_runtime_module_is_its_own_class(trt: Any) -> None:
     assert trt.runtime.weight_streaming(gm).total_device_budget > 0
 
 
+@pytest.mark.parametrize("trt", ["2.11.0"], indirect=True)
+def test_python_runtime_contexts_are_static_until_made_user_managed(
+    trt: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """2.11's Python module makes its context static at setup and again at every budget
+    change; one made user-managed from outside runs only on memory of at least
+    device_memory_size_v2, which grows with the scratch of what the budget streams."""
+    import tensorrt
+
+    gm, _, args, kwargs = _compile(trt, use_python_runtime=True)
+    mod = gm._run_on_acc_0
+    assert mod.context.static and trt._state.STATIC_CONTEXTS["alive"] == 1
+    resident = mod.engine.device_memory_size_v2
+    trt.runtime.weight_streaming(gm).device_budget = 0
+    assert mod.context.static and mod.runtime_states.context_changed
+    assert trt._state.STATIC_CONTEXTS["alive"] == 1  # the old one went first
+    assert mod.engine.device_memory_size_v2 > resident  # the streaming scratch
+    gm(*args, **kwargs)
+    with caplog.at_level(logging.ERROR, logger="torch_tensorrt"):
+        mod.context.set_device_memory(0, 1 << 30)
+    assert any("cannot set buffer" in r.getMessage() for r in caplog.records)
+    mod.context = None
+    assert trt._state.STATIC_CONTEXTS["alive"] == 0
+    mod.context = mod.engine.create_execution_context(
+        tensorrt.ExecutionContextAllocationStrategy.USER_MANAGED)
+    with pytest.raises(RuntimeError, match="device memory"):
+        gm(*args, **kwargs)
+    mod.context.set_device_memory(0, mod.engine.device_memory_size_v2 - 1)
+    with pytest.raises(RuntimeError, match="device memory"):
+        gm(*args, **kwargs)
+    mod.context.set_device_memory(0, mod.engine.device_memory_size_v2)
+    gm(*args, **kwargs)
+    assert trt._state.STATIC_CONTEXTS["alive"] == 0
+
+
 def test_input_fields(trt: Any) -> None:
     static = trt.Input((2, 8))
     assert static.shape == (2, 8) and static.shape_mode == trt.Input._ShapeMode.STATIC

@@ -73,6 +73,18 @@ def release_host_copy(module: Any) -> None:
             child.serialized_engine = None
 
 
+# The Python runtime's module keeps its binding names under other attribute names than the
+# constructor parameters (and the C++ module's attributes) they come from.
+_PYTHON_ATTRIBUTES = {"input_binding_names": "input_names", "output_binding_names": "output_names"}
+
+
+def _field(child: Any, name: str) -> Any:
+    """A constructor field as the compiled child holds it, whichever runtime's module it is."""
+    if hasattr(child, name):
+        return getattr(child, name)
+    return getattr(child, _PYTHON_ATTRIBUTES.get(name, name), None)
+
+
 def _build(engine_class: type, blob: bytes, fields: dict[str, Any]) -> Any:
     """An engine child through the public constructor, passing only the keywords this
     version's constructor has (``symbolic_shape_expressions`` is 2.10+)."""
@@ -122,7 +134,7 @@ class ModuleCache:
 
         names = engine_children(module)
         originals = {name: getattr(module, name) for name in names}
-        fields = {name: {f: getattr(child, f, None) for f in _CONSTRUCTOR_FIELDS}
+        fields = {name: {f: _field(child, f) for f in _CONSTRUCTOR_FIELDS}
                   for name, child in originals.items()}
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)

@@ -23,9 +23,11 @@ them with weight streaming, §1.6).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import itertools
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -134,6 +136,13 @@ class TensorRTEngine:
         self._engines = [n for n, _ in module.named_children() if "_run_on_acc" in n]
         # Torch-TRT applied TensorRT's automatic budget on deserialization (§1.4).
         self.automatic_budget_at_load = int(self._ws.device_budget)
+        # The one buffer every context uses, where the engines are the Python runtime's
+        # (attention=torch up to 2.12); None otherwise. Made again at each budget change.
+        self._context_memory = None
+        if _python_modules(self._ws):
+            for _, mod in self._ws.rt_mods:
+                _remake_user_managed(mod)
+            self._context_memory = _share_memory(self._ws, config.device)  # for describe()
         self.budget_changes = 0
         self.budget_change_s = 0.0  # the setter's own time, summed (eager rebuilds show here)
         self.calibration: MemoryCalibration | None = None
@@ -168,6 +177,7 @@ class TensorRTEngine:
         torch_ops = _op_names(config.option("torch_executed_ops", ()))
         attention = attention_option(config)
         found = versions(trt)
+        python_runtime = shares_context_memory(trt, version, attention)
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
             "shapes": shapes.as_dict(), "torch_executed_ops": torch_ops, "versions": found,
@@ -175,10 +185,12 @@ class TensorRTEngine:
             # Only where it differs from the default, so that modules cached before the
             # option existed keep their keys.
             **({"attention": attention} if attention != "tensorrt" else {}),
+            **({"runtime": "python"} if python_runtime else {}),
         })
         cache = ModuleCache(config.option("trt_cache_dir") or default_cache_dir())
         use_cache = flag(config, "trt_cache", True)
-        engine_class = trt.dynamo.runtime.TorchTensorRTModule
+        engine_class = (trt.dynamo.runtime.PythonTorchTensorRTModule if python_runtime
+                        else trt.dynamo.runtime.TorchTensorRTModule)
         # Export and compile raise warnings a user cannot act on: the debug log has them.
         with warnings_to_debug(log):
             hit = cache.load(key, engine_class) if use_cache else None
@@ -226,10 +238,15 @@ class TensorRTEngine:
         if torch_ops:
             options["torch_executed_ops"] = set(torch_ops)
         parameters = inspect.signature(trt.dynamo.compile).parameters
-        if attention_option(config) == "torch" and "dynamically_allocate_resources" in parameters:
-            # One engine per layer: each would hold its own context memory (the streaming
-            # scratch with it) for the module's life; allocated per call, one engine's is
-            # held at a time.
+        attention = attention_option(config)
+        if shares_context_memory(trt, version, attention):
+            # One engine per layer: each context would hold its own memory, the streaming
+            # scratch with it. The Python runtime's contexts can be made again user-managed,
+            # all given one buffer (set_module_budget).
+            options["use_python_runtime"] = True
+        elif attention == "torch" and "dynamically_allocate_resources" in parameters:
+            # 2.13+: context memory per call, one engine's held at a time (TensorRT still
+            # allocates each one's streaming scratch: benchmarks/results/issue18).
             options["dynamically_allocate_resources"] = True
         if config.device.startswith("cuda"):
             device = torch.device(config.device)
@@ -268,7 +285,9 @@ class TensorRTEngine:
         if requested == self.device_budget:
             return  # setting the same sum would only rebuild contexts for nothing
         start = time.perf_counter()
-        set_module_budget(self._trt, self._ws, requested)
+        self._context_memory = None  # the modules hold it too; they let go of it first
+        self._context_memory = set_module_budget(self._trt, self._ws, requested,
+                                                 self.config.device)
         applied = self.device_budget  # the sum the engines really applied (§5: read it back)
         self.synchronize()
         self.budget_change_s += time.perf_counter() - start
@@ -544,6 +563,9 @@ class TensorRTEngine:
             "budget_change_s": round(self.budget_change_s, 3),
             # Each change re-creates every engine's execution context (§1.5).
             "context_rebuilds": self.budget_changes * len(self._engines),
+            # attention=torch up to 2.12: one buffer for every engine's context (bytes).
+            "shared_context_memory": (None if self._context_memory is None
+                                      else int(self._context_memory.numel())),
             "budget_change_cost": self.budget_change_cost,
             "kv_cache": self.kv_cache,
             "memory_calibration": (dataclasses.asdict(self.calibration)
@@ -561,6 +583,7 @@ class TensorRTEngine:
 
     def close(self) -> None:
         self._module = None
+        self._context_memory = None
         self._cache, self._cache_args = None, []
         if self.config.device.startswith("cuda"):
             import torch
@@ -568,8 +591,89 @@ class TensorRTEngine:
             torch.cuda.empty_cache()
 
 
-def set_module_budget(trt: Any, ws: Any, budget: int) -> None:
+def shares_context_memory(trt: Any, version: tuple[int, int], attention: str) -> bool:
+    """Whether attention=torch's engines take the Python runtime, whose contexts are made in
+    Python and so can share one user-managed buffer: up to 2.12 (from 2.13 the option is a
+    no-op). 2.11's per-call memory hands each call's buffer over with setDeviceMemory (V1),
+    with which TensorRT allocates each context's streaming scratch itself and holds it: 33
+    of 281 MB for llama2-7b on TensorRT-RTX (benchmarks/results/issue18)."""
+    return (attention == "torch" and version < (2, 13)
+            and "use_python_runtime" in inspect.signature(trt.dynamo.compile).parameters)
+
+
+def _python_modules(ws: Any) -> bool:
+    """Whether every engine is the Python runtime's, with a context of its own to replace."""
+    mods = [m for _, m in ws.rt_mods]
+    return bool(mods) and all(hasattr(m, "context") and hasattr(m.engine, "device_memory_size_v2")
+                              for m in mods)
+
+
+def _remake_user_managed(mod: Any) -> None:
+    """The module's context made again user-managed: it holds no memory of its own, and runs
+    on what ``set_device_memory`` gives it. The static one goes first."""
+    strategy = _allocation_strategies(mod.engine).USER_MANAGED
+    mod.context = None
+    mod.context = mod.engine.create_execution_context(strategy)
+    states = getattr(mod, "runtime_states", None)  # 2.11: a CUDA graph records again
+    if states is not None:
+        states.context_changed = True
+
+
+def _allocation_strategies(engine: Any) -> Any:
+    """TensorRT's ``ExecutionContextAllocationStrategy``: from the ``tensorrt`` module that
+    Torch-TensorRT aliases (TensorRT-RTX's too), else from the engine's own bindings."""
+    found = getattr(sys.modules.get("tensorrt"), "ExecutionContextAllocationStrategy", None)
+    if found is None:
+        found = importlib.import_module(type(engine).__module__).ExecutionContextAllocationStrategy
+    return found
+
+
+# Where each Python-runtime engine module keeps the buffer its context runs on: the module's
+# life is the contexts' life, whoever holds the module (the engine, or deploy.apply's user).
+_CONTEXT_MEMORY = "_autotune_context_memory"
+
+
+def _drop_shared_memory(ws: Any) -> None:
+    """The modules let go of the shared buffer, once the GPU is done with it (each engine
+    runs on a stream of its own, ordered after the caller's; the allocator knows only the
+    caller's), so that the next one can take its place instead of joining it."""
+    import torch
+
+    mods = [m for _, m in ws.rt_mods]
+    if any(_CONTEXT_MEMORY in vars(m) for m in mods):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        for m in mods:
+            vars(m).pop(_CONTEXT_MEMORY, None)
+
+
+def _share_memory(ws: Any, device: str | None) -> Any:
+    """One buffer of the largest engine's ``device_memory_size_v2`` (which includes the
+    streaming scratch once the budget is set), given to every context, and kept by every
+    module. Each engine's stream waits for the caller's and the caller's for it, so the
+    engines run one after another and can share it (the same output, measured:
+    benchmarks/results/issue18)."""
+    import torch
+
+    mods = [m for _, m in ws.rt_mods]
+    if device is None:  # a user's module (deploy.apply): TensorRT's engines are on the GPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = max(int(m.engine.device_memory_size_v2) for m in mods)
+    memory = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
+    for m in mods:
+        m.context.set_device_memory(memory.data_ptr(), memory.numel())
+        object.__setattr__(m, _CONTEXT_MEMORY, memory)  # a plain attribute, no state-dict entry
+    return memory
+
+
+def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None) -> Any:
     """Sets ``budget`` on a compiled module through its ``weight_streaming`` object ``ws``.
+    Returns the buffer that every context now shares where the engines are the Python
+    runtime's (the modules keep it; the previous one is let go first), else None.
+
+    Python-runtime engines make their context again, static, at every budget change: each
+    engine's is made user-managed before the next engine changes (one static context alive at
+    a time), then all get one buffer.
 
     Engines built with dynamically_allocate_resources (attention=torch) take their context
     memory per call. Up to 2.12 a budget change re-creates each context static
@@ -579,10 +683,19 @@ def set_module_budget(trt: Any, ws: Any, budget: int) -> None:
     share (the same split) inside a static spell of its own, and its per-call context back
     before the next engine changes: at most one static context alive at a time, where the
     whole module's change would leave every engine's."""
+    if _python_modules(ws):
+        _drop_shared_memory(ws)
+        applied = 0
+        for share, (_, mod) in zip(_shares(ws, budget), ws.rt_mods, strict=True):
+            mod._reset_captured_graph()
+            applied += mod.set_device_memory_budget(share)
+            _remake_user_managed(mod)
+        object.__setattr__(ws, "device_budget", applied)  # weight_streaming's cached sum
+        return _share_memory(ws, device)
     dynamic = [getattr(m, "dynamically_allocate_resources", False) for _, m in ws.rt_mods]
     if parse_version(trt.__version__) >= (2, 13) or not any(dynamic):
         ws.device_budget = budget
-        return
+        return None
     graphs = getattr(ws, "cuda_graphs_module", None)
     if graphs is not None:  # a CUDA-graphs wrapper records again, as weight_streaming asks
         graphs.is_weight_streaming_set = True
@@ -597,6 +710,7 @@ def set_module_budget(trt: Any, ws: Any, budget: int) -> None:
             mod.use_dynamically_allocated_resources(True)
     # The weight_streaming object's cached sum, which reading its budget returns.
     object.__setattr__(ws, "device_budget", applied)
+    return None
 
 
 def _shares(ws: Any, budget: int) -> list[int]:

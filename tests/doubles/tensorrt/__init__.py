@@ -3,10 +3,21 @@ autotune records) and ``_package_name``. The real ``torch_tensorrt`` replaces
 ``sys.modules["tensorrt"]`` with a proxy whose ``_package_name`` is ``"tensorrt"`` or, for the
 RTX wheel, ``"tensorrt_rtx"`` (2.11 ``_TensorRTProxyModule.py::alias_tensorrt``). Both are set
 by ``doubles.install_torch_tensorrt``; the builder and runtime live in ``torch_tensorrt``'s
-double.
+double. ``ExecutionContextAllocationStrategy`` is the one enum the engine reads from here (the
+Python runtime's contexts made ``USER_MANAGED``).
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 __version__ = "11.0.0"
 _package_name = "tensorrt"
+
+
+class ExecutionContextAllocationStrategy(IntEnum):
+    """TensorRT's enum (NvInferRuntime.h), as the Python bindings name its members."""
+
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
+    USER_MANAGED = 2

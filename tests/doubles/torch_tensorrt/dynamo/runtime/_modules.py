@@ -12,7 +12,13 @@ budget and an execution context. Context lifetime, per version (TRTEngine.cpp):
   a budget change calls ``invalidate_exec_ctx()`` and the next forward re-creates it (eager only
   with profiling, not modelled). The Python-only ``TRTEngine`` of main re-creates eagerly, but it
   is used only where the C++ runtime is missing, which the double does not model;
-- ``PythonTorchTensorRTModule`` (2.6-2.12): ``del self.context``, set, eager re-create.
+- ``PythonTorchTensorRTModule`` (2.6-2.12): ``del self.context``, set, eager re-create,
+  always with TensorRT's default strategy (``STATIC``: the context allocates its own memory,
+  the weight-streaming scratch with it). Its ``engine`` is TensorRT's ``ICudaEngine`` and its
+  ``context`` an ``IExecutionContext`` (``_PythonContext``), replaceable from outside: a
+  ``USER_MANAGED`` one runs only once ``set_device_memory`` gave it at least
+  ``device_memory_size_v2`` bytes, which include the streaming scratch (TensorRT's guide;
+  on TensorRT-RTX, 281 MB for a llama2-7b layer at budget 0: benchmarks/results/issue18).
 
 Resource allocation (2.11+, ``dynamically_allocate_resources``; serialized info field 10): a
 dynamic engine's context is created ``kUSER_MANAGED`` and each forward hands it a workspace
@@ -41,8 +47,10 @@ import io
 import logging
 import pickle
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
+import tensorrt
 import torch
 from torch_tensorrt import _state
 
@@ -100,6 +108,20 @@ class _Engine:
     def context_alive(self) -> bool:
         return self.context is not None
 
+    # -- ICudaEngine, as the Python runtime uses it ------------------------------------------
+
+    @property
+    def weight_streaming_scratch_memory_size(self) -> int:
+        return int(SCRATCH_SHARE * max(0, self.streamable - self._budget))
+
+    @property
+    def device_memory_size_v2(self) -> int:
+        """Activations and, once a budget streams, the scratch (read after the budget is set)."""
+        return ACTIVATION_BYTES + self.weight_streaming_scratch_memory_size
+
+    def create_execution_context(self, strategy: Any = 0) -> _PythonContext:
+        return _PythonContext(self, strategy)
+
     @property
     def streamable_device_memory_budget(self) -> int:
         return self.streamable
@@ -152,6 +174,12 @@ class _Engine:
             _state.STATIC_CONTEXTS["alive"] -= 1
         self.context = None
 
+    def run(self, inputs: list[Any]) -> list[Any]:
+        """The block's graph alone (the Python runtime checks its own context)."""
+        self.executions += 1
+        out = self.graph(*inputs)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
     def execute(self, inputs: list[Any]) -> list[Any]:
         if not self.context_alive:
             self._create_context()  # 2.13+: lazily, on the first forward after load or a change
@@ -170,6 +198,50 @@ class _Engine:
         self.executions += 1
         out = self.graph(*inputs)
         return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+# Stand-ins for TensorRT's sizes (the real ones come from the built engine): activation memory
+# per context, and the streaming scratch as a share of the bytes a budget leaves streamed.
+ACTIVATION_BYTES = 4096
+SCRATCH_SHARE = 0.7  # a llama2-7b layer engine at budget 0: 281 MB of 405 MB
+
+
+class _PythonContext:
+    """An ``IExecutionContext`` as the Python bindings show it: its strategy, and the memory
+    ``set_device_memory(ptr, size)`` (``setDeviceMemoryV2``) gave it (user-managed only)."""
+
+    def __init__(self, engine: _Engine, strategy: Any) -> None:
+        self.engine, self.strategy = engine, tensorrt.ExecutionContextAllocationStrategy(strategy)
+        self.memory: tuple[int, int] | None = None  # (address, bytes)
+        if self.static:
+            _state.STATIC_CONTEXTS["alive"] += 1
+            _state.STATIC_CONTEXTS["peak"] = max(_state.STATIC_CONTEXTS["peak"],
+                                                 _state.STATIC_CONTEXTS["alive"])
+
+    @property
+    def static(self) -> bool:
+        return self.strategy != tensorrt.ExecutionContextAllocationStrategy.USER_MANAGED
+
+    def set_device_memory(self, memory: int, size: int) -> None:
+        if self.static:
+            _trt_logger.error("IExecutionContext::setDeviceMemoryV2: Error Code 3: API Usage "
+                              "Error (Context not created with user managed device memory, "
+                              "cannot set buffer)")
+            return
+        self.memory = (int(memory), int(size))
+
+    def check_runnable(self) -> None:
+        """What ``execute_async_v3`` needs of a user-managed context: enough memory given."""
+        if self.static:
+            return
+        need = self.engine.device_memory_size_v2
+        if self.memory is None or self.memory[1] < need:
+            raise RuntimeError(f"IExecutionContext::enqueueV3: Error Code 1: device memory of "
+                               f"{need} bytes not set (got {self.memory})")
+
+    def __del__(self) -> None:
+        if self.static:
+            _state.STATIC_CONTEXTS["alive"] -= 1
 
 
 class _BudgetMethods(torch.nn.Module):
@@ -336,9 +408,12 @@ class TorchTensorRTModule(_BudgetMethods):
 
 class PythonTorchTensorRTModule(_BudgetMethods):
     """The Python-runtime module of 2.6-2.12 (``use_python_runtime=True``), not a subclass of
-    ``TorchTensorRTModule``. Its context is always re-created eagerly, and at load it applies
-    the automatic budget through its own setter (so it may log "Weight streaming is disabled").
-    Its state travels by state-dict hooks, which the double does not model."""
+    ``TorchTensorRTModule``. Its context (``self.context``) is made in Python, with TensorRT's
+    default strategy (static), at setup and again at every budget change
+    (``_PythonTorchTensorRTModule.py`` v2.11 L255-262, L283-294); at load it applies the
+    automatic budget through its own setter (so it may log "Weight streaming is disabled").
+    Binding names are kept as ``input_names``/``output_names``. Its state travels by
+    state-dict hooks, which the double does not model."""
 
     _log = _py_logger
 
@@ -359,10 +434,34 @@ class PythonTorchTensorRTModule(_BudgetMethods):
         self.settings = settings if settings is not None else CompilationSettings()
         self.serialized_engine = serialized_engine
         self.engine: _Engine | None = None
+        self.context: _PythonContext | None = None
+        # TorchTRTRuntimeStates: context_changed makes a CUDA graph record again.
+        self.runtime_states = SimpleNamespace(context_changed=False)
         if serialized_engine is not None and not self.settings.lazy_engine_init:
-            self.engine = _Engine(serialized_engine, eager_context=True)
-            if self.settings.enable_weight_streaming:
-                self.set_device_memory_budget(self.get_automatic_device_memory_budget())
+            self.setup_engine()
+
+    def setup_engine(self) -> None:
+        self.engine = _Engine(self.serialized_engine,  # type: ignore[arg-type]
+                              eager_context=False)
+        if self.settings.enable_weight_streaming:
+            self.set_device_memory_budget(self.get_automatic_device_memory_budget())
+        else:
+            self.context = self.engine.create_execution_context()
+
+    def set_device_memory_budget(self, budget_bytes: int) -> int:
+        self.context = None  # ``del self.context``: its memory goes first
+        budget_bytes = super().set_device_memory_budget(budget_bytes)
+        self.context = self.engine.create_execution_context()  # type: ignore[union-attr]
+        self.runtime_states.context_changed = True
+        return budget_bytes
 
     def forward(self, *inputs: Any) -> Any:
-        return self._run(inputs, len(self.input_names))
+        assert len(inputs) == len(self.input_names), (
+            f"Wrong number of inputs, expected {len(self.input_names)} got {len(inputs)}."
+        )
+        if self.context is None:
+            raise RuntimeError("Engine has not been setup yet.")
+        self.context.check_runnable()
+        self.runtime_states.context_changed = False
+        outputs = self.engine.run(list(inputs))  # type: ignore[union-attr]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
