@@ -40,7 +40,7 @@ import torch
 
 from autotune.engines import _trt_build, _trt_model
 from autotune.engines.base import EngineConfig
-from autotune.engines.tensorrt import TensorRTEngine, set_module_budget
+from autotune.engines.tensorrt import TensorRTEngine, set_module_budget, shares_context_memory
 from autotune.models import get_spec, torch_dtype
 
 
@@ -164,7 +164,10 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
             "model": model, "layers": layers, "max_batch": max_batch, "variant": variant,
             "shapes": shapes.as_dict(), "compile_s": round(compile_s, 1), "engines": engines,
             "dynamic_context_memory": "dynamically_allocate_resources" in inspect.signature(
-                torch_tensorrt.dynamo.compile).parameters and variant == "torch",
+                torch_tensorrt.dynamo.compile).parameters and variant == "torch"
+            and not shares_context_memory(torch_tensorrt, version, "torch"),
+            "shares_context_memory": variant == "torch"
+            and shares_context_memory(torch_tensorrt, version, "torch"),
             "kv_cache_bytes_max_batch": 2 * layers * max_batch * spec.num_key_value_heads
             * spec.head_dim * shapes.cache_len * 2,
         }

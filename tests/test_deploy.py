@@ -106,7 +106,8 @@ def test_a_wrapped_or_per_call_module_is_served_as_torch_tensorrt_serves_it(
         engine._context_memory = None  # the user's module alone
         done = deploy.apply(rec_path, module)
         assert not any(m.context.static for m in mods)
-        assert len({m.context.memory for m in mods}) == 1
+        (address, size), = {m.context.memory for m in mods}
+        assert all(vars(m)["_autotune_context_memory"].data_ptr() == address for m in mods)
         assert trt._state.STATIC_CONTEXTS["alive"] == 0
         assert trt.runtime.weight_streaming(module).device_budget == done.device_budget
         from torch_tensorrt.dynamo.runtime._CudaGraphsTorchTensorRTModule import (
@@ -115,6 +116,29 @@ def test_a_wrapped_or_per_call_module_is_served_as_torch_tensorrt_serves_it(
 
         wrapped = CudaGraphsTorchTensorRTModule(module)
         assert deploy.apply(rec_path, wrapped).device_budget == done.device_budget
+        assert wrapped.is_weight_streaming_set  # its whole-module graph records again
+        engine.close()  # the buffer goes with the engine; the modules let go of it
+        assert not any("_autotune_context_memory" in vars(m) for m in mods)
+    finally:
+        uninstall_torch_tensorrt()
+
+
+def test_a_users_per_call_module_keeps_per_call_memory(rec_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's own 2.11 module of per-call context memory (C++ runtime): Torch-TensorRT's
+    setter would make every context static; deploy.apply hands each back, one at a time."""
+    from test_trt_double import _compile
+
+    trt = install_torch_tensorrt(monkeypatch, "2.11.0")
+    try:
+        gm, _, args, kwargs = _compile(trt, dynamically_allocate_resources=True)
+        mods = [m for n, m in gm.named_children() if "_run_on_acc" in n]
+        trt._state.STATIC_CONTEXTS["peak"] = 0
+        deploy.apply(rec_path, gm)
+        gm(*args, **kwargs)
+        assert {m.engine.context for m in mods} == {"user_managed"}
+        assert sum(m.engine.refused_workspaces for m in mods) == 0
+        assert trt._state.STATIC_CONTEXTS["peak"] == 1
     finally:
         uninstall_torch_tensorrt()
 

@@ -16,7 +16,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -375,6 +377,24 @@ def test_attention_in_pytorch_keeps_context_memory_per_call_across_budgets(
     assert trt._state.STATIC_CONTEXTS["alive"] == 0
 
 
+def test_a_context_made_user_managed_through_a_runtime_config_leaves_it_static() -> None:
+    """2.12 on TensorRT-RTX makes contexts through the module's runtime config (its runtime
+    cache with it): the user-managed one is made through it too, and the config goes back to
+    static for the module's own re-creations."""
+    from autotune.engines.tensorrt import _remake_user_managed
+
+    strategies = SimpleNamespace(STATIC="static", USER_MANAGED="user_managed")
+    made, strategy = [], ["static"]
+    config = SimpleNamespace(set_execution_context_allocation_strategy=strategy.append)
+    engine = SimpleNamespace(create_execution_context=lambda c: made.append((c, strategy[-1])))
+    mod = SimpleNamespace(engine=engine, context="old", runtime_config=config,
+                          runtime_states=SimpleNamespace(context_changed=False))
+    with mock.patch("autotune.engines.tensorrt._allocation_strategies", lambda e: strategies):
+        _remake_user_managed(mod)
+    assert made == [(config, "user_managed")] and strategy[-1] == "static"
+    assert mod.runtime_states.context_changed
+
+
 @pytest.mark.parametrize("trt", ["2.11.0", "2.12.0"], indirect=True)
 def test_attention_in_pytorch_shares_one_context_buffer_across_budgets(
     trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,
@@ -418,7 +438,9 @@ def test_attention_in_pytorch_shares_one_context_buffer_across_budgets(
     assert sizes[0] > sizes[1] > sizes[2]  # the scratch grows with what a budget streams
     assert trt._state.STATIC_CONTEXTS["peak"] == 1
     assert trt._state.STATIC_CONTEXTS["alive"] == 0
+    mods = [m for n, m in engine._module.named_children() if "_run_on_acc" in n]
     engine.close()
+    assert not any("_autotune_context_memory" in vars(m) for m in mods)
     again = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
     assert again.describe()["cache_hit"]
     shared_size(again)

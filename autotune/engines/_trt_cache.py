@@ -127,7 +127,7 @@ class ModuleCache:
             return None
         return module, blob["meta"]
 
-    def save(self, key: str, module: Any, engine_class: type, meta: dict[str, Any]) -> Path:
+    def save(self, key: str, module: Any, meta: dict[str, Any]) -> Path:
         """Writes the entry atomically (a new directory renamed into place); the module is
         unchanged afterwards."""
         import torch
@@ -145,9 +145,10 @@ class ModuleCache:
                     raise ValueError(f"{name} holds no serialized engine to cache")
                 (tmp / f"{name}.engine").write_bytes(child.serialized_engine)
             # Empty placeholders keep the GraphModule's call_module targets valid while the
-            # engines travel as files of their own.
+            # engines travel as files of their own. Plain modules: an empty Python-runtime
+            # module would set up its (absent) engine when unpickled.
             for name in names:
-                setattr(module, name, engine_class())
+                setattr(module, name, torch.nn.Module())
             torch.save({"format": FORMAT, "key": key, "meta": meta, "skeleton": module,
                         "engines": fields}, tmp / "module.pt")
             old = None

@@ -204,7 +204,7 @@ class TensorRTEngine:
                 compile_s = time.perf_counter() - start
                 if use_cache:
                     try:
-                        cache.save(key, module, engine_class, {"versions": found})
+                        cache.save(key, module, {"versions": found})
                     except Exception as e:  # a cache is a saving, never a reason to fail the load
                         log.warning("could not write the TensorRT cache %s (%s: %s); the next "
                                     "load compiles again", cache.path(key), type(e).__name__, e)
@@ -584,6 +584,8 @@ class TensorRTEngine:
     def close(self) -> None:
         self._module = None
         self._context_memory = None
+        if _python_modules(self._ws):
+            _drop_shared_memory(self._ws)  # the modules outlive the engine in self._ws
         self._cache, self._cache_args = None, []
         if self.config.device.startswith("cuda"):
             import torch
@@ -596,7 +598,7 @@ def shares_context_memory(trt: Any, version: tuple[int, int], attention: str) ->
     Python and so can share one user-managed buffer: up to 2.12 (from 2.13 the option is a
     no-op). 2.11's per-call memory hands each call's buffer over with setDeviceMemory (V1),
     with which TensorRT allocates each context's streaming scratch itself and holds it: 33
-    of 281 MB for llama2-7b on TensorRT-RTX (benchmarks/results/issue18)."""
+    x 281 MB for llama2-7b on TensorRT-RTX (benchmarks/results/issue18)."""
     return (attention == "torch" and version < (2, 13)
             and "use_python_runtime" in inspect.signature(trt.dynamo.compile).parameters)
 
@@ -611,10 +613,22 @@ def _python_modules(ws: Any) -> bool:
 def _remake_user_managed(mod: Any) -> None:
     """The module's context made again user-managed: it holds no memory of its own, and runs
     on what ``set_device_memory`` gives it. The static one goes first."""
-    strategy = _allocation_strategies(mod.engine).USER_MANAGED
+    strategies = _allocation_strategies(mod.engine)
     mod.context = None
-    mod.context = mod.engine.create_execution_context(strategy)
-    states = getattr(mod, "runtime_states", None)  # 2.11: a CUDA graph records again
+    config = getattr(mod, "runtime_config", None)  # 2.12 on TensorRT-RTX: its runtime cache
+    if config is None:
+        mod.context = mod.engine.create_execution_context(strategies.USER_MANAGED)
+        return _context_changed(mod)
+    config.set_execution_context_allocation_strategy(strategies.USER_MANAGED)
+    try:
+        mod.context = mod.engine.create_execution_context(config)
+    finally:  # the module's own re-creations stay as they were
+        config.set_execution_context_allocation_strategy(strategies.STATIC)
+    _context_changed(mod)
+
+
+def _context_changed(mod: Any) -> None:
+    states = getattr(mod, "runtime_states", None)  # 2.11: its CUDA graph records again
     if states is not None:
         states.context_changed = True
 
@@ -656,8 +670,10 @@ def _share_memory(ws: Any, device: str | None) -> Any:
     import torch
 
     mods = [m for _, m in ws.rt_mods]
-    if device is None:  # a user's module (deploy.apply): TensorRT's engines are on the GPU
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None:  # a user's module (deploy.apply): where its engines run
+        index = getattr(mods[0], "target_device_id", None)
+        device = ("cpu" if not torch.cuda.is_available() else
+                  f"cuda:{index}" if isinstance(index, int) else "cuda")
     size = max(int(m.engine.device_memory_size_v2) for m in mods)
     memory = torch.empty(max(size, 1), dtype=torch.uint8, device=device)
     for m in mods:
@@ -669,7 +685,8 @@ def _share_memory(ws: Any, device: str | None) -> Any:
 def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None) -> Any:
     """Sets ``budget`` on a compiled module through its ``weight_streaming`` object ``ws``.
     Returns the buffer that every context now shares where the engines are the Python
-    runtime's (the modules keep it; the previous one is let go first), else None.
+    runtime's (the modules keep it; the previous one is let go once every context is made
+    again), else None.
 
     Python-runtime engines make their context again, static, at every budget change: each
     engine's is made user-managed before the next engine changes (one static context alive at
@@ -683,25 +700,32 @@ def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None)
     share (the same split) inside a static spell of its own, and its per-call context back
     before the next engine changes: at most one static context alive at a time, where the
     whole module's change would leave every engine's."""
-    if _python_modules(ws):
-        _drop_shared_memory(ws)
-        applied = 0
-        for share, (_, mod) in zip(_shares(ws, budget), ws.rt_mods, strict=True):
-            mod._reset_captured_graph()
-            applied += mod.set_device_memory_budget(share)
-            _remake_user_managed(mod)
-        object.__setattr__(ws, "device_budget", applied)  # weight_streaming's cached sum
-        return _share_memory(ws, device)
+    python = _python_modules(ws)
     dynamic = [getattr(m, "dynamically_allocate_resources", False) for _, m in ws.rt_mods]
-    if parse_version(trt.__version__) >= (2, 13) or not any(dynamic):
+    if not python and (parse_version(trt.__version__) >= (2, 13) or not any(dynamic)):
         ws.device_budget = budget
         return None
+    shares = _shares(ws, budget)
     graphs = getattr(ws, "cuda_graphs_module", None)
     if graphs is not None:  # a CUDA-graphs wrapper records again, as weight_streaming asks
         graphs.is_weight_streaming_set = True
         graphs._reset_captured_graph()
+    if python:
+        # The old buffer stays until every context is made again: were the loop to fail
+        # half-way, the contexts not reached yet still run on memory that is theirs.
+        try:
+            applied = 0
+            for share, (_, mod) in zip(shares, ws.rt_mods, strict=True):
+                mod._reset_captured_graph()
+                applied += mod.set_device_memory_budget(share)
+                _remake_user_managed(mod)
+            object.__setattr__(ws, "device_budget", applied)  # weight_streaming's cached sum
+        finally:
+            _drop_shared_memory(ws)  # its block is the new buffer's, from PyTorch's cache
+            memory = _share_memory(ws, device)
+        return memory
     applied = 0
-    for share, (_, mod), per_call in zip(_shares(ws, budget), ws.rt_mods, dynamic, strict=True):
+    for share, (_, mod), per_call in zip(shares, ws.rt_mods, dynamic, strict=True):
         if per_call:  # static first: the budget change frees it before making its own
             mod.use_dynamically_allocated_resources(False)
         mod._reset_captured_graph()

@@ -412,8 +412,9 @@ class PythonTorchTensorRTModule(_BudgetMethods):
     default strategy (static), at setup and again at every budget change
     (``_PythonTorchTensorRTModule.py`` v2.11 L255-262, L283-294); at load it applies the
     automatic budget through its own setter (so it may log "Weight streaming is disabled").
-    Binding names are kept as ``input_names``/``output_names``. Its state travels by
-    state-dict hooks, which the double does not model."""
+    Binding names are kept as ``input_names``/``output_names``. Pickled, it leaves out its
+    engine and context and sets them up again when unpickled (so an empty one cannot be
+    unpickled); its state-dict hooks are not modelled."""
 
     _log = _py_logger
 
@@ -454,6 +455,16 @@ class PythonTorchTensorRTModule(_BudgetMethods):
         self.context = self.engine.create_execution_context()  # type: ignore[union-attr]
         self.runtime_states.context_changed = True
         return budget_bytes
+
+    def __getstate__(self) -> dict[str, Any]:  # 2.11: pickled without engine and context
+        state = self.__dict__.copy()
+        state.pop("engine", None)
+        state.pop("context", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # and set up again on unpickling
+        self.__dict__.update(state)
+        self.setup_engine()
 
     def forward(self, *inputs: Any) -> Any:
         assert len(inputs) == len(self.input_names), (
