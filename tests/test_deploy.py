@@ -103,7 +103,6 @@ def test_a_wrapped_or_per_call_module_is_served_as_torch_tensorrt_serves_it(
         module = engine._module
         mods = [m for n, m in module.named_children() if "_run_on_acc" in n]
         assert mods and all(hasattr(m, "context") for m in mods)
-        engine._context_memory = None  # the user's module alone
         done = deploy.apply(rec_path, module)
         assert not any(m.context.static for m in mods)
         (address, size), = {m.context.memory for m in mods}

@@ -52,7 +52,7 @@ from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, get_spec, weight_source
 from autotune.precision import PRECISIONS
-from autotune.streaming import attention, plan, quant, triton_check
+from autotune.streaming import attention, gemv, plan, quant, triton_check
 from autotune.streaming.llama import KVCache, Llama
 from autotune.streaming.runtime import WeightStore, unit_layouts
 
@@ -78,37 +78,35 @@ def _compile_mode(config: EngineConfig) -> str | None:
 
 def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
                    unavailable: Any) -> str:
-    """A kernel option: one of ``choices``, the first the default; ``unavailable()`` says why
-    the others cannot run here (None where they can)."""
+    """A kernel option: one of ``choices``, the first the default; ``unavailable(value)`` says
+    why another cannot run here (None where it can)."""
     value = str(config.option(key, choices[0])).strip().lower()
     if value not in choices:
         expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
         raise UserInputError(f"--engine-option {key}: expected {expected}; got "
                              f"{config.option(key)!r}")
-    why = unavailable() if value != choices[0] else None
+    why = unavailable(value) if value != choices[0] else None
     if why:
         raise UserInputError(f"--engine-option {key}={value}: {why}; use {key}={choices[0]}")
     return value
 
 
 ATTENTION_CHOICES = ("sdpa", "triton", "triton-rope")
-GEMV_CHOICES = ("cublas", "triton", "triton-all", "cublas-halves")
-TRITON_GEMV = ("triton", "triton-all")
+GEMV_CHOICES = ("cublas", *gemv.TRITON_CHOICES, "cublas-halves")
 
 
 def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
     """The ``attention`` option: ``sdpa``, or ``triton`` or ``triton-rope`` where those kernels
     can run here."""
     return _kernel_choice(config, "attention", ATTENTION_CHOICES,
-                          lambda: attention.unavailable(device, spec.head_dim))
+                          lambda _: attention.unavailable(device, spec.head_dim))
 
 
 def _gemv(config: EngineConfig, device: torch.device) -> str:
     """The ``gemv`` option: ``cublas`` or ``cublas-halves``, or ``triton`` or ``triton-all``
     where those kernels can run here."""
-    value = str(config.option("gemv", "cublas")).strip().lower()
-    return _kernel_choice(config, "gemv", GEMV_CHOICES,
-                          lambda: triton_check.unavailable(device) if value in TRITON_GEMV else None)
+    return _kernel_choice(config, "gemv", GEMV_CHOICES, lambda value: (
+        triton_check.unavailable(device) if value in gemv.TRITON_CHOICES else None))
 
 
 def _host_available_bytes() -> int | None:
@@ -222,8 +220,8 @@ class NativeEngine:
         for key in ("cuda_graphs", "stream_embed_head", "fused"):
             flag(config, key, True)
         _compile_mode(config)
-        _kernel_choice(config, "attention", ATTENTION_CHOICES, lambda: None)
-        _kernel_choice(config, "gemv", GEMV_CHOICES, lambda: None)
+        _kernel_choice(config, "attention", ATTENTION_CHOICES, lambda _: None)
+        _kernel_choice(config, "gemv", GEMV_CHOICES, lambda _: None)
 
     @classmethod
     def load(cls, config: EngineConfig) -> NativeEngine:
@@ -436,7 +434,7 @@ class NativeEngine:
         if self.compile_mode:
             return "compiling the decode step's kernels for this batch (once per worker)"
         built = [name for name, on in (("attention", self.attention != "sdpa"),
-                                       ("GEMV", self.gemv in TRITON_GEMV)) if on]
+                                       ("GEMV", self.gemv in gemv.TRITON_CHOICES)) if on]
         if built and first:  # Triton's JIT: a warm-up or two, whatever the batch
             return f"building the {' and '.join(built)} kernel{'s' * (len(built) > 1)} " \
                    "(once per worker)"

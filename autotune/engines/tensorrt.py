@@ -136,13 +136,12 @@ class TensorRTEngine:
         self._engines = [n for n, _ in module.named_children() if "_run_on_acc" in n]
         # Torch-TRT applied TensorRT's automatic budget on deserialization (§1.4).
         self.automatic_budget_at_load = int(self._ws.device_budget)
-        # The one buffer every context uses, where the engines are the Python runtime's
-        # (attention=torch up to 2.12); None otherwise. Made again at each budget change.
-        self._context_memory = None
+        # attention=torch up to 2.12: every context on one buffer, which the modules hold and
+        # each budget change makes again (set_module_budget).
         if _python_modules(self._ws):
             for _, mod in self._ws.rt_mods:
                 _remake_user_managed(mod)
-            self._context_memory = _share_memory(self._ws, config.device)  # for describe()
+            _share_memory(self._ws, config.device)
         self.budget_changes = 0
         self.budget_change_s = 0.0  # the setter's own time, summed (eager rebuilds show here)
         self.calibration: MemoryCalibration | None = None
@@ -285,9 +284,7 @@ class TensorRTEngine:
         if requested == self.device_budget:
             return  # setting the same sum would only rebuild contexts for nothing
         start = time.perf_counter()
-        self._context_memory = None  # the modules hold it too; they let go of it first
-        self._context_memory = set_module_budget(self._trt, self._ws, requested,
-                                                 self.config.device)
+        set_module_budget(self._trt, self._ws, requested, self.config.device)
         applied = self.device_budget  # the sum the engines really applied (§5: read it back)
         self.synchronize()
         self.budget_change_s += time.perf_counter() - start
@@ -564,8 +561,7 @@ class TensorRTEngine:
             # Each change re-creates every engine's execution context (§1.5).
             "context_rebuilds": self.budget_changes * len(self._engines),
             # attention=torch up to 2.12: one buffer for every engine's context (bytes).
-            "shared_context_memory": (None if self._context_memory is None
-                                      else int(self._context_memory.numel())),
+            "shared_context_memory": _shared_memory_bytes(self._ws),
             "budget_change_cost": self.budget_change_cost,
             "kv_cache": self.kv_cache,
             "memory_calibration": (dataclasses.asdict(self.calibration)
@@ -583,9 +579,7 @@ class TensorRTEngine:
 
     def close(self) -> None:
         self._module = None
-        self._context_memory = None
-        if _python_modules(self._ws):
-            _drop_shared_memory(self._ws)  # the modules outlive the engine in self._ws
+        _drop_shared_memory(self._ws)  # the modules outlive the engine in self._ws
         self._cache, self._cache_args = None, []
         if self.config.device.startswith("cuda"):
             import torch
@@ -659,6 +653,13 @@ def _drop_shared_memory(ws: Any) -> None:
             torch.cuda.synchronize()
         for m in mods:
             vars(m).pop(_CONTEXT_MEMORY, None)
+
+
+def _shared_memory_bytes(ws: Any) -> int | None:
+    """The size of the buffer the contexts share; None where they do not share one."""
+    memory = next((vars(m)[_CONTEXT_MEMORY] for _, m in ws.rt_mods if _CONTEXT_MEMORY in vars(m)),
+                  None)
+    return None if memory is None else int(memory.numel())
 
 
 def _share_memory(ws: Any, device: str | None) -> Any:

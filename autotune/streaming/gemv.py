@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 MAX_ROWS = 16  # tl.dot's smallest tile: rows beyond one tile are cuBLAS's job
+TRITON_CHOICES = ("triton", "triton-all")  # the ``gemv`` option's values that run these kernels
 # Default tilings (block_n, block_k, warps, stages), to be replaced by what the GPU's sweep
 # (benchmarks/gemv.py) finds. Chosen from what each compiles to for sm_90
 # (benchmarks/triton_resources.py): a program keeps stages - 1 tiles of W in flight, and an

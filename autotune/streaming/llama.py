@@ -213,7 +213,7 @@ class Llama:
         attend, swiglu = ((self._attend, self._swiglu) if pos is None
                           else (self._decode_attend, self._decode_swiglu))
         small = _small_decode(tokens.shape[0], pos)
-        add = _add_linear_triton_ if small and self.gemv in ("triton", "triton-all") else _add_linear_
+        add = _add_linear_triton_ if small and self.gemv in gemv.TRITON_CHOICES else _add_linear_
         for unit in store.decoder:
             w = store.acquire(unit.index)
             if unit.kind == "attn":
