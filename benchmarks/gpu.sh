@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch:
 #                                                         up to 2.12 its engines share one context
 #                                                         buffer; ~8 min)
+#   bash benchmarks/gpu.sh test18       carry [".whl"]   (the real package's GPU tests: tiny-llama,
+#                                                         both attentions; ~3 min)
 #   bash benchmarks/gpu.sh probe18      carry [".whl"]   (trt_memory.py, attention=torch engines at
 #                                                         budget 0 after the fix; ~2.5 min)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
@@ -143,6 +145,9 @@ case $stage in
   probe18)  # issue 18 after the fix: per-call engines, budgets set as the engine sets them
     step probe-torch-fixed 300 python3 benchmarks/trt_memory.py --model llama2-7b --variants torch \
       --layers 2,4,8 --json "$OUT/probe-torch-fixed.json"
+    ;;
+  test18)  # the real package's GPU tests (attention=torch: the shared context buffer), tiny-llama
+    step pytest-trt-gpu 240 python3 -m pytest -q -m gpu tests/test_tensorrt_gpu.py tests/test_engine_contract.py
     ;;
   study7b-torch)  # the seed's scenario with attention in PyTorch
     step trt-7b-torch 575 python3 -m autotune run --model llama2-7b --engine tensorrt \
