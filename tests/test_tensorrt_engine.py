@@ -352,6 +352,33 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
         load_engine(_config(tmp_path, ("attention", "cuda")))
 
 
+def test_attention_in_pytorch_hands_the_next_engine_no_derived_dimension(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the attention op gives the engine after it has dimensions that are each an
+    integer or one of export's own symbols (batch, call length), never an expression of them
+    such as G * T: Torch-TensorRT gives such an input a profile from its symbolic range, which
+    starts at T = 2, and on the GPU a decode step (T = 1) of a grouped-query model (G = 2) did
+    not fit it (benchmarks/results/issue18, 2026-12-06)."""
+    import sympy
+
+    from autotune.engines._trt_build import BuildShapes, export_model
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # export needs no Torch-TensorRT
+    spec = get_spec("tiny-llama")
+    assert spec.num_attention_heads > spec.num_key_value_heads  # grouped: G = 2
+    config = EngineConfig(model="tiny-llama", engine="tensorrt", dtype="float32", device="cpu",
+                          max_batch=4, max_seq_len=32, max_prompt_len=16,
+                          options=(("attention", "torch"),))
+    ep = export_model(spec, config, BuildShapes.from_config(config, kv_cache=True))
+    outputs = [n.meta["val"] for n in ep.graph.nodes
+               if n.op == "call_function" and "cache_attention" in str(n.target)]
+    assert len(outputs) == spec.num_hidden_layers
+    for out in outputs:
+        for dim in out.shape:
+            expr = dim.node.expr if isinstance(dim, torch.SymInt) else sympy.Integer(dim)
+            assert expr.is_Integer or expr.is_Symbol, (tuple(out.shape), expr)
+
+
 @pytest.mark.parametrize("trt", ["2.13.0"], indirect=True)
 def test_attention_in_pytorch_keeps_context_memory_per_call_across_budgets(
     trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture,

@@ -92,15 +92,25 @@ def _masks(positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, 
 @torch.library.custom_op("autotune::cache_attention", mutates_args=())
 def cache_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
                     past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """:func:`_attend` over the cache as one op that Torch-TensorRT leaves to PyTorch."""
+    """:func:`_attend` over the cache as one op that Torch-TensorRT leaves to PyTorch: q
+    ``[B, KV, G, T, d]`` in, the heads' outputs ``[B, T, H * d]`` out.
+
+    Both shapes keep G and T apart: the next engine's input then has no dimension derived from
+    another (G * T). Torch-TensorRT gives such a dimension a profile from its symbolic range,
+    whose least T is 2 (export's assumption), so a decode step (T = 1) did not fit it; on the
+    GPU: "Set dimension [8,2,2,32] for tensor cache_attention does not satisfy any optimization
+    profiles. Valid range for profile 0: [1,2,4,32]..[8,2,8,32]" (tiny-llama, G = 2)."""
+    b, nkv, g, t, d = q.shape
     causal, filled = _masks(positions, torch.arange(past_v.shape[2], device=q.device))
-    return _attend(q, kt, v, causal, (past_kt, past_v), filled)
+    o = _attend(q.flatten(2, 3), kt, v, causal, (past_kt, past_v), filled)  # [B, KV, G*T, d]
+    return o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nkv * g * d)
 
 
 @cache_attention.register_fake
 def _(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
       past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    b, nkv, g, t, d = q.shape
+    return q.new_empty((b, t, nkv * g * d))
 
 
 class ExportLlama(nn.Module):
@@ -184,12 +194,12 @@ class ExportLlama(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         # Grouped-query attention without repeating keys: a group's queries are rows of one
         # matrix per KV head, [B, KV, G * T, d] (group-major), against that head's keys.
-        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, g * t, d)
+        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4)  # [B, KV, G, T, d]
         kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
         v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
         if past is not None and self.attention == "torch":
             o = torch.ops.autotune.cache_attention(q, kt, v, past[0], past[1], positions)
         else:
-            o = _attend(q, kt, v, causal, past, filled)
-        o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
+            o = _attend(q.reshape(b, nkv, g * t, d), kt, v, causal, past, filled)
+            o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
         return o @ layer.o.t(), kt, v

@@ -184,6 +184,7 @@ class TensorRTEngine:
             # Only where it differs from the default, so that modules cached before the
             # option existed keep their keys.
             **({"attention": attention} if attention != "tensorrt" else {}),
+            **({"attention_format": _TORCH_ATTENTION_FORMAT} if attention == "torch" else {}),
             **({"runtime": "python"} if python_runtime else {}),
         })
         cache = ModuleCache(config.option("trt_cache_dir") or default_cache_dir())
@@ -768,6 +769,8 @@ def _summary(found: dict[str, str], hit: bool, compile_s: float, load_s: float,
 # Part of the cache key: a change to what is exported (ExportLlama's signature or math) must
 # not reload modules compiled from the old one.
 _EXPORT_FORMAT = 3
+# attention=torch's own: its op's shapes changed (q [B, KV, G, T, d] in, [B, T, H*d] out).
+_TORCH_ATTENTION_FORMAT = 2
 
 
 @dataclass
