@@ -431,7 +431,8 @@ def test_attention_in_pytorch_shares_one_context_buffer_across_budgets(
     streaming scratch included). 2.11's per-call memory left TensorRT-RTX allocating each
     context's scratch itself: 33 x 281 MB for llama2-7b (benchmarks/results/issue18). A
     budget change makes each context static again; one at a time is alive, none after. The
-    module cached with its runtime loads the same way."""
+    module cached with its runtime loads the same way. The sizes that the engines hand on as
+    shape inputs are read from host copies that live (the runtime's own are freed first)."""
     engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
     call = trt._state.COMPILE_CALLS[-1]
     assert call["use_python_runtime"] is True and "dynamically_allocate_resources" not in call

@@ -43,9 +43,11 @@ platforms, profiling, output allocators, the Python module's state-dict hooks.
 from __future__ import annotations
 
 import base64
+import ctypes
 import io
 import logging
 import pickle
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -121,6 +123,12 @@ class _Engine:
 
     def create_execution_context(self, strategy: Any = 0) -> _PythonContext:
         return _PythonContext(self, strategy)
+
+    def is_shape_inference_io(self, name: str) -> bool:
+        """A size that an earlier block computed, which Torch-TensorRT hands over as a shape
+        input (named ``sym_size_int_N`` there and here), read from host memory."""
+        return any(n.op == "placeholder" and n.name == name and name.startswith("sym_size")
+                   for n in self.graph.graph.nodes)
 
     @property
     def streamable_device_memory_budget(self) -> int:
@@ -213,6 +221,10 @@ class _PythonContext:
     def __init__(self, engine: _Engine, strategy: Any) -> None:
         self.engine, self.strategy = engine, tensorrt.ExecutionContextAllocationStrategy(strategy)
         self.memory: tuple[int, int] | None = None  # (address, bytes)
+        self.addresses: dict[str, int] = {}  # set_tensor_address, by tensor name
+        # The double's own bookkeeping: the host copy that the module's setup_input_tensors
+        # bound a shape input to, until someone binds that input again.
+        self.bound_copies: dict[str, weakref.ref[Any]] = {}
         if self.static:
             _state.STATIC_CONTEXTS["alive"] += 1
             _state.STATIC_CONTEXTS["peak"] = max(_state.STATIC_CONTEXTS["peak"],
@@ -229,6 +241,22 @@ class _PythonContext:
                               "cannot set buffer)")
             return
         self.memory = (int(memory), int(size))
+
+    def set_tensor_address(self, name: str, address: int) -> None:
+        self.addresses[name] = int(address)
+        self.bound_copies.pop(name, None)
+
+    def shape_input(self, name: str) -> int:
+        """The value TensorRT reads at ``infer_shapes`` and at the launch: what lies at the
+        bound host address then. Where that was the runtime's own copy, already freed, the real
+        one reads whatever is there (a batch of 92 where 8 ran, on the H200); the double
+        fails as TensorRT did then."""
+        copy = self.bound_copies.get(name)
+        if copy is not None and copy() is None:
+            _trt_logger.error(f"IExecutionContext::inferShapes: Error Code 7: Internal Error "
+                              f"(shape input {name} read from freed host memory)")
+            raise RuntimeError("infer_shapes error code: -1")
+        return ctypes.c_int64.from_address(self.addresses[name]).value
 
     def check_runnable(self) -> None:
         """What ``execute_async_v3`` needs of a user-managed context: enough memory given."""
@@ -412,7 +440,9 @@ class PythonTorchTensorRTModule(_BudgetMethods):
     default strategy (static), at setup and again at every budget change
     (``_PythonTorchTensorRTModule.py`` v2.11 L255-262, L283-294); at load it applies the
     automatic budget through its own setter (so it may log "Weight streaming is disabled").
-    Binding names are kept as ``input_names``/``output_names``. Pickled, it leaves out its
+    Binding names are kept as ``input_names``/``output_names``; a shape input (a size an
+    earlier block computed) is bound to a host copy that the module lets go before TensorRT
+    reads it, as 2.11's does (``setup_input_tensors``). Pickled, it leaves out its
     engine and context and sets them up again when unpickled (so an empty one cannot be
     unpickled); its state-dict hooks are not modelled."""
 
@@ -466,13 +496,32 @@ class PythonTorchTensorRTModule(_BudgetMethods):
         self.__dict__.update(state)
         self.setup_engine()
 
+    def setup_input_tensors(self, contiguous_inputs: list[Any], cudagraphs_enabled: bool,
+                            need_cudagraphs_record: bool) -> None:
+        """Binds each input (2.11 L381-440): a shape input to a host copy made in the loop and
+        let go with it, as the real one does (``inputs_cpu``, a local)."""
+        for name, value in zip(self.input_names, contiguous_inputs, strict=True):
+            if self.engine.is_shape_inference_io(name):  # type: ignore[union-attr]
+                inputs_cpu = value.cpu().to(torch.int64).numpy().copy()
+                self.context.set_tensor_address(name, inputs_cpu.ctypes.data)  # type: ignore[union-attr]
+                self.context.bound_copies[name] = weakref.ref(inputs_cpu)  # type: ignore[union-attr]
+            else:
+                self.context.set_tensor_address(name, value.data_ptr())  # type: ignore[union-attr]
+
     def forward(self, *inputs: Any) -> Any:
         assert len(inputs) == len(self.input_names), (
             f"Wrong number of inputs, expected {len(self.input_names)} got {len(inputs)}."
         )
         if self.context is None:
             raise RuntimeError("Engine has not been setup yet.")
+        # A size arrives as a Python int and goes over as a tensor (2.11 L691-694).
+        contiguous = [i.contiguous() if isinstance(i, torch.Tensor) else torch.tensor(i)
+                      for i in inputs]
+        self.setup_input_tensors(contiguous, False, False)
         self.context.check_runnable()
         self.runtime_states.context_changed = False
-        outputs = self.engine.run(list(inputs))  # type: ignore[union-attr]
+        values = [self.context.shape_input(name)
+                  if self.engine.is_shape_inference_io(name) else value  # type: ignore[union-attr]
+                  for name, value in zip(self.input_names, contiguous, strict=True)]
+        outputs = self.engine.run(values)  # type: ignore[union-attr]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
