@@ -74,6 +74,10 @@ class MemoryCalibration:
 
     points: tuple[tuple[int, int], ...]
     total: int  # the streamable bytes at the time
+    # The first point taken apart (bytes): what NVML saw once PyTorch's cache was freed, and
+    # PyTorch's peak in the generation with what of it the plan counts elsewhere; so that a
+    # large fixed part can be traced to TensorRT or to PyTorch.
+    parts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def beyond_budget(self, budget: int) -> int:
         """Bytes held besides the resident budget at ``budget`` (see the class docstring)."""
@@ -154,6 +158,7 @@ class TensorRTEngine:
         self._cache: Any = None
         self._cache_args: list[Any] = []
         self._positions: Any = None  # [S] int64 on the device: sliced, never re-created
+        self._last_generation_parts: dict[str, int] = {}  # _held_after_generation's figures
 
     @classmethod
     def host_bytes(cls, config: EngineConfig) -> int:
@@ -422,6 +427,7 @@ class TensorRTEngine:
         (every budget, the total included, where the model fits)."""
         before = self.device_budget
         zero = self._held_after_generation(0)
+        parts = dict(self._last_generation_parts)
         room = max(0, self._usable_bytes() - zero - self._cache_bytes(1))
         top = min(self._total, room)
         points = [(0, zero)]
@@ -429,7 +435,8 @@ class TensorRTEngine:
             budget = self.applied_budget(int(fraction * top))
             if budget > points[-1][0]:
                 points.append((budget, self._held_after_generation(budget)))
-        self.calibration = MemoryCalibration(points=tuple(points), total=self._total)
+        self.calibration = MemoryCalibration(points=tuple(points), total=self._total,
+                                             parts=parts)
         self.device_budget = before
         log.debug("memory calibration (budget, NVML bytes): %s", points)
         return self.calibration
@@ -455,7 +462,10 @@ class TensorRTEngine:
                 self.decode(gen, 1)
                 self.synchronize()
                 peak = torch.cuda.max_memory_allocated(self.config.device) - before
-                transient = max(0, peak - self._planned_tensors(batch, longest))
+                planned = self._planned_tensors(batch, longest)
+                transient = max(0, peak - planned)
+                self._last_generation_parts = {"batch": batch, "tokens": longest,
+                                               "torch_peak": peak, "torch_planned": planned}
                 del gen
                 break
             except torch.OutOfMemoryError:  # the largest batch does not fit here
@@ -463,7 +473,9 @@ class TensorRTEngine:
                 torch.cuda.empty_cache()
         self._cache, self._cache_args = None, []
         torch.cuda.empty_cache()
-        return self.device_used_bytes() + transient
+        used = self.device_used_bytes()
+        self._last_generation_parts.update(nvml_after_freed=used, torch_transient=transient)
+        return used + transient
 
     def _output_bytes(self, batch: int) -> int:
         return batch * self.spec.vocab_size * dtype_bytes(self.config.dtype) * 2
