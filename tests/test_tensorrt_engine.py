@@ -10,6 +10,7 @@ good as it is.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import re
 import subprocess
@@ -341,6 +342,13 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
               for n in engine.describe()["engines"]}
     assert not [n for names in inputs.values() for n in names
                 if re.fullmatch(r"cache_\d+", n)], inputs
+    # Each layer's new keys and values leave the graph from the engine that made them: none
+    # takes every layer's to stack them (a second copy of a prefill call's, held at once).
+    output = next(n for n in engine._module.graph.nodes if n.op == "output")
+    new_kv = output.args[0][1:]
+    assert len(new_kv) == 2 * spec.num_hidden_layers
+    makers = {str(n.args[0].target) for n in new_kv if n.target is operator.getitem}
+    assert len(makers) == spec.num_hidden_layers, makers
     assert len(list(tmp_path.glob("*"))) == 2  # each layout its own cache entry
     prompt = torch.randint(1, spec.vocab_size, (2, 10))
     expected, _ = greedy(build_hf_model(spec, "float32", "cpu", weight_source(spec, 7)), prompt, 6)

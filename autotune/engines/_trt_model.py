@@ -9,7 +9,7 @@ TensorRT converts, and with the KV cache as an explicit input and output:
 
     forward(tokens [B, T], positions [T], k_0, v_0, ..., k_L-1, v_L-1)
         -> logits of the last position [B, V], new keys [L, B, KV, d, T], new values
-           [L, B, KV, T, d]
+           [L, B, KV, T, d]  (with attention="torch": each layer's apart, L keys then L values)
 
 The cache is static (S = the longest sequence the engine serves) and goes in as 2L separate
 tensors, each layer's keys (stored transposed, ``[B, KV, d, S]``: the ``q @ k^T`` operand as it
@@ -170,6 +170,11 @@ class ExportLlama(nn.Module):
         logits = last @ self.lm_head.t()  # [B, V]
         if not cache:
             return logits
+        if self.attention == "torch":
+            # Each layer's own, as its engine made them: stacked, the last engine would take
+            # every layer's as inputs and hold a second copy of all of them beside (a prefill
+            # call's new keys and values twice, 1.06 GB for llama2-7b at batch 35, 29 tokens).
+            return (logits, *new_k, *new_v)
         return logits, torch.stack(new_k), torch.stack(new_v)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -389,10 +389,16 @@ class TensorRTEngine:
 
     def _step(self, tokens: Any, positions: Any, a: int, b: int) -> Any:
         """One call against the cache for positions [a, b); writes their keys and values."""
-        logits, new_k, new_v = self._call(tokens, positions, *self._cache_args)
+        logits, *new = self._call(tokens, positions, *self._cache_args)
         keys, values = self._cache
-        keys[..., a:b].copy_(new_k)
-        values[:, :, :, a:b].copy_(new_v)
+        if len(new) == 2:  # stacked: [L, ...] each
+            keys[..., a:b].copy_(new[0])
+            values[:, :, :, a:b].copy_(new[1])
+            return logits
+        layers = len(new) // 2  # attention=torch: each layer's apart (ExportLlama.forward)
+        for i in range(layers):
+            keys[i, ..., a:b].copy_(new[i])
+            values[i, :, :, a:b].copy_(new[layers + i])
         return logits
 
     def _new_cache(self, batch: int, device: Any) -> None:
@@ -819,7 +825,8 @@ def _summary(found: dict[str, str], hit: bool, compile_s: float, load_s: float,
 # Part of the cache key: a change to what is exported (ExportLlama's signature or math) must
 # not reload modules compiled from the old one.
 _EXPORT_FORMAT = 3
-# attention=torch's own: its op's shapes changed (q [B, KV, G, T, d] in, [B, T, H*d] out).
+# attention=torch's own: its op's shapes changed (q [B, KV, G, T, d] in, [B, T, H*d] out), and
+# each layer's new keys and values are outputs apart.
 _TORCH_ATTENTION_FORMAT = 2
 
 
