@@ -342,6 +342,8 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
               for n in engine.describe()["engines"]}
     assert not [n for names in inputs.values() for n in names
                 if re.fullmatch(r"cache_\d+", n)], inputs
+    # Nor a size (Torch-TensorRT's shape inputs, sym_size_int_N, read back to the host).
+    assert not [n for names in inputs.values() for n in names if "sym_size" in n], inputs
     # Each layer's new keys and values leave the graph from the engine that made them: none
     # takes every layer's to stack them (a second copy of a prefill call's, held at once).
     output = next(n for n in engine._module.graph.nodes if n.op == "output")
@@ -381,7 +383,7 @@ def test_attention_in_pytorch_hands_the_next_engine_no_derived_dimension(
     outputs = [n.meta["val"] for n in ep.graph.nodes
                if n.op == "call_function" and "cache_attention" in str(n.target)]
     assert len(outputs) == spec.num_hidden_layers
-    for out in outputs:
+    for out in (t for vals in outputs for t in vals):  # the output, new keys, new values
         for dim in out.shape:
             expr = dim.node.expr if isinstance(dim, torch.SymInt) else sympy.Integer(dim)
             assert expr.is_Integer or expr.is_Symbol, (tuple(out.shape), expr)
@@ -439,8 +441,8 @@ def test_attention_in_pytorch_shares_one_context_buffer_across_budgets(
     streaming scratch included). 2.11's per-call memory left TensorRT-RTX allocating each
     context's scratch itself: 33 x 281 MB for llama2-7b (benchmarks/results/issue18). A
     budget change makes each context static again; one at a time is alive, none after. The
-    module cached with its runtime loads the same way. The sizes that the engines hand on as
-    shape inputs are read from host copies that live (the runtime's own are freed first)."""
+    module cached with its runtime loads the same way. No engine takes a size as a shape
+    input: the double, as 2.11's runtime, would read it from a host copy already freed."""
     engine = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
     call = trt._state.COMPILE_CALLS[-1]
     assert call["use_python_runtime"] is True and "dynamically_allocate_resources" not in call

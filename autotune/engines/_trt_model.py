@@ -89,28 +89,87 @@ def _masks(positions: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, 
     return (positions[None, :] <= positions[:, None]), (slots[None, :] < positions[:1, None])
 
 
-@torch.library.custom_op("autotune::cache_attention", mutates_args=())
-def cache_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
-                    past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """:func:`_attend` over the cache as one op that Torch-TensorRT leaves to PyTorch: q
-    ``[B, KV, G, T, d]`` in, the heads' outputs ``[B, T, H * d]`` out.
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """A projection ``[B, T, n * d]`` as ``n`` heads, ``[B, T, n, d]``."""
+    return x.view(x.shape[0], x.shape[1], n, x.shape[-1] // n)
 
-    Both shapes keep G and T apart: the next engine's input then has no dimension derived from
-    another (G * T). Torch-TensorRT gives such a dimension a profile from its symbolic range,
-    whose least T is 2 (export's assumption), so a decode step (T = 1) did not fit it; on the
-    GPU: "Set dimension [8,2,2,32] for tensor cache_attention does not satisfy any optimization
-    profiles. Valid range for profile 0: [1,2,4,32]..[8,2,8,32]" (tiny-llama, G = 2)."""
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _group_queries(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Queries ``[B, T, H, d]`` as ``[B, KV, G, T, d]``: a group's queries are rows of one
+    matrix per KV head (grouped-query attention without repeating keys)."""
+    b, t, h, d = q.shape
+    return q.view(b, t, kv_heads, h // kv_heads, d).permute(0, 2, 3, 1, 4)
+
+
+def _attend_heads(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, causal: torch.Tensor,
+                  past: tuple[torch.Tensor, torch.Tensor] | None,
+                  filled: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_attend` of queries ``[B, KV, G, T, d]``; the heads' outputs ``[B, T, H * d]``."""
     b, nkv, g, t, d = q.shape
-    causal, filled = _masks(positions, torch.arange(past_v.shape[2], device=q.device))
-    o = _attend(q.flatten(2, 3), kt, v, causal, (past_kt, past_v), filled)  # [B, KV, G*T, d]
+    o = _attend(q.reshape(b, nkv, g * t, d), kt, v, causal, past, filled)
     return o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nkv * g * d)
 
 
+# attention=torch: three ops that no Torch-TensorRT converter claims, so they run in PyTorch
+# between the engines, which then only multiply, normalize and add [B, T, n] tensors. The
+# heads' views and RoPE happen in the ops, for two reasons measured on the GPU
+# (benchmarks/results/issue18, 2026-12-06):
+# - a dimension derived from another (G * T) that crosses into an engine gets a profile from
+#   its symbolic range, whose least T is 2, and a decode step (T = 1) did not fit it ("Set
+#   dimension [8,2,2,32] for tensor cache_attention does not satisfy any optimization
+#   profiles", tiny-llama, G = 2);
+# - viewing heads inside an engine makes the batch and the call length its shape inputs,
+#   which 2.11's Python runtime reads back to the host (a synchronization per engine) into
+#   copies it frees before TensorRT reads them.
+# Each op has one output: a tuple's items would cross into the next engine as one input.
+
+@torch.library.custom_op("autotune::key_heads", mutates_args=())
+def key_heads(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              kv_heads: int) -> torch.Tensor:
+    """The new keys ``[B, T, KV * d]`` as the cache stores them: rotated, ``[B, KV, d, T]``."""
+    return _rope(_heads(k, kv_heads), cos, sin).permute(0, 2, 3, 1).contiguous()
+
+
+@key_heads.register_fake
+def _(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, t, n = k.shape
+    return k.new_empty((b, kv_heads, n // kv_heads, t))
+
+
+@torch.library.custom_op("autotune::value_heads", mutates_args=())
+def value_heads(v: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The new values ``[B, T, KV * d]`` as the cache stores them, ``[B, KV, T, d]``."""
+    # A copy: at T = 1 the permuted view is already contiguous, and an op may not return
+    # its input's memory.
+    return _heads(v, kv_heads).permute(0, 2, 1, 3).clone(memory_format=torch.contiguous_format)
+
+
+@value_heads.register_fake
+def _(v: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, t, n = v.shape
+    return v.new_empty((b, kv_heads, t, n // kv_heads))
+
+
+@torch.library.custom_op("autotune::cache_attention", mutates_args=())
+def cache_attention(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, past_kt: torch.Tensor, past_v: torch.Tensor,
+                    positions: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention of the queries ``[B, T, H * d]`` (rotated here) over the cache and the new
+    keys and values (:func:`key_heads`, :func:`value_heads`): ``[B, T, H * d]``."""
+    q = _group_queries(_rope(_heads(q, heads), cos, sin), kt.shape[1])
+    causal, filled = _masks(positions, torch.arange(past_v.shape[2], device=q.device))
+    return _attend_heads(q, kt, v, causal, (past_kt, past_v), filled)
+
+
 @cache_attention.register_fake
-def _(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, past_kt: torch.Tensor,
-      past_v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    b, nkv, g, t, d = q.shape
-    return q.new_empty((b, t, nkv * g * d))
+def _(q: torch.Tensor, kt: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+      past_kt: torch.Tensor, past_v: torch.Tensor, positions: torch.Tensor,
+      heads: int) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 class ExportLlama(nn.Module):
@@ -188,23 +247,16 @@ class ExportLlama(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attention of the new tokens; returns the output, the new keys transposed
         ``[B, KV, d, T]`` and the new values ``[B, KV, T, d]``."""
-        spec = self.spec
-        b, t = h.shape[0], h.shape[1]
-        nh, nkv, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim
-        g = nh // nkv
-        q = (h @ layer.q.t()).view(b, t, nh, d)
-        k = (h @ layer.k.t()).view(b, t, nkv, d)
-        v = (h @ layer.v.t()).view(b, t, nkv, d)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        # Grouped-query attention without repeating keys: a group's queries are rows of one
-        # matrix per KV head, [B, KV, G * T, d] (group-major), against that head's keys.
-        q = q.view(b, t, nkv, g, d).permute(0, 2, 3, 1, 4)  # [B, KV, G, T, d]
-        kt = k.permute(0, 2, 3, 1)  # [B, KV, d, T]
-        v = v.permute(0, 2, 1, 3)  # [B, KV, T, d]
+        nh, nkv = self.spec.num_attention_heads, self.spec.num_key_value_heads
+        q, k, v = h @ layer.q.t(), h @ layer.k.t(), h @ layer.v.t()
         if past is not None and self.attention == "torch":
-            o = torch.ops.autotune.cache_attention(q, kt, v, past[0], past[1], positions)
+            kt = torch.ops.autotune.key_heads(k, cos, sin, nkv)
+            v = torch.ops.autotune.value_heads(v, nkv)
+            o = torch.ops.autotune.cache_attention(q, kt, v, cos, sin, past[0], past[1],
+                                                   positions, nh)
         else:
-            o = _attend(q.reshape(b, nkv, g * t, d), kt, v, causal, past, filled)
-            o = o.view(b, nkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, nh * d)
+            q = _group_queries(_rope(_heads(q, nh), cos, sin), nkv)
+            kt = _rope(_heads(k, nkv), cos, sin).permute(0, 2, 3, 1)  # [B, KV, d, T]
+            v = _heads(v, nkv).permute(0, 2, 1, 3)  # [B, KV, T, d]
+            o = _attend_heads(q, kt, v, causal, past, filled)
         return o @ layer.o.t(), kt, v

@@ -23,7 +23,6 @@ them with weight streaming, §1.6).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import inspect
 import itertools
@@ -700,44 +699,7 @@ def _share_memory(ws: Any, device: str | None) -> Any:
     for m in mods:
         m.context.set_device_memory(memory.data_ptr(), memory.numel())
         object.__setattr__(m, _CONTEXT_MEMORY, memory)  # a plain attribute, no state-dict entry
-        _hold_shape_inputs(type(m))  # the other memory its context reads, the host's
     return memory
-
-
-# Marks the Python runtime's ``setup_input_tensors`` once _hold_shape_inputs has wrapped it.
-_HOLDS_SHAPE_INPUTS = "_autotune_holds_shape_inputs"
-
-
-def _hold_shape_inputs(runtime_class: type) -> None:
-    """Makes the Python runtime keep the host copies that its shape inputs are bound to.
-
-    Up to 2.12, ``setup_input_tensors`` binds each shape input (a size that an earlier engine
-    computed: the batch, the call length) to a numpy copy that it lets go before TensorRT
-    reads it (``infer_shapes``, then the launch). TensorRT then reads freed memory: on the
-    H200 a reshape to batch 92 where batch 8 ran ("infer_shapes error code: -1"). After the
-    runtime's own binding, each shape input is bound again, to a copy that the module keeps
-    until its next call. The class is wrapped once, so pickled and copied modules have it."""
-    original = runtime_class.setup_input_tensors
-    if getattr(original, _HOLDS_SHAPE_INPUTS, False):
-        return
-
-    @functools.wraps(original)
-    def setup_input_tensors(self: Any, contiguous_inputs: list[Any], *args: Any,
-                            **kwargs: Any) -> None:
-        import torch
-
-        original(self, contiguous_inputs, *args, **kwargs)
-        names = getattr(self, "input_names", None) or self.in_binding_names
-        held = []
-        for name, value in zip(names, contiguous_inputs, strict=True):
-            if self.engine.is_shape_inference_io(name):
-                host = value.cpu().to(torch.int64).numpy().copy()
-                self.context.set_tensor_address(name, host.ctypes.data)
-                held.append(host)
-        object.__setattr__(self, "_autotune_shape_inputs", held)
-
-    setattr(setup_input_tensors, _HOLDS_SHAPE_INPUTS, True)
-    runtime_class.setup_input_tensors = setup_input_tensors
 
 
 def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None) -> Any:
