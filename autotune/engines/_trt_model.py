@@ -24,10 +24,10 @@ of the prompt (the slots before it filled by earlier chunks). Without a cache
 (``cache_len=None``, the seed's and Torch-TensorRT's example mode) the signature is
 ``forward(tokens, positions) -> logits [B, V]`` and every step recomputes the whole sequence.
 
-With ``attention="torch"`` the attention over the cache is one custom op,
-``autotune::cache_attention``, which no Torch-TensorRT converter claims: it runs in PyTorch, the
-graph becomes one engine per stretch between attentions, and no engine takes the cache as an
-input. Inside TensorRT, attention over a cache input costs about one more cache of the build's
+With ``attention="torch"`` a layer's heads, RoPE and attention over the cache are three custom
+ops (``autotune::key_heads``, ``value_heads``, ``cache_attention``) that no Torch-TensorRT
+converter claims: they run in PyTorch, the graph becomes one engine per stretch between
+attentions, and no engine takes the cache (or a size) as an input. Inside TensorRT, attention over a cache input costs about one more cache of the build's
 largest batch in the engines' context memory (measured on the H200 with
 ``benchmarks/trt_memory.py``: +0.115 GB per llama2-7b layer at max batch 17, whose cache is
 0.107 GB a layer; keys stored untransposed, +0.169), which is what caps the tensorrt engine's
