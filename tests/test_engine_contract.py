@@ -174,12 +174,13 @@ def test_generates_exactly_osl_tokens(engine: Any, batch: int, isl: int, osl: in
 @pytest.mark.usefixtures("restore_budget")
 def test_same_tokens_at_every_budget(engine: Any) -> None:
     total = engine.total_device_budget
+    budgets = (total, 0, total // 3, total // 2, total)
     outputs = []
-    for budget in (total, 0, total // 3, total // 2, total):
+    for budget in budgets:
         engine.device_budget = budget
         outputs.append(_generate(engine, 3, 9, 8, seed=5))
-    for tokens in outputs[1:]:
-        assert torch.equal(tokens, outputs[0])
+    for budget, tokens in zip(budgets[1:], outputs[1:], strict=True):
+        assert torch.equal(tokens, outputs[0]), f"budget {budget} of {total}"
 
 
 def test_memory_plan_monotone_in_batch_and_budget(engine: Any) -> None:
