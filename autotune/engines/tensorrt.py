@@ -390,11 +390,11 @@ class TensorRTEngine:
         """One call against the cache for positions [a, b); writes their keys and values."""
         logits, *new = self._call(tokens, positions, *self._cache_args)
         keys, values = self._cache
-        if len(new) == 2:  # stacked: [L, ...] each
+        if self._facts["attention"] != "torch":  # stacked: [L, ...] each
             keys[..., a:b].copy_(new[0])
             values[:, :, :, a:b].copy_(new[1])
             return logits
-        layers = len(new) // 2  # attention=torch: each layer's apart (ExportLlama.forward)
+        layers = len(new) // 2  # each layer's apart (ExportLlama.forward)
         for i in range(layers):
             keys[i, ..., a:b].copy_(new[i])
             values[i, :, :, a:b].copy_(new[layers + i])
