@@ -344,8 +344,9 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
                 if re.fullmatch(r"cache_\d+", n)], inputs
     # Nor a size (Torch-TensorRT's shape inputs, sym_size_int_N, read back to the host).
     assert not [n for names in inputs.values() for n in names if "sym_size" in n], inputs
-    # Each layer's new keys and values leave the graph from the engine that made them: none
-    # takes every layer's to stack them (a second copy of a prefill call's, held at once).
+    # Each layer's new keys and values leave the graph from the PyTorch stretch that made them:
+    # no engine takes every layer's to stack them (a second copy of a prefill call's, held at
+    # once).
     output = next(n for n in engine._module.graph.nodes if n.op == "output")
     new_kv = output.args[0][1:]
     assert len(new_kv) == 2 * spec.num_hidden_layers
@@ -383,7 +384,7 @@ def test_attention_in_pytorch_hands_the_next_engine_no_derived_dimension(
     outputs = [n.meta["val"] for n in ep.graph.nodes
                if n.op == "call_function" and "cache_attention" in str(n.target)]
     assert len(outputs) == spec.num_hidden_layers
-    for out in (t for vals in outputs for t in vals):  # the output, new keys, new values
+    for out in outputs:
         for dim in out.shape:
             expr = dim.node.expr if isinstance(dim, torch.SymInt) else sympy.Integer(dim)
             assert expr.is_Integer or expr.is_Symbol, (tuple(out.shape), expr)

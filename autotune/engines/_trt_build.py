@@ -185,8 +185,8 @@ ATTENTION_CHOICES = ("tensorrt", "torch")
 
 
 def attention_option(config: EngineConfig) -> str:
-    """Where attention over the cache runs: ``tensorrt`` (inside the engine) or ``torch`` (a
-    custom op PyTorch runs between engines; see :mod:`autotune.engines._trt_model`)."""
+    """Where attention over the cache runs: ``tensorrt`` (inside the engine) or ``torch`` (custom
+    ops PyTorch runs between engines; see :mod:`autotune.engines._trt_model`)."""
     return parse_attention(config.option("attention", "tensorrt"))
 
 

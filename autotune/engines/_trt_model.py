@@ -18,8 +18,8 @@ TensorRT materialize the slices (and the transposed keys) of every layer in its 
 memory, sized for the largest batch: about 1.8x the cache itself, 4.2 GiB of llama3.2-1b's
 budget-0 footprint on the H200 at batch 1. Slots at or beyond ``positions[0]`` are masked, so a
 decode step (T = 1) does the same work at every position, as the native engine's does. The
-caller writes the new keys and values into the cache at ``positions`` (two copies) before the
-next call; TensorRT cannot update an input in place. Prefill is the same call with T = a chunk
+caller writes the new keys and values into the cache at ``positions`` (two copies; one a layer
+per tensor with ``attention="torch"``) before the next call; TensorRT cannot update an input in place. Prefill is the same call with T = a chunk
 of the prompt (the slots before it filled by earlier chunks). Without a cache
 (``cache_len=None``, the seed's and Torch-TensorRT's example mode) the signature is
 ``forward(tokens, positions) -> logits [B, V]`` and every step recomputes the whole sequence.
@@ -230,9 +230,9 @@ class ExportLlama(nn.Module):
         if not cache:
             return logits
         if self.attention == "torch":
-            # Each layer's own, as its engine made them: stacked, the last engine would take
-            # every layer's as inputs and hold a second copy of all of them beside (a prefill
-            # call's new keys and values twice, 1.06 GB for llama2-7b at batch 35, 29 tokens).
+            # Each layer's own, as its ops made them: stacked, the last engine would take every
+            # layer's as inputs and hold a second copy of all of them beside (a prefill call's
+            # new keys and values twice, 1.06 GB for llama2-7b at batch 35, 29 tokens).
             return (logits, *new_k, *new_v)
         return logits, torch.stack(new_k), torch.stack(new_v)
 

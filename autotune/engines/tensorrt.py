@@ -73,10 +73,10 @@ class MemoryCalibration:
 
     points: tuple[tuple[int, int], ...]
     total: int  # the streamable bytes at the time
-    # The first point taken apart (bytes): what NVML saw once PyTorch's cache was freed, and
-    # PyTorch's peak in the generation with what of it the plan counts elsewhere; so that a
-    # large fixed part can be traced to TensorRT or to PyTorch.
-    parts: dict[str, int] = dataclasses.field(default_factory=dict)
+    # The first point taken apart: the generation's batch and tokens, then bytes: what NVML saw
+    # once PyTorch's cache was freed, and PyTorch's peak in the generation with what of it the
+    # plan counts elsewhere; so that a large fixed part can be traced to TensorRT or PyTorch.
+    parts: dict[str, int] = dataclasses.field(default_factory=dict, hash=False)
 
     def beyond_budget(self, budget: int) -> int:
         """Bytes held besides the resident budget at ``budget`` (see the class docstring)."""
@@ -457,6 +457,7 @@ class TensorRTEngine:
         self.device_budget = budget
         longest = max(1, min(self._shapes.max_seq, self._shapes.cache_len - 2))
         transient = 0
+        self._last_generation_parts = {"batch": 0}  # 0: no batch fitted (both ran out)
         for batch in dict.fromkeys((self._shapes.max_batch, 1)):
             try:
                 prompt = random_prompt(batch, longest, self.spec.vocab_size, 0,
@@ -787,9 +788,9 @@ def _summary(found: dict[str, str], hit: bool, compile_s: float, load_s: float,
 # Part of the cache key: a change to what is exported (ExportLlama's signature or math) must
 # not reload modules compiled from the old one.
 _EXPORT_FORMAT = 3
-# attention=torch's own: its op's shapes changed (q [B, KV, G, T, d] in, [B, T, H*d] out), and
-# each layer's new keys and values are outputs apart.
-_TORCH_ATTENTION_FORMAT = 2
+# attention=torch's own: its three ops (the heads' views and RoPE out of the engines), and each
+# layer's new keys and values as outputs apart.
+_TORCH_ATTENTION_FORMAT = 3
 
 
 @dataclass
