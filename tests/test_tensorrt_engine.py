@@ -488,6 +488,66 @@ def test_attention_in_pytorch_shares_one_context_buffer_across_budgets(
     assert torch.equal(gen.tokens, tokens[0])
 
 
+@pytest.mark.parametrize("version", ["2.11.0", "2.12.0"])
+def test_kernel_specialization_reaches_every_context_on_tensorrt_rtx(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, version: str) -> None:
+    """kernel_specialization=none: TensorRT-RTX's strategy for new shapes, set on every context
+    that autotune makes (at load and after a budget change), through a runtime config of its
+    own (2.11) or the module's (2.12, whose own re-creations keep lazy); the tokens do not
+    change. Elsewhere the option is refused with one line."""
+    trt = install_torch_tensorrt(monkeypatch, version, package="tensorrt_rtx")
+    try:
+        import tensorrt
+
+        strategy = tensorrt.DynamicShapesKernelSpecializationStrategy
+        if version == "2.12.0":  # Torch-TensorRT 2.12 on TensorRT-RTX: a runtime config each
+            modules = trt.dynamo.runtime.PythonTorchTensorRTModule
+            original = modules.setup_engine
+
+            def with_config(self: Any) -> None:
+                original(self)
+                self.runtime_config = self.engine.create_runtime_config()
+
+            monkeypatch.setattr(modules, "setup_engine", with_config)
+        engine = load_engine(_config(tmp_path, ("attention", "torch"),
+                                     ("kernel_specialization", "NONE"), max_prompt_len=16))
+        plain = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
+
+        def specializations(e: Any) -> set[Any]:
+            return {m.context.specialization for n, m in e._module.named_children()
+                    if "_run_on_acc" in n}
+
+        assert specializations(engine) == {strategy.NONE}
+        assert specializations(plain) == {strategy.LAZY}
+        assert engine.describe()["kernel_specialization"] == "none"
+        prompt = torch.randint(1, 500, (2, 6))
+        tokens = []
+        for e in (plain, engine):
+            e.device_budget = e.total_device_budget // 2
+            gen = e.prefill(prompt, 3)
+            e.decode(gen, 2)
+            tokens.append(gen.tokens)
+        assert specializations(engine) == {strategy.NONE}
+        assert torch.equal(tokens[0], tokens[1])
+        if version == "2.12.0":
+            configs = {m.runtime_config.dynamic_shapes_kernel_specialization_strategy
+                       for n, m in engine._module.named_children() if "_run_on_acc" in n}
+            assert configs == {strategy.LAZY}
+        with pytest.raises(UserInputError, match="kernel_specialization: applies where"):
+            load_engine(_config(tmp_path, ("kernel_specialization", "eager")))
+        with pytest.raises(UserInputError, match="expected lazy, eager or none; got 'soon'"):
+            load_engine(_config(tmp_path, ("attention", "torch"),
+                                ("kernel_specialization", "soon")))
+    finally:
+        uninstall_torch_tensorrt()
+
+
+def test_kernel_specialization_is_refused_on_data_center_tensorrt(trt: Any,
+                                                                   tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="on tensorrt$"):
+        load_engine(_config(tmp_path, ("attention", "torch"), ("kernel_specialization", "none")))
+
+
 def test_by_default_one_call_holds_at_most_1024_tokens(trt: Any, tmp_path: Path) -> None:
     load_engine(_config(tmp_path, max_batch=200, max_prompt_len=16))
     tokens, *_ = trt._state.COMPILE_CALLS[-1]["inputs"]

@@ -184,6 +184,22 @@ def parse_version(text: str) -> tuple[int, int]:
 ATTENTION_CHOICES = ("tensorrt", "torch")
 
 
+SPECIALIZATION_CHOICES = ("lazy", "eager", "none")
+
+
+def kernel_specialization(config: EngineConfig) -> str | None:
+    """The ``kernel_specialization`` option (TensorRT-RTX's
+    ``DynamicShapesKernelSpecializationStrategy``), lower case; None where it is not set."""
+    given = config.option("kernel_specialization")
+    if given is None:
+        return None
+    value = str(given).strip().lower()
+    if value not in SPECIALIZATION_CHOICES:
+        raise UserInputError(f"--engine-option kernel_specialization: expected lazy, eager or "
+                             f"none; got {given!r}")
+    return value
+
+
 def attention_option(config: EngineConfig) -> str:
     """Where attention over the cache runs: ``tensorrt`` (inside the engine) or ``torch`` (custom
     ops PyTorch runs between engines; see :mod:`autotune.engines._trt_model`)."""

@@ -42,6 +42,7 @@ from autotune.engines._trt_build import (
     device_identity,
     export_model,
     import_torch_tensorrt,
+    kernel_specialization,
     parse_version,
     versions,
     warnings_to_debug,
@@ -113,6 +114,12 @@ class TensorRTEngine:
                      "engine, which then holds about one more cache of the largest batch) or "
                      "torch (PyTorch between engines, one engine per layer; "
                      "docs/tensorrt.md)",
+        "kernel_specialization": "TensorRT-RTX's kernels for a new shape, where autotune makes "
+                                 "the contexts (attention=torch up to Torch-TensorRT 2.12): "
+                                 "lazy (TensorRT-RTX's default: a fallback kernel until the "
+                                 "specialized one is compiled in the background), eager "
+                                 "(compiled at the shape's first call) or none (the fallback "
+                                 "kernel always)",
         "torch_executed_ops": "operators left to PyTorch, comma-separated (for example "
                               "torch.ops.aten.matmul.default)",
         "trt_cache": "reuse compiled modules from the on-disk cache (default true)",
@@ -142,9 +149,10 @@ class TensorRTEngine:
         self.automatic_budget_at_load = int(self._ws.device_budget)
         # attention=torch up to 2.12: every context on one buffer, which the modules hold and
         # each budget change makes again (set_module_budget).
+        self._specialization = kernel_specialization(config)
         if _python_modules(self._ws):
             for _, mod in self._ws.rt_mods:
-                _remake_user_managed(mod)
+                _remake_user_managed(mod, self._specialization)
             _share_memory(self._ws, config.device)
         self.budget_changes = 0
         self.budget_change_s = 0.0  # the setter's own time, summed (eager rebuilds show here)
@@ -170,6 +178,7 @@ class TensorRTEngine:
         """Every option's value, before anything loads or compiles."""
         BuildShapes.from_config(config, kv_cache=flag(config, "kv_cache", True))
         attention_option(config)
+        kernel_specialization(config)
         flag(config, "trt_cache", True)
 
     @classmethod
@@ -182,6 +191,14 @@ class TensorRTEngine:
         attention = attention_option(config)
         found = versions(trt)
         python_runtime = shares_context_memory(trt, version, attention)
+        specialization = kernel_specialization(config)
+        if specialization is not None and not (python_runtime
+                                               and found["tensorrt_backend"] == "tensorrt_rtx"):
+            raise UserInputError(
+                "--engine-option kernel_specialization: applies where autotune makes the "
+                "engines' contexts, with attention=torch on TensorRT-RTX up to Torch-TensorRT "
+                f"2.12; here attention={attention}, Torch-TensorRT {trt.__version__} on "
+                f"{found['tensorrt_backend']}")
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
             "shapes": shapes.as_dict(), "torch_executed_ops": torch_ops, "versions": found,
@@ -290,7 +307,8 @@ class TensorRTEngine:
         if requested == self.device_budget:
             return  # setting the same sum would only rebuild contexts for nothing
         start = time.perf_counter()
-        set_module_budget(self._trt, self._ws, requested, self.config.device)
+        set_module_budget(self._trt, self._ws, requested, self.config.device,
+                          self._specialization)
         applied = self.device_budget  # the sum the engines really applied (§5: read it back)
         self.synchronize()
         self.budget_change_s += time.perf_counter() - start
@@ -582,6 +600,8 @@ class TensorRTEngine:
             "context_rebuilds": self.budget_changes * len(self._engines),
             # attention=torch up to 2.12: one buffer for every engine's context (bytes).
             "shared_context_memory": _shared_memory_bytes(self._ws),
+            # TensorRT-RTX's kernels for new shapes, where set (else its default, lazy).
+            "kernel_specialization": self._specialization,
             "budget_change_cost": self.budget_change_cost,
             "kv_cache": self.kv_cache,
             "memory_calibration": (dataclasses.asdict(self.calibration)
@@ -624,20 +644,32 @@ def _python_modules(ws: Any) -> bool:
                               for m in mods)
 
 
-def _remake_user_managed(mod: Any) -> None:
+def _remake_user_managed(mod: Any, specialization: str | None = None) -> None:
     """The module's context made again user-managed: it holds no memory of its own, and runs
-    on what ``set_device_memory`` gives it. The static one goes first."""
+    on what ``set_device_memory`` gives it. The static one goes first. ``specialization``
+    (TensorRT-RTX): how its kernels for a new shape are compiled (:func:`kernel_specialization`;
+    None: as the runtime config has it)."""
     strategies = _allocation_strategies(mod.engine)
     mod.context = None
     config = getattr(mod, "runtime_config", None)  # 2.12 on TensorRT-RTX: its runtime cache
-    if config is None:
+    if config is None and specialization is None:
         mod.context = mod.engine.create_execution_context(strategies.USER_MANAGED)
         return _context_changed(mod)
+    own = config is None  # 2.11 on TensorRT-RTX: a config of our own, for this context only
+    if own:
+        config = mod.engine.create_runtime_config()
     config.set_execution_context_allocation_strategy(strategies.USER_MANAGED)
+    if specialization is not None:
+        before = config.dynamic_shapes_kernel_specialization_strategy
+        config.dynamic_shapes_kernel_specialization_strategy = getattr(
+            _specialization_strategies(mod.engine), specialization.upper())
     try:
         mod.context = mod.engine.create_execution_context(config)
     finally:  # the module's own re-creations stay as they were
-        config.set_execution_context_allocation_strategy(strategies.STATIC)
+        if not own:
+            config.set_execution_context_allocation_strategy(strategies.STATIC)
+            if specialization is not None:
+                config.dynamic_shapes_kernel_specialization_strategy = before
     _context_changed(mod)
 
 
@@ -650,9 +682,18 @@ def _context_changed(mod: Any) -> None:
 def _allocation_strategies(engine: Any) -> Any:
     """TensorRT's ``ExecutionContextAllocationStrategy``: from the ``tensorrt`` module that
     Torch-TensorRT aliases (TensorRT-RTX's too), else from the engine's own bindings."""
-    found = getattr(sys.modules.get("tensorrt"), "ExecutionContextAllocationStrategy", None)
+    return _bindings_enum(engine, "ExecutionContextAllocationStrategy")
+
+
+def _specialization_strategies(engine: Any) -> Any:
+    """TensorRT-RTX's ``DynamicShapesKernelSpecializationStrategy`` (LAZY, EAGER, NONE)."""
+    return _bindings_enum(engine, "DynamicShapesKernelSpecializationStrategy")
+
+
+def _bindings_enum(engine: Any, name: str) -> Any:
+    found = getattr(sys.modules.get("tensorrt"), name, None)
     if found is None:
-        found = importlib.import_module(type(engine).__module__).ExecutionContextAllocationStrategy
+        found = getattr(importlib.import_module(type(engine).__module__), name)
     return found
 
 
@@ -703,7 +744,8 @@ def _share_memory(ws: Any, device: str | None) -> Any:
     return memory
 
 
-def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None) -> Any:
+def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None,
+                      specialization: str | None = None) -> Any:
     """Sets ``budget`` on a compiled module through its ``weight_streaming`` object ``ws``.
     Returns the buffer that every context now shares where the engines are the Python
     runtime's (the modules keep it; the previous one is let go once every context is made
@@ -739,7 +781,7 @@ def set_module_budget(trt: Any, ws: Any, budget: int, device: str | None = None)
             for share, (_, mod) in zip(shares, ws.rt_mods, strict=True):
                 mod._reset_captured_graph()
                 applied += mod.set_device_memory_budget(share)
-                _remake_user_managed(mod)
+                _remake_user_managed(mod, specialization)
             object.__setattr__(ws, "device_budget", applied)  # weight_streaming's cached sum
         finally:
             _drop_shared_memory(ws)  # its block is the new buffer's, from PyTorch's cache

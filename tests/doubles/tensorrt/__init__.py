@@ -3,8 +3,9 @@ autotune records) and ``_package_name``. The real ``torch_tensorrt`` replaces
 ``sys.modules["tensorrt"]`` with a proxy whose ``_package_name`` is ``"tensorrt"`` or, for the
 RTX wheel, ``"tensorrt_rtx"`` (2.11 ``_TensorRTProxyModule.py::alias_tensorrt``). Both are set
 by ``doubles.install_torch_tensorrt``; the builder and runtime live in ``torch_tensorrt``'s
-double. ``ExecutionContextAllocationStrategy`` is the one enum the engine reads from here (the
-Python runtime's contexts made ``USER_MANAGED``).
+double. The engine reads two enums from here: ``ExecutionContextAllocationStrategy`` (the
+Python runtime's contexts made ``USER_MANAGED``) and, on TensorRT-RTX only,
+``DynamicShapesKernelSpecializationStrategy`` (its ``IRuntimeConfig``; the 1.4 bindings).
 """
 
 from __future__ import annotations
@@ -21,3 +22,11 @@ class ExecutionContextAllocationStrategy(IntEnum):
     STATIC = 0
     ON_PROFILE_CHANGE = 1
     USER_MANAGED = 2
+
+
+class DynamicShapesKernelSpecializationStrategy(IntEnum):
+    """TensorRT-RTX's enum (NvInferRuntime.h), as its Python bindings name the members."""
+
+    LAZY = 0
+    EAGER = 1
+    NONE = 2

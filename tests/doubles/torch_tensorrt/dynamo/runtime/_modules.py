@@ -122,7 +122,15 @@ class _Engine:
         return ACTIVATION_BYTES + self.weight_streaming_scratch_memory_size
 
     def create_execution_context(self, strategy: Any = 0) -> _PythonContext:
+        """From an allocation strategy, or from an ``IRuntimeConfig`` (its strategy and, on
+        TensorRT-RTX, its kernel specialization)."""
+        if isinstance(strategy, _RuntimeConfig):
+            return _PythonContext(self, strategy.allocation,
+                                  strategy.dynamic_shapes_kernel_specialization_strategy)
         return _PythonContext(self, strategy)
+
+    def create_runtime_config(self) -> _RuntimeConfig:
+        return _RuntimeConfig()
 
     def is_shape_inference_io(self, name: str) -> bool:
         """A size that an earlier block computed, which Torch-TensorRT hands over as a shape
@@ -214,12 +222,29 @@ ACTIVATION_BYTES = 4096
 SCRATCH_SHARE = 0.7  # a llama2-7b layer engine at budget 0: 281 MB of 405 MB
 
 
+class _RuntimeConfig:
+    """An ``IRuntimeConfig`` as TensorRT-RTX 1.4's bindings show it: the context's allocation
+    strategy (a setter) and its kernel specialization (a property), their defaults static and
+    lazy."""
+
+    def __init__(self) -> None:
+        self.allocation = tensorrt.ExecutionContextAllocationStrategy.STATIC
+        self.dynamic_shapes_kernel_specialization_strategy = (
+            tensorrt.DynamicShapesKernelSpecializationStrategy.LAZY)
+
+    def set_execution_context_allocation_strategy(self, strategy: Any) -> None:
+        self.allocation = tensorrt.ExecutionContextAllocationStrategy(strategy)
+
+
 class _PythonContext:
     """An ``IExecutionContext`` as the Python bindings show it: its strategy, and the memory
     ``set_device_memory(ptr, size)`` (``setDeviceMemoryV2``) gave it (user-managed only)."""
 
-    def __init__(self, engine: _Engine, strategy: Any) -> None:
+    def __init__(self, engine: _Engine, strategy: Any, specialization: Any = None) -> None:
         self.engine, self.strategy = engine, tensorrt.ExecutionContextAllocationStrategy(strategy)
+        self.specialization = (tensorrt.DynamicShapesKernelSpecializationStrategy.LAZY
+                               if specialization is None else
+                               tensorrt.DynamicShapesKernelSpecializationStrategy(specialization))
         self.memory: tuple[int, int] | None = None  # (address, bytes)
         self.addresses: dict[str, int] = {}  # set_tensor_address, by tensor name
         # The double's own bookkeeping: the host copy that the module's setup_input_tensors
