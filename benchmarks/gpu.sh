@@ -14,6 +14,9 @@
 #                                                         buffer; trials only, ~9 min)
 #   bash benchmarks/gpu.sh study7b-torch-confirm carry [".whl"] (right after: resumes it from
 #                                                         the compiled-module cache, confirms)
+#   bash benchmarks/gpu.sh probe18k     carry [".whl"]   (trt_memory.py, attention=torch, 8 layers
+#                                                         at batch 35, kernel_specialization lazy,
+#                                                         none, eager; ~5 min)
 #   bash benchmarks/gpu.sh test18       carry [".whl"]   (the real package's GPU tests: tiny-llama,
 #                                                         both attentions; ~3 min)
 #   bash benchmarks/gpu.sh probe18      carry [".whl"]   (trt_memory.py, attention=torch engines at
@@ -147,6 +150,13 @@ case $stage in
   probe18)  # issue 18 after the fix: per-call engines, budgets set as the engine sets them
     step probe-torch-fixed 300 python3 benchmarks/trt_memory.py --model llama2-7b --variants torch \
       --layers 2,4,8 --json "$OUT/probe-torch-fixed.json"
+    ;;
+  probe18k)  # TensorRT-RTX's kernel specialization: memory and speed, 8 layers at batch 35
+    for k in lazy none eager; do
+      step "probe-torch-$k" 150 python3 benchmarks/trt_memory.py --model llama2-7b \
+        --variants torch --layers 8 --max-batch 35 --kernel-specialization $k \
+        --json "$OUT/probe-torch-$k.json"
+    done
     ;;
   test18)  # the real package's GPU tests (attention=torch: the shared context buffer), tiny-llama
     step pytest-trt-gpu 240 python3 -m pytest -q -m gpu tests/test_tensorrt_gpu.py tests/test_engine_contract.py

@@ -111,7 +111,7 @@ def _used() -> int:
 
 
 def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: int,
-          chunk: int | None) -> dict[str, Any]:
+          chunk: int | None, specialization: str | None = None) -> dict[str, Any]:
     import torch_tensorrt
 
     spec = dataclasses.replace(get_spec(model), num_hidden_layers=layers)
@@ -174,7 +174,8 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         ws = torch_tensorrt.runtime.weight_streaming(module)
         result["total_streamable"] = int(ws.total_device_budget)
         # As the engine sets it; where the contexts share one buffer, it is kept alive here.
-        context_memory = set_module_budget(torch_tensorrt, ws, 0, "cuda:0")
+        context_memory = set_module_budget(torch_tensorrt, ws, 0, "cuda:0", specialization)
+        result["kernel_specialization"] = specialization
         result["shared_context_memory"] = (None if context_memory is None
                                            else context_memory.numel())
         result["per_call_context_memory"] = [
@@ -228,6 +229,9 @@ def main() -> None:
     parser.add_argument("--isl", type=int, default=128)
     parser.add_argument("--osl", type=int, default=256)
     parser.add_argument("--chunk", type=int, default=0, help="prefill_chunk (0: the default)")
+    parser.add_argument("--kernel-specialization", default=None,
+                        choices=("lazy", "eager", "none"),
+                        help="TensorRT-RTX's, for the torch variant's contexts (default: its own)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = []
@@ -238,7 +242,7 @@ def main() -> None:
                 print(f"== {label}", flush=True)
                 try:
                     row = probe(args.model, layers, max_batch, variant, args.isl, args.osl,
-                                args.chunk or None)
+                                args.chunk or None, args.kernel_specialization)
                 except Exception as e:
                     traceback.print_exc()
                     row = {"variant": variant, "layers": layers, "max_batch": max_batch,
