@@ -30,6 +30,7 @@ import logging
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -658,6 +659,7 @@ def _remake_user_managed(mod: Any, specialization: str | None = None) -> None:
     own = config is None  # 2.11 on TensorRT-RTX: a config of our own, for this context only
     if own:
         config = mod.engine.create_runtime_config()
+        _OWN_CONFIGS[mod] = config  # lives as long as the module (its context may read it)
     config.set_execution_context_allocation_strategy(strategies.USER_MANAGED)
     if specialization is not None:
         before = config.dynamic_shapes_kernel_specialization_strategy
@@ -671,6 +673,11 @@ def _remake_user_managed(mod: Any, specialization: str | None = None) -> None:
             if specialization is not None:
                 config.dynamic_shapes_kernel_specialization_strategy = before
     _context_changed(mod)
+
+
+# The runtime configs made for 2.11's modules, by module: not in the module's state (a binding
+# object does not pickle), gone with the module.
+_OWN_CONFIGS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _context_changed(mod: Any) -> None:
