@@ -175,7 +175,9 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         result["total_streamable"] = int(ws.total_device_budget)
         # As the engine sets it; where the contexts share one buffer, it is kept alive here.
         context_memory = set_module_budget(torch_tensorrt, ws, 0, "cuda:0", specialization)
-        result["kernel_specialization"] = specialization
+        result["kernel_specialization"] = (specialization if variant == "torch"
+                                           and shares_context_memory(torch_tensorrt, version,
+                                                                     "torch") else None)
         result["shared_context_memory"] = (None if context_memory is None
                                            else context_memory.numel())
         result["per_call_context_memory"] = [

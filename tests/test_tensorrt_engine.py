@@ -27,7 +27,9 @@ from doubles import DOUBLES_DIR, TRT_MODEL, install_torch_tensorrt, uninstall_to
 from reference import greedy
 
 from autotune.engines import EngineConfig, load_engine
+from autotune.engines import tensorrt as tensorrt_engine
 from autotune.engines.memory import prefill_activation_bytes
+from autotune.engines.tensorrt import TensorRTEngine
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import build_hf_model, get_spec, weight_source
 
@@ -514,11 +516,12 @@ def test_kernel_specialization_reaches_every_context_on_tensorrt_rtx(
         plain = load_engine(_config(tmp_path, ("attention", "torch"), max_prompt_len=16))
 
         def specializations(e: Any) -> set[Any]:
-            return {m.context.specialization for n, m in e._module.named_children()
-                    if "_run_on_acc" in n}
+            mods = [m for n, m in e._module.named_children() if "_run_on_acc" in n]
+            assert mods and not any(m.context.static for m in mods)  # user-managed, still
+            return {m.context.specialization for m in mods}
 
         assert specializations(engine) == {strategy.NONE}
-        assert specializations(plain) == {strategy.LAZY}
+        assert specializations(plain) == {None}  # TensorRT-RTX's own default
         assert engine.describe()["kernel_specialization"] == "none"
         prompt = torch.randint(1, 500, (2, 6))
         tokens = []
@@ -536,15 +539,22 @@ def test_kernel_specialization_reaches_every_context_on_tensorrt_rtx(
         with pytest.raises(UserInputError, match="kernel_specialization: applies where"):
             load_engine(_config(tmp_path, ("kernel_specialization", "eager")))
         with pytest.raises(UserInputError, match="expected lazy, eager or none; got 'soon'"):
-            load_engine(_config(tmp_path, ("attention", "torch"),
-                                ("kernel_specialization", "soon")))
+            TensorRTEngine.check_config(_config(tmp_path, ("attention", "torch"),
+                                                ("kernel_specialization", "soon")))
+        mods = [m for _, m in engine._ws.rt_mods]
+        kept = [m in tensorrt_engine._OWN_CONFIGS for m in mods]
+        assert all(kept) if version == "2.11.0" else not any(kept)  # 2.12: the module's own
+        engine.close()  # each context goes before the runtime config it was made from
+        assert not any(m in tensorrt_engine._OWN_CONFIGS for m in mods)
     finally:
         uninstall_torch_tensorrt()
 
 
+@pytest.mark.parametrize("trt", ["2.11.0", "2.13.0"], indirect=True)
 def test_kernel_specialization_is_refused_on_data_center_tensorrt(trt: Any,
                                                                    tmp_path: Path) -> None:
-    with pytest.raises(UserInputError, match="on tensorrt$"):
+    """Data-center TensorRT has no kernel specialization; from 2.13 autotune makes no context."""
+    with pytest.raises(UserInputError, match=r"on tensorrt \d"):
         load_engine(_config(tmp_path, ("attention", "torch"), ("kernel_specialization", "none")))
 
 

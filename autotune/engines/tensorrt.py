@@ -193,13 +193,14 @@ class TensorRTEngine:
         found = versions(trt)
         python_runtime = shares_context_memory(trt, version, attention)
         specialization = kernel_specialization(config)
-        if specialization is not None and not (python_runtime
-                                               and found["tensorrt_backend"] == "tensorrt_rtx"):
+        if specialization is not None and not (
+                python_runtime and found["tensorrt_backend"] == "tensorrt_rtx"
+                and hasattr(sys.modules.get("tensorrt"), "DynamicShapesKernelSpecializationStrategy")):
             raise UserInputError(
                 "--engine-option kernel_specialization: applies where autotune makes the "
-                "engines' contexts, with attention=torch on TensorRT-RTX up to Torch-TensorRT "
-                f"2.12; here attention={attention}, Torch-TensorRT {trt.__version__} on "
-                f"{found['tensorrt_backend']}")
+                "engines' contexts, with attention=torch on TensorRT-RTX (bindings with "
+                "DynamicShapesKernelSpecializationStrategy) up to Torch-TensorRT 2.12; here attention={attention}, Torch-TensorRT "
+                f"{trt.__version__} on {found['tensorrt_backend']} {found['tensorrt']}")
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
             "shapes": shapes.as_dict(), "torch_executed_ops": torch_ops, "versions": found,
@@ -621,6 +622,9 @@ class TensorRTEngine:
     def close(self) -> None:
         self._module = None
         _drop_shared_memory(self._ws)  # the modules outlive the engine in self._ws
+        for _, mod in self._ws.rt_mods:  # contexts made from a config of ours, then the config
+            if _OWN_CONFIGS.pop(mod, None) is not None:
+                mod.context = None
         self._cache, self._cache_args = None, []
         if self.config.device.startswith("cuda"):
             import torch
@@ -656,27 +660,29 @@ def _remake_user_managed(mod: Any, specialization: str | None = None) -> None:
     if config is None and specialization is None:
         mod.context = mod.engine.create_execution_context(strategies.USER_MANAGED)
         return _context_changed(mod)
+    wanted = (None if specialization is None else
+              getattr(_specialization_strategies(mod.engine), specialization.upper()))
     own = config is None  # 2.11 on TensorRT-RTX: a config of our own, for this context only
     if own:
         config = mod.engine.create_runtime_config()
-        _OWN_CONFIGS[mod] = config  # lives as long as the module (its context may read it)
-    config.set_execution_context_allocation_strategy(strategies.USER_MANAGED)
-    if specialization is not None:
-        before = config.dynamic_shapes_kernel_specialization_strategy
-        config.dynamic_shapes_kernel_specialization_strategy = getattr(
-            _specialization_strategies(mod.engine), specialization.upper())
+        _OWN_CONFIGS[mod] = config  # replaces the one of the context just dropped
+    before = config.dynamic_shapes_kernel_specialization_strategy if wanted is not None else None
     try:
+        config.set_execution_context_allocation_strategy(strategies.USER_MANAGED)
+        if wanted is not None:
+            config.dynamic_shapes_kernel_specialization_strategy = wanted
         mod.context = mod.engine.create_execution_context(config)
     finally:  # the module's own re-creations stay as they were
         if not own:
             config.set_execution_context_allocation_strategy(strategies.STATIC)
-            if specialization is not None:
+            if wanted is not None:
                 config.dynamic_shapes_kernel_specialization_strategy = before
     _context_changed(mod)
 
 
 # The runtime configs made for 2.11's modules, by module: not in the module's state (a binding
-# object does not pickle), gone with the module.
+# object does not pickle), gone with the module. The engine's close() lets each context go
+# before its config; a module collected without it may lose the config first.
 _OWN_CONFIGS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 

@@ -96,6 +96,8 @@ def install_torch_tensorrt(monkeypatch: Any, version: str = "2.13.0",
     monkeypatch.setattr(torch_tensorrt, "__version__", version)
     monkeypatch.setattr(tensorrt, "__version__", TENSORRT_FOR[".".join(version.split(".")[:2])])
     monkeypatch.setattr(tensorrt, "_package_name", package)
+    if package == "tensorrt":  # TensorRT-RTX's alone
+        monkeypatch.delattr(tensorrt, "DynamicShapesKernelSpecializationStrategy")
     if keep_exports:
         from autotune.engines import tensorrt as engine
 

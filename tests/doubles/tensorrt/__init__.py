@@ -5,7 +5,8 @@ RTX wheel, ``"tensorrt_rtx"`` (2.11 ``_TensorRTProxyModule.py::alias_tensorrt``)
 by ``doubles.install_torch_tensorrt``; the builder and runtime live in ``torch_tensorrt``'s
 double. The engine reads two enums from here: ``ExecutionContextAllocationStrategy`` (the
 Python runtime's contexts made ``USER_MANAGED``) and, on TensorRT-RTX only,
-``DynamicShapesKernelSpecializationStrategy`` (its ``IRuntimeConfig``; the 1.4 bindings).
+``DynamicShapesKernelSpecializationStrategy`` (its ``IRuntimeConfig``; the 1.4 bindings;
+``doubles.install_torch_tensorrt`` removes it for data-center TensorRT, which has none).
 """
 
 from __future__ import annotations

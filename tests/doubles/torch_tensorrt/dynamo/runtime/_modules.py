@@ -125,8 +125,7 @@ class _Engine:
         """From an allocation strategy, or from an ``IRuntimeConfig`` (its strategy and, on
         TensorRT-RTX, its kernel specialization)."""
         if isinstance(strategy, _RuntimeConfig):
-            return _PythonContext(self, strategy.allocation,
-                                  strategy.dynamic_shapes_kernel_specialization_strategy)
+            return _PythonContext(self, strategy.allocation, strategy._specialization)
         return _PythonContext(self, strategy)
 
     def create_runtime_config(self) -> _RuntimeConfig:
@@ -224,16 +223,27 @@ SCRATCH_SHARE = 0.7  # a llama2-7b layer engine at budget 0: 281 MB of 405 MB
 
 class _RuntimeConfig:
     """An ``IRuntimeConfig`` as TensorRT-RTX 1.4's bindings show it: the context's allocation
-    strategy (a setter) and its kernel specialization (a property), their defaults static and
-    lazy."""
+    strategy (a setter) and, on TensorRT-RTX only, its kernel specialization (a property that
+    takes the enum), their defaults static and lazy."""
 
     def __init__(self) -> None:
         self.allocation = tensorrt.ExecutionContextAllocationStrategy.STATIC
-        self.dynamic_shapes_kernel_specialization_strategy = (
-            tensorrt.DynamicShapesKernelSpecializationStrategy.LAZY)
+        self._specialization: Any = None
 
     def set_execution_context_allocation_strategy(self, strategy: Any) -> None:
         self.allocation = tensorrt.ExecutionContextAllocationStrategy(strategy)
+
+    @property
+    def dynamic_shapes_kernel_specialization_strategy(self) -> Any:
+        kind = tensorrt.DynamicShapesKernelSpecializationStrategy  # AttributeError off RTX
+        return kind.LAZY if self._specialization is None else self._specialization
+
+    @dynamic_shapes_kernel_specialization_strategy.setter
+    def dynamic_shapes_kernel_specialization_strategy(self, value: Any) -> None:
+        kind = tensorrt.DynamicShapesKernelSpecializationStrategy
+        if not isinstance(value, kind):  # pybind11's enums take their own members only
+            raise TypeError(f"incompatible function arguments: {value!r}")
+        self._specialization = value
 
 
 class _PythonContext:
@@ -242,9 +252,7 @@ class _PythonContext:
 
     def __init__(self, engine: _Engine, strategy: Any, specialization: Any = None) -> None:
         self.engine, self.strategy = engine, tensorrt.ExecutionContextAllocationStrategy(strategy)
-        self.specialization = (tensorrt.DynamicShapesKernelSpecializationStrategy.LAZY
-                               if specialization is None else
-                               tensorrt.DynamicShapesKernelSpecializationStrategy(specialization))
+        self.specialization = specialization  # None: the default (lazy on TensorRT-RTX)
         self.memory: tuple[int, int] | None = None  # (address, bytes)
         self.addresses: dict[str, int] = {}  # set_tensor_address, by tensor name
         # The double's own bookkeeping: the host copy that the module's setup_input_tensors
