@@ -9,6 +9,7 @@ plan (calibrated with NVML at load) predicts what NVML then sees. Skipped unless
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from autotune.engines import EngineConfig, load_engine
+from autotune.engines._trt_build import import_torch_tensorrt
 from autotune.measure.timing import measure, random_prompt
 from autotune.models import build_hf_model, get_spec, weight_source
 
@@ -53,11 +55,19 @@ def test_second_load_compiles_nothing_and_generates_the_same(cache_dir: Path) ->
     second.close()
 
 
-@pytest.mark.parametrize("attention", ["tensorrt", "torch"])
-def test_tokens_follow_transformers_and_do_not_depend_on_the_budget(cache_dir: Path,
-                                                                    attention: str) -> None:
-    # The 9-token prompt goes through in three calls of 4, 4 and 1 tokens.
-    engine = load_engine(_config(cache_dir, ("prefill_chunk", "4"), ("attention", attention)))
+@pytest.mark.parametrize(("attention", "specialization"),
+                         [("tensorrt", None), ("torch", None), ("torch", "none")])
+def test_tokens_follow_transformers_and_do_not_depend_on_the_budget(
+        cache_dir: Path, attention: str, specialization: str | None) -> None:
+    # The 9-token prompt goes through in three calls of 4, 4 and 1 tokens. With
+    # kernel_specialization (TensorRT-RTX only), the contexts autotune makes get it.
+    options: tuple[tuple[str, Any], ...] = (("prefill_chunk", "4"), ("attention", attention))
+    if specialization is not None:
+        import_torch_tensorrt()  # which aliases "tensorrt" to the backend it runs on
+        if getattr(sys.modules.get("tensorrt"), "_package_name", "") != "tensorrt_rtx":
+            pytest.skip("kernel_specialization is TensorRT-RTX's")
+        options += (("kernel_specialization", specialization),)
+    engine = load_engine(_config(cache_dir, *options))
     spec = get_spec("tiny-llama")
     prompt = random_prompt(3, 9, spec.vocab_size, 1, "cuda")
     ref = build_hf_model(spec, "float32", "cuda", weight_source(spec, 0))
