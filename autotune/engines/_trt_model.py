@@ -19,16 +19,18 @@ memory, sized for the largest batch: about 1.8x the cache itself, 4.2 GiB of lla
 budget-0 footprint on the H200 at batch 1. Slots at or beyond ``positions[0]`` are masked, so a
 decode step (T = 1) does the same work at every position, as the native engine's does. The
 caller writes the new keys and values into the cache at ``positions`` (two copies; one a layer
-per tensor with ``attention="torch"``) before the next call; TensorRT cannot update an input in place. Prefill is the same call with T = a chunk
-of the prompt (the slots before it filled by earlier chunks). Without a cache
+per tensor with ``attention="torch"``) before the next call; TensorRT cannot update an input
+in place. Prefill is the same call with T = a chunk of the prompt (the slots before it filled
+by earlier chunks). Without a cache
 (``cache_len=None``, the seed's and Torch-TensorRT's example mode) the signature is
 ``forward(tokens, positions) -> logits [B, V]`` and every step recomputes the whole sequence.
 
 With ``attention="torch"`` a layer's heads, RoPE and attention over the cache are three custom
 ops (``autotune::key_heads``, ``value_heads``, ``cache_attention``) that no Torch-TensorRT
 converter claims: they run in PyTorch, the graph becomes one engine per stretch between
-attentions, and no engine takes the cache (or a size) as an input. Inside TensorRT, attention over a cache input costs about one more cache of the build's
-largest batch in the engines' context memory (measured on the H200 with
+attentions, and no engine takes the cache (or a size) as an input. Inside TensorRT, attention
+over a cache input costs about one more cache of the build's largest batch in the engines'
+context memory (measured on the H200 with
 ``benchmarks/trt_memory.py``: +0.115 GB per llama2-7b layer at max batch 17, whose cache is
 0.107 GB a layer; keys stored untransposed, +0.169), which is what caps the tensorrt engine's
 batch at about half the native engine's.

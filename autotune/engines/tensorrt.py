@@ -166,7 +166,6 @@ class TensorRTEngine:
         self._cache: Any = None
         self._cache_args: list[Any] = []
         self._positions: Any = None  # [S] int64 on the device: sliced, never re-created
-        self._last_generation_parts: dict[str, int] = {}  # _held_after_generation's figures
 
     @classmethod
     def host_bytes(cls, config: EngineConfig) -> int:
@@ -193,14 +192,15 @@ class TensorRTEngine:
         found = versions(trt)
         python_runtime = shares_context_memory(trt, version, attention)
         specialization = kernel_specialization(config)
+        rtx_enum = hasattr(sys.modules.get("tensorrt"), "DynamicShapesKernelSpecializationStrategy")
         if specialization is not None and not (
-                python_runtime and found["tensorrt_backend"] == "tensorrt_rtx"
-                and hasattr(sys.modules.get("tensorrt"), "DynamicShapesKernelSpecializationStrategy")):
+                python_runtime and found["tensorrt_backend"] == "tensorrt_rtx" and rtx_enum):
             raise UserInputError(
                 "--engine-option kernel_specialization: applies where autotune makes the "
                 "engines' contexts, with attention=torch on TensorRT-RTX (bindings with "
-                "DynamicShapesKernelSpecializationStrategy) up to Torch-TensorRT 2.12; here attention={attention}, Torch-TensorRT "
-                f"{trt.__version__} on {found['tensorrt_backend']} {found['tensorrt']}")
+                "DynamicShapesKernelSpecializationStrategy) up to Torch-TensorRT 2.12; here "
+                f"attention={attention}, Torch-TensorRT {trt.__version__} on "
+                f"{found['tensorrt_backend']} {found['tensorrt']}")
         key = cache_key({
             "model": dataclasses.asdict(spec), "seed": config.seed, "dtype": config.dtype,
             "shapes": shapes.as_dict(), "torch_executed_ops": torch_ops, "versions": found,
@@ -451,33 +451,33 @@ class TensorRTEngine:
         outside (§5). The budgets run from 0 up to the largest that fits beside batch 1
         (every budget, the total included, where the model fits)."""
         before = self.device_budget
-        zero = self._held_after_generation(0)
-        parts = dict(self._last_generation_parts)
+        zero, parts = self._held_after_generation(0)
         room = max(0, self._usable_bytes() - zero - self._cache_bytes(1))
         top = min(self._total, room)
         points = [(0, zero)]
         for fraction in self.CALIBRATION_FRACTIONS[1:]:
             budget = self.applied_budget(int(fraction * top))
             if budget > points[-1][0]:
-                points.append((budget, self._held_after_generation(budget)))
+                points.append((budget, self._held_after_generation(budget)[0]))
         self.calibration = MemoryCalibration(points=tuple(points), total=self._total,
                                              parts=parts)
         self.device_budget = before
         log.debug("memory calibration (budget, NVML bytes): %s", points)
         return self.calibration
 
-    def _held_after_generation(self, budget: int) -> int:
+    def _held_after_generation(self, budget: int) -> tuple[int, dict[str, int]]:
         """NVML's figure for this process at ``budget`` after one generation of the largest
         call (batch 1 where the largest batch does not fit), the PyTorch cache freed, plus
         what PyTorch's allocator held during it beyond the tensors the plan counts: the
         context memory of engines that allocate it per call (``attention=torch``), which
-        NVML no longer sees once the call is over."""
+        NVML no longer sees once the call is over. With it, its parts
+        (``MemoryCalibration.parts``)."""
         import torch
 
         self.device_budget = budget
         longest = max(1, min(self._shapes.max_seq, self._shapes.cache_len - 2))
         transient = 0
-        self._last_generation_parts = {"batch": 0}  # 0: no batch fitted (both ran out)
+        parts = {"batch": 0}  # 0: no batch fitted (both ran out)
         for batch in dict.fromkeys((self._shapes.max_batch, 1)):
             try:
                 prompt = random_prompt(batch, longest, self.spec.vocab_size, 0,
@@ -490,8 +490,8 @@ class TensorRTEngine:
                 peak = torch.cuda.max_memory_allocated(self.config.device) - before
                 planned = self._planned_tensors(batch, longest)
                 transient = max(0, peak - planned)
-                self._last_generation_parts = {"batch": batch, "tokens": longest,
-                                               "torch_peak": peak, "torch_planned": planned}
+                parts = {"batch": batch, "tokens": longest, "torch_peak": peak,
+                         "torch_planned": planned}
                 del gen
                 break
             except torch.OutOfMemoryError:  # the largest batch does not fit here
@@ -500,8 +500,8 @@ class TensorRTEngine:
         self._cache, self._cache_args = None, []
         torch.cuda.empty_cache()
         used = self.device_used_bytes()
-        self._last_generation_parts.update(nvml_after_freed=used, torch_transient=transient)
-        return used + transient
+        parts.update(nvml_after_freed=used, torch_transient=transient)
+        return used + transient, parts
 
     def _output_bytes(self, batch: int) -> int:
         return batch * self.spec.vocab_size * dtype_bytes(self.config.dtype) * 2
