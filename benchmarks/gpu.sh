@@ -18,7 +18,7 @@
 #                                                         at batch 35, kernel_specialization lazy,
 #                                                         none, eager; ~5 min)
 #   bash benchmarks/gpu.sh test18       carry [".whl"]   (the real package's GPU tests: tiny-llama,
-#                                                         both attentions; ~3 min)
+#                                                         both attentions; ~5 min)
 #   bash benchmarks/gpu.sh probe18      carry [".whl"]   (trt_memory.py, attention=torch engines at
 #                                                         budget 0 after the fix; ~2.5 min)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
@@ -159,7 +159,7 @@ case $stage in
     done
     ;;
   test18)  # the real package's GPU tests (attention=torch: the shared context buffer), tiny-llama
-    step pytest-trt-gpu 240 python3 -m pytest -q -m gpu tests/test_tensorrt_gpu.py tests/test_engine_contract.py
+    step pytest-trt-gpu 400 python3 -m pytest -q -m gpu --durations=0 tests/test_tensorrt_gpu.py tests/test_engine_contract.py
     ;;
   study7b-torch|study7b-torch-confirm)
     # The seed's scenario with attention in PyTorch. Compile (~210 s), load and trials do not

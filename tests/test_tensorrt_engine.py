@@ -601,3 +601,25 @@ def test_a_cache_that_cannot_be_written_is_a_warning_not_a_failed_load(
         engine = load_engine(_config(blocked))
     assert engine.total_device_budget > 0
     assert any("could not write the TensorRT cache" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fresh_process_loads_attention_torch_from_the_cache(tmp_path: Path) -> None:
+    """The cached graph calls autotune's own ops (autotune::key_heads, ...): a worker that
+    has not compiled must register them before unpickling it, or every load compiles again
+    (seen on the H100, 2026-12-05: 220 s a load)."""
+    code = (
+        "import sys\n"
+        "from autotune.engines import EngineConfig, load_engine\n"
+        "config = EngineConfig(model='tiny-llama', engine='tensorrt', dtype='float32',\n"
+        "    device='cpu', max_batch=2, max_seq_len=32, max_prompt_len=16, seed=7,\n"
+        "    options=(('trt_cache_dir', sys.argv[1]), ('attention', 'torch')))\n"
+        "print('cache_hit', load_engine(config).describe()['cache_hit'])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DOUBLES_DIR), str(ROOT)])}
+    hits = []
+    for _ in range(2):  # the first compiles and writes the entry; the second only loads
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "unreadable" not in done.stderr, done.stderr
+        hits.append(done.stdout.split()[-1])
+    assert hits == ["False", "True"]

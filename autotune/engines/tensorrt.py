@@ -216,6 +216,9 @@ class TensorRTEngine:
         engine_class = (trt.dynamo.runtime.PythonTorchTensorRTModule if python_runtime
                         else trt.dynamo.runtime.TorchTensorRTModule)
         # Export and compile raise warnings a user cannot act on: the debug log has them.
+        # A cached attention=torch graph calls autotune's own ops: registered before it is
+        # unpickled, or a worker that has not compiled reads every entry as unreadable.
+        importlib.import_module("autotune.engines._trt_model")
         with warnings_to_debug(log):
             hit = cache.load(key, engine_class) if use_cache else None
             start = time.perf_counter()
