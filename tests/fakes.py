@@ -67,6 +67,14 @@ class ModelledClock:
         return self.now
 
 
+def _abort_slowly() -> None:
+    """As glibc's abort with a core to dump: the process lets go of its files (the pipe: the
+    tuner reads its end closed) a while before it is gone."""
+    os.closerange(3, 4096)
+    time.sleep(3)  # longer than a crashed trial's 2 s grace once was
+    os.abort()
+
+
 class AnalyticEngine:
     name: ClassVar[str] = "analytic"
     precisions: ClassVar[tuple[str, ...]] = ("none", "int8", "fp8")
@@ -92,6 +100,8 @@ class AnalyticEngine:
         self.spoil_factor = float(config.option("spoil_factor", 9))
         self._spoiled: set[tuple[int, int]] = set()  # configurations measured once, slowly
         self._spoiling = False  # until the next budget change (the next trial)
+        if config.option("fault_at_load") == "abort":
+            _abort_slowly()
         if config.option("fault_at_load"):
             raise RuntimeError("simulated load failure")
         self._modelled: ModelledClock | None = None
@@ -155,6 +165,8 @@ class AnalyticEngine:
             return
         if self.fault == "abort":
             os.abort()
+        if self.fault == "abort_slowly":
+            _abort_slowly()
         if self.fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if self.fault == "oom":

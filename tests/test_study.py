@@ -138,6 +138,7 @@ def test_memory_limit_records_infeasible_without_running(storage_url: str) -> No
         ("oom", "oom", "out of memory"),
         ("error", "error", "ValueError: simulated engine bug"),
         ("abort", "crash", "SIGABRT"),
+        ("abort_slowly", "crash", "SIGABRT"),  # hung up 3 s before it was gone
         ("kill", "crash", "SIGKILL"),
         ("hang", "timeout", "no result within"),
     ],
@@ -260,6 +261,21 @@ def test_a_slow_load_is_reported_while_it_lasts(storage_url: str) -> None:
     events: list[tuple[str, float, object]] = []
     run_study(_options(storage_url, trials=1), on_worker=lambda *e: events.append(e))
     assert [(device, info is not None) for device, _, info in events] == [("cpu", True)]
+
+
+def test_a_worker_dying_at_load_is_reported_once_not_in_a_loop() -> None:
+    """A worker that aborts while it loads (malloc's abort, H100 2026-12-05) closes its pipe a
+    while before it is gone: the wait ends there, with the signal, not thousands of "still
+    loading" lines in a second."""
+    from autotune.engines import EngineConfig
+    from autotune.measure.worker import Worker, WorkerError
+
+    config = EngineConfig(model="tiny-llama", engine=ANALYTIC, dtype="float32", device="cpu",
+                          options=(("fault_at_load", "abort"),))
+    waited: list[float] = []
+    with Worker(config) as worker, pytest.raises(WorkerError, match="SIGABRT"):
+        worker.start(on_wait=waited.append, every_s=0.3)
+    assert len(waited) <= 3 + max(waited, default=0) / 0.3, waited
 
 
 def test_a_limit_nothing_fits_in_is_an_error_before_any_trial(storage_url: str) -> None:

@@ -64,6 +64,8 @@ _MOST_PER_POLL_S = 5.0
 _QUERY_TIMEOUT_S = 300.0
 # A wait longer than this says what it waits for, and again as often (never silent).
 NOTICE_S = 5.0
+# How long a worker that closed its pipe may take to exit (an abort dumping a core).
+_DYING_S = 30.0
 # What each request is doing, for those notices.
 _DOING = {"trial": "measuring", "plan": "planning memory", "calibrate": "timing the matmuls",
           "accuracy": "comparing 8-bit outputs with 16-bit"}
@@ -334,6 +336,7 @@ class Worker:
         self._conn: Any = None
         self._seq = itertools.count(1)  # request numbers; 0 is the load's
         self._abandoned = False  # see abandon()
+        self._hung_up = False  # the worker's end of the pipe closed: it is dying
 
     @property
     def pid(self) -> int | None:
@@ -359,6 +362,7 @@ class Worker:
         _start(self._proc, ctx)
         child.close()
         self._conn = parent
+        self._hung_up = False
         if self._abandoned:  # stopped while it started
             self._kill()
             self.stop()
@@ -367,8 +371,8 @@ class Worker:
         deadline = began + self.load_timeout_s
         while True:
             reply = self._receive(min(every_s, max(deadline - time.monotonic(), 0.0)), seq=0)
-            if (reply is not None or not self._proc.is_alive() or self._abandoned
-                    or time.monotonic() >= deadline):
+            if (reply is not None or self._hung_up or not self._proc.is_alive()
+                    or self._abandoned or time.monotonic() >= deadline):
                 break
             if on_wait is not None:
                 on_wait(time.monotonic() - began)
@@ -376,7 +380,11 @@ class Worker:
             self.stop()
             raise self._stopped()
         if reply is None or reply[0] != "ready":
-            what = self._death_reason() if reply is None else reply[1][1]
+            if reply is None and self._hung_up:
+                self._proc.join(timeout=_DYING_S)
+                what = self._dying_reason().removeprefix("died: ")
+            else:
+                what = self._death_reason() if reply is None else reply[1][1]
             if reply is None:
                 what += _unguarded_main()
             self.stop()
@@ -404,14 +412,16 @@ class Worker:
             return TrialOutcome("error", f"the worker could not run the trial: {reply[1]}",
                                 elapsed_s=time.perf_counter() - start)
         elapsed = time.perf_counter() - start
-        self._proc.join(timeout=2)  # a process that closed its pipe is dying: let it be reaped
-        if self._proc.is_alive():  # no answer in time: a hang
+        # A process that closed its pipe is dying (a core to dump takes a while): let it be
+        # reaped; one that did not is hung.
+        self._proc.join(timeout=_DYING_S if self._hung_up else 2)
+        if self._proc.is_alive() and not self._hung_up:  # no answer in time: a hang
             self._kill()
             outcome = TrialOutcome(
                 "timeout", f"no result within {self.trial_timeout_s:.0f} s; worker killed",
             )
         else:
-            outcome = TrialOutcome("crash", f"worker process died: {self._death_reason()}")
+            outcome = TrialOutcome("crash", f"worker process {self._dying_reason()}")
         outcome.elapsed_s = elapsed
         self._proc = None
         return outcome
@@ -502,6 +512,7 @@ class Worker:
                 try:
                     message = self._conn.recv()
                 except (EOFError, OSError):
+                    self._hung_up = True
                     return None
             elif not self._proc.is_alive():
                 # It may have sent its last words before dying.
@@ -519,6 +530,13 @@ class Worker:
                 log.warning("dropped a late reply of the worker on %s (request %s, %s)",
                             self.config.device, message[0], message[1])
         return None
+
+    def _dying_reason(self) -> str:
+        """Why a process that hung up is gone; killed if it has not gone in ``_DYING_S``."""
+        if self._proc.is_alive():
+            self._kill()
+            return f"closed its pipe and did not exit within {_DYING_S:.0f} s; killed"
+        return f"died: {self._death_reason()}"
 
     def _death_reason(self) -> str:
         self._proc.join(timeout=5)
