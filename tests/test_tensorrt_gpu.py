@@ -88,6 +88,8 @@ def test_tokens_follow_transformers_and_do_not_depend_on_the_budget(
 def test_memory_plan_predicts_nvml_within_5_percent(cache_dir: Path, attention: str) -> None:
     engine = load_engine(_config(cache_dir, ("attention", attention)))
     assert engine.calibration is not None
+    parts = engine.describe()["memory_calibration"]["parts"]
+    assert parts["batch"] > 0 and 0 <= parts["torch_live_after_freed"] < parts["nvml_after_freed"]
     total = engine.total_device_budget
     for batch, budget in ((1, 0), (8, 0), (8, total), (4, total // 2)):
         engine.device_budget = budget

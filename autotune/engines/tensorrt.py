@@ -503,7 +503,9 @@ class TensorRTEngine:
         self._cache, self._cache_args = None, []
         torch.cuda.empty_cache()
         used = self.device_used_bytes()
-        parts.update(nvml_after_freed=used, torch_transient=transient)
+        # PyTorch's live tensors in NVML's figure; the rest is the CUDA context and TensorRT's.
+        parts.update(nvml_after_freed=used, torch_transient=transient,
+                     torch_live_after_freed=torch.cuda.memory_allocated(self.config.device))
         return used + transient, parts
 
     def _output_bytes(self, batch: int) -> int:
