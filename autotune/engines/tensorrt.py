@@ -503,9 +503,11 @@ class TensorRTEngine:
         self._cache, self._cache_args = None, []
         torch.cuda.empty_cache()
         used = self.device_used_bytes()
-        # PyTorch's live tensors in NVML's figure; the rest is the CUDA context and TensorRT's.
+        # PyTorch's part of NVML's figure: live tensors, and segments they keep from being
+        # freed; the rest is the CUDA context's and TensorRT's.
         parts.update(nvml_after_freed=used, torch_transient=transient,
-                     torch_live_after_freed=torch.cuda.memory_allocated(self.config.device))
+                     torch_live_after_freed=torch.cuda.memory_allocated(self.config.device),
+                     torch_reserved_after_freed=torch.cuda.memory_reserved(self.config.device))
         return used + transient, parts
 
     def _output_bytes(self, batch: int) -> int:
