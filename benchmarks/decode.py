@@ -11,7 +11,10 @@ Triton kernels' (``triton``, ``compiled-triton``: ``attention=triton``; ``-gemv`
 ``gemv=triton``; ``-gemv-all``: ``gemv=triton-all``; ``compiled-triton-rope``: ``compile=true``
 with ``attention=triton-rope``; ``compiled-triton-halves``: gate-up as two cuBLAS GEMMs,
 ``gemv=cublas-halves``; ``all-triton``, ``compiled-all-triton``:
-``attention=triton-rope`` and ``gemv=triton-all``, without and with ``compile``). Reports
+``attention=triton-rope`` and ``gemv=triton-all``, without and with ``compile``), and
+``default``: the engine's defaults (since issue 22, ``compile=true attention=triton`` on a GPU
+with Triton and 16-bit weights); every other variant is a difference from ``fused``, the
+step before issue 22 (``compile=false attention=sdpa``). Reports
 tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
 read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is
 not counted, a step reads only its tokens' rows: issue 14's 3.23 ms counted it, 2% more for
@@ -24,8 +27,8 @@ between kernels are the rest).
 ``streaming`` (``--stream-model``, default llama3-8b, at ``--memory-limit``, default 12GiB):
 everything streamed (budget 0), at the largest batch whose memory plan fits the limit; variants
 ``embed-head-resident`` (``stream_embed_head=false``: the older layout, 2.1 GB of Llama 3
-resident outside the budget), ``embed-head-in-budget`` and ``in-budget-compiled`` (issue 22:
-streaming must not lose). Reports tok/s and the fraction of the link's bound (streamed bytes per step /
+resident outside the budget), ``embed-head-in-budget``, ``in-budget-compiled`` and
+``in-budget-default`` (issue 22: streaming must not lose). Reports tok/s and the fraction of the link's bound (streamed bytes per step /
 pinned H2D bandwidth measured in the same run).
 
 ``--variants`` keeps some of them (names from either part). Each row's ``wall_s`` is its
@@ -62,6 +65,11 @@ from autotune.measure.timing import measure, measure_h2d_bandwidth, random_promp
 from autotune.measure.worker import plan_configs  # noqa: E402
 from autotune.units import parse_bytes  # noqa: E402
 
+# Every variant is a difference from the decode step before issue 22 (eager, SDPA over the
+# whole static cache), whatever the engine's default; ``default`` is the engine's own (on a
+# GPU with Triton and 16-bit weights, compile=true attention=triton: native.faster_step).
+TODAYS_STEP = {"compile": False, "attention": "sdpa"}
+DEFAULT = {"compile": "auto", "attention": "auto"}
 TRITON = {"attention": "triton"}
 ALL_TRITON = {"compile": True, "attention": "triton-rope", "gemv": "triton-all"}
 RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": True},
@@ -74,11 +82,11 @@ RESIDENT = {"unfused": {"fused": False}, "fused": {}, "compiled": {"compile": Tr
             "compiled-triton-halves": {"compile": True, **TRITON, "gemv": "cublas-halves"},
             "compiled-triton-gemv-all": {"compile": True, **TRITON, "gemv": "triton-all"},
             "all-triton": {k: v for k, v in ALL_TRITON.items() if k != "compile"},
-            "compiled-all-triton": ALL_TRITON}
+            "compiled-all-triton": ALL_TRITON, "default": DEFAULT}
 STREAMING = {"embed-head-resident": {"stream_embed_head": False}, "embed-head-in-budget": {},
              "in-budget-compiled": {"compile": True},
              "in-budget-compiled-triton": {"compile": True, **TRITON},
-             "in-budget-compiled-all-triton": ALL_TRITON}
+             "in-budget-compiled-all-triton": ALL_TRITON, "in-budget-default": DEFAULT}
 
 
 def memory_gb_s(device: str) -> float:
@@ -166,7 +174,8 @@ def _config(args: argparse.Namespace, model: str, options: dict[str, Any],
             limit: int | None = None) -> EngineConfig:
     return EngineConfig(model=model, dtype=args.dtype, device=args.device,
                         max_seq_len=args.isl + args.osl, gpu_memory_limit=limit,
-                        quantization=(args.quantization,), options=tuple(options.items()))
+                        quantization=(args.quantization,),
+                        options=tuple({**TODAYS_STEP, **options}.items()))
 
 
 def _measure(engine: Any, batch: int, args: argparse.Namespace) -> tuple[Any, float]:

@@ -68,8 +68,12 @@
 #                                                         compiled-triton-halves: gate-up as two
 #                                                         cuBLAS GEMMs (gemv=cublas-halves); ~9 min)
 #   bash benchmarks/gpu.sh study22 [OPTIONS] carry [".whl"] (item 3: the native study of llama2-7b
-#                                                         at 8 GiB, default options, then OPTIONS
-#                                                         (default "compile=true attention=triton"))
+#                                                         at 8 GiB, today's step (compile=false
+#                                                         attention=sdpa), then OPTIONS (default
+#                                                         "compile=auto attention=auto": the default))
+#   bash benchmarks/gpu.sh default22    carry [".whl"]   (the faster step as the default: its GPU
+#                                                         tests; fp16, bf16 at batches 1, 8: fused
+#                                                         (today's step) and default; ~8 min)
 # One call for a session with little device time left (~9 min; no install stage):
 #   bash benchmarks/gpu.sh short        carry [".whl"]   (issue 21's llama2-7b and llama3-8b rows;
 #                                                         issue 22's GPU tests and batches 1, 32)
@@ -279,6 +283,15 @@ case $stage in
       --variants fused,compiled-triton,compiled-triton-rope,compiled-triton-halves \
       --json "$OUT/decode22i-bfloat16.json"
     ;;
+  default22)  # the faster step as the default: its GPU tests, then it beside today's step
+    step default22-tests 200 python3 -m pytest -q -m gpu tests/test_native_engine.py \
+      tests/test_attention.py -k "default_step or graphs_equal_eager or triton_attention_generates"
+    for dtype in float16 bfloat16; do
+      step "default22-$dtype" 150 python3 benchmarks/decode.py --parts resident --dtype $dtype \
+        --batches 1,8 --decode-steps 256 --repeats 3 --variants fused,default \
+        --json "$OUT/default22-$dtype.json"
+    done
+    ;;
   decode22h)
     step decode22h-bfloat16 170 python3 benchmarks/decode.py --parts resident --dtype bfloat16 \
       --batches 1,8,32 --decode-steps 256 --repeats 3 \
@@ -293,10 +306,12 @@ case $stage in
       --json "$OUT/decode22h-int8.json"
     ;;
   study22)  # optional second argument: the faster path's engine options, space-separated
-    faster=(${2:-compile=true attention=triton})
-    for variant in default faster; do
-      options=()
+    # "today": the step before issue 22, pinned (since then the default is the faster one).
+    faster=(${2:-compile=auto attention=auto})
+    for variant in today faster; do
+      options=(--engine-option compile=false --engine-option attention=sdpa)
       if [ "$variant" = faster ]; then
+        options=()
         for o in "${faster[@]}"; do options+=(--engine-option "$o"); done
       fi
       step "study22-$variant" 285 python3 -m autotune run --model llama2-7b --gpu-memory-limit 8GiB \

@@ -58,7 +58,7 @@ def test_only_a_long_cache_is_split_and_only_where_the_pairs_leave_sms_idle() ->
 
 def test_the_attention_option_is_checked_before_the_weights_load() -> None:
     with pytest.raises(UserInputError,
-                       match="attention: expected sdpa, triton or triton-rope; got 'flash'"):
+                       match="attention: expected auto, sdpa, triton or triton-rope; got 'flash'"):
         _load(attention="flash")
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(UserInputError, match="attention=triton: .*use attention=sdpa"):
@@ -66,6 +66,7 @@ def test_the_attention_option_is_checked_before_the_weights_load() -> None:
     assert attention.unavailable(torch.device("cuda"), 96) == (
         "head_dim 96 is not a power of two of at least 16")
     assert _load().describe()["attention"] == "sdpa"
+    assert _load(attention="sdpa").describe()["attention"] == "sdpa"  # runs anywhere
 
 
 # -- GPU ---------------------------------------------------------------------------------------

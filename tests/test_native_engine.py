@@ -62,15 +62,21 @@ def _generate(engine, prompt: torch.Tensor, osl: int) -> torch.Tensor:
     return gen.tokens.clone()
 
 
+# The decode step before issue 22 (eager, attention over the whole static cache): what the
+# other steps' tokens are held to. On a GPU the default is another (native.faster_step).
+TODAYS_STEP = {"compile": "false", "attention": "sdpa"}
+
+
 def assert_graphs_tokens(dtype: str, fractions: tuple[float, ...], **options) -> None:
-    """On CUDA, tiny-llama with ``options`` generates today's graphs' tokens at each budget
-    fraction, and again when its graph replays (a failure gives the share of equal ones)."""
+    """On CUDA, tiny-llama with ``options`` (differences from TODAYS_STEP) generates today's
+    graphs' tokens at each budget fraction, and again when its graph replays (a failure gives
+    the share of equal ones)."""
     # Closed whatever happens, each one even if another's close fails: a failure must not
     # leave the engines' registered host memory to the next test.
     with contextlib.ExitStack() as closing:
-        graphs = _load("cuda", dtype=dtype)
+        graphs = _load("cuda", dtype=dtype, **TODAYS_STEP)
         closing.callback(graphs.close)
-        other = _load("cuda", dtype=dtype, **options)
+        other = _load("cuda", dtype=dtype, **{**TODAYS_STEP, **options})
         closing.callback(other.close)
         prompt = random_prompt(3, 12, graphs.spec.vocab_size, seed=1, device="cuda")
         for fraction in fractions:
@@ -157,11 +163,38 @@ def test_close_frees_the_forward_pass_at_once() -> None:
 
 def test_the_compile_option_names_a_mode_or_is_refused() -> None:
     modes = {v: native._compile_mode(EngineConfig(model="tiny-llama", options=(("compile", v),)))
-             for v in ("true", "false", "MAX-AUTOTUNE", True)}
+             for v in ("true", "false", "MAX-AUTOTUNE", True, "auto")}
     assert modes == {"true": "default", "false": None, "MAX-AUTOTUNE":
-                     "max-autotune-no-cudagraphs", True: "default"}
-    with pytest.raises(UserInputError, match="compile: expected true, false or max-autotune"):
+                     "max-autotune-no-cudagraphs", True: "default", "auto": None}
+    # auto, the default, follows faster_step; an explicit value does not
+    assert native._compile_mode(EngineConfig(model="tiny-llama"), True) == "default"
+    assert native._compile_mode(EngineConfig(model="tiny-llama"), False) is None
+    assert native._compile_mode(EngineConfig(model="tiny-llama", options=(("compile", "false"),)),
+                                True) is None
+    with pytest.raises(UserInputError, match="compile: expected auto, true, false or max-autotune"):
         native._compile_mode(EngineConfig(model="tiny-llama", options=(("compile", "fast"),)))
+
+
+def test_the_faster_step_is_the_default_only_where_it_was_measured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22: compile and attention=triton by default on a CUDA GPU with Triton and 16-bit
+    weights; today's step on CPU, without Triton, and with 8-bit weights (not measured)."""
+    spec, cuda = models.get_spec("tiny-llama"), torch.device("cuda", 0)
+    config = EngineConfig(model="tiny-llama")
+    assert not native.faster_step(config, spec, torch.device("cpu"))
+    monkeypatch.setattr(native.attention, "unavailable", lambda device, head_dim: None)
+    assert native.faster_step(config, spec, cuda)
+    assert (native._attention(config, spec, cuda), native._compile_mode(config, True)) == (
+        "triton", "default")
+    assert not native.faster_step(EngineConfig(model="tiny-llama", quantization=("int8",)),
+                                  spec, cuda)
+    assert not native.faster_step(
+        EngineConfig(model="tiny-llama", quantization=("none", "int8")), spec, cuda)
+    sdpa = EngineConfig(model="tiny-llama", options=(("attention", "sdpa"),))
+    assert native._attention(sdpa, spec, cuda) == "sdpa"
+    monkeypatch.setattr(native.attention, "unavailable", lambda device, head_dim: "no triton")
+    assert not native.faster_step(config, spec, cuda)
+    assert native._attention(config, spec, cuda) == "sdpa"
 
 
 def test_a_batch_is_its_rows_generated_alone(engine) -> None:
@@ -324,11 +357,11 @@ def test_the_decode_benchmark_runs_on_cpu(tmp_path) -> None:
     assert decode.main(["--device", "cpu", "--dtype", "float32", "--model", "tiny-llama",
                         "--stream-model", "tiny-llama", "--memory-limit", "300MiB", "--isl", "8",
                         "--osl", "4", "--batches", "2", "--repeats", "1", "--max-batch", "6",
-                        "--variants", "unfused,fused,compiled,embed-head-resident,"
+                        "--variants", "unfused,fused,compiled,default,embed-head-resident,"
                         "embed-head-in-budget", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     rows = figures["resident"]["rows"]
-    assert [r["variant"] for r in rows] == ["unfused", "fused", "compiled"]
+    assert [r["variant"] for r in rows] == ["unfused", "fused", "compiled", "default"]
     assert len({r["tokens_sha256"] for r in rows}) == 1 and rows[0]["ratio"] == 1.0
     assert all(r["wall_s"] > 0 for r in rows)
     rows = figures["streaming"]["rows"]
@@ -344,7 +377,8 @@ def test_the_decode_benchmark_runs_on_cpu(tmp_path) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", [None, BIG_VOCAB], ids=["tiny", "big-vocab"])
 def test_gpu_graphs_equal_eager_at_every_budget(spec) -> None:
-    eager, graphs = _load("cuda", spec, cuda_graphs=False), _load("cuda", spec)
+    eager = _load("cuda", spec, cuda_graphs=False, **TODAYS_STEP)
+    graphs = _load("cuda", spec, **TODAYS_STEP)
     assert graphs.describe()["cuda_graphs"] is True
     assert graphs.describe()["embedding_in_budget"]  # the device reads the host's table
     prompt = random_prompt(3, 12, eager.spec.vocab_size, seed=1, device="cuda")
@@ -367,3 +401,16 @@ def test_gpu_compiled_graphs_generate_the_graphs_tokens(dtype) -> None:
     of the tokens were equal on the H200; a failure gives the share)."""
     pytest.importorskip("triton")
     assert_graphs_tokens(dtype, (1.0, 0.3, 0.0), compile="true")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gpu_the_default_step_is_the_faster_one_with_todays_tokens(dtype) -> None:
+    """Issue 22's default on a GPU with Triton: compiled, attention over the filled positions;
+    today's graphs' tokens, resident and streamed."""
+    pytest.importorskip("triton")
+    engine = _load("cuda", dtype=dtype)
+    facts = engine.describe()
+    engine.close()
+    assert (facts["compile_mode"], facts["attention"]) == ("default", "triton")
+    assert_graphs_tokens(dtype, (1.0, 0.3, 0.0), compile="auto", attention="auto")

@@ -11,19 +11,21 @@ default 2), ``cuda_graphs`` (default True; always off on CPU), ``workspace_bytes
 plan's workspace term, see :mod:`autotune.streaming.plan`), ``stream_embed_head`` (default
 True: the embedding and the LM head's vocabulary chunks are units of the budget; False: resident
 outside it, the older layout), ``fused`` (default True: one GEMM for q, k, v and one for
-gate, up; False: one per matrix) and ``compile`` (default False: decode steps run the unit
-functions compiled by TorchInductor, :mod:`autotune.streaming.llama`; ``max-autotune``: its
-GEMMs too, each the fastest of the kernels it benchmarks; the first step of each new batch
-compiles, in the warm-up, before any graph is captured), ``attention`` (default ``sdpa``:
-decode steps attend over the whole static cache, masked; ``triton``: over its filled positions
-only, :mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; ``triton-rope``: that
+gate, up; False: one per matrix), ``compile`` (``true``: decode steps run the unit functions
+compiled by TorchInductor, :mod:`autotune.streaming.llama`; ``max-autotune``: its GEMMs too,
+each the fastest of the kernels it benchmarks; the first step of each new batch compiles, in
+the warm-up, before any graph is captured) and ``attention`` (``sdpa``: decode steps attend
+over the whole static cache, masked; ``triton``: over its filled positions only,
+:mod:`autotune.streaming.attention`, a CUDA GPU and triton needed; ``triton-rope``: that
 kernel with the rotary embedding and the cache write inside; its steps cost more as
 the sequence grows, so a measurement times a window at the generation's middle, see
 :meth:`NativeEngine.skip`) and ``gemv`` (default ``cublas``; ``triton``: the output and down
 projections of up to 16 sequences without split-K; ``triton-all``: q-k-v and gate-up too, with
 the RMSNorm and SwiGLU inside, :mod:`autotune.streaming.gemv`; ``cublas-halves``: cuBLAS, with
 gate-up as two GEMMs, gate's rows and up's, where its one GEMM of twice the rows fills the SMs
-unevenly).
+unevenly). ``compile`` and ``attention`` default to ``auto``: ``true`` and ``triton`` on a CUDA
+GPU with Triton and 16-bit weights (:func:`faster_step`: 72-78% of the HBM bound where
+``false`` and ``sdpa`` reach 62-69%, issue 22), ``false`` and ``sdpa`` elsewhere.
 ``stream_embed_head``, ``fused`` and ``compile`` exist so that old and new can be measured side
 by side (``benchmarks/decode.py``).
 
@@ -63,23 +65,36 @@ ACCURACY_BATCH = 8
 ACCURACY_STEPS = 32
 
 
-def _compile_mode(config: EngineConfig) -> str | None:
-    """``torch.compile``'s mode for the ``compile`` option; None: not compiled. Never a mode
-    with CUDA graphs of its own: the engine captures the whole step (weight copies included)."""
-    value = config.option("compile", False)
-    if str(value).strip().lower() == "max-autotune":
+def faster_step(config: EngineConfig, spec: ModelSpec, device: torch.device) -> bool:
+    """Whether ``auto`` (the ``compile`` and ``attention`` options' default) takes issue 22's
+    faster decode step, compiled with attention over the filled positions: where it was
+    measured (``benchmarks/results/issue22``), a CUDA GPU with Triton and 16-bit weights."""
+    return (device.type == "cuda" and config.quantization == ("none",)
+            and attention.unavailable(device, spec.head_dim) is None)
+
+
+def _compile_mode(config: EngineConfig, faster: bool = False) -> str | None:
+    """``torch.compile``'s mode for the ``compile`` option; None: not compiled. ``auto``: as
+    ``true`` where ``faster`` (:func:`faster_step`), else ``false``. Never a mode with CUDA
+    graphs of its own: the engine captures the whole step (weight copies included)."""
+    value = config.option("compile", "auto")
+    word = str(value).strip().lower()
+    if word == "max-autotune":
         return "max-autotune-no-cudagraphs"
+    if word == "auto":
+        return "default" if faster else None
     try:
         return "default" if flag(config, "compile", False) else None
     except UserInputError:
-        raise UserInputError(f"--engine-option compile: expected true, false or max-autotune; "
-                             f"got {value!r}") from None
+        raise UserInputError(f"--engine-option compile: expected auto, true, false or "
+                             f"max-autotune; got {value!r}") from None
 
 
 def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
-                   unavailable: Any) -> str:
+                   unavailable: Any, fallback: str | None = None) -> str:
     """A kernel option: one of ``choices``, the first the default; ``unavailable(value)`` says
-    why another cannot run here (None where it can)."""
+    why another cannot run here (None where it can), and the refusal names ``fallback`` (by
+    default the first choice) instead."""
     value = str(config.option(key, choices[0])).strip().lower()
     if value not in choices:
         expected = ", ".join(choices[:-1]) + f" or {choices[-1]}"
@@ -87,19 +102,24 @@ def _kernel_choice(config: EngineConfig, key: str, choices: tuple[str, ...],
                              f"{config.option(key)!r}")
     why = unavailable(value) if value != choices[0] else None
     if why:
-        raise UserInputError(f"--engine-option {key}={value}: {why}; use {key}={choices[0]}")
+        raise UserInputError(f"--engine-option {key}={value}: {why}; use "
+                             f"{key}={fallback or choices[0]}")
     return value
 
 
-ATTENTION_CHOICES = ("sdpa", "triton", "triton-rope")
+ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-rope")
 GEMV_CHOICES = ("cublas", *gemv.TRITON_CHOICES, "cublas-halves")
 
 
 def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
     """The ``attention`` option: ``sdpa``, or ``triton`` or ``triton-rope`` where those kernels
-    can run here."""
-    return _kernel_choice(config, "attention", ATTENTION_CHOICES,
-                          lambda _: attention.unavailable(device, spec.head_dim))
+    can run here; ``auto``: ``triton`` where :func:`faster_step`, else ``sdpa``."""
+    value = _kernel_choice(config, "attention", ATTENTION_CHOICES, lambda v: (
+        attention.unavailable(device, spec.head_dim) if v.startswith("triton") else None),
+        fallback="sdpa")
+    if value == "auto":
+        return "triton" if faster_step(config, spec, device) else "sdpa"
+    return value
 
 
 def _gemv(config: EngineConfig, device: torch.device) -> str:
@@ -153,12 +173,14 @@ class NativeEngine:
         "stream_embed_head": "the embedding and the LM head (in vocabulary chunks) are units "
                              "of the budget (default true; false: always resident, as before)",
         "fused": "one GEMM for q, k, v and one for gate, up (default true; false: one each)",
-        "compile": "decode steps run kernels compiled by TorchInductor: true, max-autotune "
-                   "(GEMMs too, the fastest of those benchmarked) or false (the default); the "
+        "compile": "decode steps run kernels compiled by TorchInductor: auto (the default: "
+                   "true on a CUDA GPU with Triton and 16-bit weights, else false), true, "
+                   "max-autotune (GEMMs too, the fastest of those benchmarked) or false; the "
                    "first step of each new batch compiles them, in the warm-up",
-        "attention": "decode attention: sdpa (the default: the whole static cache, masked), "
-                     "triton (a kernel that reads the filled positions only; CUDA) or "
-                     "triton-rope (that kernel with RoPE and the cache write inside)",
+        "attention": "decode attention: auto (the default: triton where compile's auto is "
+                     "true, else sdpa), sdpa (the whole static cache, masked), triton (a kernel "
+                     "that reads the filled positions only; CUDA) or triton-rope (that kernel "
+                     "with RoPE and the cache write inside)",
         "gemv": "a decode step's projections up to 16 sequences: cublas (the default), "
                 "triton (output and down by a kernel without split-K; CUDA) or triton-all "
                 "(q-k-v and gate-up too, with the RMSNorm and SwiGLU inside) or cublas-halves "
@@ -175,7 +197,7 @@ class NativeEngine:
         self._precision = store.quantization
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
-        self.compile_mode = _compile_mode(config)
+        self.compile_mode = _compile_mode(config, faster_step(config, spec, store.device))
         self.attention = _attention(config, spec, store.device)
         self.gemv = _gemv(config, store.device)
         self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode,
