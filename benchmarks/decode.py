@@ -13,7 +13,7 @@ with ``attention=triton-rope``; ``compiled-triton-halves``: gate-up as two cuBLA
 ``gemv=cublas-halves``; ``all-triton``, ``compiled-all-triton``:
 ``attention=triton-rope`` and ``gemv=triton-all``, without and with ``compile``), and
 ``default``: the engine's defaults (since issue 22, ``compile=true attention=triton`` on a GPU
-with Triton and 16-bit weights); every other variant is a difference from ``fused``, the
+where it runs, with ``--quantization none``); every other variant is a difference from ``fused``, the
 step before issue 22 (``compile=false attention=sdpa``). Reports
 tok/s, ms per output token and the fraction of the HBM bound (every weight byte a step reads,
 read once, at B_hbm measured by a device-to-device copy in the same run; the embedding table is
@@ -67,7 +67,7 @@ from autotune.units import parse_bytes  # noqa: E402
 
 # Every variant is a difference from the decode step before issue 22 (eager, SDPA over the
 # whole static cache), whatever the engine's default; ``default`` is the engine's own (on a
-# GPU with Triton and 16-bit weights, compile=true attention=triton: native.faster_step).
+# GPU where Triton runs, with --quantization none, compile=true attention=triton: native.faster_step).
 TODAYS_STEP = {"compile": False, "attention": "sdpa"}
 DEFAULT = {"compile": "auto", "attention": "auto"}
 TRITON = {"attention": "triton"}

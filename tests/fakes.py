@@ -68,8 +68,9 @@ class ModelledClock:
 
 
 def _abort_slowly() -> None:
-    """As glibc's abort with a core to dump: the process lets go of its files (the pipe: the
-    tuner reads its end closed) a while before it is gone."""
+    """As a CUDA process that aborts (malloc's check, H100 2026-12-05): it lets go of its
+    files (the pipe: the tuner reads its end closed) a while before it is gone, its memory
+    and the driver's teardown taking time."""
     os.closerange(3, 4096)
     time.sleep(3)  # longer than a crashed trial's 2 s grace once was
     os.abort()
@@ -223,3 +224,22 @@ class AnalyticEngine:
     def close(self) -> None:
         if self._modelled is not None:
             timing.time = time
+
+
+class ResolvingEngine(AnalyticEngine):
+    """An engine with an option it resolves at load, as native's ``compile`` and ``attention``
+    are: ``step=auto`` (the default) takes the environment's FAKE_STEP (a host's ability),
+    else ``slow``."""
+
+    engine_options: ClassVar[dict[str, str]] = {
+        **AnalyticEngine.engine_options, "step": "auto (the default), slow or fast"}
+    resolved_options: ClassVar[dict[str, tuple[str, Any]]] = {"step": ("step", "slow")}
+
+    @classmethod
+    def options_giving(cls, facts: dict[str, Any]) -> dict[str, str]:
+        return {"step": facts.get("step", "slow")}
+
+    def describe(self) -> dict[str, Any]:
+        step = self.config.option("step", "auto")
+        return {**super().describe(),
+                "step": os.environ.get("FAKE_STEP", "slow") if step == "auto" else step}

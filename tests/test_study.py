@@ -278,6 +278,52 @@ def test_a_worker_dying_at_load_is_reported_once_not_in_a_loop() -> None:
     assert len(waited) <= 3 + max(waited, default=0) / 0.3, waited
 
 
+def test_a_worker_that_hangs_up_and_lingers_is_killed_and_the_next_trial_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's worker that closed its pipe but is still there after _DYING_S is killed: the
+    trial is a crash that says so, and the next trial gets a new worker."""
+    from autotune.engines import EngineConfig
+    from autotune.measure import worker as worker_module
+    from autotune.measure.trial import TrialRequest
+    from autotune.measure.worker import Worker
+
+    monkeypatch.setattr(worker_module, "_DYING_S", 0.5)  # the fault lingers 3 s
+    config = EngineConfig(model="tiny-llama", engine=ANALYTIC, dtype="float32", device="cpu",
+                          options=(("fault", "abort_slowly"), ("fault_batch", 2)))
+    with Worker(config) as worker:
+        worker.start()
+        crash = worker.run(TrialRequest(batch=2, budget=0, isl=4, osl=4, repeats=1, warmup=0))
+        assert crash.status == "crash"
+        assert "closed its pipe and did not exit within 0 s; killed" in crash.reason
+        ok = worker.run(TrialRequest(batch=1, budget=0, isl=4, osl=4, repeats=1, warmup=0))
+        assert ok.status == "ok", ok.reason
+        assert worker.restarts == 1
+
+
+def test_a_study_resumes_only_on_the_step_it_measured(storage_url: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An option the engine resolves at load (native's compile and attention: auto) may
+    resolve otherwise on resume (a changed default, another host): the study refuses to mix
+    the two, names the options that give its own step, resumes with them typed out, and its
+    bench line carries what the step resolved to."""
+    from autotune.results import recommend
+
+    engine = "fakes:ResolvingEngine"
+    monkeypatch.setenv("FAKE_STEP", "slow")
+    run_study(_options(storage_url, engine=engine, trials=2))
+    monkeypatch.setenv("FAKE_STEP", "fast")
+    with pytest.raises(UserInputError, match=r"measured another decode step: step 'slow' "
+                                             r"\(this run: 'fast'\); resume it with "
+                                             r"--engine-option step=slow, or give"):
+        run_study(_options(storage_url, engine=engine, trials=3))
+    assert len(_study(storage_url).trials) == 2  # nothing measured
+    result = run_study(_options(storage_url, engine=engine, trials=3,
+                                engine_options=(("step", "slow"),)))
+    assert result.ran == 1
+    rec = recommend.build(_study(storage_url))
+    assert rec["reproduce"].endswith("--engine-option step=slow"), rec["reproduce"]
+
+
 def test_a_limit_nothing_fits_in_is_an_error_before_any_trial(storage_url: str) -> None:
     """Below the smallest configuration no trial could run: the study says so at once instead
     of spending its trials on configurations the memory plan refuses."""

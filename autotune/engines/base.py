@@ -102,7 +102,11 @@ class Engine(Protocol):
     # the engine takes -> what each does (any other key is refused by name), and
     # ``host_options``, the keys that name something on the worker's own host (a cache
     # directory): a joining worker never takes those from the study's storage. An engine that
-    # declares no ``engine_options`` gets its options unchecked.
+    # declares no ``engine_options`` gets its options unchecked. ``resolved_options``: the
+    # options whose default the engine resolves at load (``auto``), option -> (the
+    # ``describe()`` key of what it resolved to, that fact's value before the option existed);
+    # a study compares those facts, not the typed options (autotune.tune.study.check_resolved),
+    # and the class method ``options_giving(facts)`` names the options that give them.
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:

@@ -24,7 +24,8 @@ projections of up to 16 sequences without split-K; ``triton-all``: q-k-v and gat
 the RMSNorm and SwiGLU inside, :mod:`autotune.streaming.gemv`; ``cublas-halves``: cuBLAS, with
 gate-up as two GEMMs, gate's rows and up's, where its one GEMM of twice the rows fills the SMs
 unevenly). ``compile`` and ``attention`` default to ``auto``: ``true`` and ``triton`` on a CUDA
-GPU with Triton and 16-bit weights (:func:`faster_step`: 72-78% of the HBM bound where
+GPU where the Triton attention kernel runs, with weights not stored 8-bit
+(:func:`faster_step`: 72-78% of the HBM bound where
 ``false`` and ``sdpa`` reach 62-69%, issue 22), ``false`` and ``sdpa`` elsewhere.
 ``stream_embed_head``, ``fused`` and ``compile`` exist so that old and new can be measured side
 by side (``benchmarks/decode.py``).
@@ -68,7 +69,10 @@ ACCURACY_STEPS = 32
 def faster_step(config: EngineConfig, spec: ModelSpec, device: torch.device) -> bool:
     """Whether ``auto`` (the ``compile`` and ``attention`` options' default) takes issue 22's
     faster decode step, compiled with attention over the filled positions: where it was
-    measured (``benchmarks/results/issue22``), a CUDA GPU with Triton and 16-bit weights."""
+    measured (``benchmarks/results/issue22``, fp16 and bf16): a CUDA GPU where the Triton
+    attention kernel runs (Triton installed, head_dim a power of two of at least 16), and the
+    compute dtype's weights alone (``--quantization none``; 8-bit ones, loaded alone or beside
+    them, were not measured with it)."""
     return (device.type == "cuda" and config.quantization == ("none",)
             and attention.unavailable(device, spec.head_dim) is None)
 
@@ -174,7 +178,8 @@ class NativeEngine:
                              "of the budget (default true; false: always resident, as before)",
         "fused": "one GEMM for q, k, v and one for gate, up (default true; false: one each)",
         "compile": "decode steps run kernels compiled by TorchInductor: auto (the default: "
-                   "true on a CUDA GPU with Triton and 16-bit weights, else false), true, "
+                   "true on a CUDA GPU where attention=triton runs, with --quantization none, "
+                   "else false), true, "
                    "max-autotune (GEMMs too, the fastest of those benchmarked) or false; the "
                    "first step of each new batch compiles them, in the warm-up",
         "attention": "decode attention: auto (the default: triton where compile's auto is "
@@ -186,6 +191,18 @@ class NativeEngine:
                 "(q-k-v and gate-up too, with the RMSNorm and SwiGLU inside) or cublas-halves "
                 "(cuBLAS, gate-up as two GEMMs: gate's rows, then up's)",
     }
+
+    # auto resolves by the device (faster_step); before issue 22 every step was eager SDPA.
+    resolved_options: ClassVar[dict[str, tuple[str, Any]]] = {
+        "compile": ("compile_mode", None), "attention": ("attention", "sdpa")}
+
+    @classmethod
+    def options_giving(cls, facts: dict[str, Any]) -> dict[str, str]:
+        """The ``compile`` and ``attention`` options that give the decode step ``facts``
+        (``describe()``'s) describes."""
+        modes = {None: "false", "default": "true", "max-autotune-no-cudagraphs": "max-autotune"}
+        return {"compile": modes.get(facts.get("compile_mode"), "false"),
+                "attention": facts.get("attention", "sdpa")}
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, store: WeightStore,
                  others: dict[str, WeightStore] | None = None) -> None:

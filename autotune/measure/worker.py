@@ -64,7 +64,8 @@ _MOST_PER_POLL_S = 5.0
 _QUERY_TIMEOUT_S = 300.0
 # A wait longer than this says what it waits for, and again as often (never silent).
 NOTICE_S = 5.0
-# How long a worker that closed its pipe may take to exit (an abort dumping a core).
+# How long a worker that closed its pipe may take to exit (its files go first; freeing its
+# device memory and the driver's teardown can take seconds), before it is killed.
 _DYING_S = 30.0
 # What each request is doing, for those notices.
 _DOING = {"trial": "measuring", "plan": "planning memory", "calibrate": "timing the matmuls",
@@ -394,17 +395,27 @@ class Worker:
         self.info = reply[1]
         return self.info
 
+    def _serving(self) -> bool:
+        """Whether the process is there to take a request (not gone, not going)."""
+        return self._proc is not None and self._proc.is_alive() and not self._hung_up
+
+    def _send(self, message: tuple[Any, ...]) -> bool:
+        """Sends a request; False where the worker's end is closed (it is dying)."""
+        try:
+            self._conn.send(message)
+        except (BrokenPipeError, OSError):
+            self._hung_up = True
+            return False
+        return True
+
     def run(self, request: TrialRequest) -> TrialOutcome:
         """Runs one trial; never raises for what the trial did to the worker."""
-        if self._proc is None or not self._proc.is_alive():
+        if not self._serving():
             self.restart()
         start = time.perf_counter()
         seq = next(self._seq)
-        try:
-            self._conn.send((seq, "trial", request))
-        except (BrokenPipeError, OSError):
-            reply = None
-        else:
+        reply = None
+        if self._send((seq, "trial", request)):
             reply = self._receive(self.trial_timeout_s, seq=seq, doing=_DOING["trial"])
         if reply is not None:
             if reply[0] == "outcome":
@@ -424,6 +435,8 @@ class Worker:
             outcome = TrialOutcome("crash", f"worker process {self._dying_reason()}")
         outcome.elapsed_s = elapsed
         self._proc = None
+        self._conn.close()
+        self._conn = None
         return outcome
 
     def accuracy(self, isl: int, osl: int, seed: int) -> dict[str, Any]:
@@ -440,17 +453,24 @@ class Worker:
         return self._query("calibrate", ())
 
     def _query(self, op: str, payload: tuple[Any, ...]) -> Any:
-        if self._proc is None or not self._proc.is_alive():
+        if not self._serving():
             self.restart()
         seq = next(self._seq)
-        self._conn.send((seq, op, payload))
-        # Short requests, but never judged by a tight trial timeout (a cold first matmul).
-        reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S), seq=seq,
-                              doing=_DOING.get(op, op))
+        reply = None
+        if self._send((seq, op, payload)):
+            # Short requests, but never judged by a tight trial timeout (a cold first matmul).
+            reply = self._receive(max(self.trial_timeout_s, _QUERY_TIMEOUT_S), seq=seq,
+                                  doing=_DOING.get(op, op))
         if reply is None or reply[0] != "answer":
             if self._abandoned:  # killed on purpose: not the worker's failure to report
                 raise self._stopped()
-            what = reply[1] if reply is not None else self._death_reason()
+            if reply is not None:
+                what = reply[1]
+            elif self._hung_up:  # dying: reaped or killed here, restarted at the next request
+                self._proc.join(timeout=_DYING_S)
+                what = f"the worker {self._dying_reason()}"
+            else:
+                what = self._death_reason()
             raise WorkerError(f"the worker on {self.config.device} could not {op}: {what}")
         return reply[1]
 
@@ -516,9 +536,13 @@ class Worker:
                     return None
             elif not self._proc.is_alive():
                 # It may have sent its last words before dying.
-                if not self._conn.poll(0):
+                try:
+                    if not self._conn.poll(0):
+                        return None
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    self._hung_up = True
                     return None
-                message = self._conn.recv()
             else:
                 continue
             if message[0] == seq and message[1] == "progress":

@@ -200,8 +200,7 @@ def build(study: Any) -> dict[str, Any]:
         "pareto_front": front,
         "if_you_can_give": by_memory(front),
         "trials": counts,
-        "reproduce": _bench_command(workload, best,
-                                    (attrs.get("run_options") or {}).get("engine_options")),
+        "reproduce": _bench_command(workload, best, _engine_options(workload, attrs)),
         "engine": _engine_summary(attrs.get("engine", {})),
         "costs": _costs(study, attrs.get("engine", {})),
     }
@@ -281,6 +280,25 @@ def default_path(study_name: str) -> Path:
     given as module:Class puts a ':' in the default name, which some file systems refuse)."""
     safe = "".join("_" if c in "/\\:" or ord(c) < 32 else c for c in study_name)
     return Path("studies") / f"{safe.lstrip('.') or 'study'}.json"
+
+
+def _engine_options(workload: dict[str, Any], attrs: dict[str, Any]) -> list[Any]:
+    """The study's engine options, those the engine resolved at load (``auto``) as what they
+    resolved to: bench loads one precision on its own host, where ``auto`` may resolve
+    otherwise (native: the study's 16-bit trials ran today's step beside 8-bit ones)."""
+    typed = list((attrs.get("run_options") or {}).get("engine_options") or [])
+    facts = attrs.get("engine")
+    try:
+        from autotune.engines import engine_class
+
+        cls = engine_class(str(workload.get("engine")))
+    except Exception:  # an engine this process cannot import: the options as typed
+        return typed
+    resolved = getattr(cls, "resolved_options", {})
+    if not resolved or not isinstance(facts, dict):
+        return typed
+    kept = [p for p in typed if p[0] not in resolved]
+    return kept + [[k, v] for k, v in cls.options_giving(facts).items()]
 
 
 def _bench_command(workload: dict[str, Any], best: dict[str, Any],

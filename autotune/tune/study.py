@@ -373,7 +373,11 @@ def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
                        f"{','.join(mine['quantization'])}; another set of precisions would "
                        "compare trials the study's search did not choose among)")
     ran = study.user_attrs.get("run_options", {}).get("engine_options")
-    if ran is not None and [list(p) for p in ran] != [list(p) for p in options.engine_options]:
+    # Options the engine resolves at load are compared by what they resolved to, once loaded
+    # (check_resolved): an old study resumes with them typed out.
+    resolved = getattr(engine_class(options.engine), "resolved_options", {})
+    typed = [list(p) for p in options.engine_options if p[0] not in resolved]
+    if ran is not None and [list(p) for p in ran if p[0] not in resolved] != typed:
         differs.append(f"engine options {ran!r} (this run: {list(options.engine_options)!r})")
     if differs:
         raise UserInputError(
@@ -393,6 +397,29 @@ def _stored_workload(study: Any, wait_s: float) -> Any:
         if workload is not None or study.trials or time.monotonic() >= deadline:
             return workload
         time.sleep(0.05)
+
+
+def check_resolved(study: Any, engine: str, facts: dict[str, Any]) -> None:
+    """Refuses to go on with a study whose trials ran another decode step than the engine
+    just loaded (its options' defaults resolved otherwise: the default changed, or this host
+    cannot run what the study's could), naming the options that give the study's."""
+    cls = engine_class(engine)
+    resolved = getattr(cls, "resolved_options", {})
+    stored = study.user_attrs.get("engine")
+    if not resolved or not isinstance(stored, dict) or not study.trials:
+        return
+    differs = {}
+    for fact, before in resolved.values():
+        was, now = stored.get(fact, before), facts.get(fact, before)
+        if was != now:
+            differs[fact] = (was, now)
+    if differs:
+        said = ", ".join(f"{k} {was!r} (this run: {now!r})" for k, (was, now) in differs.items())
+        giving = " ".join(f"--engine-option {k}={v}" for k, v in cls.options_giving(
+            {fact: stored.get(fact, before) for fact, before in resolved.values()}).items())
+        raise UserInputError(
+            f"study {study.study_name!r} measured another decode step: {said}; resume it with "
+            f"{giving}, or give another --study")
 
 
 def check_total(study: Any, total: int) -> None:
@@ -563,6 +590,7 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     lambda seconds: on_worker(device, seconds, None))
                 info = worker.start(on_wait=loading)
                 check_total(study, info.total_device_budget)
+                check_resolved(study, options.engine, info.engine)
                 totals = dict(info.total_device_budgets) or {
                     options.quantization[0]: info.total_device_budget}
                 if on_worker is not None:
