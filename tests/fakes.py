@@ -31,6 +31,7 @@ import time
 from typing import Any, ClassVar
 
 from autotune.engines import EngineConfig, Generation, clamp_budget
+from autotune.engines.base import say_loading
 from autotune.engines.memory import MemoryPlan
 from autotune.measure import timing
 from autotune.models import get_spec
@@ -109,7 +110,9 @@ class AnalyticEngine:
         if config.option("clock", "real") == "modelled":
             # measure() reads it in this process, a worker's own; close() gives the real one back.
             self._modelled = timing.time = ModelledClock()
-        time.sleep(float(config.option("load_sleep_s", 0)))  # a large model pinning its weights
+        if float(config.option("load_sleep_s", 0)):  # a large model pinning its weights
+            say_loading("pinning the weights")
+            time.sleep(float(config.option("load_sleep_s", 0)))
 
     @classmethod
     def load(cls, config: EngineConfig) -> AnalyticEngine:

@@ -263,6 +263,21 @@ def test_a_slow_load_is_reported_while_it_lasts(storage_url: str) -> None:
     assert [(device, info is not None) for device, _, info in events] == [("cpu", True)]
 
 
+def test_what_a_load_says_it_is_doing_reaches_the_progress_line(
+        storage_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load of minutes (Torch-TensorRT compiling) says its phase: the progress line says
+    it, with the time, in place of a bare "still loading"."""
+    from autotune.measure import worker
+
+    monkeypatch.setattr(worker, "NOTICE_S", 0.3)
+    steps: list[str] = []
+    run_study(_options(storage_url, trials=1, engine_options=(("load_sleep_s", 1.5),)),
+              on_step=steps.append)
+    said = [s for s in steps if "loading the model" in s]
+    assert said and all(re.fullmatch(r"cpu: loading the model: pinning the weights \(\d+ s\)\.\.\.",
+                                     s) for s in said), steps
+
+
 def test_a_worker_dying_at_load_is_reported_once_not_in_a_loop() -> None:
     """A worker that aborts while it loads (malloc's abort, H100 2026-12-05) closes its pipe a
     while before it is gone: the wait ends there, with the signal, not thousands of "still

@@ -14,6 +14,8 @@ This module holds no engine; see :mod:`autotune.engines` for the registry.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -229,6 +231,28 @@ def check_option_values(cls: type, config: EngineConfig) -> None:
     check = getattr(cls, "check_config", None)
     if check is not None:
         check(config)
+
+
+# Whoever loads an engine hears what a long load is doing (a worker passes it to the tuner's
+# progress line): set around ``load`` by :func:`loading_said_to`, said by the engine.
+_loading_hook: list[Any] = []
+
+
+def say_loading(text: str) -> None:
+    """Says what the load is doing now (``compiling with Torch-TensorRT``); nothing where no
+    one listens. For phases that take more than a few seconds."""
+    for hook in _loading_hook[-1:]:
+        hook(text)
+
+
+@contextlib.contextmanager
+def loading_said_to(hook: Any) -> Iterator[None]:
+    """Within it, :func:`say_loading` calls ``hook(text)``."""
+    _loading_hook.append(hook)
+    try:
+        yield
+    finally:
+        _loading_hook.remove(hook)
 
 
 def clamp_budget(requested: int, total: int, log: Any) -> int:

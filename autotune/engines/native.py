@@ -50,7 +50,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag, int_option
+from autotune.engines.base import (
+    EngineConfig,
+    Generation,
+    clamp_budget,
+    flag,
+    int_option,
+    say_loading,
+)
 from autotune.engines.memory import MemoryPlan
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, get_spec, weight_source
@@ -287,6 +294,9 @@ class NativeEngine:
         _gemv(config, device)
         stores: dict[str, WeightStore] = {}
         for p in config.quantization:
+            verb = "making" if config.weights is None else "reading"  # random, or a checkpoint's
+            say_loading(f"{verb} the {'' if p == 'none' else p + ' '}weights and pinning them "
+                        "in host memory")
             store = WeightStore(spec, config.dtype, device, weight_source(spec, config.seed),
                                 slots, stream_embed_head=flag(config, "stream_embed_head", True),
                                 fused=flag(config, "fused", True), quantization=p)

@@ -49,7 +49,14 @@ from autotune.engines._trt_build import (
     warnings_to_debug,
 )
 from autotune.engines._trt_cache import ModuleCache, cache_key, default_cache_dir, release_host_copy
-from autotune.engines.base import EngineConfig, Generation, clamp_budget, flag, random_prompt
+from autotune.engines.base import (
+    EngineConfig,
+    Generation,
+    clamp_budget,
+    flag,
+    random_prompt,
+    say_loading,
+)
 from autotune.engines.memory import MemoryPlan, kv_cache_bytes, prefill_activation_bytes
 from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, dtype_bytes, get_spec
@@ -220,6 +227,8 @@ class TensorRTEngine:
         # unpickled, or a worker that has not compiled reads every entry as unreadable.
         importlib.import_module("autotune.engines._trt_model")
         with warnings_to_debug(log):
+            if use_cache and (cache.path(key) / "module.pt").is_file():
+                say_loading("reading the compiled module from the cache")
             hit = cache.load(key, engine_class) if use_cache else None
             start = time.perf_counter()
             compile_s = 0.0
@@ -227,9 +236,12 @@ class TensorRTEngine:
                 module, _ = hit
                 log.info("loaded compiled TensorRT module from %s", cache.path(key))
             else:
+                say_loading("compiling with Torch-TensorRT (minutes for a 7B model; cached "
+                            "for the next load)")
                 module = cls._compile(trt, version, spec, config, shapes, torch_ops)
                 compile_s = time.perf_counter() - start
                 if use_cache:
+                    say_loading("writing the compiled module to the cache")
                     try:
                         cache.save(key, module, {"versions": found})
                     except Exception as e:  # a cache is a saving, never a reason to fail the load
@@ -252,6 +264,7 @@ class TensorRTEngine:
             }
             engine = cls(config, spec, trt, module, shapes, facts)
             if config.device.startswith("cuda"):
+                say_loading("measuring TensorRT's memory at a few budgets (NVML)")
                 engine.calibrate_memory()
         return engine
 

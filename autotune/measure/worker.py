@@ -186,9 +186,11 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
             torch.cuda.set_device(config.device)
         environment = describe_environment(config)
         from autotune.engines import load_engine
+        from autotune.engines.base import loading_said_to
 
         t0 = time.perf_counter()
-        engine = load_engine(config)
+        with loading_said_to(lambda text: conn.send((0, "progress", text))):
+            engine = load_engine(config)
         info = WorkerInfo(
             total_device_budget=engine.total_device_budget,
             automatic_budget=engine.get_automatic_weight_streaming_budget(),
@@ -338,17 +340,20 @@ class Worker:
         self._seq = itertools.count(1)  # request numbers; 0 is the load's
         self._abandoned = False  # see abandon()
         self._hung_up = False  # the worker's end of the pipe closed: it is dying
+        self.doing = ""  # what the worker last said it is doing (its load's phase, say)
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def start(self, on_wait: Callable[[float], None] | None = None,
-              every_s: float = NOTICE_S) -> WorkerInfo:
+              every_s: float | None = None) -> WorkerInfo:
         """Spawns the process and waits for the engine to load, calling ``on_wait(seconds)``
-        every ``every_s`` while it loads (a large model takes minutes to pin)."""
+        every ``every_s`` (default NOTICE_S) while it loads (a large model takes minutes to
+        pin; what the load says it is doing is in :attr:`doing` meanwhile)."""
         if self._abandoned:
             raise self._stopped()
+        every_s = NOTICE_S if every_s is None else every_s
         ctx = _context(self.config)
         # The pipe carries pickles (Connection.send/recv), which is safe only because it is an
         # anonymous pipe between this process and the child it spawns: no one else can write
@@ -364,6 +369,7 @@ class Worker:
         child.close()
         self._conn = parent
         self._hung_up = False
+        self.doing = ""
         if self._abandoned:  # stopped while it started
             self._kill()
             self.stop()
@@ -547,6 +553,7 @@ class Worker:
                 continue
             if message[0] == seq and message[1] == "progress":
                 doing = f"{doing.split(':')[0]}: {message[2]}"
+                self.doing = message[2]
                 continue
             if message[0] == seq:
                 return message[1:]

@@ -478,7 +478,8 @@ def run_study(
     each worker's load, which takes minutes for a large model: every 5 s while it loads
     (``info`` None), then once loaded (``info``: what it loaded). ``on_step(text)`` hears
     what a long step is doing (measuring the hardware, a first trial's warm-up), and again
-    every 5 s of any wait on a worker (the trial, and its warm-up or timed run)."""
+    every 5 s of any wait on a worker (the trial, and its warm-up or timed run; a load that
+    says what it is doing, compiling say: then in place of ``on_worker``'s notice)."""
     gpu_name = resolve_gpu_name(options)
     # Before anything is written: a model the host cannot hold would kill its workers.
     warning = host.check_engine(options.engine_config(options.devices[0]), len(options.devices))
@@ -586,8 +587,13 @@ def _run(study: Any, options: RunOptions, gpu_name: str,
                     # (a stopped run ends the wait: see the interruption below)
                     return device_lock.exclusive(device, device_busy,
                                                  lambda: state.get("interrupted", False))
-                loading = None if on_worker is None else (
-                    lambda seconds: on_worker(device, seconds, None))
+                def loading(seconds: float) -> None:
+                    if worker.doing:  # the load's phase, as the engine said it
+                        on_step(f"{device}: loading the model: {worker.doing} "
+                                f"({seconds:.0f} s)...")
+                    elif on_worker is not None:
+                        on_worker(device, seconds, None)
+
                 info = worker.start(on_wait=loading)
                 check_total(study, info.total_device_budget)
                 check_resolved(study, options.engine, info.engine)
