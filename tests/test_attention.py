@@ -163,3 +163,31 @@ def test_gpu_every_triton_kernel_compiled_generates_the_graphs_tokens(dtype, mon
     monkeypatch.setattr(attention, "MIN_SPLIT_POSITIONS", 1)
     assert_graphs_tokens(dtype, (1.0, 0.3), attention="triton-rope", gemv="triton-all",
                          compile="true")
+
+
+def test_triton_needs_a_compiler_and_python_headers_on_cuda(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Triton builds a C launcher at a kernel's first launch: where it cannot, the kernels
+    (and compile's auto) are refused up front, not failed in a trial."""
+    import types
+
+    from autotune.streaming import triton_check
+
+    fake = types.ModuleType("triton")  # importable here even where triton is not
+    monkeypatch.setitem(sys.modules, "triton", fake)
+    cuda = torch.device("cuda", 0)
+    include = tmp_path / "include"
+    include.mkdir()
+    (include / "Python.h").write_text("")
+    monkeypatch.setattr(triton_check.sysconfig, "get_paths", lambda: {"include": str(include)})
+    monkeypatch.setenv("CC", "cc")
+    assert triton_check.unavailable(cuda) is None
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(triton_check.shutil, "which", lambda name: None)
+    assert "needs a C compiler" in triton_check.unavailable(cuda)
+    fake.knobs = types.SimpleNamespace(build=types.SimpleNamespace(impl=object()))
+    assert triton_check.unavailable(cuda) is None  # the user's own build
+    del fake.knobs
+    monkeypatch.setenv("CC", "cc")
+    (include / "Python.h").unlink()
+    assert "python3-dev" in triton_check.unavailable(cuda)
