@@ -78,9 +78,8 @@ def faster_step(config: EngineConfig, spec: ModelSpec, device: torch.device) -> 
     faster decode step, compiled with attention over the filled positions: where it was
     measured (``benchmarks/results/issue22``, fp16 and bf16): a CUDA GPU where the Triton
     attention kernel runs (Triton with a C compiler and Python's headers, head_dim a power
-    of two of at least 16), and the
-    compute dtype's weights alone (``--quantization none``; 8-bit ones, loaded alone or beside
-    them, were not measured with it)."""
+    of two of at least 16), and the compute dtype's weights alone (``--quantization none``;
+    8-bit ones, loaded alone or beside them, were not measured with it)."""
     return (device.type == "cuda" and config.quantization == ("none",)
             and attention.unavailable(device, spec.head_dim) is None)
 
