@@ -429,8 +429,8 @@ class Worker:
             return TrialOutcome("error", f"the worker could not run the trial: {reply[1]}",
                                 elapsed_s=time.perf_counter() - start)
         elapsed = time.perf_counter() - start
-        # A process that closed its pipe is dying (a core to dump takes a while): let it be
-        # reaped; one that did not is hung.
+        # A process that closed its pipe is dying (_DYING_S): let it be reaped; one that did
+        # not is hung.
         self._proc.join(timeout=_DYING_S if self._hung_up else 2)
         if self._proc.is_alive() and not self._hung_up:  # no answer in time: a hang
             self._kill()
