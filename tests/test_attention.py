@@ -179,7 +179,8 @@ def test_triton_needs_a_compiler_and_python_headers_on_cuda(
     include = tmp_path / "include"
     include.mkdir()
     (include / "Python.h").write_text("")
-    monkeypatch.setattr(triton_check.sysconfig, "get_paths", lambda: {"include": str(include)})
+    monkeypatch.setattr(triton_check.sysconfig, "get_paths",
+                        lambda scheme=None: {"include": str(include)})
     monkeypatch.setenv("CC", "cc")
     assert triton_check.unavailable(cuda) is None
     monkeypatch.delenv("CC")

@@ -274,6 +274,7 @@ def test_what_a_load_says_it_is_doing_reaches_the_progress_line(
     run_study(_options(storage_url, trials=1, engine_options=(("load_sleep_s", 1.5),)),
               on_step=steps.append)
     said = [s for s in steps if "loading the model" in s]
+    assert not [s for s in steps if "pinning" in s and s not in said], steps  # said once
     assert said and all(re.fullmatch(r"cpu: loading the model: pinning the weights \(\d+ s\)\.\.\.",
                                      s) for s in said), steps
 

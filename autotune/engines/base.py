@@ -15,6 +15,7 @@ This module holds no engine; see :mod:`autotune.engines` for the registry.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -234,25 +235,28 @@ def check_option_values(cls: type, config: EngineConfig) -> None:
 
 
 # Whoever loads an engine hears what a long load is doing (a worker passes it to the tuner's
-# progress line): set around ``load`` by :func:`loading_said_to`, said by the engine.
-_loading_hook: list[Any] = []
+# progress line): set around ``load`` by :func:`loading_said_to`, said by the engine. A
+# context variable: loads in two threads each tell their own listener.
+_loading_hook: contextvars.ContextVar[Any] = contextvars.ContextVar("loading_hook",
+                                                                    default=None)
 
 
 def say_loading(text: str) -> None:
     """Says what the load is doing now (``compiling with Torch-TensorRT``); nothing where no
     one listens. For phases that take more than a few seconds."""
-    for hook in _loading_hook[-1:]:
+    hook = _loading_hook.get()
+    if hook is not None:
         hook(text)
 
 
 @contextlib.contextmanager
 def loading_said_to(hook: Any) -> Iterator[None]:
     """Within it, :func:`say_loading` calls ``hook(text)``."""
-    _loading_hook.append(hook)
+    token = _loading_hook.set(hook)
     try:
         yield
     finally:
-        _loading_hook.remove(hook)
+        _loading_hook.reset(token)
 
 
 def clamp_budget(requested: int, total: int, log: Any) -> int:

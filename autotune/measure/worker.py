@@ -189,7 +189,7 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
         from autotune.engines.base import loading_said_to
 
         t0 = time.perf_counter()
-        with loading_said_to(lambda text: conn.send((0, "progress", text))):
+        with loading_said_to(lambda text: _tell(conn, (0, "progress", text))):
             engine = load_engine(config)
         info = WorkerInfo(
             total_device_budget=engine.total_device_budget,
@@ -219,6 +219,15 @@ def _serve(conn: Any, config: EngineConfig, parent_pid: int | None = None,
         pass
     finally:
         engine.close()
+
+
+def _tell(conn: Any, message: tuple[Any, ...]) -> None:
+    """Sends a notice that nothing depends on: a parent gone (the pipe closed) is for the
+    next real message to find, not a reason to fail what is being done."""
+    try:
+        conn.send(message)
+    except (OSError, EOFError):
+        pass
 
 
 def _answer(conn: Any, engine: Any) -> None:
@@ -340,7 +349,7 @@ class Worker:
         self._seq = itertools.count(1)  # request numbers; 0 is the load's
         self._abandoned = False  # see abandon()
         self._hung_up = False  # the worker's end of the pipe closed: it is dying
-        self.doing = ""  # what the worker last said it is doing (its load's phase, say)
+        self.doing = ""  # what the load last said it is doing; empty once it is done
 
     @property
     def pid(self) -> int | None:
@@ -383,6 +392,7 @@ class Worker:
                 break
             if on_wait is not None:
                 on_wait(time.monotonic() - began)
+        self.doing = ""
         if self._abandoned:
             self.stop()
             raise self._stopped()
@@ -552,8 +562,10 @@ class Worker:
             else:
                 continue
             if message[0] == seq and message[1] == "progress":
-                doing = f"{doing.split(':')[0]}: {message[2]}"
-                self.doing = message[2]
+                if doing:  # a request's notices say it; the load's go to self.doing
+                    doing = f"{doing.split(':')[0]}: {message[2]}"
+                if seq == 0:
+                    self.doing = message[2]
                 continue
             if message[0] == seq:
                 return message[1:]

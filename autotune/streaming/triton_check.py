@@ -34,7 +34,10 @@ def _cannot_build(triton: object) -> str | None:
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
         return ("triton needs a C compiler to build its kernels' launcher: install gcc or "
                 "clang, or name one in CC")
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    scheme = sysconfig.get_default_scheme()
+    if scheme == "posix_local":  # Debian's, which Triton reads as posix_prefix
+        scheme = "posix_prefix"
+    headers = Path(sysconfig.get_paths(scheme=scheme)["include"]) / "Python.h"
     if not headers.is_file():
         return (f"triton builds its kernels' launcher against Python's headers, and {headers} "
                 "is missing: install your Python's development package (python3-dev)")
