@@ -104,13 +104,17 @@ class ModuleCache:
     def path(self, key: str) -> Path:
         return self.directory / key
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is there to read (it may still turn out unreadable)."""
+        return (self.path(key) / "module.pt").is_file()
+
     def load(self, key: str, engine_class: type) -> tuple[Any, dict[str, Any]] | None:
         """The cached module and its recorded metadata, or None on a miss."""
         import torch
 
-        path = self.path(key)
-        if not (path / "module.pt").is_file():
+        if not self.has(key):
             return None
+        path = self.path(key)
         try:
             blob = torch.load(path / "module.pt", weights_only=False, map_location="cpu")
             if blob.get("format") != FORMAT or blob.get("key") != key:

@@ -227,7 +227,7 @@ class TensorRTEngine:
         # unpickled, or a worker that has not compiled reads every entry as unreadable.
         importlib.import_module("autotune.engines._trt_model")
         with warnings_to_debug(log):
-            if use_cache and (cache.path(key) / "module.pt").is_file():
+            if use_cache and cache.has(key):
                 say_loading("reading the compiled module from the cache")
             hit = cache.load(key, engine_class) if use_cache else None
             start = time.perf_counter()

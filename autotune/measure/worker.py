@@ -378,7 +378,6 @@ class Worker:
         child.close()
         self._conn = parent
         self._hung_up = False
-        self.doing = ""
         if self._abandoned:  # stopped while it started
             self._kill()
             self.stop()

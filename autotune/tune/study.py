@@ -408,15 +408,13 @@ def check_resolved(study: Any, engine: str, facts: dict[str, Any]) -> None:
     stored = study.user_attrs.get("engine")
     if not resolved or not isinstance(stored, dict) or not study.trials:
         return
-    differs = {}
-    for fact, before in resolved.values():
-        was, now = stored.get(fact, before), facts.get(fact, before)
-        if was != now:
-            differs[fact] = (was, now)
-    if differs:
-        said = ", ".join(f"{k} {was!r} (this run: {now!r})" for k, (was, now) in differs.items())
-        giving = " ".join(f"--engine-option {k}={v}" for k, v in cls.options_giving(
-            {fact: stored.get(fact, before) for fact, before in resolved.values()}).items())
+    was = {fact: stored.get(fact, before) for fact, before in resolved.values()}
+    now = {fact: facts.get(fact, before) for fact, before in resolved.values()}
+    if was != now:
+        said = ", ".join(f"{k} {was[k]!r} (this run: {now[k]!r})" for k in was
+                         if was[k] != now[k])
+        giving = " ".join(f"--engine-option {k}={v}"
+                          for k, v in cls.options_giving(was).items())
         raise UserInputError(
             f"study {study.study_name!r} measured another decode step: {said}; resume it with "
             f"{giving}, or give another --study")
