@@ -21,6 +21,8 @@
 #                                                         both attentions; ~5 min)
 #   bash benchmarks/gpu.sh probe18      carry [".whl"]   (trt_memory.py, attention=torch engines at
 #                                                         budget 0 after the fix; ~2.5 min)
+#   bash benchmarks/gpu.sh held18      carry [".whl"]   (benchmarks/trt_held.py: what holds the budget-0
+#                                                         memory of the seed's engine; ~9 min)
 #   bash benchmarks/gpu.sh table7b      carry [".whl"]   (benchmarks/engines.py at 8 GiB, both orders)
 #   bash benchmarks/gpu.sh probe        carry [".whl"]   (benchmarks/trt_memory.py: where memory goes)
 # Issue 21 (8-bit weights, native engine; needs no Torch-TensorRT, so no install stage):
@@ -177,6 +179,12 @@ case $stage in
       $confirm --storage "sqlite:////tmp/7b-torch.db" --study trt-7b-torch \
       --out "$OUT/trt-7b-torch.json"
     cp /tmp/7b-torch.db* "$OUT/" 2>/dev/null || echo "no study database was written"
+    ;;
+  held18)  # where the budget-0 memory goes: trt_held.py, compiling, then from the cache with
+    # kernel_specialization=none (TensorRT-RTX compiles no kernel per shape)
+    step held-lazy 390 python3 benchmarks/trt_held.py --json "$OUT/held-lazy.json"
+    step held-none 170 python3 benchmarks/trt_held.py --kernel-specialization none \
+      --json "$OUT/held-none.json"
     ;;
   table7b)
     step table-7b 590 python3 benchmarks/engines.py --model llama2-7b --limit 8GiB \
