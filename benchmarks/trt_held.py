@@ -15,6 +15,8 @@ figure apart, printing each line as it is measured:
     shapes      NVML at budget 0 after a generation at each batch in turn, the cache freed:
                 growth with each new shape is memory TensorRT keeps per shape (kernels
                 compiled for it, for example)
+    teardown    NVML as the shared buffer, the contexts, the engines and then the module are
+                let go: what each holds, and what the process keeps once all is gone
 
     python benchmarks/trt_held.py --model llama2-7b --max-batch 35 --batches 1,8,19,35 \
         --json out.json
@@ -145,6 +147,25 @@ def sweep_shapes(engine: Any, batches: list[int], isl: int) -> None:
         record["shapes"].append({"batch": batch, **record["stages"][f"budget 0 after batch {batch}"]})
 
 
+def tear_down(engine: Any) -> None:
+    """Lets go of the contexts, then the engines, then the rest, measuring after each: what
+    each part of TensorRT holds, and what the process keeps once all is gone."""
+    from autotune.engines.tensorrt import _drop_shared_memory
+
+    ws = engine._ws
+    _drop_shared_memory(ws)
+    stage("shared buffer dropped")
+    for _, mod in ws.rt_mods:
+        mod.context = None
+    stage("contexts dropped")
+    for _, mod in ws.rt_mods:
+        mod.engine = None
+    stage("engines dropped")
+    engine.close()
+    del engine, ws
+    stage("module deleted")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama2-7b")
@@ -187,9 +208,7 @@ def main() -> None:
     account_tensors(engine)
     sweep_shapes(engine, [int(b) for b in args.batches.split(",")], args.isl)
     account_tensors(engine)
-    engine.close()
-    del engine
-    stage("engine closed and deleted")
+    tear_down(engine)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=1, default=str)
