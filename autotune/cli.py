@@ -146,9 +146,11 @@ def _default_max_batch(device: str, engine: str, model: str, weights: str | None
     memory = gpu_memory_limit or gpu.device_info(first).total_bytes
     spec = get_spec(model, weights)
     if engine == "tensorrt":
-        from autotune.engines._trt_build import parse_attention
+        from autotune.engines._trt_build import parse_attention, resolve_attention
 
-        attention = parse_attention(dict(engine_options).get("attention", "tensorrt"))
+        # auto imports Torch-TensorRT here to resolve as the worker will (no CUDA touched).
+        attention = resolve_attention(parse_attention(dict(engine_options).get("attention",
+                                                                               "auto")))
         return trt_max_batch(spec, dtype, isl + osl, memory, attention == "tensorrt")
     return auto_max_batch(spec, dtype, isl + osl, memory)
 

@@ -118,8 +118,8 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
     options: tuple[tuple[str, Any], ...] = ()
     if chunk:
         options += (("prefill_chunk", chunk),)
-    if variant == "torch":
-        options += (("attention", "torch"),)
+    # The variants other than torch are today's graph with attention inside TensorRT.
+    options += (("attention", "torch" if variant == "torch" else "tensorrt"),)
     config = EngineConfig(model=model, engine="tensorrt", dtype="float16", device="cuda:0",
                           max_batch=max_batch, max_seq_len=isl + osl, options=options)
     shapes = _trt_build.BuildShapes.from_config(config, kv_cache=True)
@@ -165,9 +165,9 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
             "shapes": shapes.as_dict(), "compile_s": round(compile_s, 1), "engines": engines,
             "dynamic_context_memory": "dynamically_allocate_resources" in inspect.signature(
                 torch_tensorrt.dynamo.compile).parameters and variant == "torch"
-            and not shares_context_memory(torch_tensorrt, version, "torch"),
+            and not shares_context_memory(torch_tensorrt, "torch"),
             "shares_context_memory": variant == "torch"
-            and shares_context_memory(torch_tensorrt, version, "torch"),
+            and shares_context_memory(torch_tensorrt, "torch"),
             "kv_cache_bytes_max_batch": 2 * layers * max_batch * spec.num_key_value_heads
             * spec.head_dim * shapes.cache_len * 2,
         }
@@ -176,7 +176,7 @@ def probe(model: str, layers: int, max_batch: int, variant: str, isl: int, osl: 
         # As the engine sets it; where the contexts share one buffer, it is kept alive here.
         context_memory = set_module_budget(torch_tensorrt, ws, 0, "cuda:0", specialization)
         result["kernel_specialization"] = (specialization if variant == "torch"
-                                           and shares_context_memory(torch_tensorrt, version,
+                                           and shares_context_memory(torch_tensorrt,
                                                                      "torch") else None)
         result["shared_context_memory"] = (None if context_memory is None
                                            else context_memory.numel())

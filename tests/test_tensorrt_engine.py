@@ -54,8 +54,12 @@ def _config(cache: Path, *options: tuple[str, Any], **kw: Any) -> EngineConfig:
     # Seed 7, not EngineConfig's 0: the tests that compare tokens with transformers' check that
     # the seed reaches the weights, and the tests (and test_engine_contract's) of one dtype and
     # profile share one export of the model (tests/doubles).
+    # Attention inside TensorRT unless a test says otherwise: these tests run many versions,
+    # and auto (the default) resolves by the version (the attention tests below).
     fields = {"model": TRT_MODEL, "engine": "tensorrt", "dtype": "float32", "device": "cpu",
               "max_batch": 4, "max_seq_len": 32, "seed": 7, **kw}
+    if not any(key == "attention" for key, _ in options):
+        options = (("attention", "tensorrt"), *options)
     return EngineConfig(**fields, options=(("trt_cache_dir", str(cache)), *options))
 
 
@@ -326,6 +330,56 @@ def test_prompts_go_through_in_chunks_with_the_same_tokens(trt: Any, tmp_path: P
     assert torch.equal(gen.tokens, expected)
 
 
+@pytest.mark.parametrize(("trt", "resolved"), [("2.11.0", "torch"), ("2.12.0", "torch"),
+                                              ("2.13.0", "tensorrt")], indirect=["trt"])
+def test_attention_defaults_to_pytorch_where_the_contexts_share_one_buffer(
+        trt: Any, resolved: str, tmp_path: Path) -> None:
+    """auto, the default: attention in PyTorch up to 2.12 (the Python runtime's contexts on one
+    buffer: batch 19 where attention in TensorRT fit 13, llama2-7b at 8 GiB), in TensorRT from
+    2.13 (each per-call context would hold its own streaming scratch). The engine says what it
+    resolved to, and which option gives it."""
+    from autotune.engines._trt_build import resolve_attention
+
+    config = EngineConfig(model=TRT_MODEL, engine="tensorrt", dtype="float32", device="cpu",
+                          max_batch=4, max_seq_len=32, seed=7,
+                          options=(("trt_cache_dir", str(tmp_path)),))
+    facts = load_engine(config).describe()
+    assert facts["attention"] == resolved
+    assert resolve_attention("auto") == resolved
+    assert TensorRTEngine.options_giving(facts) == {"attention": resolved}
+    assert resolve_attention("tensorrt") == "tensorrt"  # a value given is kept
+
+
+def test_attention_auto_without_torch_tensorrt_leaves_the_error_to_the_load(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from autotune.engines._trt_build import resolve_attention
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails like a missing one
+    assert resolve_attention("auto") == "tensorrt"
+
+
+def test_a_study_measured_before_auto_resumes_only_with_attention_in_tensorrt(
+        tmp_path: Path) -> None:
+    """A study whose trials ran attention inside TensorRT (the default before auto) is not
+    resumed where auto resolves to PyTorch: its message names the option that gives its own
+    engines, and its bench line spells it out."""
+    import optuna
+
+    from autotune.results.recommend import _engine_options
+    from autotune.tune.study import check_resolved
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'old.db'}", study_name="old",
+                                direction="maximize")
+    study.add_trial(optuna.trial.create_trial(value=49.0))
+    study.set_user_attr("engine", {"engine": "tensorrt", "attention": "tensorrt"})
+    check_resolved(study, "tensorrt", {"attention": "tensorrt"})  # the same engines: goes on
+    with pytest.raises(UserInputError, match=r"attention 'tensorrt' \(this run: 'torch'\); "
+                                             r"resume it with --engine-option attention=tensorrt"):
+        check_resolved(study, "tensorrt", {"attention": "torch"})
+    attrs = {"engine": {"attention": "torch"}, "run_options": {"engine_options": []}}
+    assert _engine_options({"engine": "tensorrt"}, attrs) == [["attention", "torch"]]
+
+
 def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
                                                                   tmp_path: Path) -> None:
     """attention=torch: the custom op has no converter, so it runs in PyTorch between the
@@ -361,7 +415,7 @@ def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
         gen = e.prefill(prompt, 6)
         e.decode(gen, 5)
         assert torch.equal(gen.tokens, expected)
-    with pytest.raises(UserInputError, match="attention: expected one of tensorrt, torch"):
+    with pytest.raises(UserInputError, match="attention: expected one of auto, tensorrt, torch"):
         load_engine(_config(tmp_path, ("attention", "cuda")))
 
 

@@ -42,6 +42,13 @@ def test_second_load_compiles_nothing_and_generates_the_same(cache_dir: Path) ->
     facts = first.describe()
     assert not facts["cache_hit"] and facts["compile_s"] > 0
     assert facts["versions"]["tensorrt_backend"] in ("tensorrt", "tensorrt_rtx")
+    # The default (auto): attention in PyTorch where the Python runtime serves it (up to 2.12).
+    import torch_tensorrt
+
+    from autotune.engines._trt_build import parse_version
+
+    old = parse_version(torch_tensorrt.__version__) < (2, 13)
+    assert facts["attention"] == ("torch" if old else "tensorrt")
     prompt = random_prompt(2, 6, first.spec.vocab_size, 0, "cuda")
     a = first.prefill(prompt, 5)
     first.decode(a, 4)

@@ -8,6 +8,7 @@ and torch_tensorrt is imported only inside :func:`import_torch_tensorrt`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator
@@ -181,7 +182,7 @@ def parse_version(text: str) -> tuple[int, int]:
         raise EngineUnavailableError(f"cannot read torch_tensorrt version {text!r}") from e
 
 
-ATTENTION_CHOICES = ("tensorrt", "torch")
+ATTENTION_CHOICES = ("auto", "tensorrt", "torch")
 
 
 SPECIALIZATION_CHOICES = ("lazy", "eager", "none")
@@ -202,12 +203,35 @@ def kernel_specialization(config: EngineConfig) -> str | None:
 
 def attention_option(config: EngineConfig) -> str:
     """Where attention over the cache runs: ``tensorrt`` (inside the engine) or ``torch`` (custom
-    ops PyTorch runs between engines; see :mod:`autotune.engines._trt_model`)."""
-    return parse_attention(config.option("attention", "tensorrt"))
+    ops PyTorch runs between engines; see :mod:`autotune.engines._trt_model`), ``auto`` (the
+    default) resolved by :func:`resolve_attention`."""
+    return resolve_attention(parse_attention(config.option("attention", "auto")))
+
+
+def resolve_attention(value: str) -> str:
+    """``auto``: ``torch`` where its engines can share one context buffer (the Python runtime,
+    Torch-TensorRT up to 2.12: llama2-7b at 8 GiB ran batch 19 where attention in TensorRT
+    ran 13, benchmarks/results/issue18), else ``tensorrt`` (from 2.13 each of attention=torch's
+    engines would hold a streaming scratch of its own). Any other value as it is."""
+    if value != "auto":
+        return value
+    try:
+        trt = import_torch_tensorrt()
+    except EngineUnavailableError:  # nothing can load; the load says why
+        return "tensorrt"
+    return "torch" if python_runtime_shares(trt) else "tensorrt"
+
+
+def python_runtime_shares(trt: Any) -> bool:
+    """Whether this Torch-TensorRT compiles to the Python runtime, whose contexts autotune
+    makes again user-managed on one buffer: up to 2.12 (from 2.13 the option is a no-op)."""
+    return (parse_version(trt.__version__) < (2, 13)
+            and "use_python_runtime" in inspect.signature(trt.dynamo.compile).parameters)
 
 
 def parse_attention(given: Any) -> str:
-    """The ``attention`` engine option's value, checked (see :func:`attention_option`)."""
+    """The ``attention`` engine option's value, checked; ``auto`` as it is (see
+    :func:`attention_option`)."""
     value = str(given).strip().lower()
     if value not in ATTENTION_CHOICES:
         raise UserInputError(f"--engine-option attention: expected one of "

@@ -44,7 +44,9 @@ from autotune.engines._trt_build import (
     export_model,
     import_torch_tensorrt,
     kernel_specialization,
+    parse_attention,
     parse_version,
+    python_runtime_shares,
     versions,
     warnings_to_debug,
 )
@@ -118,9 +120,10 @@ class TensorRTEngine:
         "prefill_chunk": "prompt tokens per sequence in one prefill call (default: "
                          "1024 tokens a call over the largest batch; TensorRT sizes its "
                          "activation memory for the largest call)",
-        "attention": "where attention over the KV cache runs: tensorrt (default, inside the "
-                     "engine, which then holds about one more cache of the largest batch) or "
-                     "torch (PyTorch between engines, one engine per layer; "
+        "attention": "where attention over the KV cache runs: auto (default: torch up to "
+                     "Torch-TensorRT 2.12, else tensorrt), tensorrt (inside the engine, which "
+                     "then holds about one more cache of the largest batch) or torch (PyTorch "
+                     "between engines, one engine per layer, their contexts on one buffer; "
                      "docs/tensorrt.md)",
         "kernel_specialization": "TensorRT-RTX's kernels for a new shape, where autotune makes "
                                  "the contexts (attention=torch up to Torch-TensorRT 2.12): "
@@ -134,6 +137,17 @@ class TensorRTEngine:
         "trt_cache_dir": "the compiled-module cache directory (this host's)",
     }
     host_options: ClassVar[tuple[str, ...]] = ("trt_cache_dir",)
+
+    # auto resolves by the Torch-TensorRT installed (resolve_attention); before it existed
+    # attention ran in TensorRT.
+    resolved_options: ClassVar[dict[str, tuple[str, Any]]] = {
+        "attention": ("attention", "tensorrt")}
+
+    @classmethod
+    def options_giving(cls, facts: dict[str, Any]) -> dict[str, str]:
+        """The ``attention`` option that gives the module ``facts`` (``describe()``'s)
+        describes."""
+        return {"attention": facts.get("attention", "tensorrt")}
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, trt: Any, module: Any,
                  shapes: BuildShapes, facts: dict[str, Any]) -> None:
@@ -184,7 +198,7 @@ class TensorRTEngine:
     def check_config(cls, config: EngineConfig) -> None:
         """Every option's value, before anything loads or compiles."""
         BuildShapes.from_config(config, kv_cache=flag(config, "kv_cache", True))
-        attention_option(config)
+        parse_attention(config.option("attention", "auto"))
         kernel_specialization(config)
         flag(config, "trt_cache", True)
 
@@ -197,7 +211,7 @@ class TensorRTEngine:
         torch_ops = _op_names(config.option("torch_executed_ops", ()))
         attention = attention_option(config)
         found = versions(trt)
-        python_runtime = shares_context_memory(trt, version, attention)
+        python_runtime = shares_context_memory(trt, attention)
         specialization = kernel_specialization(config)
         rtx_enum = hasattr(sys.modules.get("tensorrt"), "DynamicShapesKernelSpecializationStrategy")
         if specialization is not None and not (
@@ -279,7 +293,7 @@ class TensorRTEngine:
             options["torch_executed_ops"] = set(torch_ops)
         parameters = inspect.signature(trt.dynamo.compile).parameters
         attention = attention_option(config)
-        if shares_context_memory(trt, version, attention):
+        if shares_context_memory(trt, attention):
             # One engine per layer: each context would hold its own memory, the streaming
             # scratch with it. The Python runtime's contexts can be made again user-managed,
             # all given one buffer (set_module_budget).
@@ -652,14 +666,13 @@ class TensorRTEngine:
             torch.cuda.empty_cache()
 
 
-def shares_context_memory(trt: Any, version: tuple[int, int], attention: str) -> bool:
+def shares_context_memory(trt: Any, attention: str) -> bool:
     """Whether attention=torch's engines take the Python runtime, whose contexts are made in
-    Python and so can share one user-managed buffer: up to 2.12 (from 2.13 the option is a
-    no-op). 2.11's per-call memory hands each call's buffer over with setDeviceMemory (V1),
-    with which TensorRT allocates each context's streaming scratch itself and holds it: 33
-    x 281 MB for llama2-7b on TensorRT-RTX (benchmarks/results/issue18)."""
-    return (attention == "torch" and version < (2, 13)
-            and "use_python_runtime" in inspect.signature(trt.dynamo.compile).parameters)
+    Python and so can share one user-managed buffer (:func:`python_runtime_shares`). 2.11's
+    per-call memory hands each call's buffer over with setDeviceMemory (V1), with which
+    TensorRT allocates each context's streaming scratch itself and holds it: 33 x 281 MB for
+    llama2-7b on TensorRT-RTX (benchmarks/results/issue18)."""
+    return attention == "torch" and python_runtime_shares(trt)
 
 
 def _python_modules(ws: Any) -> bool:
