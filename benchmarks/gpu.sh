@@ -6,7 +6,9 @@
 #     carried by one call was gone in the next (which carried .trt/whl), so the first call
 #     unpacks the libraries outside the tree; /tmp lives while the machine is warm.
 #   bash benchmarks/gpu.sh small        carry [".whl"]   (GPU tests, the 1B preset: studies, table)
-#   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default)
+#   bash benchmarks/gpu.sh study7b      carry [".whl"]   (the seed's scenario, by default: since the
+#                                                         tenth session attention=auto, in PyTorch
+#                                                         on 2.11; with --confirm; ~7 min)
 #   bash benchmarks/gpu.sh probe2       carry [".whl"]   (round 2 of the probe; native 7B at 8 GiB)
 #   bash benchmarks/gpu.sh probe3       carry [".whl"]   (round 3: attention left to PyTorch)
 #   bash benchmarks/gpu.sh study7b-torch carry [".whl"]  (the seed's scenario, attention=torch:
@@ -128,10 +130,10 @@ case $stage in
     step pytest-gpu 150 python3 -m pytest -q -m gpu tests/test_tensorrt_gpu.py tests/test_engine_contract.py
     ;;
   study7b)
-    step trt-7b 575 python3 -m autotune run --model llama2-7b --engine tensorrt \
+    step trt-7b 520 python3 -m autotune run --model llama2-7b --engine tensorrt \
       --gpu-memory-limit 8GiB --trials 4 --storage "sqlite:///$OUT/7b.db" --study trt-7b \
       --out "$OUT/trt-7b.json"
-    step report-7b 60 python3 -m autotune report --out "$OUT/report-7b" --storage "sqlite:///$OUT/7b.db" --study trt-7b
+    step report-7b 40 python3 -m autotune report --out "$OUT/report-7b" --storage "sqlite:///$OUT/7b.db" --study trt-7b
     ;;
   probe)
     probe="python3 benchmarks/trt_memory.py --model llama2-7b"  # timeout runs programs, not functions
