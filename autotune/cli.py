@@ -215,8 +215,8 @@ def run(
         None, help="Largest batch size searched (default on a GPU: as many sequences as "
                    "the KV cache could hold in the memory, 256 to 2048, native engine; "
                    "tensorrt: as many as fit with each cache counted twice (once with "
-                   "attention=torch), at most 256; 256 for others; 64 on CPU; a landscape's "
-                   "own)."),
+                   "attention in PyTorch, its default up to Torch-TensorRT 2.12), at most "
+                   "256; 256 for others; 64 on CPU; a landscape's own)."),
     storage: str = typer.Option(DEFAULT_STORAGE, help="Optuna storage URL."),
     study: str | None = typer.Option(None, help="Study name (default: from the workload)."),
     device: str = typer.Option("auto", help="cuda, cuda:N, cpu, or auto."),

@@ -350,11 +350,18 @@ def test_attention_defaults_to_pytorch_where_the_contexts_share_one_buffer(
     assert resolve_attention("tensorrt") == "tensorrt"  # a value given is kept
 
 
-def test_attention_auto_without_torch_tensorrt_leaves_the_error_to_the_load(
+def test_attention_auto_without_a_working_torch_tensorrt_leaves_the_error_to_the_load(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    from autotune.engines import _trt_build
     from autotune.engines._trt_build import resolve_attention
 
     monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails like a missing one
+    assert resolve_attention("auto") == "tensorrt"
+
+    def broken() -> None:  # a torch_tensorrt built for another torch (pytorch/TensorRT#3031)
+        raise OSError("libtorchtrt.so: undefined symbol")
+
+    monkeypatch.setattr(_trt_build, "import_torch_tensorrt", broken)
     assert resolve_attention("auto") == "tensorrt"
 
 
@@ -378,6 +385,36 @@ def test_a_study_measured_before_auto_resumes_only_with_attention_in_tensorrt(
         check_resolved(study, "tensorrt", {"attention": "torch"})
     attrs = {"engine": {"attention": "torch"}, "run_options": {"engine_options": []}}
     assert _engine_options({"engine": "tensorrt"}, attrs) == [["attention", "torch"]]
+
+
+@pytest.mark.parametrize("trt", ["2.11.0"], indirect=True)
+def test_a_study_from_before_auto_is_refused_on_its_attention_before_any_load(
+        trt: Any, tmp_path: Path) -> None:
+    """Resumed where auto resolves to PyTorch, a study whose engines ran attention in TensorRT
+    is refused at once (no compile), on its attention, not on the default max batch that
+    follows it (17 then, 35 now for llama2-7b at 8 GiB); typed out, it resumes."""
+    import dataclasses
+
+    import optuna
+
+    from autotune.storage import close_storage
+    from autotune.tune.study import RunOptions, create_or_load
+
+    old = RunOptions(model=TRT_MODEL, engine="tensorrt", device="cpu", dtype="float32",
+                     isl=8, osl=4, max_batch=17, storage=f"sqlite:///{tmp_path / 'old.db'}",
+                     study_name="old")
+    study, created = create_or_load(old, "cpu")
+    assert created
+    study.add_trial(optuna.trial.create_trial(value=49.0))
+    study.set_user_attr("engine", {"engine": "tensorrt", "attention": "tensorrt"})
+    close_storage(study._storage)
+    with pytest.raises(UserInputError, match=r"attention 'tensorrt' \(this run: 'torch'\); "
+                                             r"resume it with --engine-option attention=tensorrt"):
+        create_or_load(dataclasses.replace(old, max_batch=35), "cpu")
+    typed = dataclasses.replace(old, engine_options=(("attention", "tensorrt"),))
+    study, created = create_or_load(typed, "cpu")
+    assert not created and len(study.trials) == 1
+    close_storage(study._storage)
 
 
 def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,

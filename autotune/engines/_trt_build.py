@@ -217,7 +217,7 @@ def resolve_attention(value: str) -> str:
         return value
     try:
         trt = import_torch_tensorrt()
-    except EngineUnavailableError:  # nothing can load; the load says why
+    except Exception:  # missing, or broken (an OSError from a mismatched torch): the load says
         return "tensorrt"
     return "torch" if python_runtime_shares(trt) else "tensorrt"
 

@@ -109,7 +109,9 @@ class Engine(Protocol):
     # options whose default the engine resolves at load (``auto``), option -> (the
     # ``describe()`` key of what it resolved to, that fact's value before the option existed);
     # a study compares those facts, not the typed options (autotune.tune.study.check_resolved),
-    # and the class method ``options_giving(facts)`` names the options that give them.
+    # and the class method ``options_giving(facts)`` names the options that give them;
+    # ``resolved_before_load(engine_options)``, optional: those facts where the engine knows
+    # them without loading (a resumed study is then checked before any compile).
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:

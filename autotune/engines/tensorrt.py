@@ -47,6 +47,7 @@ from autotune.engines._trt_build import (
     parse_attention,
     parse_version,
     python_runtime_shares,
+    resolve_attention,
     versions,
     warnings_to_debug,
 )
@@ -148,6 +149,13 @@ class TensorRTEngine:
         """The ``attention`` option that gives the module ``facts`` (``describe()``'s)
         describes."""
         return {"attention": facts.get("attention", "tensorrt")}
+
+    @classmethod
+    def resolved_before_load(cls, options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+        """What ``auto`` resolves to on this host, known without loading (the installed
+        Torch-TensorRT): a resumed study compares it before a compile."""
+        return {"attention": resolve_attention(parse_attention(dict(options).get("attention",
+                                                                                  "auto")))}
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, trt: Any, module: Any,
                  shapes: BuildShapes, facts: dict[str, Any]) -> None:

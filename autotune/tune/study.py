@@ -363,6 +363,11 @@ def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
             f"study {study.study_name!r} was not made by autotune (it stores no workload"
             f"{'; it has ' + str(len(study.trials)) + ' trials' if study.trials else ''}): "
             "autotune writes only into its own studies; give another --study")
+    # First what auto resolves to, where the engine knows it before loading: a default that
+    # follows it (tensorrt's --max-batch follows attention) would otherwise be named instead.
+    early = getattr(engine_class(options.engine), "resolved_before_load", None)
+    if early is not None:
+        check_resolved(study, options.engine, early(options.engine_options))
     mine = options.workload(gpu_name)
     differs = [f"{key} {stored.get(key)!r} (this run: {mine[key]!r})" for key in WORKLOAD_KEYS
                if key in stored and stored[key] != mine[key]]
