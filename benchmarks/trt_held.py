@@ -37,12 +37,13 @@ import torch
 
 GB = 1e9
 record: dict[str, Any] = {"stages": {}, "shapes": [], "engines": [], "tensors": {}}
+DEVICE = "cuda:0"  # --device cpu: a dry run against tests/doubles (every figure 0)
 
 
 def _nvml_used() -> int:
     from autotune import gpu
 
-    used = gpu.process_used_bytes("cuda:0")
+    used = gpu.process_used_bytes(DEVICE)
     if used is None:
         free, total = torch.cuda.mem_get_info(0)
         used = total - free
@@ -50,11 +51,13 @@ def _nvml_used() -> int:
 
 
 def stage(name: str) -> None:
-    torch.cuda.synchronize()
     gc.collect()
-    torch.cuda.empty_cache()
-    row = {"nvml": _nvml_used(), "torch_allocated": torch.cuda.memory_allocated(0),
-           "torch_reserved": torch.cuda.memory_reserved(0)}
+    row = {"nvml": 0, "torch_allocated": 0, "torch_reserved": 0}
+    if DEVICE != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        row = {"nvml": _nvml_used(), "torch_allocated": torch.cuda.memory_allocated(0),
+               "torch_reserved": torch.cuda.memory_reserved(0)}
     record["stages"][name] = row
     print(f"stage {name:28s} NVML {row['nvml'] / GB:6.3f} GB | PyTorch allocated "
           f"{row['torch_allocated'] / GB:6.3f} reserved {row['torch_reserved'] / GB:6.3f}",
@@ -64,7 +67,7 @@ def stage(name: str) -> None:
 def _tensors_of(obj: Any, depth: int = 0) -> list[Any]:
     """CUDA tensors an attribute holds, through lists, tuples and dicts (two levels)."""
     if isinstance(obj, torch.Tensor):
-        return [obj] if obj.is_cuda else []
+        return [obj] if obj.device.type == torch.device(DEVICE).type else []
     if depth < 2 and isinstance(obj, (list, tuple)):
         return [t for x in obj for t in _tensors_of(x, depth + 1)]
     if depth < 2 and isinstance(obj, dict):
@@ -86,7 +89,7 @@ def account_tensors(engine: Any) -> None:
 
     module = engine._module
     for name, p in list(module.named_parameters()) + list(module.named_buffers()):
-        if p.is_cuda:
+        if p.device.type == torch.device(DEVICE).type:
             add(f"parameter/buffer {name.split('.')[0]}", p)
     for _name, sub in module.named_modules():
         for attr, value in vars(sub).items():
@@ -100,7 +103,8 @@ def account_tensors(engine: Any) -> None:
             add(f"engine.{attr}", t)
     for obj in gc.get_objects():
         try:
-            if isinstance(obj, torch.Tensor) and obj.is_cuda:
+            if (isinstance(obj, torch.Tensor)
+                    and obj.device.type == torch.device(DEVICE).type):
                 add(f"unowned {tuple(obj.shape)} {obj.dtype}", obj)
         except Exception:  # some objects raise on isinstance's probes
             continue
@@ -137,7 +141,7 @@ def sweep_shapes(engine: Any, batches: list[int], isl: int) -> None:
 
     engine.device_budget = 0
     for batch in batches:
-        prompt = random_prompt(batch, isl, engine.spec.vocab_size, 0, "cuda:0")
+        prompt = random_prompt(batch, isl, engine.spec.vocab_size, 0, DEVICE)
         gen = engine.prefill(prompt, 4)
         engine.decode(gen, 3)
         engine.synchronize()
@@ -166,7 +170,7 @@ def tear_down(engine: Any) -> None:
     stage("module deleted")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llama2-7b")
     parser.add_argument("--max-batch", type=int, default=35)
@@ -176,15 +180,19 @@ def main() -> None:
     parser.add_argument("--kernel-specialization", default=None)
     parser.add_argument("--skip-calibration", action="store_true",
                         help="load without the NVML calibration at four budgets (~45 s for 7B)")
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--dtype", default="float16")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = args.device
 
-    torch.zeros(1, device="cuda:0")
+    torch.zeros(1, device=DEVICE)
     stage("cuda and torch initialised")
     from autotune.engines._trt_build import import_torch_tensorrt
 
     import_torch_tensorrt()
-    torch.zeros(1, device="cuda:0").sum().item()
+    torch.zeros(1, device=DEVICE).sum().item()
     stage("torch_tensorrt imported")
 
     from autotune.engines.base import EngineConfig
@@ -193,7 +201,7 @@ def main() -> None:
     options: tuple[tuple[str, Any], ...] = (("attention", "torch"),)
     if args.kernel_specialization:
         options += (("kernel_specialization", args.kernel_specialization),)
-    config = EngineConfig(model=args.model, engine="tensorrt", dtype="float16", device="cuda:0",
+    config = EngineConfig(model=args.model, engine="tensorrt", dtype=args.dtype, device=DEVICE,
                           max_batch=args.max_batch, max_seq_len=args.isl + args.osl,
                           max_prompt_len=args.isl, options=options)
     if args.skip_calibration:  # its figures are in every study's record already
