@@ -148,7 +148,7 @@ def _default_max_batch(device: str, engine: str, model: str, weights: str | None
     if engine == "tensorrt":
         from autotune.engines._trt_build import parse_attention, resolve_attention
 
-        # auto imports Torch-TensorRT here to resolve as the worker will (no CUDA touched).
+        # auto: by the installed Torch-TensorRT's version, read without importing it.
         attention = resolve_attention(parse_attention(dict(engine_options).get("attention",
                                                                                "auto")))
         return trt_max_batch(spec, dtype, isl + osl, memory, attention == "tensorrt")

@@ -350,19 +350,29 @@ def test_attention_defaults_to_pytorch_where_the_contexts_share_one_buffer(
     assert resolve_attention("tensorrt") == "tensorrt"  # a value given is kept
 
 
-def test_attention_auto_without_a_working_torch_tensorrt_leaves_the_error_to_the_load(
+def test_attention_auto_reads_the_version_without_importing_torch_tensorrt(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from autotune.engines import _trt_build
+    """The tuner (the CLI's default max batch, a resumed study's check) resolves auto from the
+    installed distribution's version: importing Torch-TensorRT would load TensorRT into a
+    process that never touches CUDA. Without one, or with an unreadable one, tensorrt (the
+    load then says what is wrong)."""
+    from importlib import metadata
+
     from autotune.engines._trt_build import resolve_attention
 
-    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails like a missing one
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # not imported here
+    installed = {"torch-tensorrt-rtx": "2.11.0"}
+    monkeypatch.setattr(metadata, "packages_distributions",
+                        lambda: {"torch_tensorrt": list(installed)})
+    monkeypatch.setattr(metadata, "version", lambda dist: installed[dist])
+    assert resolve_attention("auto") == "torch"
+    installed["torch-tensorrt-rtx"] = "2.13.0"
     assert resolve_attention("auto") == "tensorrt"
-
-    def broken() -> None:  # a torch_tensorrt built for another torch (pytorch/TensorRT#3031)
-        raise OSError("libtorchtrt.so: undefined symbol")
-
-    monkeypatch.setattr(_trt_build, "import_torch_tensorrt", broken)
+    installed["torch-tensorrt-rtx"] = "nonsense"
     assert resolve_attention("auto") == "tensorrt"
+    installed.clear()
+    assert resolve_attention("auto") == "tensorrt"
+    assert sys.modules["torch_tensorrt"] is None  # nothing imported it
 
 
 def test_a_study_measured_before_auto_resumes_only_with_attention_in_tensorrt(

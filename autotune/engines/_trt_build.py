@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,16 +211,32 @@ def attention_option(config: EngineConfig) -> str:
 
 def resolve_attention(value: str) -> str:
     """``auto``: ``torch`` where its engines can share one context buffer (the Python runtime,
-    Torch-TensorRT up to 2.12: llama2-7b at 8 GiB ran batch 19 where attention in TensorRT
+    Torch-TensorRT 2.6 to 2.12: llama2-7b at 8 GiB ran batch 19 where attention in TensorRT
     ran 13, benchmarks/results/issue18), else ``tensorrt`` (from 2.13 each of attention=torch's
-    engines would hold a streaming scratch of its own). Any other value as it is."""
+    engines would hold a streaming scratch of its own; without a readable Torch-TensorRT the
+    load says what is wrong). Any other value as it is."""
     if value != "auto":
         return value
     try:
-        trt = import_torch_tensorrt()
-    except Exception:  # missing, or broken (an OSError from a mismatched torch): the load says
+        version = installed_version()
+    except Exception:  # an unreadable version: the load says so
         return "tensorrt"
-    return "torch" if python_runtime_shares(trt) else "tensorrt"
+    return "torch" if version is not None and MIN_VERSION <= version < (2, 13) else "tensorrt"
+
+
+def installed_version() -> tuple[int, int] | None:
+    """Torch-TensorRT's (major, minor): the imported module's where it is imported (a worker),
+    else its distribution's, so that the tuner, which never touches CUDA, learns it without
+    importing Torch-TensorRT and TensorRT; None where none is installed."""
+    module = sys.modules.get("torch_tensorrt")
+    if module is not None:
+        return parse_version(module.__version__)
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get("torch_tensorrt", []):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return parse_version(metadata.version(dist))
+    return None
 
 
 def python_runtime_shares(trt: Any) -> bool:
