@@ -15,7 +15,7 @@ figure apart, printing each line as it is measured:
     shapes      NVML at budget 0 after a generation at each batch in turn, the cache freed:
                 growth with each new shape is memory TensorRT keeps per shape (kernels
                 compiled for it, for example)
-    teardown    NVML as the shared buffer, the contexts, the engines and then the module are
+    teardown    NVML as the shared buffer, each context, each engine and then the module are
                 let go: what each holds, and what the process keeps once all is gone
 
     python benchmarks/trt_held.py --model llama2-7b --max-batch 35 --batches 1,8,19,35 \
@@ -48,6 +48,16 @@ def _nvml_used() -> int:
         free, total = torch.cuda.mem_get_info(0)
         used = total - free
     return used
+
+
+def _held() -> int:
+    """NVML's figure, PyTorch's cache freed (0 on a CPU dry run)."""
+    gc.collect()
+    if DEVICE == "cpu":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return _nvml_used()
 
 
 def stage(name: str) -> None:
@@ -159,12 +169,16 @@ def tear_down(engine: Any) -> None:
     ws = engine._ws
     _drop_shared_memory(ws)
     stage("shared buffer dropped")
-    for _, mod in ws.rt_mods:
-        mod.context = None
-    stage("contexts dropped")
-    for _, mod in ws.rt_mods:
-        mod.engine = None
-    stage("engines dropped")
+    for part in ("context", "engine"):  # one at a time: what each holds, by NVML
+        freed = []
+        for _, mod in ws.rt_mods:
+            before = _held()
+            setattr(mod, part, None)
+            freed.append(before - _held())
+        record[f"freed_per_{part}"] = freed
+        print(f"{part}s: each freed {', '.join(f'{b / 1e6:.1f}' for b in freed[:6])} ... MB; "
+              f"{sum(freed) / GB:.3f} GB in all", flush=True)
+        stage(f"{part}s dropped")
     engine.close()
     del engine, ws
     stage("module deleted")
