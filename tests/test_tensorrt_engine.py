@@ -427,6 +427,36 @@ def test_a_study_from_before_auto_is_refused_on_its_attention_before_any_load(
     close_storage(study._storage)
 
 
+def test_a_study_runs_the_default_attention_in_its_workers(cli_env: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    """End to end, through the CLI and its worker processes (the double on their path, its
+    version from their environment): on 2.11 auto runs attention in PyTorch and the
+    recommendation's bench line spells it out; resumed where the workers resolve auto
+    otherwise (2.13), the study is refused once its worker has loaded, naming the option that
+    gives its own engines, and keeps its trials."""
+    import json
+
+    env = dict(cli_env, AUTOTUNE_TEST_TRT_VERSION="2.11.0",
+               PYTHONPATH=os.pathsep.join([str(DOUBLES_DIR), cli_env["PYTHONPATH"]]))
+    storage = f"sqlite:///{tmp_path / 'trt.db'}"
+    run = [sys.executable, "-m", "autotune", "run", "--model", "tiny-llama", "--engine",
+           "tensorrt", "--device", "cpu", "--isl", "8", "--osl", "4", "--storage", storage,
+           "--study", "trt", "--out", str(tmp_path / "rec.json")]
+    first = subprocess.run([*run, "--trials", "2"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["reproduce"].endswith("--engine-option attention=torch"), rec["reproduce"]
+    again = subprocess.run([*run, "--trials", "3"], capture_output=True, text=True, timeout=300,
+                           env=dict(env, AUTOTUNE_TEST_TRT_VERSION="2.13.0"))
+    assert again.returncode != 0
+    assert ("attention 'torch' (this run: 'tensorrt'); resume it with --engine-option "
+            "attention=torch") in again.stderr, again.stderr
+    import optuna
+
+    assert len(optuna.load_study(study_name="trt", storage=storage).trials) == 2
+
+
 def test_attention_in_pytorch_keeps_the_cache_out_of_every_engine(trt: Any,
                                                                   tmp_path: Path) -> None:
     """attention=torch: the custom op has no converter, so it runs in PyTorch between the

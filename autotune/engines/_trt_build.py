@@ -213,30 +213,37 @@ def resolve_attention(value: str) -> str:
     """``auto``: ``torch`` where its engines can share one context buffer (the Python runtime,
     Torch-TensorRT 2.6 to 2.12: llama2-7b at 8 GiB ran batch 19 where attention in TensorRT
     ran 13, benchmarks/results/issue18), else ``tensorrt`` (from 2.13 each of attention=torch's
-    engines would hold a streaming scratch of its own; without a readable Torch-TensorRT the
-    load says what is wrong). Any other value as it is."""
+    engines would hold a streaming scratch of its own; where no version can be read, the
+    smaller default max batch it gives is the safe one, and the load says what is wrong). Any
+    other value as it is."""
     if value != "auto":
         return value
-    try:
-        version = installed_version()
-    except Exception:  # an unreadable version: the load says so
-        return "tensorrt"
+    version = installed_version()
     return "torch" if version is not None and MIN_VERSION <= version < (2, 13) else "tensorrt"
 
 
 def installed_version() -> tuple[int, int] | None:
     """Torch-TensorRT's (major, minor): the imported module's where it is imported (a worker),
     else its distribution's, so that the tuner, which never touches CUDA, learns it without
-    importing Torch-TensorRT and TensorRT; None where none is installed."""
-    module = sys.modules.get("torch_tensorrt")
-    if module is not None:
-        return parse_version(module.__version__)
+    importing Torch-TensorRT and TensorRT; None where none is installed or it cannot be read."""
     from importlib import metadata
 
-    for dist in metadata.packages_distributions().get("torch_tensorrt", []):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            return parse_version(metadata.version(dist))
+    module = sys.modules.get("torch_tensorrt")
+    found = ([module.__version__] if module is not None else
+             [_dist_version(d) for d in metadata.packages_distributions().get("torch_tensorrt", [])])
+    for text in filter(None, found):
+        with contextlib.suppress(EngineUnavailableError):
+            return parse_version(text)
     return None
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def python_runtime_shares(trt: Any) -> bool:

@@ -111,7 +111,7 @@ class Engine(Protocol):
     # a study compares those facts, not the typed options (autotune.tune.study.check_resolved),
     # and the class method ``options_giving(facts)`` names the options that give them;
     # ``resolved_before_load(engine_options)``, optional: those facts where the engine knows
-    # them without loading (a resumed study is then checked before any compile).
+    # them without loading, else None (a resumed study is then checked before any compile).
 
     @classmethod
     def load(cls, config: EngineConfig) -> Engine:

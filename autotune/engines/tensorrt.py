@@ -43,6 +43,7 @@ from autotune.engines._trt_build import (
     device_identity,
     export_model,
     import_torch_tensorrt,
+    installed_version,
     kernel_specialization,
     parse_attention,
     parse_version,
@@ -151,11 +152,14 @@ class TensorRTEngine:
         return {"attention": facts.get("attention", "tensorrt")}
 
     @classmethod
-    def resolved_before_load(cls, options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    def resolved_before_load(cls, options: tuple[tuple[str, Any], ...]) -> dict[str, Any] | None:
         """What ``auto`` resolves to on this host, known without loading (the installed
-        Torch-TensorRT): a resumed study compares it before a compile."""
-        return {"attention": resolve_attention(parse_attention(dict(options).get("attention",
-                                                                                  "auto")))}
+        Torch-TensorRT's version): a resumed study compares it before a compile. None where
+        the version cannot be read without importing it: then the load's facts decide."""
+        value = parse_attention(dict(options).get("attention", "auto"))
+        if value == "auto" and installed_version() is None:
+            return None
+        return {"attention": resolve_attention(value)}
 
     def __init__(self, config: EngineConfig, spec: ModelSpec, trt: Any, module: Any,
                  shapes: BuildShapes, facts: dict[str, Any]) -> None:

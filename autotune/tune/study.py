@@ -366,8 +366,9 @@ def check_workload(study: Any, options: RunOptions, gpu_name: str) -> None:
     # First what auto resolves to, where the engine knows it before loading: a default that
     # follows it (tensorrt's --max-batch follows attention) would otherwise be named instead.
     early = getattr(engine_class(options.engine), "resolved_before_load", None)
-    if early is not None:
-        check_resolved(study, options.engine, early(options.engine_options))
+    known = early(options.engine_options) if early is not None else None
+    if known is not None:
+        check_resolved(study, options.engine, known)
     mine = options.workload(gpu_name)
     differs = [f"{key} {stored.get(key)!r} (this run: {mine[key]!r})" for key in WORKLOAD_KEYS
                if key in stored and stored[key] != mine[key]]
