@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from autotune.engines.base import EngineConfig, int_option
@@ -21,6 +22,9 @@ from autotune.errors import EngineUnavailableError, UserInputError
 from autotune.models import ModelSpec, torch_dtype, weight_source
 
 MIN_VERSION = (2, 6)  # weight streaming appeared in 2.6 (§0)
+# From 2.13 use_python_runtime is a no-op: attention=torch's contexts can no longer share one
+# buffer (python_runtime_shares), so auto keeps attention in TensorRT there.
+PYTHON_RUNTIME_UNTIL = (2, 13)
 # Both builds serve one engine: Torch-TensorRT loads either backend behind one ``tensorrt``
 # module (its _TensorRTProxyModule), and the study records which one ran.
 _INSTALL = (
@@ -219,15 +223,14 @@ def resolve_attention(value: str) -> str:
     if value != "auto":
         return value
     version = installed_version()
-    return "torch" if version is not None and MIN_VERSION <= version < (2, 13) else "tensorrt"
+    return ("torch" if version is not None and MIN_VERSION <= version < PYTHON_RUNTIME_UNTIL
+            else "tensorrt")
 
 
 def installed_version() -> tuple[int, int] | None:
     """Torch-TensorRT's (major, minor): the imported module's where it is imported (a worker),
     else its distribution's, so that the tuner, which never touches CUDA, learns it without
     importing Torch-TensorRT and TensorRT; None where none is installed or it cannot be read."""
-    from importlib import metadata
-
     module = sys.modules.get("torch_tensorrt")
     found = ([module.__version__] if module is not None else
              [_dist_version(d) for d in metadata.packages_distributions().get("torch_tensorrt", [])])
@@ -238,8 +241,6 @@ def installed_version() -> tuple[int, int] | None:
 
 
 def _dist_version(dist: str) -> str | None:
-    from importlib import metadata
-
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -249,7 +250,7 @@ def _dist_version(dist: str) -> str | None:
 def python_runtime_shares(trt: Any) -> bool:
     """Whether this Torch-TensorRT compiles to the Python runtime, whose contexts autotune
     makes again user-managed on one buffer: up to 2.12 (from 2.13 the option is a no-op)."""
-    return (parse_version(trt.__version__) < (2, 13)
+    return (parse_version(trt.__version__) < PYTHON_RUNTIME_UNTIL
             and "use_python_runtime" in inspect.signature(trt.dynamo.compile).parameters)
 
 

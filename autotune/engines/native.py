@@ -122,14 +122,18 @@ ATTENTION_CHOICES = ("auto", "sdpa", "triton", "triton-rope")
 GEMV_CHOICES = ("cublas", *gemv.TRITON_CHOICES, "cublas-halves")
 
 
-def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device) -> str:
+def _attention(config: EngineConfig, spec: ModelSpec, device: torch.device,
+               faster: bool | None = None) -> str:
     """The ``attention`` option: ``sdpa``, or ``triton`` or ``triton-rope`` where those kernels
-    can run here; ``auto``: ``triton`` where :func:`faster_step`, else ``sdpa``."""
+    can run here; ``auto``: ``triton`` where ``faster`` (:func:`faster_step`, worked out here
+    where not given), else ``sdpa``."""
     value = _kernel_choice(config, "attention", ATTENTION_CHOICES, lambda v: (
         attention.unavailable(device, spec.head_dim) if v.startswith("triton") else None),
         fallback="sdpa")
     if value == "auto":
-        return "triton" if faster_step(config, spec, device) else "sdpa"
+        if faster is None:
+            faster = faster_step(config, spec, device)
+        return "triton" if faster else "sdpa"
     return value
 
 
@@ -221,8 +225,9 @@ class NativeEngine:
         self._precision = store.quantization
         # The longest sequence this engine serves (the study's isl + osl), within the model's.
         self.positions = min(spec.max_position_embeddings, config.max_seq_len)
-        self.compile_mode = _compile_mode(config, faster_step(config, spec, store.device))
-        self.attention = _attention(config, spec, store.device)
+        faster = faster_step(config, spec, store.device)  # what auto resolves to, once
+        self.compile_mode = _compile_mode(config, faster)
+        self.attention = _attention(config, spec, store.device, faster)
         self.gemv = _gemv(config, store.device)
         self._model = Llama(spec, store, self.positions, compile_mode=self.compile_mode,
                             attention=self.attention, gemv=self.gemv)
@@ -290,7 +295,7 @@ class NativeEngine:
         slots = int_option(config, "slots", 2)  # checked with the rest by load_engine
         for p in config.quantization:
             quant.check_supported(p, device)
-        _attention(config, spec, device)  # a refused option before the weights load
+        _attention(config, spec, device, faster=False)  # a refused option, before the weights load
         _gemv(config, device)
         stores: dict[str, WeightStore] = {}
         for p in config.quantization:
